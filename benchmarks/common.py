@@ -1,0 +1,65 @@
+"""What every benchmark records beside its figures: the command, commit, device and versions."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def commit() -> str:
+    if os.environ.get("CODEGEN_JAX_COMMIT"):  # the device machine gets a copy of the tree without .git
+        return os.environ["CODEGEN_JAX_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def versions(*modules: str) -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for m in modules:
+        try:
+            out[m] = getattr(importlib.import_module(m), "__version__", "?")
+        except ImportError:
+            out[m] = "missing"
+    return out
+
+
+def device() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', '?')} x{jax.device_count()}"
+
+
+def write_result(name: str, payload: dict) -> Path:
+    """Writes benchmarks/results/<name>.json (and a copy under $OUT when set, for the device machine)."""
+    payload = {
+        "benchmark": name,
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **payload,
+    }
+    text = json.dumps(payload, indent=2, default=str)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(text + "\n")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], f"{name}.json").write_text(text + "\n")
+    return path
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    line = lambda vals: "  ".join(str(v).rjust(w) for v, w in zip(vals, widths, strict=True))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line([r.get(c, "") for c in columns])
+                                                                          for r in rows])

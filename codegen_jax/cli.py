@@ -1,0 +1,124 @@
+"""The `codegen-jax` command line. A thin dispatcher: heavy imports happen inside the subcommands.
+
+Bad arguments and unloadable checkpoints exit with code 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one readable line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class UsageError(Exception):
+    """Something the user gave us that we cannot use; printed as one line, exit code 2."""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="codegen-jax", description="Fast inference for coding agents, in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    g = sub.add_parser("generate", help="generate a completion for one prompt")
+    g.add_argument("--model", required=True, help="Hugging Face checkpoint directory (config.json, safetensors, "
+                   "tokenizer.json)")
+    g.add_argument("--prompt", required=True, help="prompt text (with --chat: the user message)")
+    g.add_argument("--max-new-tokens", type=_positive, default=128, help="tokens to generate at most (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: off)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
+    g.add_argument("--system", default=None, help="system message for --chat")
+    g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weights and KV dtype")
+    g.add_argument("--max-seq-len", type=_positive, default=4096, help="prompt + output limit (default 4096)")
+    g.add_argument("--page-size", type=_positive, default=16, help="tokens per KV page (default 16)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _generate(args) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from codegen_jax.checkpoint import load_model
+    from codegen_jax.engine import Engine, EngineConfig
+    from codegen_jax.sampling import SamplingParams
+    from codegen_jax.tokenizer import Tokenizer
+
+    # Compiled programs are cached across runs of the CLI.
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/codegen-jax/jax"))
+    try:
+        model = load_model(args.model, dtype=getattr(jnp, args.dtype), progress=not args.quiet)
+        tokenizer = Tokenizer.from_dir(args.model)
+    except ValueError as e:  # CheckpointError / ConfigError
+        raise UsageError(str(e)) from e
+    try:
+        sampling = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+            max_new_tokens=args.max_new_tokens,
+            stop_token_ids=tuple({*model.cfg.eos_token_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id
+                                                               is not None else [])}),
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        try:
+            ids = tokenizer.encode_chat(messages)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+    else:
+        ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise UsageError("--prompt encodes to no tokens")
+    if len(ids) + args.max_new_tokens > args.max_seq_len:
+        raise UsageError(f"prompt has {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} that exceeds "
+                         f"--max-seq-len {args.max_seq_len}")
+    engine = Engine(model, EngineConfig(max_slots=1, page_size=args.page_size, max_seq_len=args.max_seq_len))
+    start = time.perf_counter()
+    (result,) = engine.generate([ids], sampling)
+    elapsed = time.perf_counter() - start
+    text = tokenizer.decode(result.tokens)
+    if args.json:
+        print(json.dumps({
+            "prompt_tokens": len(ids),
+            "tokens": result.tokens,
+            "text": text,
+            "finish_reason": result.finish_reason,
+            "time_to_first_token_s": round(result.time_to_first_token_s, 4),
+            "tokens_per_second": round(len(result.tokens) / elapsed, 2),
+            "note": "timings include compilation on a first run; compiled programs are cached for the next",
+        }))
+    else:
+        print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+    except UsageError as e:
+        print(f"codegen-jax: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The generation engine: chunked prefill, fused multi-step decode over fixed slots, and multi-token verify.
+
+Device work is three jitted functions with static shapes (prefill per bucketed chunk length, decode per slot
+count, verify per draft length), each taking the KV pool donated so it is updated in place. The host keeps page
+tables and lengths in numpy and waits only for sampled tokens: decode runs `decode_steps` steps per call, sampling
+on the device between them, and the host checks stop conditions once per call.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from codegen_jax.kv_cache import PagedKVCache
+from codegen_jax.model import Transformer, make_batch
+from codegen_jax.sampling import SamplingParams, sample
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """max_slots: sequences decoded together; page_size: tokens per KV page; max_seq_len: prompt + output limit;
+    num_pages: pool size (0: enough for every slot at max_seq_len); prefill_chunk: longest prefill call (chunks
+    are bucketed to powers of two from 16 up to it); decode_steps: decode steps fused into one device call."""
+
+    max_slots: int = 8
+    page_size: int = 16
+    max_seq_len: int = 4096
+    num_pages: int = 0
+    prefill_chunk: int = 512
+    decode_steps: int = 8
+    attn_impl: str | None = None
+
+    def __post_init__(self):
+        for name in ("max_slots", "page_size", "max_seq_len", "prefill_chunk", "decode_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_chunk & (self.prefill_chunk - 1):
+            raise ValueError(f"EngineConfig.prefill_chunk must be a power of two, got {self.prefill_chunk}")
+
+    @property
+    def pages(self) -> int:
+        per_seq = math.ceil((self.max_seq_len + self.decode_steps) / self.page_size)
+        return self.num_pages or self.max_slots * per_seq + 1
+
+
+@dataclass
+class Completion:
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length"
+    time_to_first_token_s: float = 0.0
+
+
+def bucket(n: int, largest: int) -> int:
+    """Smallest power of two >= n (at least 16, at most `largest`)."""
+    return min(largest, max(16, 1 << (n - 1).bit_length()))
+
+
+class Engine:
+    def __init__(self, model: Transformer, cfg: EngineConfig = EngineConfig()):
+        self.cfg = cfg
+        self.model_cfg = model.cfg
+        self.graphdef, self.params = nnx.split(model)
+        self.dtype = model.embed_tokens.weight.get_value().dtype
+        self.cache = PagedKVCache(model.cfg, num_slots=cfg.max_slots, page_size=cfg.page_size,
+                                  num_pages=cfg.pages, max_seq_len=cfg.max_seq_len + cfg.decode_steps,
+                                  dtype=self.dtype)
+        self._prefill = jax.jit(partial(self._forward, last_only=True), donate_argnums=1)
+        self._verify = jax.jit(partial(self._forward, last_only=False), donate_argnums=1)
+        self._decode = jax.jit(self._decode_loop, donate_argnums=1, static_argnames="n_steps")
+        self._sample = jax.jit(sample)
+
+    # ---- device functions (traced) -------------------------------------------------------------------------
+
+    def _forward(self, params, kv, tokens, page_table, kv_lens, q_lens, *, last_only: bool):
+        """tokens [B, T] new tokens; kv_lens [B] lengths after them; q_lens [B] valid new tokens.
+        Returns (logits [B, V] of each row's last valid token, or [B, T, V] for all), updated kv."""
+        model = nnx.merge(self.graphdef, params)
+        B, T = tokens.shape
+        batch = make_batch(page_table, kv_lens, q_lens, T, self.cfg.page_size)
+        hidden, kv, _ = model(tokens, kv, batch, attn_impl=self.cfg.attn_impl)
+        if last_only:
+            hidden = hidden[jnp.arange(B), jnp.maximum(q_lens - 1, 0)]
+        return model.logits(hidden), kv
+
+    def _decode_loop(self, params, kv, tokens, page_table, kv_lens, active, seeds, temperature, top_k, top_p,
+                     *, n_steps: int):
+        """n_steps decode steps for all slots. tokens [B] last sampled tokens (not yet in the cache);
+        kv_lens [B] cached lengths. Returns (kv, new tokens [B, n_steps])."""
+        q_lens = active.astype(jnp.int32)
+
+        def step(i, carry):
+            kv, tokens, kv_lens, out = carry
+            kv_lens = kv_lens + q_lens
+            logits, kv = self._forward(params, kv, tokens[:, None], page_table, kv_lens, q_lens, last_only=True)
+            nxt = sample(logits, seeds, kv_lens, temperature, top_k, top_p)
+            nxt = jnp.where(active, nxt, 0)
+            return kv, nxt, kv_lens, out.at[:, i].set(nxt)
+
+        out = jnp.zeros((tokens.shape[0], n_steps), jnp.int32)
+        kv, _, _, out = jax.lax.fori_loop(0, n_steps, step, (kv, tokens, kv_lens, out))
+        return kv, out
+
+    # ---- host-side building blocks (also used by drafters and the server) -----------------------------------
+
+    def prefill(self, slot: int, tokens: list[int], start: int = 0) -> jax.Array:
+        """Writes tokens[start:] of `slot`'s sequence into the cache in bucketed chunks (tokens[:start] are
+        cached already); returns the float32 logits [V] after the last token. Pages must be reserved."""
+        cache, chunk = self.cache, self.cfg.prefill_chunk
+        row = jnp.asarray(cache.page_table[slot : slot + 1])
+        logits = None
+        for lo in range(start, len(tokens), chunk):
+            piece = tokens[lo : lo + chunk]
+            T = bucket(len(piece), chunk)
+            ids = np.zeros((1, T), np.int32)
+            ids[0, : len(piece)] = piece
+            kv_len = np.array([lo + len(piece)], np.int32)
+            logits, cache.pages = self._prefill(self.params, cache.pages, ids, row, kv_len,
+                                                np.array([len(piece)], np.int32))
+        cache.lengths[slot] = len(tokens)
+        return logits[0]
+
+    def verify(self, tokens: np.ndarray, q_lens: np.ndarray) -> jax.Array:
+        """Multi-token step over all slots: tokens [max_slots, k], q_lens [max_slots] valid per row. Appends them
+        to each slot's cache and returns logits [max_slots, k, V]. Roll back rejected ones by lowering lengths."""
+        cache = self.cache
+        kv_lens = cache.lengths + q_lens.astype(np.int32)
+        logits, cache.pages = self._verify(self.params, cache.pages, tokens.astype(np.int32),
+                                           cache.page_table, kv_lens, q_lens.astype(np.int32))
+        cache.lengths[:] = kv_lens
+        return logits
+
+    # ---- the generation loop ---------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Generates for every prompt, keeping up to max_slots in flight (a finished slot takes the next)."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        limit = self.cfg.max_seq_len
+        for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) + sp.max_new_tokens > limit:
+                raise ValueError(f"prompt {i} has {len(p)} tokens + max_new_tokens {sp.max_new_tokens} > "
+                                 f"max_seq_len {limit}")
+            if max(p) >= self.model_cfg.vocab_size or min(p) < 0:
+                raise ValueError(f"prompt {i} has token ids outside [0, {self.model_cfg.vocab_size})")
+        B, n = self.cfg.max_slots, self.cfg.decode_steps
+        cache = self.cache
+        results = [Completion(prompt_tokens=len(p)) for p in prompts]
+        waiting = deque(range(len(prompts)))
+        running: dict[int, int] = {}  # slot -> request index
+        last = np.zeros(B, np.int32)
+        seeds = np.zeros(B, np.uint32)
+        temperature = np.zeros(B, np.float32)
+        top_k = np.zeros(B, np.int32)
+        top_p = np.ones(B, np.float32)
+        start = time.perf_counter()
+
+        def accept(slot: int, tokens) -> bool:
+            """Appends tokens to the slot's request; True when it is finished."""
+            r = running[slot]
+            res, sp = results[r], params[r]
+            for t in tokens:
+                res.tokens.append(int(t))
+                if int(t) in sp.stop_token_ids:
+                    res.finish_reason = "stop"
+                elif len(res.tokens) >= sp.max_new_tokens:
+                    res.finish_reason = "length"
+                if res.finish_reason:
+                    return True
+            return False
+
+        while waiting or running:
+            for slot in range(B):
+                if not waiting:
+                    break
+                if slot in running:
+                    continue
+                r = waiting[0]
+                sp = params[r]
+                need = len(prompts[r]) + sp.max_new_tokens + n
+                if cache.pages_needed(slot, need) > cache.num_free_pages:
+                    break
+                waiting.popleft()
+                cache.reserve(slot, need)
+                running[slot] = r
+                seeds[slot], temperature[slot], top_k[slot], top_p[slot] = sp.seed, sp.temperature, sp.top_k, sp.top_p
+                logits = self.prefill(slot, prompts[r])
+                first = self._sample(logits[None], seeds[slot : slot + 1], cache.lengths[slot : slot + 1],
+                                     temperature[slot : slot + 1], top_k[slot : slot + 1], top_p[slot : slot + 1])
+                last[slot] = int(first[0])
+                results[r].time_to_first_token_s = time.perf_counter() - start
+                if accept(slot, [last[slot]]):
+                    cache.release(slot)
+                    del running[slot]
+            if not running:
+                continue
+            active = np.zeros(B, bool)
+            active[list(running)] = True
+            cache.pages, out = self._decode(self.params, cache.pages, last, cache.page_table, cache.lengths, active,
+                                            seeds, temperature, top_k, top_p, n_steps=n)
+            out = np.asarray(out)
+            for slot in list(running):
+                cache.lengths[slot] += n
+                last[slot] = out[slot, -1]
+                if accept(slot, out[slot]):
+                    cache.release(slot)
+                    del running[slot]
+        return results

@@ -1,0 +1,58 @@
+"""The paged KV cache: a page pool per layer on the device, page tables and lengths per slot on the host."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from codegen_jax.config import ModelConfig
+
+
+class OutOfPages(RuntimeError):
+    pass
+
+
+class PagedKVCache:
+    """Pool of `num_pages` pages of `page_size` tokens per layer; page 0 is a scratch page that padding tokens
+    write to and no sequence owns. A slot's KV is its page-table row up to `lengths[slot]` tokens: rolling back
+    rejected tokens is only a length change."""
+
+    def __init__(self, cfg: ModelConfig, *, num_slots: int, page_size: int, num_pages: int, max_seq_len: int,
+                 dtype=jnp.bfloat16):
+        if num_pages < 2:
+            raise ValueError(f"num_pages must be >= 2 (page 0 is scratch), got {num_pages}")
+        shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)  # [K, P, S, D]
+        self.pages = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+        self.page_size = page_size
+        self.max_pages = math.ceil(max_seq_len / page_size)
+        self.page_table = np.zeros((num_slots, self.max_pages), np.int32)
+        self.lengths = np.zeros(num_slots, np.int32)
+        self.owned: list[list[int]] = [[] for _ in range(num_slots)]
+        self.free: list[int] = list(range(num_pages - 1, 0, -1))
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self.free)
+
+    def pages_needed(self, slot: int, n_tokens: int) -> int:
+        return max(0, math.ceil(n_tokens / self.page_size) - len(self.owned[slot]))
+
+    def reserve(self, slot: int, n_tokens: int) -> None:
+        """Makes sure `slot` has pages for its first n_tokens tokens."""
+        need = self.pages_needed(slot, n_tokens)
+        if len(self.owned[slot]) + need > self.max_pages:
+            raise OutOfPages(f"{n_tokens} tokens exceed the per-sequence limit of {self.max_pages * self.page_size}")
+        if need > len(self.free):
+            raise OutOfPages(f"need {need} free pages, have {len(self.free)}")
+        for _ in range(need):
+            page = self.free.pop()
+            self.page_table[slot, len(self.owned[slot])] = page
+            self.owned[slot].append(page)
+
+    def release(self, slot: int) -> None:
+        self.free.extend(reversed(self.owned[slot]))
+        self.owned[slot] = []
+        self.page_table[slot] = 0
+        self.lengths[slot] = 0

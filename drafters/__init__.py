@@ -1,0 +1,1 @@
+"""Speculators behind one interface and the lossless verify rule (issue: speculative decoding)."""

@@ -1,0 +1,1 @@
+"""The serving stack: scheduler, prefix cache, tiers, HTTP (issue: serve/)."""

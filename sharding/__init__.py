@@ -1,0 +1,1 @@
+"""Meshes, logical-axis rules and communication-overlapped collectives (issue: sharding)."""

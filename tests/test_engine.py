@@ -1,0 +1,123 @@
+"""The paged-KV engine against a cache-free recomputation, plus its bookkeeping: verify/rollback, stop tokens,
+seeded sampling, page accounting, and no compilation in steady-state decoding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from codegen_jax import Engine, EngineConfig, ModelConfig, SamplingParams, init_model
+
+CFG = ModelConfig(model_type="qwen3_moe", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, qkv_bias=True, num_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=16, moe_layers=(True, False))
+
+
+@pytest.fixture(scope="module")
+def model():
+    # larger weights than the default init so greedy decoding is far from ties
+    m = init_model(CFG, dtype=jnp.float32, seed=1)
+    m.embed_tokens.weight.set_value(m.embed_tokens.weight.get_value() * 50)
+    return m
+
+
+def naive_greedy(model, prompt, n):
+    """Greedy decoding that recomputes the whole sequence every step in one fresh page (no cache reuse)."""
+    seq = list(prompt)
+    for _ in range(n):
+        eng = Engine(model, EngineConfig(max_slots=1, page_size=64, max_seq_len=64, prefill_chunk=64))
+        eng.cache.reserve(0, len(seq))
+        logits = eng.verify(np.array([seq + [0] * (64 - len(seq))]), np.array([len(seq)]))
+        seq.append(int(np.argmax(np.asarray(logits)[0, len(seq) - 1])))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("page_size,chunk,steps,slots", [(4, 16, 3, 2), (8, 8, 1, 3), (16, 32, 8, 1)])
+def test_generate_matches_recomputation(model, rng, page_size, chunk, steps, slots):
+    prompts = [list(rng.integers(0, CFG.vocab_size, n)) for n in (1, 5, 16, 17, 30)]
+    eng = Engine(model, EngineConfig(max_slots=slots, page_size=page_size, max_seq_len=64, prefill_chunk=chunk,
+                                     decode_steps=steps))
+    out = eng.generate(prompts, SamplingParams(max_new_tokens=12))
+    for p, r in zip(prompts, out, strict=True):
+        assert r.tokens == naive_greedy(model, p, 12)
+        assert r.finish_reason == "length" and r.prompt_tokens == len(p)
+    assert eng.cache.num_free_pages == eng.cfg.pages - 1  # every page back (page 0 is scratch)
+    assert not eng.cache.lengths.any()
+
+
+def test_verify_equals_sequential_and_rolls_back_by_length(model, rng):
+    eng = Engine(model, EngineConfig(max_slots=2, page_size=4, max_seq_len=64, prefill_chunk=16))
+    prompt = list(rng.integers(0, CFG.vocab_size, 9))
+    draft = rng.integers(0, CFG.vocab_size, (2, 6))
+    for s in (0, 1):
+        eng.cache.reserve(s, 9 + 6)
+        eng.prefill(s, prompt)
+    q_lens = np.array([6, 3])  # rows accept different lengths
+    multi = np.asarray(eng.verify(draft, q_lens))
+    assert list(eng.cache.lengths) == [15, 12]
+    # one token at a time from the same prefix gives the same logits
+    eng.cache.lengths[:] = 9
+    for t in range(6):
+        single = np.asarray(eng.verify(draft[:, t : t + 1], (t < q_lens).astype(np.int32)))
+        for b in (0, 1):
+            if t < q_lens[b]:
+                np.testing.assert_allclose(single[b, 0], multi[b, t], rtol=1e-5, atol=1e-5)
+    # rollback: drop row 0's last 4 tokens by length and verify other tokens in their place
+    eng.cache.lengths[:] = [11, 12]
+    other = rng.integers(0, CFG.vocab_size, (2, 4))
+    after = np.asarray(eng.verify(other, np.array([4, 0])))
+    fresh = Engine(model, EngineConfig(max_slots=1, page_size=4, max_seq_len=64, prefill_chunk=32))
+    fresh.cache.reserve(0, 15)
+    seq = prompt + list(draft[0, :2]) + list(other[0])
+    ref = np.asarray(fresh.verify(np.array([seq + [0] * (32 - 15)]), np.array([15])))
+    np.testing.assert_allclose(after[0], ref[0, 11:15], rtol=1e-5, atol=1e-5)
+
+
+def test_stop_tokens_and_max_tokens(model, rng):
+    prompt = list(rng.integers(0, CFG.vocab_size, 7))
+    eng = Engine(model, EngineConfig(max_slots=2, page_size=8, max_seq_len=64, prefill_chunk=16, decode_steps=4))
+    free = eng.generate([prompt], SamplingParams(max_new_tokens=10))[0].tokens
+    stop = free[5]
+    first = free.index(stop)
+    out = eng.generate([prompt], SamplingParams(max_new_tokens=10, stop_token_ids=(stop,)))[0]
+    assert out.tokens == free[: first + 1] and out.finish_reason == "stop"
+    out = eng.generate([prompt], SamplingParams(max_new_tokens=3))[0]
+    assert out.tokens == free[:3] and out.finish_reason == "length"
+
+
+def test_seeded_sampling_ignores_batch_neighbours(model, rng):
+    a, b = list(rng.integers(0, CFG.vocab_size, 5)), list(rng.integers(0, CFG.vocab_size, 11))
+    sp = SamplingParams(temperature=1.0, top_p=0.95, seed=123, max_new_tokens=12)
+    alone = Engine(model, EngineConfig(max_slots=1, max_seq_len=64, prefill_chunk=16, decode_steps=5))
+    batched = Engine(model, EngineConfig(max_slots=3, max_seq_len=64, prefill_chunk=16, decode_steps=2))
+    ref = alone.generate([a], sp)[0].tokens
+    out = batched.generate([b, a, b], [SamplingParams(temperature=0.5, seed=7, max_new_tokens=12), sp,
+                                       SamplingParams(max_new_tokens=12)])
+    assert out[1].tokens == ref
+    other_seed = alone.generate([a], SamplingParams(temperature=1.0, top_p=0.95, seed=124, max_new_tokens=12))
+    assert other_seed[0].tokens != ref
+
+
+def test_no_compilation_in_steady_state(model, rng):
+    eng = Engine(model, EngineConfig(max_slots=2, page_size=8, max_seq_len=96, prefill_chunk=32, decode_steps=4))
+    sp = [SamplingParams(max_new_tokens=9), SamplingParams(temperature=0.8, top_k=5, seed=1, max_new_tokens=6)]
+    # warm-up touches every prefill bucket (16, 32) and the decode loop
+    eng.generate([list(rng.integers(0, 97, n)) for n in (3, 20, 40)], sp + sp[:1])
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *_, **__: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    out = eng.generate([list(rng.integers(0, 97, n)) for n in (7, 29, 50, 2)], sp * 2)
+    assert all(r.tokens for r in out)
+    assert compiles == []
+
+
+def test_bad_requests_are_rejected(model):
+    eng = Engine(model, EngineConfig(max_slots=1, max_seq_len=32, prefill_chunk=16))
+    with pytest.raises(ValueError, match="max_seq_len 32"):
+        eng.generate([[1] * 30], SamplingParams(max_new_tokens=5))
+    with pytest.raises(ValueError, match="outside"):
+        eng.generate([[1, 97]], SamplingParams(max_new_tokens=5))
+    with pytest.raises(ValueError, match="empty"):
+        eng.generate([[]], SamplingParams(max_new_tokens=5))
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        EngineConfig(prefill_chunk=48)

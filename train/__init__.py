@@ -1,0 +1,1 @@
+"""Drafter training scripts (issue: train/)."""
