@@ -115,7 +115,7 @@ def ours(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--prompt-len", type=int, default=2048)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--decode-steps", type=int, default=16, help="decode steps fused per device call")
