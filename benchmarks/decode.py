@@ -30,6 +30,13 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
             head_dim=16, tie_word_embeddings=True, qkv_bias=True, max_position_embeddings=4096)
 
 
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
 def hf_only(args) -> None:
     """Runs in the subprocess: HF generate tok/s and the torch copy ceiling, printed as one JSON line."""
     import torch
@@ -86,6 +93,7 @@ def ours(args) -> dict:
     shape = TINY if args.tiny else QWEN25_CODER_1_5B
     cfg = ModelConfig(model_type="qwen2", rms_norm_eps=1e-6, **shape)
     model = init_model(cfg, dtype=jnp.bfloat16)
+    log("ours: model initialised")
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
     out = {"weight_bytes": weight_bytes}
     rng = np.random.default_rng(0)
@@ -97,6 +105,7 @@ def ours(args) -> dict:
         prompts = [list(rng.integers(0, cfg.vocab_size - 100, args.prompt_len)) for _ in range(batch)]
         sp = SamplingParams(max_new_tokens=args.new_tokens)  # no stop tokens: exactly new_tokens each
         engine.generate(prompts, sp)  # warm-up: compiles prefill buckets and the decode loop
+        log(f"ours: batch {batch} warmed up")
         times = []
         for _ in range(args.repeats):
             t = time.perf_counter()
@@ -108,6 +117,7 @@ def ours(args) -> dict:
         out[f"ours_b{batch}_tok_s"] = args.new_tokens / dt
         out[f"ours_b{batch}_decode_only_tok_s"] = (args.new_tokens - 1) / (dt - ttft)
         out[f"ours_b{batch}_prefill_s"] = ttft
+        log(f"ours: batch {batch}: {out[f'ours_b{batch}_tok_s']:.1f} tok/s per sequence")
         del engine
     return out
 
@@ -131,11 +141,13 @@ def main() -> None:
     if not args.skip_hf:
         cmd = [sys.executable, __file__, "--hf-only", "--batch", *map(str, args.batch), "--prompt-len",
                str(args.prompt_len), "--new-tokens", str(args.new_tokens)] + (["--tiny"] if args.tiny else [])
+        log("HF baseline (subprocess)")
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "CUDA_MODULE_LOADING": "LAZY"})
         line = [x for x in proc.stdout.splitlines() if x.startswith("HF_RESULT ")]
         if proc.returncode or not line:
             raise SystemExit(f"HF baseline failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
         hf = json.loads(line[-1].removeprefix("HF_RESULT "))
+        log(f"HF done: {hf}")
     us = ours(args)
     rows = []
     for b in args.batch:
