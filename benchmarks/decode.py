@@ -100,7 +100,7 @@ def ours(args) -> dict:
     for batch in args.batch:
         engine = Engine(model, EngineConfig(max_slots=batch, page_size=args.page_size,
                                             max_seq_len=args.prompt_len + args.new_tokens + 16,
-                                            prefill_chunk=min(512, 1 << (args.prompt_len - 1).bit_length()),
+                                            prefill_chunk=1 << (args.prompt_len - 1).bit_length(),
                                             decode_steps=args.decode_steps))
         prompts = [list(rng.integers(0, cfg.vocab_size - 100, args.prompt_len)) for _ in range(batch)]
         sp = SamplingParams(max_new_tokens=args.new_tokens)  # no stop tokens: exactly new_tokens each

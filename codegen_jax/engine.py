@@ -75,8 +75,8 @@ class Engine:
                                   dtype=self.dtype)
         self._prefill = jax.jit(partial(self._forward, last_only=True), donate_argnums=1)
         self._verify = jax.jit(partial(self._forward, last_only=False), donate_argnums=1)
-        self._decode = jax.jit(self._decode_loop, donate_argnums=1, static_argnames="n_steps")
-        self._sample = jax.jit(sample)
+        self._decode = jax.jit(self._decode_loop, donate_argnums=1, static_argnames=("n_steps", "greedy"))
+        self._sample = jax.jit(sample, static_argnames="greedy")
 
     # ---- device functions (traced) -------------------------------------------------------------------------
 
@@ -92,7 +92,7 @@ class Engine:
         return model.logits(hidden), kv
 
     def _decode_loop(self, params, kv, tokens, page_table, kv_lens, active, seeds, temperature, top_k, top_p,
-                     *, n_steps: int):
+                     *, n_steps: int, greedy: bool):
         """n_steps decode steps for all slots. tokens [B] last sampled tokens (not yet in the cache);
         kv_lens [B] cached lengths. Returns (kv, new tokens [B, n_steps])."""
         q_lens = active.astype(jnp.int32)
@@ -101,7 +101,7 @@ class Engine:
             kv, tokens, kv_lens, out = carry
             kv_lens = kv_lens + q_lens
             logits, kv = self._forward(params, kv, tokens[:, None], page_table, kv_lens, q_lens, last_only=True)
-            nxt = sample(logits, seeds, kv_lens, temperature, top_k, top_p)
+            nxt = sample(logits, seeds, kv_lens, temperature, top_k, top_p, greedy=greedy)
             nxt = jnp.where(active, nxt, 0)
             return kv, nxt, kv_lens, out.at[:, i].set(nxt)
 
@@ -196,7 +196,8 @@ class Engine:
                 seeds[slot], temperature[slot], top_k[slot], top_p[slot] = sp.seed, sp.temperature, sp.top_k, sp.top_p
                 logits = self.prefill(slot, prompts[r])
                 first = self._sample(logits[None], seeds[slot : slot + 1], cache.lengths[slot : slot + 1],
-                                     temperature[slot : slot + 1], top_k[slot : slot + 1], top_p[slot : slot + 1])
+                                     temperature[slot : slot + 1], top_k[slot : slot + 1], top_p[slot : slot + 1],
+                                     greedy=bool(sp.temperature == 0))
                 last[slot] = int(first[0])
                 results[r].time_to_first_token_s = time.perf_counter() - start
                 if accept(slot, [last[slot]]):
@@ -207,7 +208,8 @@ class Engine:
             active = np.zeros(B, bool)
             active[list(running)] = True
             cache.pages, out = self._decode(self.params, cache.pages, last, cache.page_table, cache.lengths, active,
-                                            seeds, temperature, top_k, top_p, n_steps=n)
+                                            seeds, temperature, top_k, top_p, n_steps=n,
+                                            greedy=bool((temperature[active] == 0).all()))
             out = np.asarray(out)
             for slot in list(running):
                 cache.lengths[slot] += n
