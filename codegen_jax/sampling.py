@@ -47,8 +47,9 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
     ranks = jnp.arange(V)[None]
     in_k = ranks < k[:, None]
     probs = jax.nn.softmax(jnp.where(in_k, ranked, -jnp.inf), axis=-1)
-    # keep a token while the mass ranked above it is below top_p (the first token always stays)
-    keep = in_k & ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None])
+    # keep a token while the mass ranked above it is below top_p (the first token always stays); top_p >= 1
+    # keeps all of top-k even where the float32 running sum reaches 1 before the tail
+    keep = in_k & (((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p >= 1)[:, None])
     n_keep = jnp.maximum(keep.sum(-1), 1)
     threshold = jnp.take_along_axis(ranked, (n_keep - 1)[:, None], axis=-1)
     return jnp.where(lg >= threshold, lg, -jnp.inf)
