@@ -68,7 +68,11 @@ class Engine:
     def __init__(self, model: Transformer, cfg: EngineConfig = EngineConfig()):
         self.cfg = cfg
         self.model_cfg = model.cfg
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        # The jitted steps take the parameters as a flat list: flattening an nnx.State (hundreds of Variables, a
+        # Python callback each) on every call costs the host more than a whole decode step on the GPU.
+        self.state = state
+        self.params, self._treedef = jax.tree.flatten(state)
         self.dtype = model.embed_tokens.weight.get_value().dtype
         self.cache = PagedKVCache(model.cfg, num_slots=cfg.max_slots, page_size=cfg.page_size,
                                   num_pages=cfg.pages, max_seq_len=cfg.max_seq_len + cfg.decode_steps,
@@ -80,10 +84,10 @@ class Engine:
 
     # ---- device functions (traced) -------------------------------------------------------------------------
 
-    def _forward(self, params, kv, tokens, page_table, kv_lens, q_lens, *, last_only: bool):
+    def _forward(self, params: list[jax.Array], kv, tokens, page_table, kv_lens, q_lens, *, last_only: bool):
         """tokens [B, T] new tokens; kv_lens [B] lengths after them; q_lens [B] valid new tokens.
         Returns (logits [B, V] of each row's last valid token, or [B, T, V] for all), updated kv."""
-        model = nnx.merge(self.graphdef, params)
+        model = nnx.merge(self.graphdef, jax.tree.unflatten(self._treedef, params))
         B, T = tokens.shape
         batch = make_batch(page_table, kv_lens, q_lens, T, self.cfg.page_size)
         hidden, kv, _ = model(tokens, kv, batch, attn_impl=self.cfg.attn_impl)
