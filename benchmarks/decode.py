@@ -83,7 +83,7 @@ def hf_only(args) -> None:
     print("HF_RESULT " + json.dumps(out), flush=True)
 
 
-def ours(args) -> dict:
+def ours(args, attn: str) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -101,7 +101,7 @@ def ours(args) -> dict:
         engine = Engine(model, EngineConfig(max_slots=batch, page_size=args.page_size,
                                             max_seq_len=args.prompt_len + args.new_tokens + 16,
                                             prefill_chunk=1 << (args.prompt_len - 1).bit_length(),
-                                            decode_steps=args.decode_steps))
+                                            decode_steps=args.decode_steps, attn_impl=attn))
         prompts = [list(rng.integers(0, cfg.vocab_size - 100, args.prompt_len)) for _ in range(batch)]
         sp = SamplingParams(max_new_tokens=args.new_tokens)  # no stop tokens: exactly new_tokens each
         engine.generate(prompts, sp)  # warm-up: compiles prefill buckets and the decode loop
@@ -117,7 +117,7 @@ def ours(args) -> dict:
         out[f"ours_b{batch}_tok_s"] = args.new_tokens / dt
         out[f"ours_b{batch}_decode_only_tok_s"] = (args.new_tokens - 1) / (dt - ttft)
         out[f"ours_b{batch}_prefill_s"] = ttft
-        log(f"ours: batch {batch}: {out[f'ours_b{batch}_tok_s']:.1f} tok/s per sequence")
+        log(f"ours ({attn}): batch {batch}: {out[f'ours_b{batch}_tok_s']:.1f} tok/s per sequence")
         del engine
     return out
 
@@ -131,6 +131,9 @@ def main() -> None:
     p.add_argument("--decode-steps", type=int, default=16, help="decode steps fused per device call")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a CPU smoke test of this script")
+    p.add_argument("--attn", nargs="+", default=None,
+                   help="attention implementations to run (default: the XLA reference and, when it differs, the one "
+                        "the dispatcher picks for this device)")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -148,30 +151,35 @@ def main() -> None:
             raise SystemExit(f"HF baseline failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
         hf = json.loads(line[-1].removeprefix("HF_RESULT "))
         log(f"HF done: {hf}")
-    us = ours(args)
+    import jax
+
+    from pallas_kernels.attention import dispatch
+
+    impls = args.attn or list(dict.fromkeys(["reference", dispatch.choose(jax.default_backend())]))
+    runs = {impl: ours(args, impl) for impl in impls}
     rows = []
-    for b in args.batch:
-        row = {"batch": b, "ours tok/s": round(us[f"ours_b{b}_tok_s"], 1),
-               "ours decode-only tok/s": round(us[f"ours_b{b}_decode_only_tok_s"], 1)}
-        if hf:
-            row["HF static tok/s"] = round(hf[f"hf_static_b{b}_tok_s"], 1)
-            row["ours / HF"] = round(us[f"ours_b{b}_tok_s"] / hf[f"hf_static_b{b}_tok_s"], 2)
-        if "copy_GBps" in hf:
-            roof = hf["copy_GBps"] * 1e9 / us["weight_bytes"]
-            row["roofline tok/s"] = round(roof, 1)
-            row["ours / roofline"] = round(us[f"ours_b{b}_decode_only_tok_s"] / roof, 2)
-        rows.append(row)
+    for impl, us in runs.items():
+        for b in args.batch:
+            row = {"attention": impl, "batch": b, "ours tok/s": round(us[f"ours_b{b}_tok_s"], 1),
+                   "ours decode-only tok/s": round(us[f"ours_b{b}_decode_only_tok_s"], 1)}
+            if hf:
+                row["HF static tok/s"] = round(hf[f"hf_static_b{b}_tok_s"], 1)
+                row["ours / HF"] = round(us[f"ours_b{b}_tok_s"] / hf[f"hf_static_b{b}_tok_s"], 2)
+            if "copy_GBps" in hf:
+                roof = hf["copy_GBps"] * 1e9 / us["weight_bytes"]
+                row["roofline tok/s"] = round(roof, 1)
+                row["ours / roofline"] = round(us[f"ours_b{b}_decode_only_tok_s"] / roof, 2)
+            rows.append(row)
     cols = list(rows[0])
     print(table(rows, cols))
-    import jax
 
     path = write_result("decode_tiny" if args.tiny else "decode", {
         "device": device(),
         "versions": {**versions("jax", "jaxlib", "flax", "transformers"), "torch": hf.get("torch", "not run")},
         "shapes": "tiny" if args.tiny else "Qwen2.5-Coder-1.5B",
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "page_size": args.page_size,
-        "decode_steps": args.decode_steps, "attention": "reference (XLA)", "backend": jax.default_backend(),
-        "ours": us, "hf": hf, "table": rows,
+        "decode_steps": args.decode_steps, "backend": jax.default_backend(), "ours": runs, "hf": hf,
+        "table": rows,
     })
     print(f"wrote {path}")
 
