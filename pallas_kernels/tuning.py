@@ -1,0 +1,121 @@
+"""The kernel search loop and the table of its winners.
+
+For each op, device and shape, `search` runs every candidate (an implementation with one tuning config), checks
+its output against the op's reference on the same random inputs (NaN never passes), times the ones that pass and
+keeps the fastest. Winners live in `pallas_kernels/tuned/<op>.json`, keyed by the device kind (as JAX reports it)
+and a shape key the op defines; dispatchers read them through `lookup`, and fall back to their defaults (and the
+reference on platforms without kernels) for shapes the table does not hold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
+from functools import cache
+from pathlib import Path
+
+import jax
+import numpy as np
+
+TUNED_DIR = Path(__file__).parent / "tuned"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One variant to try: `fn(*inputs)` runs implementation `impl` with `config` bound."""
+
+    impl: str
+    config: object
+    fn: Callable
+
+
+@dataclass
+class Trial:
+    impl: str
+    config: dict
+    ok: bool
+    max_rel_err: float
+    us: float  # median microseconds (inf when it failed or did not pass)
+    error: str = ""
+
+
+def device_kind() -> str:
+    return jax.devices()[0].device_kind
+
+
+def _config_dict(config) -> dict:
+    if config is None:
+        return {}
+    if is_dataclass(config):
+        return asdict(config)
+    return dict(config)
+
+
+def max_rel_err(out, ref) -> float:
+    """max |out - ref| / max |ref| in float64; inf when out has a NaN/inf or the shapes differ."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    if out.shape != ref.shape or not np.isfinite(out).all():
+        return math.inf
+    scale = max(float(np.abs(ref).max()), 1e-30)
+    return float(np.abs(out - ref).max() / scale)
+
+
+def time_us(fn: Callable, *inputs, repeats: int = 50, warmup: int = 3) -> float:
+    """Median microseconds of a jitted call, each timed to completion."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*inputs))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*inputs))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e6)
+
+
+def search(candidates: Sequence[Candidate], reference: Callable, inputs: tuple, *, tol: float,
+           repeats: int = 50) -> tuple[Trial | None, list[Trial]]:
+    """Verifies every candidate against `reference(*inputs)`, times those within `tol`, returns (best, all)."""
+    ref = np.asarray(jax.block_until_ready(reference(*inputs)))
+    trials = []
+    for c in candidates:
+        try:
+            fn = jax.jit(c.fn)
+            err = max_rel_err(jax.block_until_ready(fn(*inputs)), ref)
+            ok = err <= tol
+            us = time_us(fn, *inputs, repeats=repeats) if ok else math.inf
+            trials.append(Trial(c.impl, _config_dict(c.config), ok, err, us))
+        except Exception as e:  # a candidate that fails to compile or run is recorded, not fatal
+            trials.append(Trial(c.impl, _config_dict(c.config), False, math.inf, math.inf,
+                                f"{type(e).__name__}: {str(e)[:300]}"))
+    passed = [t for t in trials if t.ok]
+    return (min(passed, key=lambda t: t.us) if passed else None), trials
+
+
+def _path(op: str, directory: Path | None) -> Path:
+    return (directory or TUNED_DIR) / f"{op}.json"
+
+
+@cache
+def _load(op: str, directory: Path | None = None) -> dict:
+    path = _path(op, directory)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def lookup(op: str, shape_key: str, kind: str | None = None, directory: Path | None = None) -> dict | None:
+    """The stored winner {"impl", "config", "us", ...} for this op, device kind and shape, or None."""
+    return _load(op, directory).get(kind or device_kind(), {}).get(shape_key)
+
+
+def record(op: str, shape_key: str, best: Trial, kind: str | None = None, directory: Path | None = None) -> Path:
+    """Stores `best` as the winner for (device kind, shape) in the op's table file."""
+    path = _path(op, directory)
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table.setdefault(kind or device_kind(), {})[shape_key] = {
+        "impl": best.impl, "config": best.config, "us": round(best.us, 2), "max_rel_err": best.max_rel_err}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    _load.cache_clear()
+    return path

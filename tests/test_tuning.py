@@ -1,0 +1,47 @@
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import tuning
+
+
+def _ref(x):
+    return jnp.tanh(x) * 2.0
+
+
+def test_search_keeps_only_verified_candidates_and_picks_the_fastest(rng):
+    x = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)
+
+    def broken(x):
+        raise RuntimeError("does not lower")
+
+    candidates = [
+        tuning.Candidate("exact", {"block": 1}, _ref),
+        tuning.Candidate("wrong", {"block": 2}, lambda x: jnp.tanh(x) * 2.1),
+        tuning.Candidate("nan", {"block": 3}, lambda x: _ref(x).at[3, 4].set(jnp.nan)),
+        tuning.Candidate("raises", {"block": 4}, broken),
+    ]
+    best, trials = tuning.search(candidates, _ref, (x,), tol=1e-6, repeats=3)
+    assert best is not None and best.impl == "exact" and best.config == {"block": 1}
+    by_impl = {t.impl: t for t in trials}
+    assert by_impl["exact"].ok and by_impl["exact"].max_rel_err == 0.0 and np.isfinite(by_impl["exact"].us)
+    assert not by_impl["wrong"].ok and 0.04 < by_impl["wrong"].max_rel_err < 0.06
+    assert not by_impl["nan"].ok and by_impl["nan"].max_rel_err == float("inf")
+    assert not by_impl["raises"].ok and "does not lower" in by_impl["raises"].error
+
+
+def test_search_with_no_passing_candidate_returns_none(rng):
+    x = jnp.asarray(rng.standard_normal((8, 8)), jnp.float32)
+    best, trials = tuning.search([tuning.Candidate("wrong", None, lambda x: x)], _ref, (x,), tol=1e-3, repeats=1)
+    assert best is None and len(trials) == 1 and not trials[0].ok
+
+
+def test_record_and_lookup_round_trip(tmp_path):
+    trial = tuning.Trial("triton", {"splits": 4}, True, 1e-3, 12.5)
+    tuning.record("attn", "B8-T1", trial, kind="GPU-X", directory=tmp_path)
+    tuning.record("attn", "B1-T1", tuning.Trial("mosaic", {"stages": 2}, True, 2e-3, 7.0), kind="GPU-X",
+                  directory=tmp_path)
+    assert tuning.lookup("attn", "B8-T1", kind="GPU-X", directory=tmp_path)["config"] == {"splits": 4}
+    assert tuning.lookup("attn", "B1-T1", kind="GPU-X", directory=tmp_path)["impl"] == "mosaic"
+    assert tuning.lookup("attn", "B1-T1", kind="GPU-Y", directory=tmp_path) is None
+    assert tuning.lookup("attn", "B64-T1", kind="GPU-X", directory=tmp_path) is None
+    assert tuning.lookup("other", "B8-T1", kind="GPU-X", directory=tmp_path) is None
