@@ -47,7 +47,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--page-size", type=_positive, default=16, help="tokens per KV page (default 16)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_serve(sub)
     return parser
+
+
+def _add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="serve the model over HTTP (OpenAI-compatible, with a prefix cache)")
+    s.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    s.add_argument("--drafter", default=None, help="drafter checkpoint directory for speculative decoding")
+    s.add_argument("--remote", default=None, help="shared KV store for prefix pages: redis://HOST:PORT "
+                   "(several servers share prefixes through it) or memory://")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    s.add_argument("--served-model-name", default=None, help="model id in the API (default: directory name)")
+    s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weights and KV dtype")
+    s.add_argument("--max-seq-len", type=_positive, default=4096, help="prompt + output limit (default 4096)")
+    s.add_argument("--page-size", type=_positive, default=16, help="tokens per KV page (default 16)")
+    s.add_argument("--max-slots", type=_positive, default=8, help="sequences decoded together (default 8)")
+    s.add_argument("--num-pages", type=int, default=0, help="device KV pages (default 0: max-slots full sequences)")
+    s.add_argument("--prefill-chunk", type=_positive, default=512, help="longest prefill call, a power of two")
+    s.add_argument("--decode-steps", type=_positive, default=8, help="decode steps fused per device call")
+    s.add_argument("--host-pages", type=int, default=0, help="host-RAM tier size in KV pages (default 0: off)")
+    s.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt (for comparisons)")
+    s.add_argument("--max-queue", type=_positive, default=256, help="waiting requests before 429 (default 256)")
 
 
 def _generate(args) -> int:
@@ -109,11 +131,34 @@ def _generate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from serve.server import ServeConfig, run
+
+    if not os.path.isdir(args.model):
+        raise UsageError(f"--model {args.model}: not a directory")
+    try:
+        cfg = ServeConfig(model=args.model, drafter=args.drafter, remote=args.remote, host=args.host, port=args.port,
+                          served_model_name=args.served_model_name, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                          page_size=args.page_size, max_slots=args.max_slots, num_pages=args.num_pages,
+                          prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
+                          prefix_cache=not args.no_prefix_cache, host_pages=args.host_pages,
+                          max_queue=args.max_queue)
+        if cfg.remote and not cfg.remote.startswith(("redis://", "rediss://", "unix://", "memory://")):
+            raise ValueError(f"--remote must look like redis://HOST:PORT or memory://, got {cfg.remote!r}")
+        if cfg.remote and not cfg.prefix_cache:
+            raise ValueError("--remote needs the prefix cache (drop --no-prefix-cache)")
+        return run(cfg)
+    except ValueError as e:  # bad flags, CheckpointError / ConfigError
+        raise UsageError(str(e)) from e
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            return _serve(args)
     except UsageError as e:
         print(f"codegen-jax: error: {e}", file=sys.stderr)
         return 2

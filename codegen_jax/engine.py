@@ -132,6 +132,42 @@ class Engine:
         cache.lengths[slot] = len(tokens)
         return logits[0]
 
+    def prefill_rows(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> jax.Array:
+        """One prefill call for several slots (the server's chunked prefill): chunks[i] (at most prefill_chunk
+        tokens) goes to positions starts[i]... of slot slots[i], whose earlier tokens are cached and pages
+        reserved. Rows pad to a power of two and the chunk length to its bucket, so a batch compiles once per
+        (rows, length) class. Sets the slots' lengths; returns float32 logits [rows, V] (row i after chunk i's
+        last token for i < len(slots), padding after), on the device and not awaited."""
+        cache = self.cache
+        rows = 1 << max(0, len(slots) - 1).bit_length()
+        T = bucket(max(map(len, chunks)), self.cfg.prefill_chunk)
+        ids = np.zeros((rows, T), np.int32)
+        table = np.zeros((rows, cache.max_pages), np.int32)  # padding rows: q_len 0, scratch page only
+        kv_lens = np.zeros(rows, np.int32)
+        q_lens = np.zeros(rows, np.int32)
+        for i, (slot, chunk, start) in enumerate(zip(slots, chunks, starts, strict=True)):
+            assert 0 < len(chunk) <= self.cfg.prefill_chunk, len(chunk)
+            ids[i, : len(chunk)] = chunk
+            table[i] = cache.page_table[slot]
+            kv_lens[i], q_lens[i] = start + len(chunk), len(chunk)
+            cache.lengths[slot] = start + len(chunk)
+        logits, cache.pages = self._prefill(self.params, cache.pages, ids, table, kv_lens, q_lens)
+        return logits
+
+    def decode(self, last: np.ndarray, active: np.ndarray, seeds, temperature, top_k, top_p, *,
+               greedy: bool) -> jax.Array:
+        """decode_steps fused steps for the `active` [max_slots] slots; last [max_slots] holds each slot's newest
+        token (sampled, not yet cached), the sampling arrays are per slot. Advances active slots' lengths by
+        decode_steps (their pages must cover that); returns tokens [max_slots, decode_steps], not awaited."""
+        cache = self.cache
+        # Copies: on the CPU a numpy argument may be aliased, not copied, and the host edits these arrays while
+        # the step is still in flight.
+        host = [np.array(a) for a in (last, cache.page_table, cache.lengths, active, seeds, temperature, top_k, top_p)]
+        cache.pages, out = self._decode(self.params, cache.pages, *host, n_steps=self.cfg.decode_steps,
+                                        greedy=greedy)
+        cache.lengths[active] += self.cfg.decode_steps
+        return out
+
     def verify(self, tokens: np.ndarray, q_lens: np.ndarray) -> jax.Array:
         """Multi-token step over all slots: tokens [max_slots, k], q_lens [max_slots] valid per row. Appends them
         to each slot's cache and returns logits [max_slots, k, V]. Roll back rejected ones by lowering lengths."""

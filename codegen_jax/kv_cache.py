@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -12,6 +14,27 @@ from codegen_jax.config import ModelConfig
 
 class OutOfPages(RuntimeError):
     pass
+
+
+def _bucket_ids(ids) -> np.ndarray:
+    """Pads page ids to a power of two with page 0 (scratch), so copies compile once per size class."""
+    ids = np.asarray(ids, np.int32).reshape(-1)
+    out = np.zeros(1 << max(0, len(ids) - 1).bit_length(), np.int32)
+    out[: len(ids)] = ids
+    return out
+
+
+@jax.jit
+def _gather_pages(pages, ids):
+    # pages: L x (k, v) [K, P, S, D]; ids [n] -> [L, 2, K, n, S, D]
+    return jnp.stack([jnp.stack([k[:, ids], v[:, ids]]) for k, v in pages])
+
+
+@partial(jax.jit, donate_argnums=0)
+def _scatter_pages(pages, ids, data):
+    # data [L, 2, K, n, S, D]; padded ids point at the scratch page, so their rows land there
+    return tuple((k.at[:, ids].set(data[i, 0].astype(k.dtype)), v.at[:, ids].set(data[i, 1].astype(v.dtype)))
+                 for i, (k, v) in enumerate(pages))
 
 
 class PagedKVCache:
@@ -56,3 +79,20 @@ class PagedKVCache:
         self.owned[slot] = []
         self.page_table[slot] = 0
         self.lengths[slot] = 0
+
+    # ---- page copies for the serving tiers (host RAM, remote store) -----------------------------------------
+
+    def read_pages(self, ids) -> jax.Array:
+        """Copies pages `ids` [n] of every layer into one device array [L, 2, Hkv, n, S, D]. Dispatched, not
+        awaited: a later step that reuses the pages is ordered after the copy, so callers may free them at once."""
+        n = len(ids)
+        return _gather_pages(self.pages, _bucket_ids(ids))[:, :, :, :n]
+
+    def write_pages(self, ids, data) -> None:
+        """pages[ids] <- data [L, 2, Hkv, n, S, D] (numpy or device) in every layer, in place (pool donated)."""
+        n = len(ids)
+        padded = _bucket_ids(ids)
+        if len(padded) != n:
+            pad = [(0, 0)] * 3 + [(0, len(padded) - n)] + [(0, 0)] * 2
+            data = np.pad(data, pad) if isinstance(data, np.ndarray) else jnp.pad(data, pad)
+        self.pages = _scatter_pages(self.pages, padded, data)

@@ -28,3 +28,14 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[dev]" >&2
   rm -f .venv/.installed-*; touch "$stamp"
 fi
+# The remote KV tier's tests run against a real redis-server (Debian's package); install it where we can.
+if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ] && [ -z "${REDIS_SERVER:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "bootstrap: installing redis-server (apt-get)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; } >/dev/null 2>&1 \
+      || { echo "bootstrap: apt-get install redis-server failed" >&2; exit 2; }
+  else
+    echo "bootstrap: redis-server is missing: 'sudo apt-get install redis-server' or set REDIS_SERVER=/path" >&2
+    exit 2
+  fi
+fi

@@ -1,0 +1,112 @@
+"""Builds a server from a checkpoint directory and runs it under uvicorn (`codegen-jax serve`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("codegen_jax.serve")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `codegen-jax serve` takes; see `codegen-jax serve --help`."""
+
+    model: str
+    drafter: str | None = None
+    remote: str | None = None  # redis://HOST:PORT, memory://, or None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    dtype: str = "bfloat16"
+    max_seq_len: int = 4096
+    page_size: int = 16
+    max_slots: int = 8
+    num_pages: int = 0
+    prefill_chunk: int = 512
+    decode_steps: int = 8
+    prefix_cache: bool = True
+    host_pages: int = 0
+    max_queue: int = 256
+    max_body_bytes: int = 8 << 20
+    drain_timeout_s: float = 30.0
+
+    def __post_init__(self):
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65536), got {self.port}")
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or Path(self.model).resolve().name
+
+
+def build(cfg: ServeConfig):
+    """Loads the model and tokenizer, and wires engine, scheduler, tiers and app. Returns (app, ServeState)."""
+    import jax.numpy as jnp
+
+    from codegen_jax.checkpoint import load_model
+    from codegen_jax.engine import Engine, EngineConfig
+    from codegen_jax.tokenizer import Tokenizer
+    from serve.app import ServeState, create_app
+    from serve.protocol import Limits
+    from serve.remote_tier import open_store
+    from serve.scheduler import Scheduler, SchedulerConfig
+
+    model = load_model(cfg.model, dtype=getattr(jnp, cfg.dtype), progress=False)
+    tokenizer = Tokenizer.from_dir(cfg.model)
+    if cfg.drafter:
+        # drafters/ lands separately; until then the scheduler's SpeculativeStep hook stays empty
+        log.warning("--drafter %s: speculative decoding is not wired into the server yet; serving target-only",
+                    cfg.drafter)
+    engine = Engine(model, EngineConfig(max_slots=cfg.max_slots, page_size=cfg.page_size,
+                                        max_seq_len=cfg.max_seq_len, num_pages=cfg.num_pages,
+                                        prefill_chunk=cfg.prefill_chunk, decode_steps=cfg.decode_steps))
+    scheduler = Scheduler(engine, SchedulerConfig(prefix_cache=cfg.prefix_cache, host_pages=cfg.host_pages,
+                                                  max_queue=cfg.max_queue),
+                          remote=open_store(cfg.remote), model_id=f"{cfg.model_id}:{_fingerprint(cfg.model)}")
+    stop = {*model.cfg.eos_token_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
+    limits = Limits(cfg.model_id, cfg.max_seq_len, model.cfg.vocab_size, tuple(sorted(stop)))
+    state = ServeState(tokenizer, scheduler, limits, cfg.max_body_bytes, cfg.drain_timeout_s)
+    return create_app(state), state
+
+
+def _fingerprint(model_dir: str) -> str:
+    """Salts remote keys with the weights' identity, not the directory name: config.json, and each weight file's
+    name, size and first 64 KiB (header and leading tensors), the same on every box holding the checkpoint."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in [Path(model_dir, "config.json"), *sorted(Path(model_dir).glob("*.safetensors"))]:
+        if p.exists():
+            with open(p, "rb") as f:
+                h.update(f"{p.name}:{p.stat().st_size}:".encode() + f.read(1 << 16))
+    return h.hexdigest()[:16]
+
+
+def run(cfg: ServeConfig) -> int:
+    """Serves until SIGTERM or SIGINT: new requests then get 503, in-flight ones finish (up to
+    drain_timeout_s), and the process exits 0."""
+    import jax
+    import uvicorn
+
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/codegen-jax/jax"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app, state = build(cfg)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # refuse new work at once; uvicorn then waits for the in-flight responses
+            state.scheduler.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
+                                   timeout_graceful_shutdown=int(cfg.drain_timeout_s)))
+    log.info("serving %s on http://%s:%d (signal %s to stop)", cfg.model_id, cfg.host, cfg.port,
+             signal.Signals.SIGTERM.name)
+    server.run()
+    return 0

@@ -1,0 +1,219 @@
+"""The serving cache without a model: the page allocator, the radix tree with its host tier (on a fake KV pool
+whose page contents are a function of the prefix, so every hit can be checked), and the remote tier's keys,
+checksums and stores, including a real redis-server that dies and comes back."""
+
+import time
+from collections import Counter
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from serve.host_tier import HostTier
+from serve.page_allocator import PageAllocator
+from serve.radix_cache import RadixCache
+from serve.redis_process import RedisProcess, redis_server_binary
+from serve.remote_tier import InProcessStore, RedisStore, RemoteTier, chain, decode, encode, key, page_digests, salt
+
+W = 4  # floats per fake page
+
+
+def content(digest: bytes) -> np.ndarray:
+    """What a page must hold: a function of its prefix (its chained digest)."""
+    return np.frombuffer(digest[: 4 * W], np.uint32).astype(np.float32)
+
+
+class FakeKV:
+    """The two calls the cache makes on the engine's PagedKVCache, over numpy pages [P, W]."""
+
+    def __init__(self, num_pages):
+        self.data = np.full((num_pages, W), np.nan, np.float32)
+
+    def read_pages(self, ids):  # -> [L=1, 2=1, K=1, n, S=1, W]
+        return jnp.asarray(self.data[list(ids)][None, None, None, :, None, :])
+
+    def write_pages(self, ids, data):
+        self.data[list(ids)] = np.asarray(data)[0, 0, 0, :, 0, :]
+
+
+def test_allocator_random_operations_keep_counts_exact(rng):
+    alloc = PageAllocator(40)
+    holders = Counter()  # page -> holders, kept independently
+    held: list[list[int]] = []  # each "holder" owns a list of page references
+    for _ in range(5000):
+        op = rng.integers(3)
+        if op == 0 and alloc.num_free:
+            pages = alloc.allocate(int(rng.integers(1, alloc.num_free + 1)))
+            held.append(pages)
+            holders.update(pages)
+        elif op == 1 and held:
+            src = held[rng.integers(len(held))]
+            share = [p for p in src if rng.random() < 0.5]
+            alloc.incref(share)
+            held.append(share)
+            holders.update(share)
+        elif held:
+            pages = held.pop(rng.integers(len(held)))
+            alloc.decref(pages)
+            holders.subtract(pages)
+        alloc.check(+holders)
+    for pages in held:
+        alloc.decref(pages)
+    alloc.check(Counter())
+    assert alloc.num_free == alloc.capacity
+    with pytest.raises(AssertionError):
+        alloc.decref([1])  # a double free is caught
+
+
+def simulate(rng, *, steps, num_pages, host_pages, page_size=4):
+    """Random requests against a RadixCache: match, lock, load, check every hit's contents, compute the rest,
+    insert on completion, evict, flush; invariants after every operation."""
+    alloc, kv = PageAllocator(num_pages), FakeKV(num_pages)
+    host = HostTier(host_pages, (1, 1, 1, 1, W), np.float32) if host_pages else None
+    radix = RadixCache(alloc, page_size, salt("m", "f32", (1,), page_size), kv=kv, host=host)
+    bases = [list(rng.integers(0, 5, n)) for n in (8, 13, 20)]
+    running = []  # (tokens, pages, locked path)
+    hits = Counter()
+
+    def check():
+        holders = radix.holders()
+        for _, pages, _ in running:
+            holders.update(pages)
+        alloc.check(holders)
+        radix.check()
+
+    for _ in range(steps):
+        op = rng.random()
+        if op < 0.45:
+            tokens = list(bases[rng.integers(3)]) + list(rng.integers(0, 3, rng.integers(1, 14)))
+            path = radix.match(tokens)
+            assert len(path) * page_size <= len(tokens) - 1  # the last token is always recomputed
+            radix.lock(path)
+            n_dev = sum(n.page is not None for n in path)
+            total = -(-len(tokens) // page_size)
+            need = total - n_dev
+            if need > alloc.num_free:
+                radix.evict(need - alloc.num_free)
+            if need > alloc.num_free:
+                radix.unlock(path)
+                check()
+                continue
+            assert radix.load(path) == len(path)
+            hits["device"] += n_dev
+            hits["host"] += len(path) - n_dev
+            digests = page_digests(radix.root.digest, tokens, page_size)
+            for i, n in enumerate(path):  # every hit holds exactly what was computed for that prefix
+                np.testing.assert_array_equal(kv.data[n.page], content(digests[i]))
+            shared = [n.page for n in path]
+            alloc.incref(shared)
+            new = alloc.allocate(total - len(path))
+            for i, p in enumerate(new, start=len(path)):  # "compute" the rest
+                kv.data[p] = content(digests[i]) if i < len(digests) else np.nan
+            running.append((tokens, shared + new, path))
+        elif op < 0.85 and running:
+            tokens, pages, path = running.pop(rng.integers(len(running)))
+            full = len(tokens) // page_size
+            radix.insert(tokens[: full * page_size], pages[:full])
+            radix.unlock(path)
+            alloc.decref(pages)
+        elif op < 0.97:
+            radix.evict(int(rng.integers(1, 6)))
+        else:
+            radix.flush()
+        if host is not None and rng.random() < 0.3:
+            host.materialize()
+        check()
+    while running:
+        _, pages, path = running.pop()
+        radix.unlock(path)
+        alloc.decref(pages)
+    radix.flush()
+    check()
+    assert alloc.num_free == alloc.capacity and radix.num_nodes == 0
+    if host is not None:
+        assert host.num_free == host.capacity
+    return hits
+
+
+@pytest.mark.parametrize("host_pages", [0, 12])
+def test_radix_random_operations_keep_invariants_and_contents(rng, host_pages):
+    hits = simulate(rng, steps=3000, num_pages=40, host_pages=host_pages)
+    assert hits["device"] > 0
+    if host_pages:
+        assert hits["host"] > 0  # pages went to host RAM and came back intact
+
+
+def test_full_prompt_hit_recomputes_last_token():
+    alloc, kv = PageAllocator(10), FakeKV(10)
+    radix = RadixCache(alloc, 4, b"r" * 32, kv=kv)
+    tokens = list(range(8))
+    pages = alloc.allocate(2)
+    radix.insert(tokens, pages)
+    assert len(radix.match(tokens)) == 1  # 8 tokens cached, but the 8th must be recomputed for its logits
+    assert len(radix.match(tokens + [9])) == 2
+    alloc.decref(pages)
+    radix.check()
+
+
+def test_keys_chain_and_salt():
+    s = salt("qwen", "bfloat16", (28, 2, 128), 16)
+    assert s != salt("qwen", "float32", (28, 2, 128), 16) != salt("llama", "bfloat16", (28, 2, 128), 16)
+    assert s != salt("qwen", "bfloat16", (28, 4, 128), 16)
+    d = page_digests(s, list(range(40)), 16)
+    assert len(d) == 2 and d[1] == chain(d[0], list(range(16, 32)))
+    # a page's key depends on everything before it
+    assert page_digests(s, [1] + list(range(1, 32)), 16)[1] != d[1]
+
+
+def test_page_codec_rejects_corruption():
+    page = np.arange(24, dtype=np.float32).reshape(1, 2, 1, 3, 4)
+    k = key(b"x" * 32)
+    value = encode(k, page)
+    np.testing.assert_array_equal(decode(k, value, page.shape, np.float32), page)
+    flipped = bytearray(value)
+    flipped[20] ^= 1
+    assert decode(k, bytes(flipped), page.shape, np.float32) is None
+    assert decode(k, value[:-5], page.shape, np.float32) is None  # a partial write
+    assert decode(key(b"y" * 32), value, page.shape, np.float32) is None  # stored under another key
+    assert decode(k, None, page.shape, np.float32) is None
+
+
+def test_in_process_store_and_tier():
+    store = InProcessStore()
+    tier = RemoteTier(store, (1, 1, 1, 2, 2), np.float32)
+    digests = [bytes([i]) * 32 for i in range(4)]
+    pages = jnp.arange(4 * 4, dtype=jnp.float32).reshape(1, 1, 1, 4, 2, 2)
+    tier.put(digests[:3], pages[:, :, :, :3])
+    tier.drain()
+    assert store.exists([key(d) for d in digests]) == 3
+    assert store.exists([key(digests[1])]) == 1 and store.exists([key(digests[3]), key(digests[0])]) == 0
+    got = tier.fetch(digests)
+    assert len(got) == 3
+    np.testing.assert_array_equal(got[2], np.asarray(pages[0, 0, 0, 2])[None, None, None])
+    store.items[key(digests[1])] = b"garbage"
+    assert len(tier.fetch(digests)) == 1 and tier.stats["pages_rejected"] == 1
+    tier.close()
+
+
+def need_redis():
+    # never a skip: scripts/bootstrap.sh installs redis-server, and a remote-tier test that does not run proves nothing
+    assert redis_server_binary() is not None, "redis-server missing: run scripts/bootstrap.sh (installs it)"
+
+
+def test_redis_store_survives_a_dead_server_and_reconnects():
+    need_redis()
+    with RedisProcess() as server:
+        store = RedisStore(server.url, timeout_s=0.3, retry_s=0.3)
+        keys = [f"k{i}" for i in range(5)]
+        store.set(keys[:3], [b"a", b"b", b"c"])
+        assert store.exists(keys) == 3
+        assert store.get(keys[1:4]) == [b"b", b"c", None]
+        server.kill()
+        t = time.monotonic()
+        assert store.exists(keys) == 0 and store.get(keys) == [None] * 5
+        store.set(keys, [b"x"] * 5)  # dropped, no exception
+        assert time.monotonic() - t < 2 and store.errors >= 1 and not store.up
+        server.start()  # same port, empty
+        time.sleep(0.35)
+        store.set(keys[:2], [b"x", b"y"])
+        assert store.exists(keys) == 2 and store.get(keys[:1]) == [b"x"]

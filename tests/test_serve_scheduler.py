@@ -1,0 +1,256 @@
+"""The scheduler on a fixture checkpoint: outputs token-identical to the engine and across every cache path
+(off, on, after a flush, reloaded from host RAM, fetched from a real redis-server, with redis killed mid-run,
+with corrupt remote pages), and no page leaked after hundreds of random requests, cancellations, evictions and
+preemptions (allocator and radix invariants checked as it runs)."""
+
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FIXTURES
+from test_serve_cache import need_redis
+
+from codegen_jax import Engine, EngineConfig, SamplingParams, load_model
+from serve.redis_process import RedisProcess
+from serve.remote_tier import InProcessStore, RedisStore
+from serve.scheduler import Request, Scheduler, SchedulerConfig
+
+# a small pool (47 usable pages of 8 tokens for 4 slots of up to 164 tokens) so eviction and preemption happen
+ECFG = EngineConfig(max_slots=4, page_size=8, max_seq_len=160, num_pages=48, prefill_chunk=32, decode_steps=4)
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(FIXTURES / "qwen2", dtype=jnp.float32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return Engine(model, ECFG)  # shared: every Scheduler takes the pool over afresh
+
+
+class Result:
+    def __init__(self):
+        self.tokens, self.finish, self.cached = [], None, 0
+
+    def __call__(self, out):
+        self.tokens.extend(out.tokens)
+        if out.finish_reason:
+            self.finish, self.cached = out.finish_reason, out.cached_tokens
+
+
+def submit(sched, prompt, sp):
+    res = Result()
+    req = Request(list(map(int, prompt)), sp, res)
+    sched.submit(req)
+    return req, res
+
+
+def run_batch(sched, prompts, sps, check_every=0):
+    reqs = [submit(sched, p, sp) for p, sp in zip(prompts, sps, strict=True)]
+    steps = 0
+    while sched.has_work() or steps == 0:
+        sched.step()
+        steps += 1
+        if check_every and steps % check_every == 0:
+            sched.check()
+    sched.check()
+    return [res for _, res in reqs]
+
+
+def params(i, n=10):
+    # a mix of greedy and seeded sampling rows
+    if i % 3 == 2:
+        return SamplingParams(temperature=0.8, top_p=0.9, seed=100 + i, max_new_tokens=n)
+    return SamplingParams(max_new_tokens=n)
+
+
+def agent_turns(sched, rng_seed=0, sessions=3, turns=3):
+    """A coding agent's shape: one long system prompt, files re-read every turn, a growing conversation."""
+    rng = np.random.default_rng(rng_seed)
+    system = list(rng.integers(0, VOCAB, 40))
+    files = [list(rng.integers(0, VOCAB, 24)) for _ in range(2)]
+    history = [[] for _ in range(sessions)]
+    outputs, cached = [], []
+    for _ in range(turns):
+        prompts = []
+        for s in range(sessions):
+            history[s] += list(rng.integers(0, VOCAB, 6))  # the user's (or tool's) new message
+            prompts.append(system + files[s % 2] + history[s])
+        results = run_batch(sched, prompts, [params(s) for s in range(sessions)])
+        for s, r in enumerate(results):
+            assert r.finish in ("length", "stop")
+            history[s] += r.tokens
+        outputs.append([r.tokens for r in results])
+        cached.append([r.cached for r in results])
+    return outputs, cached
+
+
+def tier_tokens(sched) -> dict:
+    return {t: sched.metrics.cached_tokens.labels(t)._value.get() for t in ("device", "host", "remote")}
+
+
+def test_matches_engine_generate(model, engine, rng):
+    prompts = [list(rng.integers(0, VOCAB, n)) for n in (1, 9, 33, 70, 16)]
+    sps = [params(i, 12) for i in range(len(prompts))]
+    ref = Engine(model, EngineConfig(max_slots=2, page_size=8, max_seq_len=160, prefill_chunk=32, decode_steps=4))
+    expected = [c.tokens for c in ref.generate(prompts, sps)]
+    for prefix_cache in (False, True):
+        sched = Scheduler(engine, SchedulerConfig(prefix_cache=prefix_cache))
+        assert [r.tokens for r in run_batch(sched, prompts, sps, check_every=1)] == expected
+        assert [r.tokens for r in run_batch(sched, prompts, sps, check_every=1)] == expected  # hits when on
+
+
+def test_identical_with_cache_off_on_flushed_and_from_host(engine):
+    ref, ref_cached = agent_turns(Scheduler(engine, SchedulerConfig(prefix_cache=False)))
+    assert all(c == 0 for turn in ref_cached for c in turn)
+
+    sched = Scheduler(engine, SchedulerConfig(host_pages=96))
+    out, cached = agent_turns(sched)
+    assert out == ref
+    assert sum(cached[1]) > 3 * 64  # later turns reuse system prompt, files and history
+    out, _ = agent_turns(sched)  # everything cached now
+    assert out == ref
+
+    sched.flush_cache()
+    sched.check()
+    assert sched.allocator.num_free == sched.allocator.capacity and sched.radix.num_nodes == 0
+    out, cached = agent_turns(sched)
+    assert out == ref and cached[0][0] == 0
+
+    before = tier_tokens(sched)["host"]
+    sched.radix.evict(sched.radix.num_evictable)  # every cached page to host RAM
+    assert sched.radix.num_device == 0 and sched.radix.num_nodes > 0
+    out, _ = agent_turns(sched)
+    assert out == ref
+    assert tier_tokens(sched)["host"] > before and sched.radix.stats["host_loaded_pages"] > 0
+    sched.check()
+
+
+def test_identical_from_redis_and_with_corrupt_pages(engine):
+    need_redis()
+    ref, _ = agent_turns(Scheduler(engine, SchedulerConfig(prefix_cache=False)))
+    with RedisProcess() as server:
+        writer = Scheduler(engine, remote=RedisStore(server.url))
+        assert agent_turns(writer)[0] == ref
+        writer.remote.drain()
+        assert writer.remote.stats["pages_written"] > 0
+        writer.stop()
+
+        reader = Scheduler(engine, remote=RedisStore(server.url))  # a second server: empty tree, same store
+        out, cached = agent_turns(reader)
+        assert out == ref
+        assert cached[0][0] >= 64 and tier_tokens(reader)["remote"] >= 64
+        reader.stop()
+
+        import redis
+
+        client = redis.Redis.from_url(server.url)
+        keys = client.keys("cgj:kv:*")
+        for k in keys[::2]:  # truncate half the pages, flip a byte in the others
+            v = client.get(k)
+            client.set(k, v[:-7] if keys.index(k) % 4 == 0 else v[:100] + bytes([v[100] ^ 1]) + v[101:])
+        third = Scheduler(engine, remote=RedisStore(server.url))
+        out, _ = agent_turns(third)
+        assert out == ref  # bad pages were recomputed
+        assert third.remote.stats["pages_rejected"] > 0
+        third.stop()
+
+
+def test_redis_killed_mid_run_then_back(engine, rng):
+    need_redis()
+    prompts = [list(rng.integers(0, VOCAB, 40)) + list(rng.integers(0, VOCAB, n)) for n in (5, 30, 60, 17, 44, 9)]
+    sps = [params(i) for i in range(len(prompts))]
+    ref = [r.tokens for r in run_batch(Scheduler(engine, SchedulerConfig(prefix_cache=False)), prompts, sps)]
+    with RedisProcess() as server:
+        store = RedisStore(server.url, timeout_s=0.3, retry_s=0.3)
+        sched = Scheduler(engine, remote=store)
+        reqs = [submit(sched, p, sp) for p, sp in zip(prompts, sps, strict=True)]
+        for _ in range(3):
+            sched.step()
+        server.kill()  # mid-run: some requests decoding, others queued with lookups to do
+        while sched.has_work():
+            sched.step()
+        assert [res.tokens for _, res in reqs] == ref
+        assert [r.tokens for r in run_batch(sched, prompts, sps)] == ref  # a dead store is just a miss
+        sched.remote.drain()
+        assert store.errors > 0
+        sched.stop()
+
+        server.start()  # back, on the same port and empty
+        time.sleep(0.35)
+        sched = Scheduler(engine, remote=store)
+        assert [r.tokens for r in run_batch(sched, prompts, sps)] == ref
+        sched.remote.drain()
+        assert store.up and store.exists([f"cgj:kv:{n.digest.hex()}" for n in sched.radix.match(prompts[2])]) > 0
+        sched.stop()
+
+
+def test_random_requests_cancellations_and_preemption_leak_nothing(engine, rng):
+    n = 200
+    base = [list(rng.integers(0, VOCAB, k)) for k in (24, 40, 56)]
+    prompts = [base[rng.integers(3)][: rng.integers(8, 57)] + list(rng.integers(0, VOCAB, rng.integers(1, 60)))
+               for _ in range(n)]
+    sps = [params(i, int(rng.integers(1, min(48, 160 - len(p)) + 1))) for i, p in enumerate(prompts)]
+    cancel_at = {i: int(rng.integers(0, 6)) for i in range(n) if rng.random() < 0.2}
+
+    ref = run_batch(Scheduler(engine, SchedulerConfig(prefix_cache=False)), prompts, sps)
+    sched = Scheduler(engine, SchedulerConfig(host_pages=40, max_prefill_rows=2), remote=InProcessStore())
+    pending = list(range(n))
+    live = {}
+    step = 0
+    while pending or sched.has_work():
+        for _ in range(int(rng.integers(0, 4))):  # arrivals while others run
+            if pending:
+                i = pending.pop(0)
+                live[i] = submit(sched, prompts[i], sps[i])
+        for i, (req, res) in list(live.items()):
+            if i in cancel_at and res.finish is None:
+                cancel_at[i] -= 1
+                if cancel_at[i] < 0:
+                    sched.cancel(req.id)
+        sched.step()
+        step += 1
+        if step % 7 == 0:
+            sched.check()
+        if step % 50 == 0:
+            sched.flush_cache()
+    sched.check()
+    for i, (_, res) in live.items():
+        if res.finish == "cancelled":
+            assert res.tokens == ref[i].tokens[: len(res.tokens)]
+        else:
+            assert res.tokens == ref[i].tokens and res.finish == ref[i].finish, i
+    assert sum(res.finish == "cancelled" for _, res in live.values()) > 5
+    print("scheduler", dict(sched.stats), "radix", dict(sched.radix.stats), "remote", sched.remote.stats)
+    assert sched.stats["preemptions"] > 0 and sched.radix.stats["evicted_pages"] > 0
+    assert sched.radix.stats["host_loaded_pages"] > 0
+    # nothing leaked: once the cache lets go, every page and host slot is free again
+    sched.flush_cache()
+    sched.check()
+    assert sched.allocator.num_free == sched.allocator.capacity
+    assert sched.radix.host.num_free == sched.radix.host.capacity
+    sched.stop()
+
+
+def test_bad_requests_and_full_queue(engine):
+    sched = Scheduler(engine, SchedulerConfig(max_queue=2))
+    ok = SamplingParams(max_new_tokens=4)
+    with pytest.raises(ValueError, match="empty"):
+        sched.submit(Request([], ok, print))
+    with pytest.raises(ValueError, match="max_seq_len 160"):
+        sched.submit(Request([1] * 150, SamplingParams(max_new_tokens=20), print))
+    with pytest.raises(ValueError, match="outside"):
+        sched.submit(Request([VOCAB], ok, print))
+    from serve.scheduler import QueueFull, ShuttingDown
+
+    a, b = submit(sched, [1, 2, 3], ok), submit(sched, [4, 5], ok)
+    with pytest.raises(QueueFull):
+        submit(sched, [6], ok)
+    sched.run_until_idle()
+    assert a[1].finish == b[1].finish == "length"
+    sched.stop()
+    with pytest.raises(ShuttingDown):
+        submit(sched, [6], ok)
