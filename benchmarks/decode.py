@@ -155,7 +155,7 @@ def main() -> None:
 
     from pallas_kernels.attention import dispatch
 
-    impls = args.attn or list(dict.fromkeys(["reference", dispatch.choose(jax.default_backend())]))
+    impls = args.attn or list(dict.fromkeys(["reference", dispatch.choose()]))
     runs = {impl: ours(args, impl) for impl in impls}
     rows = []
     for impl, us in runs.items():
