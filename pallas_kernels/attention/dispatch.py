@@ -12,7 +12,10 @@ from collections.abc import Callable
 
 import jax
 
+from pallas_kernels import tuning
 from pallas_kernels.attention.reference import paged_attention_reference
+
+OP = "paged_attention"  # the name of this op's table in pallas_kernels/tuned/
 
 
 def _never() -> bool:
@@ -42,17 +45,36 @@ def choose() -> str:
     return "reference"
 
 
+def shape_key(q_shape, k_shape, num_table_pages: int, dtype) -> str:
+    """The tuned table's key: every static shape the kernels' plans depend on."""
+    B, T, Hq, D = q_shape
+    Hkv, _, S, _ = k_shape
+    return f"B{B}-T{T}-Hq{Hq}-Hkv{Hkv}-D{D}-S{S}-N{num_table_pages}-{jax.numpy.dtype(dtype).name}"
+
+
+def tuned(q_shape, k_shape, num_table_pages: int, dtype) -> dict | None:
+    """The search loop's winner {"impl", "config", ...} for this device and shape, if it ran for them."""
+    entry = tuning.lookup(OP, shape_key(q_shape, k_shape, num_table_pages, dtype))
+    return entry if entry is not None and entry["impl"] in IMPLEMENTATIONS else None
+
+
 def paged_attention(
-    q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale, sliding_window=None, soft_cap=None, impl=None
+    q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale, sliding_window=None, soft_cap=None, impl=None,
+    config=None,
 ):
-    """Paged attention; same arguments as `paged_attention_reference`. `impl` forces an implementation (and then
-    an unsupported shape is an error, not a fallback)."""
-    name = impl or choose()
+    """Paged attention; same arguments as `paged_attention_reference`. Without `impl`, the search loop's winner
+    for this device and shape, else the first available kernel, else the reference. `impl` (with an optional
+    `config` for it) forces an implementation, and then an unsupported shape is an error, not a fallback."""
+    name = impl
+    if name is None:
+        entry = tuned(q.shape, k_pages.shape, page_table.shape[1], q.dtype)
+        name, config = (entry["impl"], entry["config"] or None) if entry else (choose(), None)
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {name!r} (known: {', '.join(IMPLEMENTATIONS)})")
     kw = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
     try:
-        return IMPLEMENTATIONS[name][0](q, k_pages, v_pages, page_table, kv_lens, q_lens, **kw)
+        fn = IMPLEMENTATIONS[name][0]
+        return fn(q, k_pages, v_pages, page_table, kv_lens, q_lens, **kw, **({"config": config} if config else {}))
     except NotImplementedError:
         if impl is not None:
             raise

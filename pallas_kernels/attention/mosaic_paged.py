@@ -465,7 +465,7 @@ def paged_attention_mosaic(
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    config: MosaicAttentionConfig | None = None,
+    config: MosaicAttentionConfig | dict | None = None,
     interpret: bool | plgpu.InterpretGPUParams = False,
 ) -> jax.Array:
     """Paged attention on Hopper; same contract as `paged_attention_reference`.
@@ -474,13 +474,14 @@ def paged_attention_mosaic(
       q: [B, T, Hq, D] bf16/f16 queries, q_lens[b] valid rows at positions kv_lens[b] - q_lens[b] + t.
       k_pages, v_pages: [Hkv, P, S, D] page pool; page ids past a sequence may hold anything.
       page_table: [B, N] int32; kv_lens, q_lens: [B] int32.
-      config: tuning; interpret: False (native), True or `plgpu.InterpretGPUParams` (CPU interpreter).
+      config: tuning (a MosaicAttentionConfig, or its fields as a dict from the tuned table).
+      interpret: False (native), True or `plgpu.InterpretGPUParams` (CPU interpreter).
     Returns:
       [B, T, Hq, D] in q's dtype, rows t >= q_lens[b] exactly 0.
     Raises:
       NotImplementedError for unsupported dtypes, head dims, page sizes or configs that do not fit.
     """
-    config = config or MosaicAttentionConfig()
+    config = MosaicAttentionConfig(**config) if isinstance(config, dict) else config or MosaicAttentionConfig()
     check_supported(q.shape, k_pages.shape, q.dtype, config)
     if k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
         raise NotImplementedError(f"q, k, v dtypes differ: {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")

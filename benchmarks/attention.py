@@ -1,0 +1,279 @@
+"""Paged attention: effective GB/s (K + V bytes read / time) of ours beside XLA and JAX's own Pallas kernels.
+
+Every implementation runs on the same inputs in the same process: GQA 32/8, head_dim 128, bf16, every row at the
+full KV length, page ids shuffled over the pool.
+  ours          what the engine gets: `pallas_kernels.paged_attention` (the tuned table's winner for the device
+                and shape, else the default kernel for the device)
+  mosaic        our Mosaic GPU kernel with its default plan (what untuned shapes get on Hopper)
+  triton        our Triton kernel, where it is registered
+  xla_reference `paged_attention_reference` compiled by XLA (gather the pages, then attend)
+  jax_paged     `jax.experimental.pallas.ops.gpu.paged_attention` (Triton; decode only)
+  jax_gqa       `jax.experimental.pallas.ops.gpu.decode_attention.gqa` over a contiguous cache (decode only)
+Timing (pallas_kernels.tuning.time_us): many calls inside one jitted function over rotating input sets that
+together exceed L2, median of 7 runs / calls: device time per call, as the op runs inside the decode loop.
+Each output is checked against the XLA reference (L2 relative error <= 2e-2, NaN-free) before it is timed.
+
+--tune runs the search loop first on the shapes of --tune-shapes (default: the issue's bar shapes): every
+Mosaic candidate config is verified and timed, and the winner per shape goes into pallas_kernels/tuned/ (and
+$OUT), which `ours` then uses.
+
+Run on the GPU machine:  python benchmarks/attention.py [--tune] [--quick]      (CPU: --tiny, a smoke test)
+Writes benchmarks/results/attention.json; `python benchmarks/plot_attention.py` draws it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import device, table, versions, write_result  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+DECODE = [(B, L, S, 1) for B in (1, 8, 32, 64) for L in (2048, 8192, 32768) for S in (16, 64)]
+VERIFY = [(8, 8192, S, T) for S in (16, 64) for T in (16, 64)]
+BAR = [(8, 8192, 16, 1), (8, 8192, 64, 1), (1, 32768, 16, 1), (1, 32768, 64, 1)] + VERIFY
+QUICK = BAR + [(32, 8192, 16, 1), (64, 2048, 16, 1), (1, 2048, 16, 1)]
+TINY = [(2, 128, 16, 1), (2, 128, 16, 4)]
+L2_BYTES = 50 * 2**20
+TOL = 2e-2
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def make_sets(B, L, S, T, Hq, Hkv, Dh, *, copies: int, seed: int = 0):
+    """`copies` argument tuples (q, k_pages, v_pages, page_table, kv_lens, q_lens) with different data and page
+    orders; unused pool pages hold random data too (the kernels must not read them)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    N = L // S
+    P = B * N + 1
+    rng = np.random.default_rng(seed)
+    sets = []
+    for c in range(copies):
+        kq, kk, kv = jax.random.split(jax.random.key(seed * 1000 + c), 3)
+        table_ = (1 + rng.permutation(B * N)).reshape(B, N).astype(np.int32)
+        sets.append((jax.random.normal(kq, (B, T, Hq, Dh), jnp.bfloat16),
+                     jax.random.normal(kk, (Hkv, P, S, Dh), jnp.bfloat16),
+                     jax.random.normal(kv, (Hkv, P, S, Dh), jnp.bfloat16),
+                     jnp.asarray(table_), jnp.full((B,), L, jnp.int32), jnp.full((B,), T, jnp.int32)))
+    return sets
+
+
+def implementations(T: int, S: int, N: int, scale: float, interpret: bool) -> dict:
+    """name -> (fn over a standard argument tuple, or None when the name does not apply to this shape)."""
+    from jax.experimental.pallas.ops.gpu import decode_attention
+    from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
+
+    import pallas_kernels
+    from pallas_kernels.attention import IMPLEMENTATIONS, paged_attention_mosaic, paged_attention_reference
+
+    def ours(q, k, v, pt, kl, ql):
+        return pallas_kernels.paged_attention(q, k, v, pt, kl, ql, scale=scale)
+
+    def mosaic(q, k, v, pt, kl, ql):
+        return paged_attention_mosaic(q, k, v, pt, kl, ql, scale=scale, interpret=interpret)
+
+    def reference(q, k, v, pt, kl, ql):
+        return paged_attention_reference(q, k, v, pt, kl, ql, scale=scale)
+
+    def jpaged(q, k, v, pt, kl, ql):
+        # JAX's kernel applies no softmax scale; its default 8 pages per block overflows SMEM at page 64
+        ppcb = max(1, min(8 if S <= 16 else 128 // S, N // 16))
+        o = jax_paged.paged_attention(q[:, 0] * scale, k, v, pt, kl, pages_per_compute_block=ppcb,
+                                      k_splits=min(16, N), interpret=interpret)
+        return o[:, None]
+
+    def gqa(q, k, v, pt, kl, ql):
+        # a contiguous cache [B, L, Hkv, D] built from the pages; only the kernel is timed (see `timed_gqa`)
+        return decode_attention.gqa(q[:, 0], k, v, kv_seq_len=kl, sm_scale=scale, interpret=interpret)[:, None]
+
+    impls = {"ours": ours, "mosaic": mosaic, "xla_reference": reference}
+    if "triton" in IMPLEMENTATIONS:
+        tri = IMPLEMENTATIONS["triton"][0]
+        impls["triton"] = lambda q, k, v, pt, kl, ql: tri(q, k, v, pt, kl, ql, scale=scale, interpret=interpret)
+    if T == 1:
+        impls["jax_paged"] = jpaged
+        impls["jax_gqa"] = gqa
+    return impls
+
+
+def contiguous(args):
+    """(q, k, v, pt, kl, ql) -> the same cache laid out [B, L, Hkv, D] for decode_attention.gqa."""
+    q, k, v, pt, kl, ql = args
+    B, N = pt.shape
+    Hkv, _, S, Dh = k.shape
+
+    def lay(x):
+        return x[:, pt].reshape(Hkv, B, N * S, Dh).transpose(1, 2, 0, 3)
+
+    return q, lay(k), lay(v), pt, kl, ql
+
+
+def mosaic_candidates(shape, N: int) -> list[dict]:
+    """The search loop's proposals for one shape: block sizes, pipeline depth, splits and the query layout."""
+    from pallas_kernels.attention.mosaic_paged import MosaicAttentionConfig, plan
+
+    B, L, S, T = shape
+    base = plan((B, T, HQ, D), (HKV, B * N + 1, S, D), N, 2, MosaicAttentionConfig()).num_splits
+    splits = sorted({max(1, base // 2), base, base * 2})
+    out = [{}]
+    if T * HQ // HKV <= 32:
+        for bkv, st in ((64, 2), (64, 4), (128, 2), (128, 3)):
+            out.append({"block_kv": bkv, "num_stages": st})
+    else:
+        for wg in (0, 1, 2, 4):
+            out.append({"q_warpgroups": wg})
+        out += [{"q_warpgroups": 4, "num_stages": 2}, {"q_warpgroups": 2, "block_kv": 128, "num_stages": 2}]
+    out += [{"num_splits": s} for s in splits if s != base]
+    return out
+
+
+def tune(shapes, args) -> list[dict]:
+    import jax
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: F401 (fail early if unavailable)
+
+    from pallas_kernels import tuning
+    from pallas_kernels.attention.dispatch import OP, shape_key
+    from pallas_kernels.attention.mosaic_paged import paged_attention_mosaic
+    from pallas_kernels.attention.reference import paged_attention_reference
+
+    scale = D**-0.5
+    rows = []
+    for shape in shapes:
+        B, L, S, T = shape
+        N = L // S
+        sets = make_sets(B, L, S, T, HQ, HKV, D, copies=copies_for(B, L, S), seed=7)
+        cands = [tuning.Candidate("mosaic", cfg, lambda *a, c=cfg: paged_attention_mosaic(*a, scale=scale,
+                                                                                          config=c or None))
+                 for cfg in mosaic_candidates(shape, N)]
+        best, trials = tuning.search(cands, lambda *a: paged_attention_reference(*a, scale=scale), sets, tol=TOL)
+        key = shape_key(sets[0][0].shape, sets[0][1].shape, N, sets[0][0].dtype)
+        for t in trials:
+            rows.append({"shape": key, "config": t.config, "ok": t.ok, "max_rel_err": t.max_rel_err,
+                         "us": round(t.us, 2), "error": t.error[:200]})
+        if best is not None:
+            path = tuning.record(OP, key, best)
+            log(f"tune {key}: best {best.config} {best.us:.1f} us of {len(trials)} ({path})")
+        del sets
+        jax.clear_caches()
+    return rows
+
+
+def copies_for(B, L, S) -> int:
+    pool = 2 * HKV * (B * (L // S) + 1) * S * D * 2
+    return max(1, min(8, math.ceil(2 * L2_BYTES / pool)))
+
+
+def run_shape(shape, args) -> list[dict]:
+    import jax
+    import numpy as np
+
+    from pallas_kernels import tuning
+
+    B, L, S, T = shape
+    Hq, Hkv, Dh = (4, 2, 64) if args.tiny else (HQ, HKV, D)
+    N = L // S
+    sets = make_sets(B, L, S, T, Hq, Hkv, Dh, copies=1 if args.tiny else copies_for(B, L, S))
+    kv_bytes = 2 * B * L * Hkv * Dh * 2
+    scale = Dh**-0.5
+    impls = implementations(T, S, N, scale, interpret=args.tiny)
+    want = None
+    rows = []
+    for name, fn in impls.items():
+        row = {"B": B, "L": L, "page": S, "T": T, "impl": name}
+        try:
+            my_sets = [contiguous(a) for a in sets] if name == "jax_gqa" else sets
+            got = np.asarray(jax.jit(fn)(*my_sets[0]), np.float32)
+            if want is None:
+                want = np.asarray(jax.jit(impls["xla_reference"])(*sets[0]), np.float32)
+            err = float(np.linalg.norm(np.nan_to_num(got - want, nan=1e9)) / np.linalg.norm(want))
+            row["rel_err"] = err
+            row["ok"] = bool(np.isfinite(got).all() and err <= TOL)
+            if row["ok"] and not args.tiny:
+                us = tuning.time_us(fn, my_sets)
+                row["us"], row["GB/s"] = round(us, 2), round(kv_bytes / us / 1e3, 1)
+            del my_sets
+        except Exception as e:  # noqa: BLE001 (recorded, not fatal: e.g. a baseline that cannot lower)
+            row["ok"] = False
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            row["traceback"] = traceback.format_exc()[-2000:]
+        log(f"{shape} {name}: ok={row.get('ok')} us={row.get('us')} GB/s={row.get('GB/s')} {row.get('error', '')}")
+        rows.append(row)
+    del sets
+    jax.clear_caches()
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One line per shape: GB/s of each implementation, ours over the best baseline and over jax_paged, and for
+    verify shapes the time over the T=1 time of the same (B, L, page)."""
+    by_shape: dict[tuple, dict] = {}
+    for r in rows:
+        by_shape.setdefault((r["B"], r["L"], r["page"], r["T"]), {})[r["impl"]] = r
+    t1 = {k[:3]: v["ours"].get("us") for k, v in by_shape.items() if k[3] == 1 and "ours" in v}
+    out = []
+    for (B, L, S, T), impls in by_shape.items():
+        line = {"B": B, "L": L, "page": S, "T": T}
+        for name, r in impls.items():
+            line[name] = r.get("GB/s") if r.get("ok") else ("FAIL" if "error" not in r else "error")
+        ours = impls.get("ours", {}).get("us")
+        base = [impls[n]["us"] for n in ("xla_reference", "jax_paged", "jax_gqa") if impls.get(n, {}).get("us")]
+        if ours and base:
+            line["ours/best baseline"] = round(min(base) / ours, 2)
+        if ours and impls.get("jax_paged", {}).get("us"):
+            line["ours/jax_paged"] = round(impls["jax_paged"]["us"] / ours, 2)
+        if ours and T > 1 and t1.get((B, L, S)):
+            line["time vs T=1"] = round(ours / t1[(B, L, S)], 3)
+        out.append(line)
+    return out
+
+
+def parse_shapes(text: str) -> list[tuple]:
+    return [tuple(int(x) for x in part.split(",")) for part in text.split(";") if part.strip()]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="the issue's bar shapes and a few more, not the whole grid")
+    p.add_argument("--only", type=parse_shapes, default=None, help='shapes "B,L,page,T;..."')
+    p.add_argument("--tune", action="store_true", help="run the search loop first and record winners")
+    p.add_argument("--tune-shapes", type=parse_shapes, default=None, help='shapes to tune (default: the bar shapes)')
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test in interpret mode (no timing)")
+    args = p.parse_args()
+    import jax
+
+    shapes = TINY if args.tiny else args.only or (QUICK if args.quick else DECODE + VERIFY)
+    tuning_rows = tune(args.tune_shapes or BAR, args) if args.tune and not args.tiny else []
+    if tuning_rows and os.environ.get("OUT"):
+        from pallas_kernels.tuning import TUNED_DIR
+
+        shutil.copy(TUNED_DIR / "paged_attention.json", Path(os.environ["OUT"], "tuned_paged_attention.json"))
+    rows = [r for shape in shapes for r in run_shape(shape, args)]
+    summary = summarize(rows)
+    cols = list(dict.fromkeys(c for line in summary for c in line))
+    print(table([{c: line.get(c, "") for c in cols} for line in summary], cols))
+    if args.tiny:
+        assert all(r["ok"] for r in rows if r["impl"] in ("ours", "mosaic", "xla_reference")), rows
+        return
+    path = write_result("attention", {
+        "device": device(), "versions": versions("jax", "jaxlib"), "backend": jax.default_backend(),
+        "heads": {"q": HQ, "kv": HKV, "head_dim": D}, "dtype": "bfloat16", "timing": "tuning.time_us: in-jit, "
+        "rotating inputs > L2, median of 7", "summary": summary, "rows": rows, "tuning": tuning_rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
