@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.protocol import (
     APIError,
@@ -64,6 +65,14 @@ def create_app(state: ServeState) -> FastAPI:
     async def api_error(request: Request, e: APIError):
         headers = {"Retry-After": "1"} if e.status in (429, 503) else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        # unknown routes and methods answer in the same JSON shape as every other error
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        body = {"error": {"message": f"{request.method} {request.url.path}: {e.detail}", "type": kind, "param": None,
+                          "code": None}}
+        return JSONResponse(body, status_code=e.status_code, headers=getattr(e, "headers", None))
 
     async def read_json(request: Request):
         limit = state.max_body_bytes

@@ -35,6 +35,9 @@ class ServeMetrics:
         self.acceptance = Histogram("codegen_acceptance_length", "tokens kept per speculative step and request",
                                     registry=r, buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32))
         self.preemptions = Counter("codegen_preemptions", "requests preempted for pages", registry=r)
+        for tier in TIERS:  # every series from the start, so a scrape before the first request sees them at 0
+            self.cached_tokens.labels(tier)
+            self.hit_rate.labels(tier)
         self._lock = threading.Lock()
         self._window_s = window_s
         self._recent: deque[tuple[float, int]] = deque()

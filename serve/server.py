@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -50,15 +51,21 @@ def build(cfg: ServeConfig):
     import jax.numpy as jnp
 
     from codegen_jax.checkpoint import load_model
-    from codegen_jax.engine import Engine, EngineConfig
     from codegen_jax.tokenizer import Tokenizer
+
+    model = load_model(cfg.model, dtype=getattr(jnp, cfg.dtype), progress=False)
+    return assemble(cfg, model, Tokenizer.from_dir(cfg.model), _fingerprint(cfg.model))
+
+
+def assemble(cfg: ServeConfig, model, tokenizer, fingerprint: str):
+    """Wires engine, scheduler, tiers and app around a loaded model (the benchmarks pass a random-weight one).
+    `fingerprint` names the weights in remote keys: servers share KV pages only when it matches."""
+    from codegen_jax.engine import Engine, EngineConfig
     from serve.app import ServeState, create_app
     from serve.protocol import Limits
     from serve.remote_tier import open_store
     from serve.scheduler import Scheduler, SchedulerConfig
 
-    model = load_model(cfg.model, dtype=getattr(jnp, cfg.dtype), progress=False)
-    tokenizer = Tokenizer.from_dir(cfg.model)
     if cfg.drafter:
         # drafters/ lands separately; until then the scheduler's SpeculativeStep hook stays empty
         log.warning("--drafter %s: speculative decoding is not wired into the server yet; serving target-only",
@@ -68,7 +75,7 @@ def build(cfg: ServeConfig):
                                         prefill_chunk=cfg.prefill_chunk, decode_steps=cfg.decode_steps))
     scheduler = Scheduler(engine, SchedulerConfig(prefix_cache=cfg.prefix_cache, host_pages=cfg.host_pages,
                                                   max_queue=cfg.max_queue),
-                          remote=open_store(cfg.remote), model_id=f"{cfg.model_id}:{_fingerprint(cfg.model)}")
+                          remote=open_store(cfg.remote), model_id=f"{cfg.model_id}:{fingerprint}")
     stop = {*model.cfg.eos_token_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
     limits = Limits(cfg.model_id, cfg.max_seq_len, model.cfg.vocab_size, tuple(sorted(stop)))
     state = ServeState(tokenizer, scheduler, limits, cfg.max_body_bytes, cfg.drain_timeout_s)
@@ -104,9 +111,69 @@ def run(cfg: ServeConfig) -> int:
             state.scheduler.begin_shutdown()
             super().handle_exit(sig, frame)
 
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn's own version re-raises the signal after a graceful shutdown, so the process would die of
+            # SIGTERM (exit -15) instead of exiting 0 once drained
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
     server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
                                    timeout_graceful_shutdown=int(cfg.drain_timeout_s)))
     log.info("serving %s on http://%s:%d (signal %s to stop)", cfg.model_id, cfg.host, cfg.port,
              signal.Signals.SIGTERM.name)
     server.run()
     return 0
+
+
+class BackgroundServer:
+    """The app under uvicorn on a thread of this process, for tests and benchmarks that start their own servers:
+    `with BackgroundServer(app) as s: s.url`. Leaving stops uvicorn, which drains and stops the scheduler."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None):
+        import uvicorn
+
+        from serve.redis_process import free_port
+
+        self.host, self.port = host, port or free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=10))
+        self.thread = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> BackgroundServer:
+        import threading
+        import time
+
+        # uvicorn installs no signal handlers off the main thread: the process's own stay in place
+        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"the server on port {self.port} exited during start-up (see its log)")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server on port {self.port} did not start within {timeout_s}s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.thread is not None:
+            self.server.should_exit = True
+            self.thread.join(timeout_s)
+            assert not self.thread.is_alive(), f"the server on port {self.port} did not stop within {timeout_s}s"
+            self.thread = None
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
