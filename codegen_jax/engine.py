@@ -80,6 +80,7 @@ class Engine:
         self._prefill = jax.jit(partial(self._forward, last_only=True), donate_argnums=1)
         self._verify = jax.jit(partial(self._forward, last_only=False), donate_argnums=1)
         self._decode = jax.jit(self._decode_loop, donate_argnums=1, static_argnames=("n_steps", "greedy"))
+        self._verify_capture = jax.jit(self._forward_capture, donate_argnums=1, static_argnames="capture")
         self._sample = jax.jit(sample, static_argnames="greedy")
 
     # ---- device functions (traced) -------------------------------------------------------------------------
@@ -94,6 +95,14 @@ class Engine:
         if last_only:
             hidden = hidden[jnp.arange(B), jnp.maximum(q_lens - 1, 0)]
         return model.logits(hidden), kv
+
+    def _forward_capture(self, params, kv, tokens, page_table, kv_lens, q_lens, *, capture: tuple[int, ...]):
+        """As _forward over all tokens, also returning the residual streams after layers `capture`,
+        concatenated: (logits [B, T, V], kv, features [B, T, len(capture) * D])."""
+        model = nnx.merge(self.graphdef, jax.tree.unflatten(self._treedef, params))
+        batch = make_batch(page_table, kv_lens, q_lens, tokens.shape[1], self.cfg.page_size)
+        hidden, kv, captured = model(tokens, kv, batch, attn_impl=self.cfg.attn_impl, capture=capture)
+        return model.logits(hidden), kv, jnp.concatenate(captured, axis=-1)
 
     def _decode_loop(self, params, kv, tokens, page_table, kv_lens, active, seeds, temperature, top_k, top_p,
                      *, n_steps: int, greedy: bool):
@@ -177,6 +186,19 @@ class Engine:
                                            cache.page_table, kv_lens, q_lens.astype(np.int32))
         cache.lengths[:] = kv_lens
         return logits
+
+    def verify_features(self, tokens: np.ndarray, q_lens: np.ndarray,
+                        capture: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+        """`verify` that also returns the target's residual streams after layers `capture` (sorted, distinct) for
+        drafters: (logits [max_slots, k, V], features [max_slots, k, len(capture) * D]), on the device."""
+        assert capture and list(capture) == sorted(set(capture)), capture
+        cache = self.cache
+        kv_lens = cache.lengths + q_lens.astype(np.int32)
+        logits, cache.pages, feats = self._verify_capture(self.params, cache.pages, tokens.astype(np.int32),
+                                                          cache.page_table, kv_lens, q_lens.astype(np.int32),
+                                                          capture=tuple(capture))
+        cache.lengths[:] = kv_lens
+        return logits, feats
 
     # ---- the generation loop ---------------------------------------------------------------------------------
 

@@ -1,0 +1,202 @@
+"""The speculative loop and the lossless accept rule: greedy output token-identical to `Engine.generate`, the
+sampled output distributed as the target's, per-row accepted lengths, stop tokens and max tokens."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from codegen_jax import Engine, EngineConfig, ModelConfig, SamplingParams, init_model
+from codegen_jax.sampling import filter_logits
+from drafters.apply_speculator import ApplySpeculator
+from drafters.base import Draft, Drafter
+from drafters.speculative import SpeculativeDecoder
+from drafters.verify import verify_tokens
+
+CFG = ModelConfig(model_type="qwen3", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    # larger embeddings than the default init so greedy decoding is far from ties (as in test_engine)
+    m = init_model(CFG, dtype=jnp.float32, seed=1)
+    m.embed_tokens.weight.set_value(m.embed_tokens.weight.get_value() * 50)
+    return m
+
+
+def engine(model, slots, seq_len=96):
+    return Engine(model, EngineConfig(max_slots=slots, page_size=8, max_seq_len=seq_len, prefill_chunk=32,
+                                      decode_steps=4))
+
+
+class OracleDrafter(Drafter):
+    """Knows each request's greedy output; drafts it with a planted error after `good[slot]` tokens, so rows of
+    a batch accept different, known lengths."""
+
+    def __init__(self, slots, truth: dict[tuple, list[int]], good, max_draft):
+        self.slots, self.truth, self.good, self.max_draft = slots, truth, good, max_draft
+        self.log = []  # (slot, drafted, accepted) per step
+
+    def propose(self, seqs, max_lens):
+        drafts = {}
+        for s in seqs:
+            ref = self.truth[tuple(s.tokens[: s.prompt_len])]
+            done = len(s.tokens) - s.prompt_len
+            k = min(self.max_draft, max_lens[s.slot])
+            d = list(ref[done : done + k])
+            g = self.good[s.slot]
+            if g < len(d):
+                d[g] = (d[g] + 1) % CFG.vocab_size
+            drafts[s.slot] = d
+        return Draft.from_lists(self.slots, drafts)
+
+    def observe(self, seqs, draft, accepted, new_tokens, features=None):
+        for s in seqs:
+            self.log.append((s.slot, int(draft.lengths[s.slot]), int(accepted[s.slot])))
+
+
+@pytest.mark.parametrize("slots,max_draft", [(1, 1), (3, 4), (4, 7)])
+def test_apply_speculator_greedy_matches_engine(model, rng, slots, max_draft):
+    # prompts with repeats, so the speculator finds continuations to draft
+    base = [list(rng.integers(0, CFG.vocab_size, n)) for n in (1, 4, 9, 17, 23, 30)]
+    prompts = [b + b[: len(b) // 2] + b for b in base]
+    sp = SamplingParams(max_new_tokens=14)
+    ref = engine(model, 2).generate(prompts, sp)
+    spec = SpeculativeDecoder(engine(model, slots), ApplySpeculator(slots, max_draft=max_draft, start_draft=1,
+                                                                     min_match=1))
+    out = spec.generate(prompts, sp)
+    for r, o in zip(ref, out, strict=True):
+        assert o.tokens == r.tokens and o.finish_reason == "length"
+        assert o.forwards <= len(o.tokens) and sum(1 for _ in o.tokens) == o.forwards + o.accepted
+    assert spec.engine.cache.num_free_pages == spec.engine.cfg.pages - 1
+    assert not spec.engine.cache.lengths.any()
+
+
+@pytest.mark.parametrize("slots,max_draft", [(1, 5), (4, 6), (5, 16)])
+def test_rows_accept_different_lengths(model, rng, slots, max_draft):
+    prompts = [list(rng.integers(0, CFG.vocab_size, n)) for n in (3, 8, 12, 19, 26)]
+    sp = SamplingParams(max_new_tokens=20)
+    ref = engine(model, 2).generate(prompts, sp)
+    truth = {tuple(p): r.tokens for p, r in zip(prompts, ref, strict=True)}
+    good = {s: int(rng.integers(0, max_draft + 2)) for s in range(slots)}
+    drafter = OracleDrafter(slots, truth, good, max_draft)
+    out = SpeculativeDecoder(engine(model, slots), drafter).generate(prompts, sp)
+    assert [o.tokens for o in out] == [r.tokens for r in ref]
+    for slot, drafted, accepted in drafter.log:
+        assert accepted == min(good[slot], drafted)  # exactly the correct prefix, per row
+    # every token but the bonus of each forward came from the draft
+    assert all(o.accepted == len(o.tokens) - o.forwards for o in out)
+    assert sum(o.accepted for o in out) > 0
+
+
+def test_stop_tokens_and_max_tokens(model, rng):
+    prompt = list(rng.integers(0, CFG.vocab_size, 7))
+    free = engine(model, 1).generate([prompt], SamplingParams(max_new_tokens=16))[0].tokens
+    truth = {tuple(prompt): free}
+    stop = free[6]
+    drafter = OracleDrafter(1, truth, {0: 100}, 8)  # drafts run past the stop token
+    out = SpeculativeDecoder(engine(model, 1), drafter).generate(
+        [prompt], SamplingParams(max_new_tokens=16, stop_token_ids=(stop,)))[0]
+    assert out.tokens == free[: free.index(stop) + 1] and out.finish_reason == "stop"
+    out = SpeculativeDecoder(engine(model, 1), drafter).generate([prompt], SamplingParams(max_new_tokens=5))[0]
+    assert out.tokens == free[:5] and out.finish_reason == "length"
+
+
+# ---- sampling: the output distribution equals the target's ---------------------------------------------------
+
+V = 8
+SMALL = ModelConfig(model_type="llama", vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=8)
+
+
+class BadDrafter(Drafter):
+    """Draws each draft token from a fresh random distribution q (Dirichlet) and reports q; with
+    `with_probs=False` it drafts random tokens and reports nothing (verification treats them as one-hot)."""
+
+    def __init__(self, slots, k, seed, with_probs=True):
+        self.slots, self.max_draft, self.with_probs = slots, k, with_probs
+        self.rng = np.random.default_rng(seed)
+
+    def propose(self, seqs, max_lens):
+        K = self.max_draft
+        q = self.rng.dirichlet(np.full(V, 0.3), size=(self.slots, K)).astype(np.float32)  # [S, K, V]
+        tokens = np.zeros((self.slots, K), np.int32)
+        for s in range(self.slots):
+            for j in range(K):
+                tokens[s, j] = self.rng.choice(V, p=q[s, j] / q[s, j].sum())
+        lengths = np.zeros(self.slots, np.int32)
+        for s in seqs:
+            lengths[s.slot] = min(K, max_lens[s.slot])
+        return Draft(tokens, lengths, jnp.asarray(q) if self.with_probs else None)
+
+
+def exact_two_token(model, prompt, temperature, top_k, top_p) -> np.ndarray:
+    """P(t1, t2) [V, V] of the target's own sampling, from its logits."""
+    eng = Engine(model, EngineConfig(max_slots=V, page_size=8, max_seq_len=32, prefill_chunk=16))
+    n = len(prompt)
+    ids = np.zeros((V, 16), np.int32)
+    ids[:, :n] = prompt
+    ids[:, n] = np.arange(V)
+    for s in range(V):
+        eng.cache.reserve(s, n + 1)
+    logits = np.asarray(eng.verify(ids, np.full(V, n + 1)))  # [V, 16, V]
+    probs = lambda lg: np.asarray(jax.nn.softmax(filter_logits(
+        jnp.asarray(lg), jnp.full(len(lg), temperature), jnp.full(len(lg), top_k, jnp.int32),
+        jnp.full(len(lg), top_p)), axis=-1), np.float64)
+    p1 = probs(logits[:1, n - 1])[0]
+    p2 = probs(logits[:, n])  # row t1: P(t2 | t1)
+    return p1[:, None] * p2
+
+
+@pytest.mark.parametrize("with_probs,temperature,top_k,top_p", [(True, 1.0, 0, 1.0), (False, 0.8, 6, 0.9)])
+def test_sampling_distribution_equals_target(with_probs, temperature, top_k, top_p):
+    model = init_model(SMALL, dtype=jnp.float32, seed=3)
+    model.embed_tokens.weight.set_value(model.embed_tokens.weight.get_value() * 60)  # a peaked, uneven p
+    prompt = [1, 5, 2]
+    exact = exact_two_token(model, prompt, temperature, top_k, top_p)
+    N, slots = 3000, 32
+    spec = SpeculativeDecoder(engine(model, slots, seq_len=16), BadDrafter(slots, 3, seed=0, with_probs=with_probs))
+    out = spec.generate([prompt] * N, [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=i,
+                                                      max_new_tokens=4) for i in range(N)])
+    counts = np.zeros((V, V))
+    for o in out:
+        counts[o.tokens[0], o.tokens[1]] += 1
+    assert sum(o.accepted for o in out) > N // 4  # drafts were accepted, and rejected (the bad drafter)
+    tv = 0.5 * np.abs(counts / N - exact).sum()
+    # chi-square over cells with expected count >= 5 (others pooled); 99.9% quantile, so flakes are rare
+    mask = exact * N >= 5
+    obs = np.append(counts[mask], counts[~mask].sum())
+    exp = np.append(exact[mask] * N, exact[~mask].sum() * N)
+    keep = exp > 0
+    chi2 = (((obs - exp) ** 2)[keep] / exp[keep]).sum()
+    dof = keep.sum() - 1
+    # Wilson-Hilferty approximation of the chi-square 0.999 quantile
+    z = 3.09
+    limit = dof * (1 - 2 / (9 * dof) + z * np.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < limit, (chi2, limit, tv)
+    assert counts[~(exact > 0)].sum() == 0  # nothing outside the target's top-k / top-p support
+    # total variation against what sampling the exact distribution N times gives (99th percentile of 200 draws)
+    null = [0.5 * np.abs(np.random.default_rng(i).multinomial(N, exact.ravel() / exact.sum()) / N - exact.ravel()).sum()
+            for i in range(200)]
+    assert tv < np.quantile(null, 0.99), (tv, np.quantile(null, 0.99))
+
+
+def test_accept_rule_marginal_with_many_rows():
+    """The rule alone, 200k rows: the first output token is distributed as p whatever q is."""
+    rng = np.random.default_rng(0)
+    S, K = 200_000, 3
+    p_logits = np.log(rng.dirichlet(np.full(V, 0.5), size=K + 1)).astype(np.float32)  # [T, V]
+    q = rng.dirichlet(np.full(V, 0.5), size=K).astype(np.float32)  # [K, V]
+    draft = np.stack([rng.choice(V, size=S, p=q[j] / q[j].sum()) for j in range(K)], 1).astype(np.int32)
+    logits = jnp.broadcast_to(jnp.asarray(p_logits), (S, K + 1, V))
+    probs = jnp.broadcast_to(jnp.asarray(q), (S, K, V))
+    acc, out = verify_tokens(logits, draft, jnp.full(S, K, jnp.int32), probs, jnp.arange(S, dtype=jnp.uint32),
+                             jnp.zeros(S, jnp.int32), jnp.ones(S), jnp.zeros(S, jnp.int32), jnp.ones(S), greedy=False)
+    acc, out = np.asarray(acc), np.asarray(out)
+    p0 = np.exp(p_logits[0]) / np.exp(p_logits[0]).sum()
+    freq = np.bincount(out[:, 0], minlength=V) / S
+    assert np.abs(freq - p0).max() < 4 * np.sqrt(p0 * (1 - p0) / S).max() + 1e-3
+    # the acceptance rate of the first draft is sum_x min(p, q)
+    assert abs((acc >= 1).mean() - np.minimum(p0, q[0] / q[0].sum()).sum()) < 0.01
+    assert ((out[:, :K] == draft) | (np.arange(K)[None] >= acc[:, None])).all()
