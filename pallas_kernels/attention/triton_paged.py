@@ -1,0 +1,328 @@
+"""Paged attention through the Pallas Triton lowering, for NVIDIA GPUs without Mosaic GPU (Ampere, Ada, ...).
+
+Split-KV flash decoding with a combine step, like `mosaic_paged.py`, in Triton's terms. One program per
+(batch row, KV head, query tile, KV split). A query tile holds `block_q` rows of the whole GQA group of one
+KV head for the row's new tokens (row n is token n // G, head n % G), so each KV page is read once for the
+group; `block_q` is at least 16 because `pltriton.dot` needs every dimension >= 16 (decode with G < 16 pads
+the group with zero rows). Each program walks its split's KV blocks of `pages_per_block` pages:
+
+    S[n, kv] = Q[n, :] @ K[kv, :]^T          O[n, :] += P[n, kv] @ V[kv, :]      (float32 online softmax)
+
+Triton has no scalar prefetch, so the page table is an ordinary input: for every token of a block the kernel
+loads its page id from the table and gathers its K/V row from the whole pool (a BlockSpec over one head's
+pool, indexed by (page id, slot) vectors), i.e. one [BK, D] tile per block with no reshape. Loads are masked
+to the row's tokens (other = 0), so pages past a sequence are never read and NaN garbage there cannot
+reach the PV dot (0 * NaN would). Masks come from per-row query positions computed in the wrapper (-1 marks
+a padding row): causality, ragged `q_lens`, empty slots and the sliding window are one comparison each.
+
+Each split writes its unnormalised output with its running max and sum (log2 domain); `_combine` merges
+the splits in XLA. Triton requires every load/store block to have a power-of-two element count: page sizes,
+`pages_per_block` and `block_q` are powers of two and head_dim is 64/128/256. Anything else raises
+NotImplementedError so that the dispatcher can fall back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+LOG2E = math.log2(math.e)
+NEG = -1e30  # finite "minus infinity": a fully masked row keeps exp2(NEG - NEG) finite
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+MIN_DOT = 16  # Triton's tl.dot needs M, N, K >= 16
+MAX_BLOCK_KV = 512  # tokens per KV block: beyond this the [block_q, BK] logits spill registers
+DEFAULT_SMS = 108  # A100, when the device does not say
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonAttentionConfig:
+    """Tuning of the Triton paged attention kernel; None fields are picked per shape by `plan`.
+
+    pages_per_block: pages per KV block (power of two); the block is pages_per_block * page_size tokens,
+      16..512 (raised to 16 tokens for pages under 16). None: 64 tokens (32 at head_dim 256) or one page if
+      pages are larger.
+    block_q: query rows per program (power of two, 16..128). None: the group's T * G rows rounded up to a
+      power of two, capped at 64 (32 at head_dim 256). More rows go to more programs, which re-read the same
+      KV (mostly from L2).
+    num_splits: KV splits per (row, KV head, query tile) (flash decoding), combined afterwards. None: enough
+      programs for about two per SM, capped at the number of KV blocks.
+    num_warps: warps per program. None: 8 for query tiles of 64 x 128 or more (the float32 accumulator's
+      registers), else 4 (a guess until measured: benchmarks/triton_attention_check.py --sweep).
+    num_stages: Triton's software pipelining depth of the KV loop (loads in flight).
+    """
+
+    pages_per_block: int | None = None
+    block_q: int | None = None
+    num_splits: int | None = None
+    num_warps: int | None = None
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if self.pages_per_block is not None and not (_pow2(self.pages_per_block) and self.pages_per_block <= 64):
+            raise ValueError(f"pages_per_block={self.pages_per_block} must be a power of two in [1, 64]")
+        if self.block_q is not None and not (_pow2(self.block_q) and MIN_DOT <= self.block_q <= 128):
+            raise ValueError(f"block_q={self.block_q} must be a power of two in [16, 128]")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"num_splits={self.num_splits} must be >= 1")
+        if self.num_warps not in (None, 1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
+        if not 1 <= self.num_stages <= 8:
+            raise ValueError(f"num_stages={self.num_stages} must be in [1, 8]")
+
+
+class Plan(NamedTuple):
+    """What one call runs: the config with every choice made."""
+
+    pages_per_block: int
+    block_kv: int  # tokens per KV block
+    block_q: int  # query rows per program
+    num_q_tiles: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+
+
+def check_supported(q_shape, k_shape, dtype) -> None:
+    """Raises NotImplementedError for what this kernel does not handle (the dispatcher then falls back)."""
+    _, _, Hq, D = q_shape
+    Hkv, _, S, _ = k_shape
+    if jnp.dtype(dtype) not in map(jnp.dtype, SUPPORTED_DTYPES):
+        raise NotImplementedError(f"triton paged attention supports bf16/f16, got {jnp.dtype(dtype).name}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise NotImplementedError(f"triton paged attention supports head_dim {SUPPORTED_HEAD_DIMS}, got {D}")
+    if Hq % Hkv:
+        raise NotImplementedError(f"Hq={Hq} is not a multiple of Hkv={Hkv}")
+    if not _pow2(S) or S > MAX_BLOCK_KV:
+        raise NotImplementedError(f"page size {S} must be a power of two <= {MAX_BLOCK_KV} (Triton block sizes)")
+
+
+def triton_available() -> bool:
+    """True on NVIDIA GPUs other than Hopper (compute capability 9.x), which has the Mosaic GPU kernel."""
+    dev = jax.devices()[0]
+    cc = str(getattr(dev, "compute_capability", ""))
+    return dev.platform == "gpu" and cc[:1].isdigit() and not cc.startswith("9.")
+
+
+def _sm_count() -> int:
+    return int(getattr(jax.devices()[0], "core_count", 0) or DEFAULT_SMS)
+
+
+def plan(q_shape, k_shape, num_pages: int, config: TritonAttentionConfig, sms: int | None = None) -> Plan:
+    """Fills in the config's open choices for one shape; raises NotImplementedError if the config cannot run."""
+    B, T, Hq, D = q_shape
+    Hkv, _, S, _ = k_shape
+    n_rows = Hq // Hkv * T
+    if config.pages_per_block is not None:
+        ppb = config.pages_per_block
+    else:
+        ppb = max(1, (64 if D <= 128 else 32) // S)
+    ppb = max(ppb, MIN_DOT // S)  # the PV dot contracts over the block: >= 16 tokens
+    BK = ppb * S
+    if BK > MAX_BLOCK_KV:
+        raise NotImplementedError(f"pages_per_block={ppb} x page size {S} = {BK} tokens per block "
+                                  f"(max {MAX_BLOCK_KV}): lower pages_per_block")
+    R = config.block_q or min(max(_next_pow2(n_rows), MIN_DOT), 64 if D <= 128 else 32)
+    nqt = -(-n_rows // R)
+    max_blocks = max(1, -(-(num_pages * S) // BK))
+    splits = config.num_splits or -(-2 * (sms or _sm_count()) // (B * Hkv * nqt))
+    splits = max(1, min(splits, max_blocks))
+    warps = config.num_warps or (8 if R * D >= 64 * 128 else 4)
+    return Plan(ppb, BK, R, nqt, splits, warps, config.num_stages)
+
+
+def _kernel(
+    meta_ref,  # [2] int32: first and one-past-last KV token any query of the row may see
+    pt_ref,  # [Npad] int32 page table of the row, padded to whole blocks
+    qpos_ref,  # [R] int32 position of each query row, -1 for padding rows
+    q_ref,  # [R, D]
+    k_ref,  # [P, S, D] the head's whole pool
+    v_ref,  # [P, S, D]
+    o_ref,  # [R, D] float32, unnormalised
+    m_ref,  # [R] float32 running max (log2 domain)
+    l_ref,  # [R] float32 running sum
+    *,
+    pages_per_block: int,
+    splits: int,
+    scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+):
+    split = pl.program_id(3)
+    R, D = q_ref.shape
+    P, S, _ = k_ref.shape
+    BK = pages_per_block * S
+
+    lo = meta_ref[0]
+    hi = meta_ref[1]
+    blk_lo = lax.div(lo, BK)
+    blk_hi = lax.div(hi + (BK - 1), BK)
+    per_split = lax.div(blk_hi - blk_lo + (splits - 1), splits)
+    first = blk_lo + split * per_split
+    nsteps = jnp.maximum(jnp.minimum(per_split, blk_hi - first), 0)
+
+    q = q_ref[...]  # [R, D]
+    qpos = qpos_ref[...]  # [R]
+    offs = jnp.arange(BK, dtype=jnp.int32)  # [BK]
+    page_in_blk = lax.div(offs, S)
+    slot = lax.rem(offs, S)
+    cols = jnp.arange(D, dtype=jnp.int32)
+
+    def body(step, carry):
+        acc, m, l = carry
+        blk = first + step
+        kpos = blk * BK + offs  # [BK]
+        live = kpos < hi
+        # one page-id load per token (the same few addresses, served by L1) keeps the tile [BK, D] without a
+        # reshape; tokens past the sequence read nothing and use page 0
+        pid = pltriton.load(pt_ref.at[blk * pages_per_block + page_in_blk], mask=live, other=0)
+        pid = jnp.clip(pid, 0, P - 1)
+        # all-array indexers (the interpreter cannot mix them with slices), broadcast to [BK, D]
+        kv_idx = (pid[:, None], slot[:, None], cols[None, :])
+        live2 = jnp.broadcast_to(live[:, None], (BK, D))
+        k = pltriton.load(k_ref.at[kv_idx], mask=live2, other=0)  # [BK, D]
+        s = pltriton.dot(q, k, trans_b=True)  # [R, BK] float32
+        if soft_cap is None:
+            s = s * (scale * LOG2E)
+        else:
+            s = jnp.tanh(s * (scale / soft_cap)) * (soft_cap * LOG2E)
+        valid = kpos[None, :] <= qpos[:, None]  # also excludes padding rows (qpos -1) and tokens >= hi
+        if sliding_window is not None:
+            valid = valid & (kpos[None, :] > qpos[:, None] - sliding_window)
+        s = jnp.where(valid, s, NEG)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.where(valid, jnp.exp2(s - m_new[:, None]), 0.0)
+        l = l * alpha + p.sum(axis=1)
+        # V past the sequence loads as 0: p = 0 alone would not cancel NaN garbage inside the dot
+        v = pltriton.load(v_ref.at[kv_idx], mask=live2, other=0)  # [BK, D]
+        acc = acc * alpha[:, None] + pltriton.dot(p.astype(v.dtype), v)
+        return acc, m_new, l
+
+    acc = jnp.zeros((R, D), jnp.float32)
+    m = jnp.full((R,), NEG, jnp.float32)
+    l = jnp.zeros((R,), jnp.float32)
+    acc, m, l = lax.fori_loop(0, nsteps, body, (acc, m, l))
+    o_ref[...] = acc
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _combine(o, m, l):
+    """o: [..., splits, R, D], m, l: [..., splits, R] -> [..., R, D] normalised over all splits."""
+    w = jnp.exp2(m - m.max(axis=-2, keepdims=True))  # [..., splits, R]
+    num = (o * w[..., None]).sum(axis=-3)
+    den = (l * w).sum(axis=-2)[..., None]
+    return num / jnp.where(den == 0, 1.0, den)
+
+
+def paged_attention_triton(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    kv_lens: jax.Array,
+    q_lens: jax.Array,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    config: TritonAttentionConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Paged attention through Pallas Triton; same contract as `paged_attention_reference`.
+
+    Args:
+      q: [B, T, Hq, D] bf16/f16 queries, q_lens[b] valid rows at positions kv_lens[b] - q_lens[b] + t.
+      k_pages, v_pages: [Hkv, P, S, D] page pool; page ids past a sequence may hold anything.
+      page_table: [B, N] int32; kv_lens, q_lens: [B] int32.
+      config: tuning; interpret: run in the Pallas interpreter (CPU).
+    Returns:
+      [B, T, Hq, D] in q's dtype, rows t >= q_lens[b] exactly 0.
+    Raises:
+      NotImplementedError for unsupported dtypes, head dims, page sizes or block sizes.
+    """
+    config = config or TritonAttentionConfig()
+    check_supported(q.shape, k_pages.shape, q.dtype)
+    if k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
+        raise NotImplementedError(f"q, k, v dtypes differ: {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
+    p = plan(q.shape, k_pages.shape, page_table.shape[1], config, sms=DEFAULT_SMS if interpret else None)
+    return _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, scale=float(scale),
+                            sliding_window=sliding_window, soft_cap=soft_cap, plan=p, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "soft_cap", "plan", "interpret"))
+def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale, sliding_window, soft_cap, plan,
+                     interpret):
+    B, T, Hq, D = q.shape
+    Hkv, P, S, _ = k_pages.shape
+    N = page_table.shape[1]
+    G = Hq // Hkv
+    ppb, _, R, nqt, splits, num_warps, num_stages = plan
+    n_rows = T * G
+    kv_lens = kv_lens.astype(jnp.int32)
+    q_lens = q_lens.astype(jnp.int32)
+
+    # query rows n = t * G + g of KV head h, zeroed past q_lens and padded to whole tiles
+    qt = q.reshape(B, T, Hkv, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, n_rows, D)
+    row_ok = jnp.arange(T)[None, :] < q_lens[:, None]  # [B, T]
+    qt = jnp.where(jnp.repeat(row_ok, G, axis=1)[:, None, :, None], qt, 0)
+    qt = jnp.pad(qt, ((0, 0), (0, 0), (0, nqt * R - n_rows), (0, 0))).reshape(B, Hkv, nqt, R, D)
+    pos = (kv_lens - q_lens)[:, None] + jnp.arange(T)[None, :]  # [B, T]
+    qpos = jnp.repeat(jnp.where(row_ok, pos, -1), G, axis=1)
+    qpos = jnp.pad(qpos, ((0, 0), (0, nqt * R - n_rows)), constant_values=-1).reshape(B, nqt, R)
+    hi = jnp.where(q_lens > 0, jnp.clip(kv_lens, 0, N * S), 0)
+    lo = jnp.zeros_like(hi)
+    if sliding_window is not None:
+        lo = jnp.clip(kv_lens - q_lens - sliding_window + 1, 0, hi)
+    meta = jnp.stack([lo, hi], axis=1).astype(jnp.int32)  # [B, 2]
+    n_pad = -(-N // ppb) * ppb  # every block's page-table slice in bounds
+    page_table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, n_pad - N)))
+
+    f32 = jnp.float32
+    kernel = functools.partial(_kernel, pages_per_block=ppb, splits=splits, scale=scale,
+                               sliding_window=sliding_window, soft_cap=soft_cap)
+    o, m, l = pl.pallas_call(
+        kernel,
+        grid=(B, Hkv, nqt, splits),
+        in_specs=[
+            pl.BlockSpec((None, 2), lambda b, h, t, s: (b, 0)),
+            pl.BlockSpec((None, n_pad), lambda b, h, t, s: (b, 0)),
+            pl.BlockSpec((None, None, R), lambda b, h, t, s: (b, t, 0)),
+            pl.BlockSpec((None, None, None, R, D), lambda b, h, t, s: (b, h, t, 0, 0)),
+            pl.BlockSpec((None, P, S, D), lambda b, h, t, s: (h, 0, 0, 0)),
+            pl.BlockSpec((None, P, S, D), lambda b, h, t, s: (h, 0, 0, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, None, R, D), lambda b, h, t, s: (b, h, t, s, 0, 0)),
+            pl.BlockSpec((None, None, None, None, R), lambda b, h, t, s: (b, h, t, s, 0)),
+            pl.BlockSpec((None, None, None, None, R), lambda b, h, t, s: (b, h, t, s, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R, D), f32),
+            jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R), f32),
+            jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R), f32),
+        ],
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"paged_attention_triton_bq{R}_bk{ppb * S}",
+    )(meta, page_table, qpos, qt, k_pages, v_pages)
+    out = _combine(o, m, l).reshape(B, Hkv, nqt * R, D)[:, :, :n_rows]  # [B, Hkv, T * G, D]
+    out = out.reshape(B, Hkv, T, G, D).transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D)
+    return jnp.where(row_ok[:, :, None, None], out, 0).astype(q.dtype)

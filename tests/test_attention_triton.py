@@ -1,0 +1,239 @@
+"""The Triton paged attention kernel against a float64 loop, in the Pallas interpreter (natively on a GPU).
+
+Inputs come from `make_case` in test_attention_reference.py: a NaN-poisoned page pool, random page tables
+whose unused entries point at NaN pages, NaN query padding. The interpreter fills every output buffer with
+NaN before the kernel runs (`uninitialized_value`), so a program that skips its partial output poisons the
+result. The interpreter cannot compile for Triton, so `test_lowers_to_triton` lowers the benchmark's shapes
+for a CUDA target on the CPU (power-of-two blocks, supported ops); only Triton's own compiler is left for the
+GPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from test_attention_reference import make_case, naive
+
+from pallas_kernels.attention import IMPLEMENTATIONS
+from pallas_kernels.attention.triton_paged import (
+    TritonAttentionConfig,
+    paged_attention_triton,
+    plan,
+    triton_available,
+)
+
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRET = not ON_GPU
+TOL = {"bfloat16": 2e-2, "float16": 1e-2}
+
+
+def check(rng, *, T, Hq, Hkv, D, S, kv_lens, q_lens, dtype="bfloat16", sliding_window=None, soft_cap=None,
+          q_scale=1.0, config=None, **kw):
+    # make_case only knows float32/bfloat16; float16 cases reuse float32 values cast down
+    case_dtype = "float32" if dtype == "float16" else dtype
+    q, kp, vp, pt, kvl, ql, _, _ = make_case(rng, T=T, Hq=Hq, Hkv=Hkv, D=D, S=S, kv_lens=kv_lens, q_lens=q_lens,
+                                             dtype=case_dtype, q_scale=q_scale, **kw)
+    if dtype == "float16":
+        q, kp, vp = (x.astype(np.float16) for x in (q, kp, vp))
+    scale = D ** -0.5
+    want = naive(q, kp, vp, pt, kvl, ql, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    got = paged_attention_triton(*map(jnp.asarray, (q, kp, vp, pt, kvl, ql)), scale=scale,
+                                 sliding_window=sliding_window, soft_cap=soft_cap, config=config,
+                                 interpret=INTERPRET)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    got = np.asarray(got.astype(jnp.float32), np.float64)
+    assert np.isfinite(got).all(), "NaN/inf leaked into the output"
+    for b in range(len(kvl)):
+        assert np.all(got[b, ql[b]:] == 0), f"row {b}: padding rows t >= q_lens must be exactly 0"
+    if np.any(want != 0):
+        err = rel_err(got, want)
+        assert err <= TOL[dtype], f"rel err {err:.3g} > {TOL[dtype]}"
+    return got
+
+
+# Decode over GQA ratios 1, 2, 4, 8, 16 (and 3), every head_dim and page size, both 16-bit dtypes; each row
+# set is ragged: a page minus one, exactly a page, a page plus one, a single token, a random length.
+DECODE = [
+    # Hq, Hkv, D, S, dtype
+    (2, 2, 128, 16, "bfloat16"),
+    (4, 2, 64, 32, "bfloat16"),
+    (6, 2, 128, 64, "float16"),
+    (4, 1, 256, 16, "bfloat16"),
+    (16, 2, 128, 128, "bfloat16"),
+    (16, 1, 64, 64, "float16"),
+    (32, 2, 256, 32, "bfloat16"),
+]
+
+
+@pytest.mark.parametrize("Hq,Hkv,D,S,dtype", DECODE)
+def test_decode(rng, Hq, Hkv, D, S, dtype):
+    kv_lens = [S - 1, S, S + 1, 1, int(rng.integers(1, 3 * S + 1))]
+    check(rng, T=1, Hq=Hq, Hkv=Hkv, D=D, S=S, kv_lens=kv_lens, q_lens=[1] * 5, dtype=dtype)
+
+
+# verify: T * G query rows per KV head, in one tile (12, 32 rows) or several (64 rows, 128 rows at block_q 64)
+@pytest.mark.parametrize("Hq,Hkv,D,S,T", [(8, 2, 128, 16, 3), (8, 4, 64, 32, 16), (16, 2, 128, 16, 16),
+                                          (2, 1, 64, 64, 64)])
+def test_verify(rng, Hq, Hkv, D, S, T):
+    # up to T draft tokens per row: a full row, a single token, a random count, an empty slot, T - 1
+    q_lens = [T, 1, int(rng.integers(1, T + 1)), 0, T - 1]
+    kv_lens = [max(T, 2 * S), S + 1, int(rng.integers(q_lens[2], 3 * S + 1)), int(rng.integers(0, 2 * S)),
+               int(rng.integers(T - 1, 3 * S + 1))]
+    check(rng, T=T, Hq=Hq, Hkv=Hkv, D=D, S=S, kv_lens=kv_lens, q_lens=q_lens)
+
+
+def test_chunked_prefill_over_cached_prefix(rng):
+    C, S = 24, 16
+    q_lens = [C, C, 7, 1]
+    prefixes = [int(rng.integers(1, 3 * S)), 0, 2 * S - 3, S]
+    check(rng, T=C, Hq=4, Hkv=2, D=128, S=S, kv_lens=[p + n for p, n in zip(prefixes, q_lens, strict=True)],
+          q_lens=q_lens, config=TritonAttentionConfig(block_q=16, num_splits=2))
+
+
+@pytest.mark.parametrize("window", [1, 19, 64, 1000])
+def test_sliding_window(rng, window):
+    # the window's first block starts mid-block and mid-split; decode, verify and prefill rows together
+    check(rng, T=12, Hq=4, Hkv=2, D=64, S=16, kv_lens=[200, 37, 12, 16, 133], q_lens=[1, 4, 12, 1, 2],
+          sliding_window=window, config=TritonAttentionConfig(num_splits=3))
+
+
+@pytest.mark.parametrize("soft_cap", [1.0, 30.0])
+def test_soft_cap(rng, soft_cap):
+    check(rng, T=6, Hq=4, Hkv=1, D=128, S=32, kv_lens=[150, 20, 6], q_lens=[1, 3, 6], soft_cap=soft_cap,
+          q_scale=4.0)
+
+
+def test_sliding_window_and_soft_cap(rng):
+    check(rng, T=8, Hq=16, Hkv=2, D=64, S=32, kv_lens=[100, 8, 33], q_lens=[8, 8, 2], sliding_window=24,
+          soft_cap=10.0, q_scale=3.0, config=TritonAttentionConfig(block_q=32))
+
+
+CONFIGS = [
+    TritonAttentionConfig(pages_per_block=1, num_splits=1),  # one page per block, one split walks it all
+    TritonAttentionConfig(pages_per_block=8, num_splits=2, num_warps=8, num_stages=3),  # 128-token blocks
+    TritonAttentionConfig(num_splits=64),  # more splits than blocks: most programs have nothing to do
+    TritonAttentionConfig(block_q=16, pages_per_block=2, num_splits=3),  # 2 query tiles, split mid-row
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"ppb{c.pages_per_block}-bq{c.block_q}-s{c.num_splits}"
+                                                          f"-w{c.num_warps}-st{c.num_stages}")
+def test_configs(rng, config):
+    check(rng, T=3, Hq=8, Hkv=1, D=128, S=16, kv_lens=[300, 17, 64, 5, 0], q_lens=[3, 1, 2, 3, 0],
+          config=config)
+
+
+def test_empty_slots_are_exactly_zero(rng):
+    got = check(rng, T=4, Hq=8, Hkv=2, D=128, S=16, kv_lens=[40, 0, 17, 0, 25], q_lens=[3, 0, 1, 0, 0])
+    assert np.all(got[[1, 3, 4]] == 0)
+
+
+def test_all_slots_empty(rng):
+    got = check(rng, T=2, Hq=4, Hkv=1, D=64, S=16, kv_lens=[0, 0, 0], q_lens=[0, 0, 0])
+    assert np.all(got == 0)
+
+
+def test_unused_page_table_entries_out_of_range(rng):
+    q, kp, vp, pt, kvl, ql, _, _ = make_case(rng, T=2, Hq=4, Hkv=2, D=64, S=16, kv_lens=[17, 3, 0],
+                                             q_lens=[2, 1, 0], spare_entries=2, dtype="bfloat16")
+    P = kp.shape[1]
+    pt2 = pt.copy()
+    pt2[0, 2:] = [-1, P + 7]
+    pt2[1, 1:] = P
+    pt2[2, :] = -5
+    want = naive(q, kp, vp, pt, kvl, ql, scale=0.125)
+    got = paged_attention_triton(*map(jnp.asarray, (q, kp, vp, pt2, kvl, ql)), scale=0.125,
+                                 config=TritonAttentionConfig(pages_per_block=4), interpret=INTERPRET)
+    got = np.asarray(got.astype(jnp.float32), np.float64)
+    assert np.isfinite(got).all()
+    assert rel_err(got, want) <= TOL["bfloat16"]
+    assert np.all(got[2] == 0) and np.all(got[1, 1:] == 0)
+
+
+@pytest.mark.parametrize(("dtype", "D", "S", "config"), [
+    ("float32", 128, 16, None),
+    ("bfloat16", 96, 16, None),  # head_dim not a power of two
+    ("bfloat16", 128, 24, None),  # page size not a power of two
+    ("bfloat16", 64, 128, TritonAttentionConfig(pages_per_block=8)),  # 1024-token blocks
+])
+def test_unsupported_raise_not_implemented(dtype, D, S, config):
+    q = jnp.zeros((1, 1, 4, D), dtype)
+    kp = jnp.zeros((2, 3, S, D), dtype)
+    pt, lens = jnp.zeros((1, 2), jnp.int32), jnp.ones((1,), jnp.int32)
+    with pytest.raises(NotImplementedError):
+        paged_attention_triton(q, kp, kp, pt, lens, lens, scale=0.1, config=config, interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("kw", [{"pages_per_block": 3}, {"pages_per_block": 128}, {"block_q": 8},
+                                {"block_q": 48}, {"block_q": 256}, {"num_splits": 0}, {"num_warps": 3},
+                                {"num_stages": 0}])
+def test_config_validates_itself(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        TritonAttentionConfig(**kw)
+
+
+def test_plan_defaults():
+    c = TritonAttentionConfig()
+    # decode, GQA 4: the group padded to 16 rows, 64-token blocks of 4 pages, about two programs per SM
+    p = plan((8, 1, 32, 128), (8, 4097, 16, 128), 512, c, sms=132)
+    assert (p.block_q, p.num_q_tiles, p.pages_per_block, p.block_kv, p.num_warps) == (16, 1, 4, 64, 4)
+    assert p.num_splits == 5
+    # verify with 64 tokens x GQA 4 = 256 rows: four tiles of 64; pages larger than a block: one page
+    p = plan((8, 64, 32, 128), (8, 4097, 128, 128), 64, c, sms=132)
+    assert (p.block_q, p.num_q_tiles, p.pages_per_block, p.block_kv, p.num_splits) == (64, 4, 1, 128, 2)
+    assert p.num_warps == 8
+    # head_dim 256: 32-row tiles and 32-token blocks keep the accumulator and logits in registers
+    p = plan((2, 16, 16, 256), (1, 100, 16, 256), 8, c, sms=132)
+    assert (p.block_q, p.num_q_tiles, p.block_kv) == (32, 8, 32)
+    # small pages are grouped up to the dot's 16-token minimum; splits never exceed the blocks
+    p = plan((1, 1, 8, 256), (1, 10, 8, 256), 3, TritonAttentionConfig(pages_per_block=1), sms=132)
+    assert (p.pages_per_block, p.block_kv, p.num_splits) == (2, 16, 2)
+
+
+def test_registered_for_non_hopper_nvidia_only(monkeypatch):
+    fn, available = IMPLEMENTATIONS["triton"]
+    assert fn is paged_attention_triton and available is triton_available
+
+    class Dev:
+        platform = "gpu"
+        compute_capability = "8.0"
+
+    for cc, want in [("8.0", True), ("8.9", True), ("12.0", True), ("9.0", False), ("gfx90a", False)]:
+        Dev.compute_capability = cc
+        monkeypatch.setattr(jax, "devices", lambda *a, **k: [Dev()])
+        assert triton_available() is want, cc
+    monkeypatch.undo()
+    assert triton_available() is (ON_GPU and not str(jax.devices()[0].compute_capability).startswith("9"))
+
+
+# (B, T, Hq, Hkv, D, S, N): the benchmark's shapes at reduced batch, plus the extremes of every knob
+LOWERING = [
+    (8, 1, 32, 8, 128, 16, 512),
+    (1, 1, 32, 8, 128, 64, 128),
+    (8, 64, 32, 8, 128, 16, 128),
+    (2, 16, 16, 1, 256, 128, 8),
+    (2, 3, 12, 4, 64, 32, 8),
+]
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU compiles for real in the other tests")
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,S,N", LOWERING)
+def test_lowers_to_triton(B, T, Hq, Hkv, D, S, N):
+    # Pallas' Triton lowering (power-of-two blocks, dot shapes, supported ops) runs on the CPU for a CUDA
+    # target given an abstract GPU; this catches what the interpreter ignores.
+    from jax._src.mesh import AbstractDevice
+    from jax.sharding import AbstractMesh
+
+    sds = jax.ShapeDtypeStruct
+    P = B * N + 1
+    args = (sds((B, T, Hq, D), jnp.bfloat16), sds((Hkv, P, S, D), jnp.bfloat16),
+            sds((Hkv, P, S, D), jnp.bfloat16), sds((B, N), jnp.int32), sds((B,), jnp.int32), sds((B,), jnp.int32))
+    a100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA A100-SXM4-80GB", 108, "gpu"))
+    with jax.sharding.use_abstract_mesh(a100):
+        for kw in ({}, {"sliding_window": 100, "soft_cap": 30.0}):
+            fn = jax.jit(lambda *a, kw=kw: paged_attention_triton(*a, scale=D ** -0.5, **kw))
+            text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+            assert "__gpu$xla.gpu.triton" in text
