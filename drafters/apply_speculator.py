@@ -81,7 +81,8 @@ class ApplySpeculator(Drafter):
                 break
             match += alive
         best = int(match.max())
-        if best < min(self.min_match, len(tokens)):
+        # early in the output the match may use only what was generated (the prompt's tail is no copy context)
+        if best < max(1, min(self.min_match, len(tokens) - len(src))):
             st.cursor = -1
             return []
         top = cand[match == best]

@@ -11,6 +11,7 @@ from codegen_jax.sampling import filter_logits
 from drafters.apply_speculator import ApplySpeculator
 from drafters.base import Draft, Drafter
 from drafters.speculative import SpeculativeDecoder
+from drafters.suffix_tree import SuffixTreeSpeculator
 from drafters.verify import verify_tokens
 
 CFG = ModelConfig(model_type="qwen3", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -56,19 +57,27 @@ class OracleDrafter(Drafter):
             self.log.append((s.slot, int(draft.lengths[s.slot]), int(accepted[s.slot])))
 
 
+def make_drafter(kind, slots, max_draft):
+    if kind == "apply":
+        return ApplySpeculator(slots, max_draft=max_draft, start_draft=1, min_match=1)
+    if kind == "suffix":
+        return SuffixTreeSpeculator(slots, max_draft=max_draft, min_prob=0.0)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["apply", "suffix"])
 @pytest.mark.parametrize("slots,max_draft", [(1, 1), (3, 4), (4, 7)])
-def test_apply_speculator_greedy_matches_engine(model, rng, slots, max_draft):
-    # prompts with repeats, so the speculator finds continuations to draft
+def test_greedy_matches_engine(model, rng, kind, slots, max_draft):
+    # prompts with repeats, so the host speculators find continuations to draft
     base = [list(rng.integers(0, CFG.vocab_size, n)) for n in (1, 4, 9, 17, 23, 30)]
     prompts = [b + b[: len(b) // 2] + b for b in base]
     sp = SamplingParams(max_new_tokens=14)
     ref = engine(model, 2).generate(prompts, sp)
-    spec = SpeculativeDecoder(engine(model, slots), ApplySpeculator(slots, max_draft=max_draft, start_draft=1,
-                                                                     min_match=1))
+    spec = SpeculativeDecoder(engine(model, slots), make_drafter(kind, slots, max_draft))
     out = spec.generate(prompts, sp)
     for r, o in zip(ref, out, strict=True):
         assert o.tokens == r.tokens and o.finish_reason == "length"
-        assert o.forwards <= len(o.tokens) and sum(1 for _ in o.tokens) == o.forwards + o.accepted
+        assert o.forwards <= len(o.tokens) and len(o.tokens) == o.forwards + o.accepted
     assert spec.engine.cache.num_free_pages == spec.engine.cfg.pages - 1
     assert not spec.engine.cache.lengths.any()
 
