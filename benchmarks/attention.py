@@ -141,6 +141,9 @@ def mosaic_candidates(shape, N: int) -> list[dict]:
     return out
 
 
+TRITON_CANDIDATES = [{}, {"num_warps": 8}, {"num_stages": 3}, {"num_warps": 4, "num_stages": 3}]
+
+
 def tune(shapes, args) -> list[dict]:
     import jax
     from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: F401 (fail early if unavailable)
@@ -149,6 +152,7 @@ def tune(shapes, args) -> list[dict]:
     from pallas_kernels.attention.dispatch import OP, shape_key
     from pallas_kernels.attention.mosaic_paged import paged_attention_mosaic
     from pallas_kernels.attention.reference import paged_attention_reference
+    from pallas_kernels.attention.triton_paged import paged_attention_triton
 
     scale = D**-0.5
     rows = []
@@ -159,6 +163,9 @@ def tune(shapes, args) -> list[dict]:
         cands = [tuning.Candidate("mosaic", cfg, lambda *a, c=cfg: paged_attention_mosaic(*a, scale=scale,
                                                                                           config=c or None))
                  for cfg in mosaic_candidates(shape, N)]
+        cands += [tuning.Candidate("triton", cfg, lambda *a, c=cfg: paged_attention_triton(*a, scale=scale,
+                                                                                          config=c or None))
+                  for cfg in TRITON_CANDIDATES]
         best, trials = tuning.search(cands, lambda *a: paged_attention_reference(*a, scale=scale), sets, tol=TOL)
         key = shape_key(sets[0][0].shape, sets[0][1].shape, N, sets[0][0].dtype)
         for t in trials:

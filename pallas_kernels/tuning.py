@@ -68,9 +68,10 @@ def time_us(fn: Callable, inputs: tuple | Sequence[tuple], *, repeats: int = 7, 
     """Median device microseconds per call of `fn`, with host dispatch taken out.
 
     `inputs` is one argument tuple or a list of them (rotate sets that together exceed L2, so the timing is of
-    HBM, not of the cache). One jitted function runs `fn` n times back to back over the rotating sets, n chosen so
-    a run lasts about `target_ms`; the median over `repeats` runs, divided by n, is the time of one call as it
-    runs inside a larger jitted step (the engine's decode loop), not the time of a Python dispatch.
+    HBM, not of the cache). One jitted function runs `fn` n times in a chain over the rotating sets (each call
+    ordered after the previous one, as layers are), n chosen so a run lasts about `target_ms`; the median over
+    `repeats` runs, divided by n, is the time of one call as it runs inside a larger jitted step (the engine's
+    decode loop), not the time of a Python dispatch.
     """
     sets = [inputs] if isinstance(inputs, tuple) else list(inputs)
     one = jax.jit(fn)
@@ -84,7 +85,19 @@ def time_us(fn: Callable, inputs: tuple | Sequence[tuple], *, repeats: int = 7, 
     single = max((time.perf_counter() - t) / len(sets), 1e-6)  # dispatch-bound upper bound of one call
     n = max(len(sets), min(max_calls, math.ceil(target_ms * 1e-3 / single) * len(sets)))
     n = -(-n // len(sets)) * len(sets)
-    many = jax.jit(lambda sets: [fn(*sets[i % len(sets)]) for i in range(n)])
+
+    def many(sets):
+        # Each call's inputs pass through an optimization barrier with the previous call's output: without it
+        # XLA merges identical calls (CSE) and hoists work shared between them, and n calls cost one.
+        out = None
+        for i in range(n):
+            args = sets[i % len(sets)]
+            if out is not None:
+                args, _ = jax.lax.optimization_barrier((args, out))
+            out = fn(*args)
+        return out
+
+    many = jax.jit(many)
     jax.block_until_ready(many(sets))  # compile and warm up
     times = []
     for _ in range(repeats):

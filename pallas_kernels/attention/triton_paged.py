@@ -243,7 +243,7 @@ def paged_attention_triton(
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    config: TritonAttentionConfig | None = None,
+    config: TritonAttentionConfig | dict | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Paged attention through Pallas Triton; same contract as `paged_attention_reference`.
@@ -258,7 +258,7 @@ def paged_attention_triton(
     Raises:
       NotImplementedError for unsupported dtypes, head dims, page sizes or block sizes.
     """
-    config = config or TritonAttentionConfig()
+    config = TritonAttentionConfig(**config) if isinstance(config, dict) else config or TritonAttentionConfig()
     check_supported(q.shape, k_pages.shape, q.dtype)
     if k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
         raise NotImplementedError(f"q, k, v dtypes differ: {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
