@@ -43,6 +43,7 @@ class ServeMetrics:
         self._recent: deque[tuple[float, int]] = deque()
         self._prompt_total = 0
         self._cached_total = dict.fromkeys(TIERS, 0)
+        self._generated_total = 0
 
     def admitted(self, prompt_tokens: int, cached: dict[str, int]) -> None:
         with self._lock:
@@ -57,6 +58,7 @@ class ServeMetrics:
         now = time.monotonic()
         with self._lock:
             self.generated.inc(n)
+            self._generated_total += n
             self._recent.append((now, n))
             while self._recent and self._recent[0][0] < now - self._window_s:
                 self._recent.popleft()
@@ -65,6 +67,12 @@ class ServeMetrics:
     def hit_rates(self) -> dict[str, float]:
         with self._lock:
             return {t: self._cached_total[t] / max(1, self._prompt_total) for t in TIERS}
+
+    def totals(self) -> dict[str, float]:
+        """Cumulative counts (prompt, cached per tier, generated tokens): a benchmark diffs two of these."""
+        with self._lock:
+            return {"prompt": self._prompt_total, **{t: self._cached_total[t] for t in TIERS},
+                    "generated": self._generated_total}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,38 @@
+"""benchmarks/agent_trace.py --tiny as a smoke test: three servers, one redis-server, the agent workload, the
+fetch-vs-recompute probe; the figures are noise on this CPU, but the hit rates are not."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from test_serve_cache import need_redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_agent_trace_tiny(tmp_path):
+    need_redis()
+    env = {k: v for k, v in os.environ.items() if k != "OUT"} | {"JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "benchmarks/agent_trace.py", "--tiny", "--results-dir", str(tmp_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "ttft_p50_ms" in p.stdout and "fetch_speedup" in p.stdout  # the printed tables
+    result = json.loads((tmp_path / "agent_trace_tiny.json").read_text())
+    runs = {r["run"]: r for r in result["runs"]}
+    assert list(runs) == ["cache off", "cache on", "second server (redis)"]
+    n = result["shape"]["sessions"] * result["shape"]["turns"]
+    assert all(r["requests"] == n for r in runs.values())
+    off, on, second = runs.values()
+    assert off["hit_total"] == 0
+    # turns after the first reuse the whole previous prompt; the system prompt is shared by every session
+    # (how much of it spilled to host RAM first depends on the sessions' timing)
+    assert on["hit_device"] > 0.3 and on["hit_device"] + on["hit_host"] > 0.5 and on["hit_remote"] == 0
+    # the second server recomputes nothing the first one computed: the rest comes from Redis
+    assert second["hit_remote"] > 0.2 and second["hit_total"] > 0.9
+    assert result["remote"]["on"]["pages_written"] > 0 and result["remote"]["second"]["pages_fetched"] > 0
+    probe = result["fetch_vs_recompute"]
+    assert [r["prefix_tokens"] for r in probe] == [32, 64, 128, 256]
+    assert all(r["recompute_ms"] > 0 and r["redis_fetch_ms"] > 0 for r in probe)
+    assert "redis_beats_recompute_above_tokens" in result
