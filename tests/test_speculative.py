@@ -5,11 +5,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from codegen_jax import Engine, EngineConfig, ModelConfig, SamplingParams, init_model
 from codegen_jax.sampling import filter_logits
 from drafters.apply_speculator import ApplySpeculator
 from drafters.base import Draft, Drafter
+from drafters.block_drafter import BlockDrafter, BlockDrafterConfig
+from drafters.eagle3 import Eagle3Config, Eagle3Drafter
+from drafters.neural import NeuralDrafter
 from drafters.speculative import SpeculativeDecoder
 from drafters.suffix_tree import SuffixTreeSpeculator
 from drafters.verify import verify_tokens
@@ -57,15 +61,25 @@ class OracleDrafter(Drafter):
             self.log.append((s.slot, int(draft.lengths[s.slot]), int(accepted[s.slot])))
 
 
-def make_drafter(kind, slots, max_draft):
+def make_drafter(kind, slots, max_draft, target):
+    """Every drafter, the neural ones randomly initialised (they accept little, but must stay exact)."""
+    cfg = target.cfg
     if kind == "apply":
         return ApplySpeculator(slots, max_draft=max_draft, start_draft=1, min_match=1)
     if kind == "suffix":
         return SuffixTreeSpeculator(slots, max_draft=max_draft, min_prob=0.0)
-    raise ValueError(kind)
+    layers = (0, cfg.num_layers - 1)
+    if kind == "block":
+        model = BlockDrafter(BlockDrafterConfig(cfg.hidden_size, layers, block_size=max_draft + 1, head_dim=8,
+                                                intermediate_size=64, context=16), rngs=nnx.Rngs(max_draft))
+    else:
+        model = Eagle3Drafter(Eagle3Config(cfg.hidden_size, layers, cfg.vocab_size, cfg.vocab_size * 2 // 3,
+                                           draft_len=max_draft, head_dim=8, intermediate_size=64, context=16),
+                              rngs=nnx.Rngs(max_draft))
+    return NeuralDrafter(model, target, slots)
 
 
-@pytest.mark.parametrize("kind", ["apply", "suffix"])
+@pytest.mark.parametrize("kind", ["apply", "suffix", "block", "eagle3"])
 @pytest.mark.parametrize("slots,max_draft", [(1, 1), (3, 4), (4, 7)])
 def test_greedy_matches_engine(model, rng, kind, slots, max_draft):
     # prompts with repeats, so the host speculators find continuations to draft
@@ -73,7 +87,7 @@ def test_greedy_matches_engine(model, rng, kind, slots, max_draft):
     prompts = [b + b[: len(b) // 2] + b for b in base]
     sp = SamplingParams(max_new_tokens=14)
     ref = engine(model, 2).generate(prompts, sp)
-    spec = SpeculativeDecoder(engine(model, slots), make_drafter(kind, slots, max_draft))
+    spec = SpeculativeDecoder(engine(model, slots), make_drafter(kind, slots, max_draft, model))
     out = spec.generate(prompts, sp)
     for r, o in zip(ref, out, strict=True):
         assert o.tokens == r.tokens and o.finish_reason == "length"
@@ -145,6 +159,7 @@ def exact_two_token(model, prompt, temperature, top_k, top_p) -> np.ndarray:
     eng = Engine(model, EngineConfig(max_slots=V, page_size=8, max_seq_len=32, prefill_chunk=16))
     n = len(prompt)
     ids = np.zeros((V, 16), np.int32)
+    assert n < 16
     ids[:, :n] = prompt
     ids[:, n] = np.arange(V)
     for s in range(V):
@@ -158,20 +173,25 @@ def exact_two_token(model, prompt, temperature, top_k, top_p) -> np.ndarray:
     return p1[:, None] * p2
 
 
-@pytest.mark.parametrize("with_probs,temperature,top_k,top_p", [(True, 1.0, 0, 1.0), (False, 0.8, 6, 0.9)])
-def test_sampling_distribution_equals_target(with_probs, temperature, top_k, top_p):
+@pytest.mark.parametrize("kind,temperature,top_k,top_p", [
+    ("bad", 1.0, 0, 1.0), ("bad-no-probs", 0.8, 6, 0.9), ("apply", 1.0, 0, 0.95), ("suffix", 0.7, 0, 1.0),
+    ("block", 1.0, 0, 1.0), ("eagle3", 0.9, 5, 1.0)])
+def test_sampling_distribution_equals_target(kind, temperature, top_k, top_p):
     model = init_model(SMALL, dtype=jnp.float32, seed=3)
     model.embed_tokens.weight.set_value(model.embed_tokens.weight.get_value() * 60)  # a peaked, uneven p
-    prompt = [1, 5, 2]
+    prompt = [1, 5, 2, 1, 5, 3, 1, 5]  # repeats, for the host speculators to draft from
     exact = exact_two_token(model, prompt, temperature, top_k, top_p)
     N, slots = 3000, 32
-    spec = SpeculativeDecoder(engine(model, slots, seq_len=16), BadDrafter(slots, 3, seed=0, with_probs=with_probs))
+    drafter = (BadDrafter(slots, 3, seed=0, with_probs=kind == "bad") if kind.startswith("bad")
+               else make_drafter(kind, slots, 3, model))
+    spec = SpeculativeDecoder(engine(model, slots, seq_len=16), drafter)
     out = spec.generate([prompt] * N, [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=i,
                                                       max_new_tokens=4) for i in range(N)])
     counts = np.zeros((V, V))
     for o in out:
         counts[o.tokens[0], o.tokens[1]] += 1
-    assert sum(o.accepted for o in out) > N // 4  # drafts were accepted, and rejected (the bad drafter)
+    if kind.startswith("bad"):
+        assert sum(o.accepted for o in out) > N // 4  # drafts were accepted, and rejected
     tv = 0.5 * np.abs(counts / N - exact).sum()
     # chi-square over cells with expected count >= 5 (others pooled); 99.9% quantile, so flakes are rare
     mask = exact * N >= 5
