@@ -182,6 +182,8 @@ class Scheduler:
         self._queued = 0  # submitted and not yet admitted (guarded by _lock; submit runs on other threads)
         self._closing = False
         self._stop = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._stopped = False
         self._thread: threading.Thread | None = None
         self._admissions = 0
         self._ahead = max(ecfg.decode_steps, speculator.lookahead if speculator else 0)  # tokens a step appends
@@ -230,23 +232,28 @@ class Scheduler:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Refuses new requests, lets queued and running ones finish for up to timeout_s, then ends the rest
-        with finish_reason "abort" and stops the engine thread."""
-        self.begin_shutdown()
-        deadline = time.monotonic() + timeout_s
-        if self._thread is not None:
-            while time.monotonic() < deadline and (self.call(self.has_work).result() or self._queued):
-                time.sleep(0.02)
-            self._stop.set()
-            self._inbox.put(("wake",))
-            self._thread.join()
-            self._thread = None
-        self._drain_inbox(block=False)
-        for req in list(self.running) + list(self.waiting):
-            self._finish(req, "abort")
-        if self.remote is not None:
-            self.remote.close()
-        if self._fetcher is not None:
-            self._fetcher.shutdown(wait=False, cancel_futures=True)
+        with finish_reason "abort" and stops the engine thread. Idempotent; concurrent calls wait for the first
+        (the server calls it from a signal's drain timer and again from the app's shutdown)."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self.begin_shutdown()
+            deadline = time.monotonic() + timeout_s
+            if self._thread is not None:
+                while time.monotonic() < deadline and (self.call(self.has_work).result() or self._queued):
+                    time.sleep(0.02)
+                self._stop.set()
+                self._inbox.put(("wake",))
+                self._thread.join()
+                self._thread = None
+            self._drain_inbox(block=False)
+            for req in list(self.running) + list(self.waiting):
+                self._finish(req, "abort")
+            if self.remote is not None:
+                self.remote.close()
+            if self._fetcher is not None:
+                self._fetcher.shutdown(wait=False, cancel_futures=True)
+            self._stopped = True
 
     def begin_shutdown(self) -> None:
         """Refuses new requests from now on; queued and running ones go on until `stop`."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,8 @@ class ServeConfig:
     def __post_init__(self):
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65536), got {self.port}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain timeout must be >= 0 seconds, got {self.drain_timeout_s}")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
 
@@ -105,10 +109,18 @@ def run(cfg: ServeConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app, state = build(cfg)
 
+    drain: list[threading.Thread] = []
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            # refuse new work at once; uvicorn then waits for the in-flight responses
+            # refuse new work at once; in-flight requests get drain_timeout_s to finish, then the scheduler ends
+            # them with finish_reason "abort", so every stream still closes with its last chunk and [DONE]
+            # (uvicorn's own grace period, a little longer, would instead cut the connections)
             state.scheduler.begin_shutdown()
+            if not drain:
+                drain.append(threading.Thread(target=state.scheduler.stop, args=(cfg.drain_timeout_s,),
+                                              name="drain", daemon=True))
+                drain[0].start()
             super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
@@ -124,7 +136,7 @@ def run(cfg: ServeConfig) -> int:
                     signal.signal(sig, handler)
 
     server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
-                                   timeout_graceful_shutdown=int(cfg.drain_timeout_s)))
+                                   timeout_graceful_shutdown=math.ceil(cfg.drain_timeout_s) + 5))
     log.info("serving %s on http://%s:%d (signal %s to stop)", cfg.model_id, cfg.host, cfg.port,
              signal.Signals.SIGTERM.name)
     server.run()

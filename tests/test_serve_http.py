@@ -6,6 +6,7 @@ the server keeps serving; a client that goes away frees its pages; SIGTERM drain
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -56,6 +57,26 @@ def client(live):
 def on_engine(live, fn, timeout_s: float = 30):
     """Runs fn on the engine thread between iterations (the scheduler's state is only consistent there)."""
     return live.state.scheduler.call(fn).result(timeout_s)
+
+
+def hold_engine_once(live, pred, gate: threading.Event, timeout_s: float = 30):
+    """Stops the engine thread between iterations at the first one where pred() holds, until gate is set; returns
+    the future to wait on after setting it. While held, the scheduler's state can be read from any thread."""
+    held = threading.Event()
+
+    def hold():
+        if pred():
+            held.set()
+            gate.wait()
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        fut = live.state.scheduler.call(hold)
+        while not (fut.done() or held.is_set()):
+            time.sleep(0.001)
+        if held.is_set():
+            return fut
+        assert time.monotonic() < deadline, "the engine never reached the state to hold it in"
 
 
 def complete(client, prompt, **kw):
@@ -376,9 +397,8 @@ def test_client_disconnect_cancels_the_request_and_frees_its_pages(live, client)
             assert r.status_code == 200
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))  # generation is under way
-            held = threading.Event()
-            blocked = sched.call(lambda: (held.set(), gate.wait()))  # hold the engine: the request cannot finish
-            assert held.wait(10)
+            # hold the engine while the request runs: it cannot finish on its own
+            blocked = hold_engine_once(live, lambda: bool(sched.running), gate)
             assert len(sched.running) == 1 and sched.running[0].pages  # engine held: safe to read
         # leaving the block closed the connection mid-stream
         assert cancelled.wait(10), "the server never noticed the client leaving"
@@ -401,6 +421,38 @@ def test_client_disconnect_cancels_the_request_and_frees_its_pages(live, client)
     good_request_works(client)
 
 
+def test_non_streaming_client_disconnect_cancels_the_request_and_frees_its_pages(live, client):
+    sched = live.state.scheduler
+    cancelled, orig, gate = threading.Event(), sched.cancel, threading.Event()
+
+    def spy(rid):
+        cancelled.set()
+        orig(rid)
+
+    sched.cancel = spy
+    try:
+        body = json.dumps({**OK, "prompt": "def another_long_story():\n", "max_tokens": 240}).encode()
+        sock = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        blocked = hold_engine_once(live, lambda: any(r.phase == "decode" for r in sched.running), gate)
+        assert len(sched.running) == 1 and sched.running[0].pages
+        sock.close()  # the client gives up before the answer
+        assert cancelled.wait(10), "the server never noticed the client leaving"
+        gate.set()
+        blocked.result(10)
+
+        def state():
+            sched.check()
+            return len(sched.running), sched.allocator.num_free + sum(sched.radix.holders().values())
+
+        assert on_engine(live, state) == (0, sched.allocator.capacity)
+    finally:
+        gate.set()
+        sched.cancel = orig
+    good_request_works(client)
+
+
 # ---- the command line -----------------------------------------------------------------------------------------------
 
 
@@ -413,6 +465,7 @@ def _env():
     (["--model", str(FIXTURES / "qwen2"), "--remote", "http://127.0.0.1:6379"], ["--remote", "redis://"]),
     (["--model", str(FIXTURES / "qwen2"), "--port", "70000"], ["port", "70000"]),
     (["--model", str(FIXTURES / "qwen2"), "--max-slots", "0"], ["--max-slots"]),
+    (["--model", str(FIXTURES / "qwen2"), "--drain-timeout", "-1"], ["drain", "-1"]),
     (["--model", str(FIXTURES / "qwen2"), "--remote", "redis://127.0.0.1:1", "--no-prefix-cache"], ["prefix"]),
 ])
 def test_serve_bad_flags_exit_2_with_one_line(args, words):
@@ -424,11 +477,12 @@ def test_serve_bad_flags_exit_2_with_one_line(args, words):
         assert w in lines[0]
 
 
-def test_sigterm_finishes_in_flight_requests_and_exits_0():
+@pytest.mark.parametrize("drain", [30, 0], ids=["finishes", "ends-cleanly"])
+def test_sigterm_finishes_or_cleanly_ends_in_flight_requests_and_exits_0(drain):
     port = free_port()
     proc = subprocess.Popen([str(CODEGEN_JAX), "serve", "--model", str(FIXTURES / "qwen2"), "--dtype", "float32",
                              "--port", str(port), "--max-seq-len", "512", "--page-size", "8", "--decode-steps", "2",
-                             "--prefill-chunk", "64", "--max-slots", "2"],
+                             "--prefill-chunk", "64", "--max-slots", "2", "--drain-timeout", str(drain)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
     url = f"http://127.0.0.1:{port}"
     try:
@@ -452,13 +506,17 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0():
                 events.append(line[6:])
                 if len(events) == 1:
                     proc.send_signal(signal.SIGTERM)  # mid-stream
-        # the stream was finished or ended cleanly: a finish reason, usage, then [DONE]
+        # either way the stream closes properly: a finish reason, usage, then [DONE]
         assert events[-1] == "[DONE]", events[-3:]
-        finals = [json.loads(e) for e in events[:-1]]
-        reasons = [c["choices"][0]["finish_reason"] for c in finals if c["choices"]]
-        assert reasons[-1] in ("length", "stop", "abort") and all(x is None for x in reasons[:-1])
-        assert finals[-1]["usage"]["completion_tokens"] >= 1
-        assert proc.wait(60) == 0
+        chunks = [json.loads(e) for e in events[:-1]]
+        reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+        assert all(x is None for x in reasons[:-1])
+        n = chunks[-1]["usage"]["completion_tokens"]
+        if drain:  # time enough: the request runs to its end
+            assert reasons[-1] in ("length", "stop") and (n == 400 or reasons[-1] == "stop")
+        else:  # no time: ended at once, with what it had
+            assert reasons[-1] == "abort" and 1 <= n < 400
+        assert proc.wait(60) == 0, proc.stdout.read()
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{url}/health", timeout=2)
     finally:
