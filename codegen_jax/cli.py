@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--page-size", type=_positive, default=16, help="tokens per KV page (default 16)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--speculator", choices=["apply", "suffix", "block", "eagle3"], default=None,
+                   help="speculative decoding: apply (drafts from the prompt, for edits), suffix (suffix tree), "
+                   "block or eagle3 (neural drafters, need --drafter)")
+    g.add_argument("--drafter", default=None, help="drafter checkpoint directory for --speculator block/eagle3")
+    g.add_argument("--draft-len", type=_positive, default=None,
+                   help="most tokens drafted per step (default: apply 64, suffix 16, neural: the checkpoint's)")
     _add_serve(sub)
     return parser
 
@@ -114,8 +120,9 @@ def _generate(args) -> int:
         raise UsageError(f"prompt has {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} that exceeds "
                          f"--max-seq-len {args.max_seq_len}")
     engine = Engine(model, EngineConfig(max_slots=1, page_size=args.page_size, max_seq_len=args.max_seq_len))
+    spec = _speculator(args, engine, model) if args.speculator else None
     start = time.perf_counter()
-    (result,) = engine.generate([ids], sampling)
+    (result,) = (spec or engine).generate([ids], sampling)
     elapsed = time.perf_counter() - start
     text = tokenizer.decode(result.tokens)
     if args.json:
@@ -126,11 +133,47 @@ def _generate(args) -> int:
             "finish_reason": result.finish_reason,
             "time_to_first_token_s": round(result.time_to_first_token_s, 4),
             "tokens_per_second": round(len(result.tokens) / elapsed, 2),
+            **({"speculator": args.speculator, "target_forwards": result.forwards,
+                "drafted_tokens": result.drafted, "accepted_tokens": result.accepted,
+                "acceptance": round(result.accepted_per_forward, 3),  # mean accepted draft tokens per forward
+                "tokens_per_forward": round(result.tokens_per_forward, 3)} if spec else {}),
             "note": "timings include compilation on a first run; compiled programs are cached for the next",
         }))
     else:
         print(text)
     return 0
+
+
+def _speculator(args, engine, model):
+    from drafters.apply_speculator import ApplySpeculator
+    from drafters.speculative import SpeculativeDecoder
+    from drafters.suffix_tree import SuffixTreeSpeculator
+
+    k = args.draft_len
+    if args.speculator in ("apply", "suffix"):
+        if args.drafter:
+            raise UsageError(f"--drafter is for the neural speculators (block, eagle3), not {args.speculator}")
+        if args.speculator == "apply":
+            drafter = ApplySpeculator(1, max_draft=k or 64, start_draft=min(8, k or 64))
+        else:
+            drafter = SuffixTreeSpeculator(1, max_draft=k or 16)
+        return SpeculativeDecoder(engine, drafter)
+    from drafters.checkpoint import load_drafter
+    from drafters.neural import NeuralDrafter
+
+    if not args.drafter:
+        raise UsageError(f"--speculator {args.speculator} needs --drafter DIR (a drafter checkpoint)")
+    try:
+        dm = load_drafter(args.drafter)
+        expected = {"block": "BlockDrafter", "eagle3": "Eagle3Drafter"}[args.speculator]
+        if type(dm).__name__ != expected:
+            raise ValueError(f"--drafter {args.drafter} holds a {type(dm).__name__}, not a {args.speculator} drafter")
+        drafter = NeuralDrafter(dm, model, 1)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if k:
+        drafter.max_draft = min(k, drafter.max_draft)
+    return SpeculativeDecoder(engine, drafter)
 
 
 def _serve(args) -> int:
