@@ -203,6 +203,11 @@ def test_a_second_server_fetches_the_prefix_from_redis(live, client, redis):
         assert m[("codegen_cached_prompt_tokens_total", (("tier", "remote"),))] == cached
         assert m[("codegen_cached_prompt_tokens_total", (("tier", "device"),))] == 0
         assert state.scheduler.remote.stats["pages_fetched"] == cached // 8
+        # a server that has begun shutting down sends new requests elsewhere
+        state.scheduler.begin_shutdown()
+        r = httpx.post(f"{other.url}/v1/completions", json=OK, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert httpx.get(f"{other.url}/health", timeout=10).status_code == 503
 
 
 # ---- the other endpoints -----------------------------------------------------------------------------------------
