@@ -1,0 +1,19 @@
+"""benchmarks/speculative.py --tiny runs on the CPU and reports every drafter against plain decoding."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_speculative_benchmark_tiny(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/speculative.py"), "--tiny", "--no-write"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={"JAX_PLATFORMS": "cpu", "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "tokens_per_forward" in lines[0]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert set(rows) == {"apply", "suffix", "block", "eagle3"}
+    assert float(rows["apply"][-4]) > 10  # edit-merge: many tokens per target forward
