@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -45,3 +46,28 @@ def test_record_and_lookup_round_trip(tmp_path):
     assert tuning.lookup("attn", "B1-T1", kind="GPU-Y", directory=tmp_path) is None
     assert tuning.lookup("attn", "B64-T1", kind="GPU-X", directory=tmp_path) is None
     assert tuning.lookup("other", "B8-T1", kind="GPU-X", directory=tmp_path) is None
+
+
+def test_time_us_chain_keeps_every_call(rng):
+    # XLA merges identical calls (CSE) even through optimization barriers; the chain's data dependency keeps all
+    x = jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 512)), jnp.float32)
+
+    def f(x, w):
+        return jnp.tanh(x @ w)[:, :64]
+
+    def chain(x, w, link):
+        out = f(x, w)
+        for _ in range(2):
+            out = f(*link((x, w), out))
+        return out
+
+    def barrier(args, out):
+        return jax.lax.optimization_barrier((args, out))[0]
+
+    def count(link):
+        return jax.jit(lambda x, w: chain(x, w, link)).lower(x, w).compile().as_text().count(" dot(")
+
+    assert count(barrier) == 1  # what went wrong before: three calls timed as one
+    assert count(tuning._depend) == 3
+    assert np.isfinite(tuning.time_us(f, (x, w), repeats=2, max_calls=4))
