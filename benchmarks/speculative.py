@@ -109,6 +109,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=256, help="tokens per code-completion request")
     p.add_argument("--max-lines", type=int, default=400, help="lines of each source file used")
     p.add_argument("--drafters", nargs="+", default=["apply", "suffix", "block", "eagle3"])
+    p.add_argument("--completion-files", type=int, default=2, help="source files for the code-completion rows")
     p.add_argument("--block-drafter", default=None, help="trained block drafter checkpoint (default: random init)")
     p.add_argument("--eagle3-drafter", default=None, help="trained EAGLE-3 checkpoint (default: random init)")
     p.add_argument("--no-write", action="store_true", help="print the result, write nothing under results/")
@@ -151,8 +152,10 @@ def main() -> None:
         return len(out.tokens) / (time.perf_counter() - t)
 
     if "apply" in args.drafters:
+        # warm-up on a whole workload: the draft length adapts up and down, so every verify width compiles here
+        # and not inside a timed run
+        forced_apply(engine, ApplySpeculator(1), *workloads[0])
         for (prompt, merged), name in zip(workloads, FILES, strict=False):
-            forced_apply(engine, ApplySpeculator(1), prompt, merged[:96])  # warm-up: compiles the widths
             fwd, dt = forced_apply(engine, ApplySpeculator(1), prompt, merged)
             base = plain(prompt, len(merged))
             rows.append({"drafter": "apply", "workload": f"edit-merge {name}", "prompt": len(prompt),
@@ -179,13 +182,16 @@ def main() -> None:
                                             dtype=jnp.dtype(dtype).name, **small), rngs=nnx.Rngs(0)))
         return NeuralDrafter(m, target, 1)
 
+    completion = workloads[: args.completion_files]
     for kind in [k for k in args.drafters if k != "apply"]:
-        for (_, merged), name in zip(workloads, FILES, strict=False):
+        # warm-up at the full length on the first prompt: compiles every width and prefill bucket it will use
+        SpeculativeDecoder(engine, drafter_for(kind)).generate(
+            [completion[0][1][: len(completion[0][1]) // 2]], SamplingParams(max_new_tokens=args.new_tokens))
+        for (_, merged), name in zip(completion, FILES, strict=False):
             # code completion: the merged file's first half as the prompt
             ctx = merged[: len(merged) // 2]
             sp = SamplingParams(max_new_tokens=args.new_tokens)
             spec = SpeculativeDecoder(engine, drafter_for(kind))
-            spec.generate([ctx], SamplingParams(max_new_tokens=min(args.new_tokens, 32)))  # warm-up
             t = time.perf_counter()
             out = spec.generate([ctx], sp)[0]
             dt = time.perf_counter() - t
