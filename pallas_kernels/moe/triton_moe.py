@@ -1,0 +1,357 @@
+"""Fused MoE for decode, verify and small prefill chunks (T <= 256) through the Pallas Triton lowering.
+
+Decode-sized MoE is bound by reading expert weights, so the work is organised around touched experts, each read
+once per call however many tokens chose it:
+
+  1. routing in XLA (`reference.route`: softmax, top-k, renormalisation), then the T*K (token, expert) pairs
+     sorted by expert. Slot s of a static list of min(E, T*K) slots holds one touched expert's id and the
+     [start, start + count) range of its pairs in the sorted order; slots past the touched ones have count 0.
+  2. `_gate_up_kernel`, grid (slot, F tile): streams the expert's gate and up [D, block_f] columns once and
+     multiplies them by all the expert's token rows (block_m at a time; block_m >= 16 for Triton's dot):
+         h[p, f] = silu(x[p] @ Wg[e, :, f]) * (x[p] @ Wu[e, :, f])      h: [pairs, F] in sorted pair order
+  3. `_down_kernel`, grid (slot, D tile): out[p, d] = w[p] * (h[p] @ Wd[e, :, d]), w the routing weight.
+  4. the combine in XLA: every token sums its K pair rows (a gather back to token order, no scatter-add).
+
+Empty slots run zero row tiles, so they read no weights; their outputs are never written because no pair
+belongs to them. Row tiles read past a slot's pairs only into the next slot's rows or the zero padding after
+the last pair (arrays are padded by block_m rows), and loads and stores are masked to the slot's rows.
+
+Int8 weights (`QuantizedWeight`) load as int8 (half the bytes), convert to the activation dtype in registers
+(exact for |v| <= 127) and the float32 dot result is scaled per output column.
+
+Triton limits: power-of-two block element counts and dot dimensions >= 16, so every block is a power of two
+dividing D or F (F = 768 = 3 * 256 takes 256, 128, 64, ...). Unsupported shapes raise NotImplementedError for
+the dispatcher's fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.moe.reference import QuantizedWeight, route
+
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+MIN_DOT = 16  # Triton's tl.dot needs M, N, K >= 16
+MAX_TOKENS = 256  # beyond this (prefill) grouped matmuls do as well; the dispatcher falls back
+DEFAULT_SMS = 132  # H100 SXM, when the device does not say
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _largest_block(n: int, cap: int) -> int:
+    """The largest power of two <= cap that divides n (0 if below the dot's minimum)."""
+    b = cap
+    while b >= MIN_DOT and n % b:
+        b //= 2
+    return b if b >= MIN_DOT else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonMoEConfig:
+    """Tuning of the Triton MoE kernels; None fields are picked per shape by `plan`.
+
+    block_m: token rows per dot (power of two, 16..128). None: twice the mean rows per touched expert, 16..64.
+    block_f: F columns per gate/up program (power of two dividing F). None: the largest of 64, 32 giving about
+      two programs per SM, else 16.
+    block_k: D rows per gate/up loop step (power of two dividing D). None: 128.
+    block_d: D columns per down program (power of two dividing D). None: as block_f, over D.
+    block_kf: F rows per down loop step (power of two dividing F). None: 128.
+    num_warps, num_stages: Triton's warps per program and software pipelining depth of the weight loop.
+    """
+
+    block_m: int | None = None
+    block_f: int | None = None
+    block_k: int | None = None
+    block_d: int | None = None
+    block_kf: int | None = None
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_m", "block_f", "block_k", "block_d", "block_kf"):
+            v = getattr(self, name)
+            if v is not None and not (_pow2(v) and MIN_DOT <= v <= 512):
+                raise ValueError(f"{name}={v} must be a power of two in [16, 512]")
+        if self.block_m is not None and self.block_m > 128:
+            raise ValueError(f"block_m={self.block_m} must be <= 128")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
+        if not 1 <= self.num_stages <= 8:
+            raise ValueError(f"num_stages={self.num_stages} must be in [1, 8]")
+
+
+class Plan(NamedTuple):
+    block_m: int
+    block_f: int
+    block_k: int
+    block_d: int
+    block_kf: int
+    num_slots: int  # min(E, T * K)
+    num_warps: int
+    num_stages: int
+
+
+def triton_available() -> bool:
+    """True on NVIDIA GPUs of compute capability 8.0 or newer (Ampere, Ada, Hopper, Blackwell)."""
+    dev = jax.devices()[0]
+    cc = str(getattr(dev, "compute_capability", ""))
+    return dev.platform == "gpu" and cc[:1].isdigit() and float(cc.split(".")[0]) >= 8
+
+
+def _sm_count() -> int:
+    return int(getattr(jax.devices()[0], "core_count", 0) or DEFAULT_SMS)
+
+
+def _pick(n: int, programs_per_block: int, want: int, name: str, given: int | None) -> int:
+    """A column block for an axis of n: `given`, else the widest of 64/32 giving `want` programs, else 32
+    (narrower rows waste DRAM bursts; the benchmark's sweep tries 16)."""
+    if given is not None:
+        if n % given:
+            raise NotImplementedError(f"{name}={given} does not divide {n}")
+        return given
+    for b in (64, 32):
+        if n % b == 0 and programs_per_block * (n // b) >= want:
+            return b
+    b = _largest_block(n, 32)
+    if not b:
+        raise NotImplementedError(f"{n} has no power-of-two block >= {MIN_DOT} (Triton block sizes)")
+    return b
+
+
+def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sms: int | None = None) -> Plan:
+    """Fills in the config's open choices for one shape; raises NotImplementedError if it cannot run."""
+    if T > MAX_TOKENS:
+        raise NotImplementedError(f"T={T} tokens: the Triton MoE kernel is for T <= {MAX_TOKENS}")
+    slots = min(E, T * top_k)
+    want = 2 * (sms or _sm_count())
+    mean_rows = -(-T * top_k // E)
+    bm = config.block_m or min(64, max(MIN_DOT, _next_pow2(2 * mean_rows)))
+    bf = _pick(F, slots, want, "block_f", config.block_f)
+    bd = _pick(D, slots, want, "block_d", config.block_d)
+    bk = config.block_k or _largest_block(D, 128)
+    bkf = config.block_kf or _largest_block(F, 128)
+    for name, b, n in (("block_k", bk, D), ("block_kf", bkf, F)):
+        if not b or n % b:
+            raise NotImplementedError(f"{name}={b} does not divide {n} (power-of-two blocks >= {MIN_DOT})")
+    return Plan(bm, bf, bk, bd, bkf, slots, config.num_warps, config.num_stages)
+
+
+def check_supported(x_shape, x_dtype, w_gate, w_up, w_down) -> None:
+    """Raises NotImplementedError for what this kernel does not handle (the dispatcher then falls back)."""
+    if jnp.dtype(x_dtype) not in map(jnp.dtype, SUPPORTED_DTYPES):
+        raise NotImplementedError(f"triton MoE supports bf16/f16 activations, got {jnp.dtype(x_dtype).name}")
+    kinds = {isinstance(w, QuantizedWeight) for w in (w_gate, w_up, w_down)}
+    if len(kinds) > 1:
+        raise NotImplementedError("triton MoE needs all three expert weights quantised or none")
+    for w in (w_gate, w_up, w_down):
+        want = jnp.int8 if isinstance(w, QuantizedWeight) else x_dtype
+        if jnp.dtype(w.dtype) != jnp.dtype(want):
+            raise NotImplementedError(f"expert weights are {jnp.dtype(w.dtype).name}, expected {jnp.dtype(want).name}")
+
+
+def _silu(g):
+    return g / (1.0 + jnp.exp(-g))
+
+
+def _gate_up_kernel(
+    meta_ref,  # [4] int32: expert, first sorted pair, pair count, unused
+    xs_ref,  # [Ppad, D] token rows in sorted pair order
+    wg_ref,  # [E, D, F] (int8 when quantised)
+    wu_ref,  # [E, D, F]
+    *rest,  # (sg_ref [E, F], su_ref [E, F] float32 when quantised), h_ref [Ppad, F]
+    block_m: int,
+    block_f: int,
+    block_k: int,
+    quantized: bool,
+):
+    h_ref = rest[-1]
+    D = xs_ref.shape[1]
+    e, start, count = meta_ref[0], meta_ref[1], meta_ref[2]
+    f0 = pl.multiple_of(pl.program_id(1) * block_f, block_f)
+    rows = jnp.arange(block_m, dtype=jnp.int32)
+
+    def row_tile(r, carry):
+        r0 = start + r * block_m
+        live = jnp.broadcast_to((rows < count - r * block_m)[:, None], (block_m, block_f))
+
+        def k_step(kk, acc):
+            g, u = acc
+            k0 = pl.multiple_of(kk * block_k, block_k)
+            xt = xs_ref[pl.ds(r0, block_m), pl.ds(k0, block_k)]  # [BM, BK]
+            wg = wg_ref[e, pl.ds(k0, block_k), pl.ds(f0, block_f)]  # [BK, BF]
+            wu = wu_ref[e, pl.ds(k0, block_k), pl.ds(f0, block_f)]
+            if quantized:
+                wg, wu = wg.astype(xt.dtype), wu.astype(xt.dtype)
+            return g + pltriton.dot(xt, wg), u + pltriton.dot(xt, wu)
+
+        zero = jnp.zeros((block_m, block_f), jnp.float32)
+        g, u = lax.fori_loop(0, D // block_k, k_step, (zero, zero))
+        if quantized:
+            sg_ref, su_ref = rest[0], rest[1]
+            g = g * sg_ref[e, pl.ds(f0, block_f)][None, :]
+            u = u * su_ref[e, pl.ds(f0, block_f)][None, :]
+        h = (_silu(g) * u).astype(h_ref.dtype)
+        pltriton.store(h_ref.at[pl.ds(r0, block_m), pl.ds(f0, block_f)], h, mask=live)
+        return carry
+
+    # an empty slot (count 0) runs no tile and reads no weights
+    lax.fori_loop(0, lax.div(count + (block_m - 1), block_m), row_tile, 0)
+
+
+def _down_kernel(
+    meta_ref,  # [4] int32
+    h_ref,  # [Ppad, F] sorted pair order
+    pw_ref,  # [Ppad] float32 routing weight of each sorted pair
+    wd_ref,  # [E, F, D] (int8 when quantised)
+    *rest,  # (sd_ref [E, D] float32 when quantised), o_ref [Ppad, D] float32
+    block_m: int,
+    block_d: int,
+    block_kf: int,
+    quantized: bool,
+):
+    o_ref = rest[-1]
+    F = h_ref.shape[1]
+    e, start, count = meta_ref[0], meta_ref[1], meta_ref[2]
+    d0 = pl.multiple_of(pl.program_id(1) * block_d, block_d)
+    rows = jnp.arange(block_m, dtype=jnp.int32)
+
+    def row_tile(r, carry):
+        r0 = start + r * block_m
+        live = rows < count - r * block_m  # [BM]
+        # h rows past the slot belong to the next slot or are unwritten padding (garbage, NaN in the
+        # interpreter): load them as 0 so nothing non-finite enters the dot
+        live_h = jnp.broadcast_to(live[:, None], (block_m, block_kf))
+
+        def k_step(kk, acc):
+            k0 = pl.multiple_of(kk * block_kf, block_kf)
+            ht = pltriton.load(h_ref.at[pl.ds(r0, block_m), pl.ds(k0, block_kf)], mask=live_h, other=0)
+            wd = wd_ref[e, pl.ds(k0, block_kf), pl.ds(d0, block_d)]  # [BKF, BD]
+            if quantized:
+                wd = wd.astype(ht.dtype)
+            return acc + pltriton.dot(ht, wd)
+
+        acc = lax.fori_loop(0, F // block_kf, k_step, jnp.zeros((block_m, block_d), jnp.float32))
+        if quantized:
+            acc = acc * rest[0][e, pl.ds(d0, block_d)][None, :]
+        w = pltriton.load(pw_ref.at[pl.ds(r0, block_m)], mask=live, other=0.0)  # [BM]
+        live_o = jnp.broadcast_to(live[:, None], (block_m, block_d))
+        pltriton.store(o_ref.at[pl.ds(r0, block_m), pl.ds(d0, block_d)], acc * w[:, None], mask=live_o)
+        return carry
+
+    lax.fori_loop(0, lax.div(count + (block_m - 1), block_m), row_tile, 0)
+
+
+def group_by_expert(experts: jax.Array, num_experts: int, num_slots: int):
+    """experts: [T, K] int32 -> (order [P] sorted pair -> flat pair index, meta [S, 4] int32 per slot: expert,
+    first sorted pair, pair count, 0). Slots past the touched experts have count 0."""
+    P = experts.size
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    sorted_e = flat[order]
+    first = jnp.concatenate([jnp.ones((1,), bool), sorted_e[1:] != sorted_e[:-1]])
+    slot = jnp.cumsum(first.astype(jnp.int32)) - 1  # [P] slot of each sorted pair
+    idx = jnp.arange(P, dtype=jnp.int32)
+    expert = jnp.zeros((num_slots,), jnp.int32).at[slot].max(sorted_e)
+    start = jnp.full((num_slots,), P, jnp.int32).at[slot].min(idx)
+    count = jnp.zeros((num_slots,), jnp.int32).at[slot].add(1)
+    del num_experts  # slots are bounded by min(E, P) statically; ids need no bound check
+    return order, jnp.stack([expert, start, count, jnp.zeros_like(count)], axis=1)
+
+
+def moe_triton(
+    x: jax.Array,
+    router: jax.Array,
+    w_gate: jax.Array | QuantizedWeight,
+    w_up: jax.Array | QuantizedWeight,
+    w_down: jax.Array | QuantizedWeight,
+    *,
+    top_k: int,
+    norm_topk_prob: bool,
+    config: TritonMoEConfig | dict | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Fused MoE through Pallas Triton; same contract as `moe_reference`.
+
+    Args:
+      x: [T, D] bf16/f16 tokens, T <= 256; router: [E, D].
+      w_gate, w_up: [E, D, F] in x's dtype, or QuantizedWeight (int8 [E, D, F], scale [E, F]).
+      w_down: [E, F, D] in x's dtype, or QuantizedWeight (int8 [E, F, D], scale [E, D]).
+      config: tuning; interpret: run in the Pallas interpreter (CPU).
+    Returns:
+      [T, D] in x's dtype.
+    Raises:
+      NotImplementedError for unsupported dtypes, shapes or block sizes.
+    """
+    config = TritonMoEConfig(**config) if isinstance(config, dict) else config or TritonMoEConfig()
+    check_supported(x.shape, x.dtype, w_gate, w_up, w_down)
+    T, D = x.shape
+    E, _, F = w_gate.shape
+    p = plan(T, D, F, E, top_k, config, sms=DEFAULT_SMS if interpret else None)
+    return _moe(x, router, w_gate, w_up, w_down, top_k=top_k, norm_topk_prob=norm_topk_prob, plan=p,
+                interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "norm_topk_prob", "plan", "interpret"))
+def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interpret):
+    T, D = x.shape
+    E, _, F = w_gate.shape
+    bm, bf, bk, bd, bkf, S, num_warps, num_stages = plan
+    P = T * top_k
+    Ppad = P + bm  # a row tile starting at any pair stays in bounds
+    quantized = isinstance(w_gate, QuantizedWeight)
+
+    weights, experts = route(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob)  # [T, K]
+    order, meta = group_by_expert(experts, E, S)
+    xs = jnp.pad(x[order // top_k], ((0, bm), (0, 0)))  # [Ppad, D]
+    pw = jnp.pad(weights.reshape(-1)[order], (0, bm))  # [Ppad]
+
+    def full(shape):
+        return pl.BlockSpec(shape, lambda s, j: (0,) * len(shape))
+
+    meta_spec = pl.BlockSpec((None, 4), lambda s, j: (s, 0))
+    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    if quantized:
+        wg, wu, wd = w_gate.values, w_up.values, w_down.values
+        gu_scales, d_scales = (w_gate.scale, w_up.scale), (w_down.scale,)
+    else:
+        wg, wu, wd = w_gate, w_up, w_down
+        gu_scales, d_scales = (), ()
+
+    h = pl.pallas_call(
+        functools.partial(_gate_up_kernel, block_m=bm, block_f=bf, block_k=bk, quantized=quantized),
+        grid=(S, F // bf),
+        in_specs=[meta_spec, full((Ppad, D)), full((E, D, F)), full((E, D, F))] + [full((E, F))] * len(gu_scales),
+        out_specs=full((Ppad, F)),
+        out_shape=jax.ShapeDtypeStruct((Ppad, F), x.dtype),
+        compiler_params=params,
+        interpret=interpret,
+        name=f"moe_gate_up_bm{bm}_bf{bf}_bk{bk}",
+    )(meta, xs, wg, wu, *gu_scales)
+    out = pl.pallas_call(
+        functools.partial(_down_kernel, block_m=bm, block_d=bd, block_kf=bkf, quantized=quantized),
+        grid=(S, D // bd),
+        in_specs=[meta_spec, full((Ppad, F)), full((Ppad,)), full((E, F, D))] + [full((E, D))] * len(d_scales),
+        out_specs=full((Ppad, D)),
+        out_shape=jax.ShapeDtypeStruct((Ppad, D), jnp.float32),
+        compiler_params=params,
+        interpret=interpret,
+        name=f"moe_down_bm{bm}_bd{bd}_bk{bkf}",
+    )(meta, h, pw, wd, *d_scales)
+
+    # back to token order: flat pair t * K + k sits at sorted position inv[t * K + k]
+    inv = jnp.zeros((P,), jnp.int32).at[order].set(jnp.arange(P, dtype=jnp.int32))
+    return out[inv].reshape(T, top_k, D).sum(axis=1).astype(x.dtype)

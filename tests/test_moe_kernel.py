@@ -1,0 +1,263 @@
+"""The Triton MoE kernel against a float64 per-token loop, in the Pallas interpreter (natively on a GPU).
+
+Inputs are bf16 (the kernel's dtypes) with router logits at least MIN_GAP apart around the k-th expert after
+rounding, so routing is unambiguous. Experts no token chose hold NaN weights: reading one would poison the
+output. The interpreter fills every output buffer with NaN before the kernel runs, so a pair row a kernel fails
+to write poisons the result; NaN never passes. `test_lowers_to_triton` lowers the benchmark's real shapes for a
+CUDA target on the CPU (power-of-two blocks, dot shapes, supported ops), which the interpreter does not check.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import rel_err
+from test_moe_reference import make_inputs, naive_moe, naive_routing
+
+from pallas_kernels import moe as moe_op
+from pallas_kernels.moe import (
+    IMPLEMENTATIONS,
+    QuantizedWeight,
+    TritonMoEConfig,
+    dispatch,
+    moe_reference,
+    moe_triton,
+    quantize_int8,
+    triton_available,
+)
+from pallas_kernels.moe.triton_moe import MAX_TOKENS, group_by_expert, plan
+
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRET = not ON_GPU
+TOL = 1e-2  # bf16 inputs, h and output rounded to bf16 as in the reference
+TOL_INT8 = 3e-2  # int8 per-channel weights against the bf16 weights they were made from
+BF16 = ml_dtypes.bfloat16
+
+
+def _round_bf16(a):
+    return np.asarray(a, np.float32).astype(BF16).astype(np.float32)
+
+
+def bf16_inputs(rng, T, E, D, F, top_k, bias=None):
+    """make_inputs with x and router rounded to bf16 before the tie check, weights rounded after."""
+
+    def router_fn(x, router):
+        if bias is not None:
+            x, router = bias(x, router)
+        return _round_bf16(x), _round_bf16(router)
+
+    x, router, wg, wu, wd = make_inputs(rng, T, E, D, F, top_k, router_fn)
+    return x, router, _round_bf16(wg), _round_bf16(wu), _round_bf16(wd)
+
+
+def poison_unused(experts, *weights):
+    """NaN in every expert no token chose."""
+    unused = np.setdiff1d(np.arange(weights[0].shape[0]), experts)
+    out = []
+    for w in weights:
+        w = w.copy()
+        w[unused] = np.nan
+        out.append(w)
+    return out
+
+
+def run(x, router, wg, wu, wd, *, top_k, norm_topk_prob=True, config=None):
+    to = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+    ws = [w if isinstance(w, QuantizedWeight) else to(w) for w in (wg, wu, wd)]
+    got = moe_triton(to(x), to(router), *ws, top_k=top_k, norm_topk_prob=norm_topk_prob, config=config,
+                     interpret=INTERPRET)
+    assert got.shape == x.shape and got.dtype == jnp.bfloat16
+    got = np.asarray(got.astype(jnp.float32), np.float64)
+    assert np.isfinite(got).all(), "NaN/inf leaked into the output"
+    return got
+
+
+def check(rng, T, E, D, F, top_k, *, norm_topk_prob=True, bias=None, config=None):
+    x, router, wg, wu, wd = bf16_inputs(rng, T, E, D, F, top_k, bias)
+    want = naive_moe(x, router, wg, wu, wd, top_k=top_k, norm_topk_prob=norm_topk_prob)
+    experts, _, _ = naive_routing(x, router, top_k, norm_topk_prob)
+    wg, wu, wd = poison_unused(experts, wg, wu, wd)
+    got = run(x, router, wg, wu, wd, top_k=top_k, norm_topk_prob=norm_topk_prob, config=config)
+    err = rel_err(got, want)
+    assert err <= TOL, f"rel err {err:.3g} > {TOL}"
+    return experts
+
+
+# (E, top_k, D, F): Qwen3-30B-A3B's routing (128 experts, top-8) at reduced D/F, and a small config whose F is
+# not a power of two (48 = 3 x 16, like 768 = 3 x 256)
+CONFIGS = [(128, 8, 64, 32), (8, 2, 32, 48)]
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 256])
+@pytest.mark.parametrize("E,top_k,D,F", CONFIGS, ids=["qwen3-30b-a3b", "small"])
+def test_matches_naive(rng, T, E, top_k, D, F):
+    check(rng, T, E, D, F, top_k)
+
+
+@pytest.mark.parametrize("E,top_k,D,F", CONFIGS, ids=["qwen3-30b-a3b", "small"])
+def test_no_renormalisation(rng, E, top_k, D, F):
+    check(rng, 7, E, D, F, top_k, norm_topk_prob=False)
+
+
+def test_some_experts_chosen_by_no_token(rng):
+    # experts 0, 3, 5 never chosen (and NaN-poisoned by check): the first slot's expert and its neighbours
+    dead = [0, 3, 5]
+
+    def bias(x, router):
+        x, router = x.copy(), router.copy()
+        x[:, 0], router[:, 0] = 1.0, 0.0
+        router[dead, 0] = -30.0
+        return x, router
+
+    experts = check(rng, 64, 8, 32, 48, 2, bias=bias)
+    assert not np.isin(experts, dead).any()
+
+
+@pytest.mark.parametrize("E,top_k,D,F,T", [(128, 8, 64, 32, 256), (8, 2, 32, 48, 64)], ids=["qwen3-30b-a3b", "small"])
+def test_one_expert_chosen_by_every_token(rng, E, top_k, D, F, T):
+    # one slot with T pairs: several row tiles over the same expert weights
+    hot = int(rng.integers(E))
+
+    def bias(x, router):
+        x, router = x.copy(), router.copy()
+        x[:, 0], router[:, 0] = 1.0, 0.0
+        router[hot, 0] = 12.0
+        return x, router
+
+    experts = check(rng, T, E, D, F, top_k, bias=bias)
+    assert (experts[:, 0] == hot).all()
+
+
+@pytest.mark.parametrize("config", [
+    TritonMoEConfig(block_m=16, block_f=16, block_k=16, block_d=16, block_kf=16),
+    TritonMoEConfig(block_m=32, block_f=32, block_k=32, block_d=32, block_kf=32, num_warps=8, num_stages=2),
+])
+def test_configs(rng, config):
+    check(rng, 64, 128, 64, 32, 8, config=config)
+
+
+@pytest.mark.parametrize("T", [1, 64])
+def test_int8_weights(rng, T):
+    # the quantised format: against the dequantised weights it is the same computation (scale after the dot
+    # instead of before), against the bf16 weights it was made from the quantisation error is bounded
+    E, top_k, D, F = 128, 8, 64, 32
+    x, router, wg, wu, wd = bf16_inputs(rng, T, E, D, F, top_k)
+    want = naive_moe(x, router, wg, wu, wd, top_k=top_k, norm_topk_prob=True)
+    experts, _, _ = naive_routing(x, router, top_k, True)
+    q = [quantize_int8(jnp.asarray(w, jnp.bfloat16)) for w in (wg, wu, wd)]
+    deq = [np.asarray(w.values, np.float64) * np.asarray(w.scale, np.float64)[:, None, :] for w in q]
+    want_deq = naive_moe(x, router, *deq, top_k=top_k, norm_topk_prob=True)
+    # the unused experts' scales are NaN: reading them would poison the output
+    q = [QuantizedWeight(w.values, jnp.asarray(poison_unused(experts, np.asarray(w.scale))[0])) for w in q]
+    got = run(x, router, *q, top_k=top_k)
+    assert rel_err(got, want_deq) <= TOL
+    err = rel_err(got, want)
+    assert err <= TOL_INT8, f"int8 vs bf16 weights: rel err {err:.3g} > {TOL_INT8}"
+    # the reference takes the same format
+    ref = moe_reference(*(jnp.asarray(a, jnp.bfloat16) for a in (x, router)),
+                        *(quantize_int8(jnp.asarray(w, jnp.bfloat16)) for w in (wg, wu, wd)), top_k=top_k,
+                        norm_topk_prob=True)
+    assert rel_err(np.asarray(ref.astype(jnp.float32)), want) <= TOL_INT8
+
+
+def test_group_by_expert():
+    experts = jnp.array([[3, 1], [1, 0], [3, 2]], jnp.int32)  # pairs 0..5 -> experts 3 1 1 0 3 2
+    order, meta = group_by_expert(experts, 8, 6)
+    flat = np.asarray(experts).reshape(-1)
+    assert list(flat[np.asarray(order)]) == [0, 1, 1, 2, 3, 3]
+    assert np.asarray(meta).tolist() == [[0, 0, 1, 0], [1, 1, 2, 0], [2, 3, 1, 0], [3, 4, 2, 0],
+                                         [0, 6, 0, 0], [0, 6, 0, 0]]
+
+
+def test_plan_defaults():
+    # decode: 8 touched experts, narrow column blocks for parallelism; T=256: wider row tiles
+    p = plan(1, 2048, 768, 128, 8, TritonMoEConfig(), sms=132)
+    assert (p.block_m, p.block_f, p.block_d, p.block_k, p.block_kf, p.num_slots) == (16, 32, 32, 128, 128, 8)
+    p = plan(256, 4096, 1536, 128, 8, TritonMoEConfig(), sms=132)
+    assert (p.block_m, p.block_f, p.block_d, p.num_slots) == (32, 64, 64, 128)
+
+
+@pytest.mark.parametrize("kw,x_dtype,quant", [
+    (dict(T=MAX_TOKENS + 1), jnp.bfloat16, (False, False, False)),
+    (dict(), jnp.float32, (False, False, False)),
+    (dict(), jnp.bfloat16, (True, False, False)),
+    (dict(D=40), jnp.bfloat16, (False, False, False)),
+    (dict(config=TritonMoEConfig(block_f=64)), jnp.bfloat16, (False, False, False)),
+])
+def test_unsupported_raise_not_implemented(kw, x_dtype, quant):
+    T, D, E, F = kw.get("T", 4), kw.get("D", 64), 8, 48
+    x = jnp.zeros((T, D), x_dtype)
+    ws = [jnp.zeros(s, x_dtype) for s in ((E, D, F), (E, D, F), (E, F, D))]
+    ws = [quantize_int8(w) if q else w for w, q in zip(ws, quant, strict=True)]
+    with pytest.raises(NotImplementedError):
+        moe_triton(x, jnp.zeros((E, D), x_dtype), *ws, top_k=2, norm_topk_prob=True, config=kw.get("config"),
+                   interpret=True)
+    # the dispatcher falls back to the reference for what the kernel declines, unless the kernel was forced
+    if not kw.get("config"):
+        dispatch.moe(x, jnp.zeros((E, D), x_dtype), *ws, top_k=2, norm_topk_prob=True)
+        with pytest.raises(NotImplementedError):
+            dispatch.moe(x, jnp.zeros((E, D), x_dtype), *ws, top_k=2, norm_topk_prob=True, impl="triton")
+
+
+def test_config_validates_itself():
+    for kw in (dict(block_m=24), dict(block_f=8), dict(block_m=256), dict(num_warps=3), dict(num_stages=0)):
+        with pytest.raises(ValueError):
+            TritonMoEConfig(**kw)
+
+
+def test_registered_and_dispatched(rng, monkeypatch):
+    fn, available = IMPLEMENTATIONS["triton"]
+    assert fn is moe_triton and available is triton_available
+    assert triton_available() is ON_GPU
+    x, router, wg, wu, wd = (jnp.asarray(a, jnp.bfloat16) for a in bf16_inputs(rng, 7, 8, 32, 48, 2))
+    ref = moe_reference(x, router, wg, wu, wd, top_k=2, norm_topk_prob=True)
+    if not ON_GPU:  # the CPU gets the reference through the public op
+        np.testing.assert_array_equal(np.asarray(moe_op(x, router, wg, wu, wd, top_k=2, norm_topk_prob=True)),
+                                      np.asarray(ref))
+    # a tuned-table entry picks the implementation and its config
+    calls = []
+    monkeypatch.setitem(IMPLEMENTATIONS, "triton", (lambda *a, config=None, **k: calls.append(config) or ref,
+                                                    available))
+    monkeypatch.setattr(dispatch.tuning, "lookup", lambda op, key: {"impl": "triton", "config": {"block_m": 16}})
+    dispatch.moe(x, router, wg, wu, wd, top_k=2, norm_topk_prob=True)
+    assert calls == [{"block_m": 16}]
+    assert dispatch.shape_key(x.shape, quantize_int8(wg), 2, x.dtype) == "T7-D32-F48-E8-K2-bfloat16-wint8"
+
+
+# (T, D, F, E, top_k, int8): the benchmark's shapes, Qwen3-30B-A3B and Qwen3-235B-A22B
+LOWERING = [
+    (1, 2048, 768, 128, 8, False),
+    (64, 2048, 768, 128, 8, False),
+    (256, 2048, 768, 128, 8, True),
+    (8, 4096, 1536, 128, 8, False),
+    (256, 4096, 1536, 128, 8, False),
+    (1, 4096, 1536, 128, 8, True),
+]
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU compiles for real in the other tests")
+@pytest.mark.parametrize("T,D,F,E,top_k,int8", LOWERING)
+def test_lowers_to_triton(T, D, F, E, top_k, int8):
+    # Pallas' Triton lowering runs on the CPU for a CUDA target given an abstract GPU; this catches what the
+    # interpreter ignores (block sizes, dot shapes, unsupported ops)
+    from jax._src.mesh import AbstractDevice
+    from jax.sharding import AbstractMesh
+
+    sds = jax.ShapeDtypeStruct
+
+    def w(a, b):
+        if int8:
+            return QuantizedWeight(sds((E, a, b), jnp.int8), sds((E, b), jnp.float32))
+        return sds((E, a, b), jnp.bfloat16)
+
+    args = (sds((T, D), jnp.bfloat16), sds((E, D), jnp.bfloat16), w(D, F), w(D, F), w(F, D))
+    configs = [None, TritonMoEConfig(block_m=64, block_f=64, block_d=128, block_k=64, block_kf=256, num_warps=8)]
+    a100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA A100-SXM4-80GB", 108, "gpu"))
+    with jax.sharding.use_abstract_mesh(a100):
+        for config in configs:
+            fn = jax.jit(lambda *a, c=config: moe_triton(*a, top_k=top_k, norm_topk_prob=True, config=c))
+            text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+            assert text.count("__gpu$xla.gpu.triton") == 2
