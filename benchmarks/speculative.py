@@ -143,6 +143,18 @@ def main() -> None:
     engine = Engine(target, ecfg)
     rows = []
 
+    def save(complete: bool) -> None:
+        # after every row: a run cut off by a time limit still leaves what it measured
+        if args.no_write:
+            return
+        payload = {"device": device(), "shapes": "tiny" if args.tiny else "Qwen2.5-Coder-1.5B (random init)",
+                   "dtype": jnp.dtype(dtype).name, "versions": versions("jax", "flax"), "rows": rows,
+                   "complete": complete, "trained_drafters": {"block": args.block_drafter,
+                                                              "eagle3": args.eagle3_drafter}}
+        path = write_result("speculative_tiny" if args.tiny else "speculative", payload)
+        if complete:
+            log(f"wrote {path}")
+
     def plain(prompt, n) -> float:
         sp = SamplingParams(max_new_tokens=n)
         engine.generate([prompt], SamplingParams(max_new_tokens=min(n, 32)))  # warm-up: compiles
@@ -150,19 +162,6 @@ def main() -> None:
         out = engine.generate([prompt], sp)[0]
         jax.block_until_ready(engine.cache.pages)
         return len(out.tokens) / (time.perf_counter() - t)
-
-    if "apply" in args.drafters:
-        # warm-up on a whole workload: the draft length adapts up and down, so every verify width compiles here
-        # and not inside a timed run
-        forced_apply(engine, ApplySpeculator(1), *workloads[0])
-        for (prompt, merged), name in zip(workloads, FILES, strict=False):
-            fwd, dt = forced_apply(engine, ApplySpeculator(1), prompt, merged)
-            base = plain(prompt, len(merged))
-            rows.append({"drafter": "apply", "workload": f"edit-merge {name}", "prompt": len(prompt),
-                         "tokens": len(merged), "forwards": fwd, "tokens_per_forward": round(len(merged) / fwd, 2),
-                         "tok_s": round(len(merged) / dt, 1), "plain_tok_s": round(base, 1),
-                         "speedup": round(len(merged) / dt / base, 2)})
-            log(str(rows[-1]))
 
     layers = (1, cfg.num_layers // 2, cfg.num_layers - 2) if cfg.num_layers > 3 else (0, cfg.num_layers - 1)
     D = cfg.hidden_size
@@ -184,13 +183,13 @@ def main() -> None:
 
     completion = workloads[: args.completion_files]
     for kind in [k for k in args.drafters if k != "apply"]:
-        # warm-up at the full length on the first prompt: compiles every width and prefill bucket it will use
-        SpeculativeDecoder(engine, drafter_for(kind)).generate(
-            [completion[0][1][: len(completion[0][1]) // 2]], SamplingParams(max_new_tokens=args.new_tokens))
         for (_, merged), name in zip(completion, FILES, strict=False):
             # code completion: the merged file's first half as the prompt
             ctx = merged[: len(merged) // 2]
             sp = SamplingParams(max_new_tokens=args.new_tokens)
+            # warm-up on this very prompt and length: every prefill bucket and verify width it uses compiles
+            # here, not in the timed run (a fresh drafter then starts from the same state)
+            SpeculativeDecoder(engine, drafter_for(kind)).generate([ctx], sp)
             spec = SpeculativeDecoder(engine, drafter_for(kind))
             t = time.perf_counter()
             out = spec.generate([ctx], sp)[0]
@@ -202,15 +201,26 @@ def main() -> None:
                          "tok_s": round(len(out.tokens) / dt, 1), "plain_tok_s": round(base, 1),
                          "speedup": round(len(out.tokens) / dt / base, 2)})
             log(str(rows[-1]))
+            save(complete=False)
+
+    if "apply" in args.drafters:
+        # warm-up on a whole workload: the draft length adapts up and down, so every verify width compiles here
+        # and not inside a timed run
+        forced_apply(engine, ApplySpeculator(1), *workloads[0])
+        for (prompt, merged), name in zip(workloads, FILES, strict=False):
+            fwd, dt = forced_apply(engine, ApplySpeculator(1), prompt, merged)
+            base = plain(prompt, len(merged))
+            rows.append({"drafter": "apply", "workload": f"edit-merge {name}", "prompt": len(prompt),
+                         "tokens": len(merged), "forwards": fwd, "tokens_per_forward": round(len(merged) / fwd, 2),
+                         "tok_s": round(len(merged) / dt, 1), "plain_tok_s": round(base, 1),
+                         "speedup": round(len(merged) / dt / base, 2)})
+            log(str(rows[-1]))
+            save(complete=False)
 
     cols = ["drafter", "workload", "prompt", "tokens", "forwards", "tokens_per_forward", "tok_s", "plain_tok_s",
             "speedup"]
     print(table(rows, cols))
-    payload = {"device": device(), "shapes": "tiny" if args.tiny else "Qwen2.5-Coder-1.5B (random init)",
-               "dtype": jnp.dtype(dtype).name, "versions": versions("jax", "flax"), "rows": rows,
-               "trained_drafters": {"block": args.block_drafter, "eagle3": args.eagle3_drafter}}
-    if not args.no_write:
-        log(f"wrote {write_result('speculative_tiny' if args.tiny else 'speculative', payload)}")
+    save(complete=True)
 
 
 if __name__ == "__main__":
