@@ -7,6 +7,11 @@ weight-streaming roofline is weight bytes / the copy bandwidth measured in the s
 
 Run on the GPU machine:  python benchmarks/decode.py            (CPU: --tiny, a smoke test of the script)
 HF runs in a subprocess (`--hf-only`) so torch and JAX do not share the GPU's memory.
+
+--moe: a randomly initialised Qwen3-30B-A3B instead (48 layers, hidden 2048, 32/4 heads, 128 experts top-8, expert
+FFN 768; ~61 GB in bf16), no HF baseline; the same engine runs once with the MoE layers on `moe_reference`
+(ragged_dot) and once on what the MoE dispatcher picks for the device (the fused kernel on NVIDIA GPUs): before
+and after, in one process, one model. Writes decode_moe.json.
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ QWEN25_CODER_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=16, tie_word_embeddings=True, qkv_bias=True, max_position_embeddings=4096)
 
+
+QWEN3_30B_A3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=48, num_heads=32,
+                     num_kv_heads=4, head_dim=128, qk_norm=True, num_experts=128, num_experts_per_tok=8,
+                     moe_intermediate_size=768, norm_topk_prob=True, max_position_embeddings=40960,
+                     moe_layers=(True,) * 48)
+TINY_MOE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                head_dim=16, qk_norm=True, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                norm_topk_prob=True, max_position_embeddings=4096, moe_layers=(True,) * 2)
 
 T0 = time.perf_counter()
 
@@ -83,17 +96,25 @@ def hf_only(args) -> None:
     print("HF_RESULT " + json.dumps(out), flush=True)
 
 
-def ours(args, attn: str) -> dict:
+def model_config(args):
+    from codegen_jax import ModelConfig
+
+    if args.moe:
+        return ModelConfig(model_type="qwen3_moe", rms_norm_eps=1e-6, **(TINY_MOE if args.tiny else QWEN3_30B_A3B))
+    return ModelConfig(model_type="qwen2", rms_norm_eps=1e-6, **(TINY if args.tiny else QWEN25_CODER_1_5B))
+
+
+def ours(args, attn: str, model=None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from codegen_jax import Engine, EngineConfig, ModelConfig, SamplingParams, init_model
+    from codegen_jax import Engine, EngineConfig, SamplingParams, init_model
 
-    shape = TINY if args.tiny else QWEN25_CODER_1_5B
-    cfg = ModelConfig(model_type="qwen2", rms_norm_eps=1e-6, **shape)
-    model = init_model(cfg, dtype=jnp.bfloat16)
-    log("ours: model initialised")
+    cfg = model_config(args)
+    if model is None:
+        model = init_model(cfg, dtype=jnp.bfloat16)
+        log("ours: model initialised")
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
     out = {"weight_bytes": weight_bytes}
     rng = np.random.default_rng(0)
@@ -136,9 +157,12 @@ def main() -> None:
                         "the dispatcher picks for this device)")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--moe", action="store_true", help="Qwen3-30B-A3B, MoE reference vs the dispatcher's MoE kernel")
     args = p.parse_args()
     if args.hf_only:
         return hf_only(args)
+    if args.moe:
+        return moe_main(args)
 
     hf = {}
     if not args.skip_hf:
@@ -180,6 +204,51 @@ def main() -> None:
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "page_size": args.page_size,
         "decode_steps": args.decode_steps, "backend": jax.default_backend(), "ours": runs, "hf": hf,
         "table": rows,
+    })
+    print(f"wrote {path}")
+
+
+def moe_main(args) -> None:
+    """Before/after of the MoE op in the decode loop: the MoE reference, then the dispatcher's pick."""
+    import jax
+    import jax.numpy as jnp
+
+    from codegen_jax import init_model
+    from pallas_kernels.attention import dispatch as attn_dispatch
+    from pallas_kernels.moe import dispatch as moe_dispatch
+
+    attn = (args.attn or [attn_dispatch.choose()])[0]
+    model = init_model(model_config(args), dtype=jnp.bfloat16)
+    log("ours: MoE model initialised")
+    after = moe_dispatch.choose()
+    runs = {}
+    for moe_impl in dict.fromkeys(["reference", after]):
+        # the model calls `pallas_kernels.moe` without an impl: hide the kernels (and their tuned entries) for
+        # the "before" run; every Engine jits afresh, so each run traces with its own pick
+        hidden = {k: v for k, v in moe_dispatch.IMPLEMENTATIONS.items() if k != "reference"}
+        if moe_impl == "reference":
+            for k in hidden:
+                del moe_dispatch.IMPLEMENTATIONS[k]
+        try:
+            runs[moe_impl] = ours(args, attn, model)
+        finally:
+            moe_dispatch.IMPLEMENTATIONS.update(hidden)
+        log(f"moe={moe_impl}: {runs[moe_impl]}")
+    rows = []
+    for impl, us in runs.items():
+        for b in args.batch:
+            row = {"moe": impl, "attention": attn, "batch": b, "tok/s": round(us[f"ours_b{b}_tok_s"], 1),
+                   "decode-only tok/s": round(us[f"ours_b{b}_decode_only_tok_s"], 1)}
+            if impl != "reference" and "reference" in runs:
+                row["speed-up"] = round(us[f"ours_b{b}_decode_only_tok_s"]
+                                        / runs["reference"][f"ours_b{b}_decode_only_tok_s"], 2)
+            rows.append(row)
+    print(table(rows, list(dict.fromkeys(c for r in rows for c in r))))
+    path = write_result("decode_moe_tiny" if args.tiny else "decode_moe", {
+        "device": device(), "versions": versions("jax", "jaxlib", "flax"),
+        "shapes": "tiny-moe" if args.tiny else "Qwen3-30B-A3B (random weights)",
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "page_size": args.page_size,
+        "decode_steps": args.decode_steps, "backend": jax.default_backend(), "ours": runs, "table": rows,
     })
     print(f"wrote {path}")
 

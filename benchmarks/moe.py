@@ -1,0 +1,225 @@
+"""MoE layer at decode sizes: touched-expert GB/s and microseconds of ours beside XLA's, same inputs, same run.
+
+GB/s counts the bytes of the experts the call's tokens actually chose (3 x D x F weights each, at the weights'
+storage width; int8 adds its scales), each counted once: the least any implementation must read.
+  ours          what the model gets: `pallas_kernels.moe` (the tuned table's winner, else the default kernel)
+  triton_int8   our Triton kernel on int8 per-output-channel weights (quantised from the same bf16 weights)
+  ragged_dot    `moe_reference`: routing, sort, three `jax.lax.ragged_dot`s, scatter-add
+  gather_einsum routing, then each (token, expert) pair's weights gathered and contracted with einsum
+Shapes: Qwen3-30B-A3B (hidden 2048, expert FFN 768) and Qwen3-235B-A22B (4096, 1536), 128 experts, top-8,
+norm_topk_prob, bf16, T in {1, 8, 64, 256} tokens. Timing (pallas_kernels.tuning.time_us): many chained calls in
+one jitted function over 4 rotating token sets (different experts per set), median of 7 runs / calls. Each output
+is checked against ragged_dot first (max |diff| / max |ref| <= 2e-2, int8 4e-2, NaN-free).
+
+--tune runs the search loop over Triton configs for the Qwen3-30B-A3B shapes first and writes the winners to
+pallas_kernels/tuned/moe.json (and $OUT), which `ours` then uses.
+
+Run on the GPU machine:  python benchmarks/moe.py [--tune] [--shapes 30b]      (CPU: --tiny, a smoke test)
+Writes benchmarks/results/moe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import device, table, versions, write_result  # noqa: E402
+
+SHAPES = {  # name: (D, F, E, top_k)
+    "30b": (2048, 768, 128, 8),
+    "235b": (4096, 1536, 128, 8),
+}
+TOKENS = (1, 8, 64, 256)
+TINY = {"tiny": (64, 48, 8, 2)}
+TINY_TOKENS = (1, 8)
+SETS = 4
+TOL, TOL_INT8 = 2e-2, 4e-2
+GATHER_LIMIT = 24e9  # bytes of gathered expert copies gather_einsum may materialise (H100: 80 GB)
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def gather_einsum(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob):
+    """Each (token, expert) pair's weights gathered, then contracted: reads K expert copies per token."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.moe.reference import route
+
+    weights, experts = route(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob)  # [T, K]
+    f32 = jnp.float32
+    g = jnp.einsum("td,tkdf->tkf", x, w_gate[experts], preferred_element_type=f32)
+    u = jnp.einsum("td,tkdf->tkf", x, w_up[experts], preferred_element_type=f32)
+    h = (jax.nn.silu(g) * u).astype(x.dtype)
+    out = jnp.einsum("tkf,tkfd->tkd", h, w_down[experts], preferred_element_type=f32)
+    return jnp.einsum("tkd,tk->td", out, weights).astype(x.dtype)
+
+
+def make_sets(T, D, F, E, top_k, seed=0):
+    """SETS argument tuples sharing one set of expert weights (far larger than L2) with different tokens."""
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.key(seed), 4 + 2 * SETS)
+    bf16 = jnp.bfloat16
+    w_gate = (jax.random.normal(keys[0], (E, D, F), bf16) * D ** -0.5).astype(bf16)
+    w_up = (jax.random.normal(keys[1], (E, D, F), bf16) * D ** -0.5).astype(bf16)
+    w_down = (jax.random.normal(keys[2], (E, F, D), bf16) * F ** -0.5).astype(bf16)
+    sets = []
+    for i in range(SETS):
+        x = jax.random.normal(keys[4 + 2 * i], (T, D), bf16)
+        router = (jax.random.normal(keys[5 + 2 * i], (E, D), bf16) * D ** -0.5).astype(bf16)
+        sets.append((x, router, w_gate, w_up, w_down))
+    return sets
+
+
+def touched(sets, top_k) -> float:
+    """Mean number of distinct experts the sets' tokens choose."""
+    import numpy as np
+
+    from pallas_kernels.moe.reference import route
+
+    return float(np.mean([len(np.unique(np.asarray(route(x, r, top_k=top_k, norm_topk_prob=True)[1])))
+                          for x, r, *_ in sets]))
+
+
+def tune(shape_name, tokens, *, quick) -> list[dict]:
+    """The search loop over Triton configs for each T; winners go to pallas_kernels/tuned/moe.json."""
+    import functools
+
+    from pallas_kernels import tuning
+    from pallas_kernels.moe import TritonMoEConfig, dispatch, moe_reference, moe_triton
+
+    D, F, E, K = SHAPES[shape_name]
+    rows = []
+    for T in tokens:
+        sets = make_sets(T, D, F, E, K)
+        configs = [TritonMoEConfig()]
+        for bf in (16, 32, 64):
+            for stages in ((3,) if quick else (2, 4)):
+                configs.append(TritonMoEConfig(block_f=bf, block_d=bf, num_stages=stages))
+        if T >= 64:
+            configs += [TritonMoEConfig(block_m=bm) for bm in (16, 64)]
+        configs = list(dict.fromkeys(configs))
+        cands = [tuning.Candidate("triton", c, functools.partial(moe_triton, top_k=K, norm_topk_prob=True,
+                                                                 config=c)) for c in configs]
+        ref = functools.partial(moe_reference, top_k=K, norm_topk_prob=True)
+        best, trials = tuning.search(cands, ref, sets, tol=TOL)
+        for t in trials:
+            if t.error:
+                log(f"tune T={T} {t.config}: {t.error}")
+        if best is not None:
+            key = dispatch.shape_key((T, D), sets[0][2], K, sets[0][0].dtype)
+            path = tuning.record(dispatch.OP, key, best)
+            if os.environ.get("OUT"):
+                shutil.copy(path, Path(os.environ["OUT"], path.name))
+            log(f"tune {shape_name} T={T}: best {best.config} {best.us:.1f} us (of {len(trials)})")
+            rows.append({"shape": shape_name, "T": T, "best": best.config, "us": round(best.us, 1),
+                         "trials": [vars(t) for t in trials]})
+    return rows
+
+
+def bench(shape_name, T, *, tiny) -> list[dict]:
+    import functools
+
+    import jax
+
+    from pallas_kernels import moe, tuning
+    from pallas_kernels.moe import dispatch, moe_reference, moe_triton, quantize_int8
+
+    D, F, E, K = (TINY if tiny else SHAPES)[shape_name]
+    sets = make_sets(T, D, F, E, K)
+    n_touched = touched(sets, K)
+    kw = dict(top_k=K, norm_topk_prob=True)
+    qsets = None
+    impls = {
+        "ours": functools.partial(moe, **kw),
+        "ragged_dot": functools.partial(moe_reference, **kw),
+        "gather_einsum": functools.partial(gather_einsum, **kw),
+    }
+    if tiny:  # the CPU: the kernel runs in the interpreter
+        impls["ours"] = functools.partial(moe_triton, **kw, interpret=True)
+    ref = jax.jit(impls["ragged_dot"])(*sets[0])
+    rows = []
+    for name in ["ours", "triton_int8", "ragged_dot", "gather_einsum"]:
+        bytes_per_expert = 3 * D * F * 2
+        if name == "triton_int8":
+            q = [quantize_int8(w) for w in sets[0][2:]]
+            qsets = [(x, r, *q) for x, r, *_ in sets]
+            fn = functools.partial(moe_triton, **kw, interpret=tiny)
+            bytes_per_expert = 3 * D * F + 4 * (2 * F + D)
+            args, tol = qsets, TOL_INT8
+        else:
+            fn, args, tol = impls[name], sets, TOL
+        row = {"shape": shape_name, "T": T, "impl": name, "experts_touched": round(n_touched, 1)}
+        if name == "gather_einsum" and 3 * T * K * D * F * 2 > GATHER_LIMIT:
+            row["error"] = f"skipped: the gathered weights would take {3 * T * K * D * F * 2 / 1e9:.0f} GB"
+            rows.append(row)
+            continue
+        if name == "ours" and tiny:
+            row["picked"] = "triton (interpreter)"
+        elif name == "ours":
+            entry = dispatch.tuned((T, D), sets[0][2], K, sets[0][0].dtype)
+            row["picked"] = "tuned " + str(entry["config"]) if entry else dispatch.choose()
+        try:
+            err = tuning.max_rel_err(jax.jit(fn)(*args[0]), ref)
+            row["max_rel_err"] = f"{err:.2e}"
+            if not err <= tol:
+                raise AssertionError(f"max rel err {err:.3g} > {tol}")
+            us = tuning.time_us(fn, args, repeats=3 if tiny else 7)
+            row["us"] = round(us, 1)
+            row["GB/s"] = round(n_touched * bytes_per_expert / (us * 1e-6) / 1e9, 1)
+        except Exception as e:  # one failing implementation is recorded, the others still run
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            log(traceback.format_exc(limit=3))
+        log(f"{shape_name} T={T} {name}: {row.get('us', '-')} us, {row.get('GB/s', '-')} GB/s "
+            f"{row.get('error', '')}")
+        rows.append(row)
+    del sets, qsets
+    jax.clear_caches()
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    p.add_argument("--tune", action="store_true", help="search Triton configs for the 30b shapes first")
+    p.add_argument("--quick-tune", action="store_true", help="fewer configs in --tune")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes in the Pallas interpreter: a CPU smoke test")
+    args = p.parse_args()
+    import jax
+
+    tuned_rows = []
+    if args.tune and not args.tiny:
+        tuned_rows = tune("30b", args.tokens, quick=args.quick_tune)
+    rows = []
+    shapes = list(TINY) if args.tiny else args.shapes
+    for shape in shapes:
+        for T in (TINY_TOKENS if args.tiny else args.tokens):
+            rows += bench(shape, T, tiny=args.tiny)
+    cols = ["shape", "T", "impl", "experts_touched", "us", "GB/s", "max_rel_err", "picked", "error"]
+    print(table(rows, [c for c in cols if any(c in r for r in rows)]))
+    path = write_result("moe_tiny" if args.tiny else "moe", {
+        "device": device(), "versions": versions("jax", "jaxlib"), "backend": jax.default_backend(),
+        "shapes": {s: dict(zip(("D", "F", "E", "top_k"), (TINY if args.tiny else SHAPES)[s], strict=True))
+                   for s in shapes},
+        "rows": rows, "tune": tuned_rows,
+    })
+    print(f"wrote {path}")
+    if any("error" in r for r in rows if r["impl"] in ("ours", "triton_int8")):
+        raise SystemExit("our kernel failed on some shape (see the error column)")
+
+
+if __name__ == "__main__":
+    main()
