@@ -106,8 +106,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train.drafter",
         description="Train a drafter (block or EAGLE-3) on the target's own output: regenerate responses to the "
-                    "prompts with the engine, then train with the target's features computed online.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "prompts with the engine, then train with the target's features computed online.")
     p.add_argument("--config", default="", help="JSON or TOML file of flag values (keys as the flags, '-' or '_'); "
                                                  "flags given on the command line win")
     for f in dataclasses.fields(TrainConfig):
