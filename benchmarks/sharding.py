@@ -1,0 +1,210 @@
+"""Tensor parallelism on 2 GPUs: the collective matmuls and a TP=2 decode and prefill step, overlapped vs not,
+under NVLink and with NCCL_P2P_DISABLE=1 (host-staged transfers, our PCIe stand-in), plus XLA's own overlap flags.
+
+Each scenario runs in a fresh subprocess (NCCL and XLA read their environment when JAX initialises). Inside one,
+every figure is `pallas_kernels.tuning.time_us` (calls chained inside one jit: device time, dispatch taken out):
+  - per layer, 70B-class shapes (hidden 8192, FFN 28672): the all-gather-matmul (gate+up) and matmul-reduce-scatter
+    (down) at 2,048 tokens for 'nocomm' (the same compute, no communication), 'sp' (plain all_gather/psum_scatter),
+    'ring', 'bidi'; the decode all-reduce (8 tokens) plain vs overlapped. Exposed communication = t(sp) -
+    t(nocomm); hidden share = (t(sp) - t(ring|bidi)) / exposed.
+  - a 2-layer model of those shapes, prefill (1 x 2,048 tokens) and decode (8 slots, 1,024 cached tokens) steps per
+    strategy; communication share of a step = (t(xla) - t(nocomm)) / t(xla).
+
+    python -m benchmarks.sharding            # 2 GPUs, about 6 minutes
+    python -m benchmarks.sharding --tiny     # CPU smoke test with 2 simulated devices
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+from benchmarks.common import table, versions, write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+XLA_OVERLAP_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_threshold_for_windowed_einsum_mib=0 "
+                     "--xla_gpu_multi_streamed_windowed_einsum=true")
+SCENARIOS = {
+    "nvlink": {},
+    "p2p_disabled": {"NCCL_P2P_DISABLE": "1"},
+    "p2p_disabled_xla_flags": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": XLA_OVERLAP_FLAGS},
+}
+MARK = "RESULT "
+
+
+def shapes(tiny: bool) -> dict:
+    if tiny:
+        return dict(hidden=64, ffn=128, heads=4, kv_heads=2, head_dim=16, vocab=256, layers=2, prefill=64, slots=4,
+                    context=32)
+    return dict(hidden=8192, ffn=28672, heads=64, kv_heads=8, head_dim=128, vocab=32768, layers=2, prefill=2048,
+                slots=8, context=1024)
+
+
+# ---- one scenario (subprocess) ---------------------------------------------------------------------------------
+
+
+def worker(scenario: str, tiny: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from codegen_jax import Engine, EngineConfig, ModelConfig, init_model
+    from codegen_jax.parallel import parallelize, shard_cache, shard_model
+    from pallas_kernels.tuning import time_us
+    from sharding import strategy as S
+    from sharding import tensor_parallel as TP
+    from sharding.mesh import interconnect, make_mesh
+
+    timing = dict(repeats=3, max_calls=2) if tiny else dict(repeats=5)
+    sh = shapes(tiny)
+    D, F, N = sh["hidden"], sh["ffn"], sh["prefill"]
+    mesh = make_mesh(tp=2, devices=jax.devices()[:2])
+    dtype = jnp.float32 if tiny else jnp.bfloat16
+    key = jax.random.key(0)
+
+    def put(shape, spec, i):
+        a = jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32).astype(dtype) * 0.02
+        return jax.device_put(a, NamedSharding(mesh, spec))
+
+    only_xla = scenario.endswith("xla_flags")
+    out: dict = {"scenario": scenario, "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
+                 "interconnect": interconnect(), "layer_us": {}, "step_us": {}}
+
+    # Per-layer collective matmuls.
+    if not only_xla:
+        wg, wu, wd = put((F, D), P("tp"), 1), put((F, D), P("tp"), 2), put((D, F), P(None, "tp"), 3)
+        x_sp = put((N, D), P("tp"), 4)
+        h = put((N, F), P(None, "tp"), 5)
+        for s in ("nocomm", "sp", "ring", "bidi"):
+            out["layer_us"][f"ag_matmul_{s}"] = time_us(
+                lambda x, a, b, s=s: TP.column_parallel(x, [a, b], mesh, s), (x_sp, wg, wu), **timing)
+            out["layer_us"][f"matmul_rs_{s}"] = time_us(
+                lambda x, w, s=s: TP.row_parallel(x, w, mesh, s), (h, wd), **timing)
+        h_dec = put((sh["slots"], F), P(None, "tp"), 6)
+        for s in ("allreduce", "allreduce_overlap"):
+            out["layer_us"][f"decode_matmul_ar_{s}"] = time_us(
+                lambda x, w, s=s: TP.row_parallel(x, w, mesh, s), (h_dec, wd), **timing)
+        out["layer_us"]["decode_matmul_ar_nocomm"] = time_us(
+            jax.shard_map(lambda x, w: jnp.einsum("nf,df->nd", x, w), mesh=mesh, in_specs=(P(None, "tp"),) * 2,
+                          out_specs=P(None, "tp"), check_vma=False), (h_dec, wd), **timing)
+        del wg, wu, wd, x_sp, h, h_dec
+
+    # TP=2 model steps.
+    cfg = ModelConfig(model_type="llama", vocab_size=sh["vocab"], hidden_size=D, intermediate_size=F,
+                      num_layers=sh["layers"], num_heads=sh["heads"], num_kv_heads=sh["kv_heads"],
+                      head_dim=sh["head_dim"])
+    model = shard_model(init_model(cfg, dtype=dtype), mesh)
+    parallelize(model, mesh, "xla")
+    page = 16
+    ecfg = EngineConfig(max_slots=sh["slots"], page_size=page, max_seq_len=max(N, sh["context"]) + page,
+                        prefill_chunk=1 << (N - 1).bit_length(), decode_steps=1)
+    rng = np.random.default_rng(0)
+    n_pages = -(-N // page)
+    prefill_in = (jnp.asarray(rng.integers(0, cfg.vocab_size, (1, N)), jnp.int32),
+                  jnp.arange(1, n_pages + 1, dtype=jnp.int32)[None], jnp.array([N], jnp.int32),
+                  jnp.array([N], jnp.int32))
+    B, L = sh["slots"], sh["context"]
+    per = -(-(L + 1) // page)
+    decode_in = (jnp.asarray(rng.integers(0, cfg.vocab_size, (B, 1)), jnp.int32),
+                 1 + jnp.arange(B * per, dtype=jnp.int32).reshape(B, per), jnp.full((B,), L + 1, jnp.int32),
+                 jnp.ones((B,), jnp.int32))
+    steps = {"prefill": ("xla",) if only_xla else ("xla", "allreduce", "sp", "ring", "bidi", "auto", "nocomm"),
+             "decode": ("xla",) if only_xla else ("xla", "allreduce", "allreduce_overlap", "auto", "nocomm")}
+    for kind, strategies in steps.items():
+        inputs = prefill_in if kind == "prefill" else decode_in
+        for s in strategies:
+            for layer in model.layers:
+                layer.self_attn.strategy = layer.mlp.strategy = s
+            engine = Engine(model, ecfg)
+            shard_cache(engine.cache, mesh)
+            out["step_us"][f"{kind}_{s}"] = time_us(partial(engine._forward, last_only=True),
+                                                    (engine.params, engine.cache.pages, *inputs), **timing)
+            del engine
+    out["auto_picks"] = {"prefill": S.choose(interconnect(), N, D, 2), "decode": S.choose(interconnect(), B, D, 2)}
+    return out
+
+
+# ---- driver ------------------------------------------------------------------------------------------------------
+
+
+def summarize(r: dict) -> dict:
+    lay, st = r.get("layer_us", {}), r.get("step_us", {})
+    s: dict = {}
+    for op in ("ag_matmul", "matmul_rs"):
+        if f"{op}_sp" in lay:
+            exposed = lay[f"{op}_sp"] - lay[f"{op}_nocomm"]
+            best = min(lay[f"{op}_ring"], lay[f"{op}_bidi"])
+            s[f"{op}_exposed_comm_us"] = round(exposed, 1)
+            s[f"{op}_hidden_share"] = round((lay[f"{op}_sp"] - best) / exposed, 3) if exposed > 0 else None
+    if "prefill_xla" in st and "prefill_nocomm" in st:
+        base = st["prefill_xla"]
+        unoverlapped = min(base, st["prefill_allreduce"], st["prefill_sp"])
+        best = min(st["prefill_ring"], st["prefill_bidi"])
+        s["prefill_comm_share"] = round((base - st["prefill_nocomm"]) / base, 3)
+        s["prefill_speedup_vs_xla"] = round(base / best, 3)
+        s["prefill_speedup_vs_best_unoverlapped"] = round(unoverlapped / best, 3)
+        s["prefill_auto_speedup_vs_xla"] = round(base / st["prefill_auto"], 3)
+    if "decode_xla" in st and "decode_nocomm" in st:
+        s["decode_comm_share"] = round((st["decode_xla"] - st["decode_nocomm"]) / st["decode_xla"], 3)
+        s["decode_auto_vs_xla"] = round(st["decode_xla"] / st["decode_auto"], 3)
+        s["decode_overlap_vs_xla"] = round(st["decode_xla"] / st["decode_allreduce_overlap"], 3)
+    return s
+
+
+def run_scenario(name: str, tiny: bool, timeout: int) -> dict:
+    env = {**os.environ, **SCENARIOS[name], "PYTHONPATH": str(ROOT)}
+    if tiny:
+        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    cmd = [sys.executable, "-m", "benchmarks.sharding", "--worker", name] + (["--tiny"] if tiny else [])
+    t = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"scenario": name, "error": f"timed out after {timeout} s"}
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(MARK)]
+    if p.returncode or not lines:
+        return {"scenario": name, "error": f"rc {p.returncode}: {p.stderr[-1500:]}"}
+    r = json.loads(lines[-1][len(MARK):])
+    r["wall_s"] = round(time.perf_counter() - t, 1)
+    r["summary"] = summarize(r)
+    return r
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test with 2 simulated devices")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
+    ap.add_argument("--timeout", type=int, default=200, help="seconds per scenario")
+    ap.add_argument("--no-write", action="store_true", help="print only (tests)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(MARK + json.dumps(worker(args.worker, args.tiny)), flush=True)
+        return
+    results = []
+    for name in args.scenarios.split(","):
+        if name not in SCENARIOS:
+            ap.error(f"unknown scenario {name!r}; pick from {', '.join(SCENARIOS)}")
+        results.append(run_scenario(name, args.tiny, args.timeout))
+        r = results[-1]
+        print(f"== {name}: " + (r.get("error") or json.dumps(r["summary"])), flush=True)
+        if "error" not in r:
+            rows = [{"what": k, "us": round(v, 1)} for k, v in {**r["layer_us"], **r["step_us"]}.items()]
+            print(table(rows, ["what", "us"]), flush=True)
+    if args.no_write:
+        return
+    path = write_result("sharding_tiny" if args.tiny else "sharding",
+                        {"shapes": shapes(args.tiny), "scenarios": results, "versions": versions("jax", "flax")})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Running the model and engine on a mesh: parameters and KV pages placed by `sharding.rules`, and optionally the
+attention/MLP projections swapped for tensor-parallel blocks whose collectives overlap compute.
+
+Two levels, same model code:
+  1. `shard_model` + `shard_cache` (or `sharded_engine(..., strategy="xla")`): parameters and KV pages get
+     NamedShardings from the rules; GSPMD propagates them through the unchanged jitted forward.
+  2. `parallelize(model, mesh, strategy)`: each layer's attention and dense MLP become `TPAttention`/`TPMLP` (the
+     same Linear submodules under the same names, so checkpoints and shardings still match by path) whose
+     projections go through `sharding.tensor_parallel` with the chosen strategy; MoE layers become `EPMoE`
+     (experts over 'ep', all_to_all dispatch) when the mesh has ep > 1. 'auto' picks per call from the token
+     count and the interconnect (`sharding.strategy.choose`).
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from codegen_jax.engine import Engine, EngineConfig
+from codegen_jax.kv_cache import PagedKVCache
+from codegen_jax.model import MLP, Attention, SparseMoE, Transformer, apply_rope, write_kv
+from pallas_kernels import paged_attention
+from sharding import strategy as S
+from sharding import tensor_parallel as TP
+from sharding.mesh import interconnect
+from sharding.rules import ShardingRules, kv_sharding, param_shardings
+
+DEFAULT_RULES = ShardingRules()
+
+
+def shard_model(model: Transformer, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> Transformer:
+    """Moves the model's parameters to their NamedShardings (in place); returns the model."""
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, param_shardings(state, mesh, rules)))
+    return model
+
+
+def shard_cache(cache: PagedKVCache, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> PagedKVCache:
+    """Places every layer's KV pool [Hkv, P, S, D] by the rules (heads over tp); donated steps keep the layout."""
+    sh = kv_sharding(mesh, cache.pages[0][0].shape, rules)
+    cache.pages = tuple((jax.device_put(k, sh), jax.device_put(v, sh)) for k, v in cache.pages)
+    return cache
+
+
+def sharded_engine(model: Transformer, cfg: EngineConfig, mesh: Mesh, *, rules: ShardingRules = DEFAULT_RULES,
+                   strategy: str = "xla") -> Engine:
+    """An Engine whose parameters and KV pages live on `mesh`; strategy other than 'xla' also `parallelize`s."""
+    shard_model(model, mesh, rules)
+    if strategy != "xla":
+        parallelize(model, mesh, strategy)
+    engine = Engine(model, cfg)
+    shard_cache(engine.cache, mesh, rules)
+    return engine
+
+
+def _resolve(strategy: str, mesh: Mesh, tokens: int, hidden: int, itemsize: int) -> str:
+    n = mesh.shape["tp"]
+    if strategy == "auto":
+        strategy = S.choose(interconnect(), tokens, hidden, n, itemsize)
+    if strategy != "xla" and not TP.tokens_fit(strategy, tokens, n):
+        strategy = "allreduce"  # e.g. a decode batch that does not split over the ring
+    return strategy
+
+
+def _bias(y, lin):
+    return y if lin.bias is None else y + lin.bias[...]
+
+
+class TPAttention(nnx.Module):
+    """`model.Attention` with q/k/v from one column-parallel collective matmul and o_proj row-parallel."""
+
+    def __init__(self, attn: Attention, mesh: Mesh, strategy: str):
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.q_norm, self.k_norm, self.shape = attn.q_norm, attn.k_norm, attn.shape
+        self.mesh, self.strategy = mesh, S.validate(strategy)
+
+    def __call__(self, x, cos, sin, kv, batch, attn_impl):
+        B, T, D = x.shape
+        H, K, hd = self.shape
+        strategy = _resolve(self.strategy, self.mesh, B * T, D, x.dtype.itemsize)
+        if strategy == "xla":
+            q, k, v = (lin(x) for lin in (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            lins = (self.q_proj, self.k_proj, self.v_proj)
+            q, k, v = (_bias(y, lin) for y, lin in zip(
+                TP.column_parallel(x.reshape(B * T, D), [lin.weight[...] for lin in lins], self.mesh, strategy),
+                lins, strict=True))
+        q, k, v = q.reshape(B, T, H, hd), k.reshape(B, T, K, hd), v.reshape(B, T, K, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_pages = write_kv(kv[0], k.astype(kv[0].dtype), batch)
+        v_pages = write_kv(kv[1], v.astype(kv[1].dtype), batch)
+        o = paged_attention(q, k_pages, v_pages, batch.page_table, batch.kv_lens, batch.q_lens,
+                            scale=hd**-0.5, impl=attn_impl)
+        if strategy == "xla":
+            return self.o_proj(o.reshape(B, T, H * hd)), (k_pages, v_pages)
+        y = TP.row_parallel(o.reshape(B * T, H * hd), self.o_proj.weight[...], self.mesh, strategy)
+        return _bias(y, self.o_proj).reshape(B, T, D), (k_pages, v_pages)
+
+
+class TPMLP(nnx.Module):
+    """`model.MLP` with gate/up from one column-parallel collective matmul and down_proj row-parallel."""
+
+    def __init__(self, mlp: MLP, mesh: Mesh, strategy: str):
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.mesh, self.strategy = mesh, S.validate(strategy)
+
+    def __call__(self, x):
+        B, T, D = x.shape
+        strategy = _resolve(self.strategy, self.mesh, B * T, D, x.dtype.itemsize)
+        if strategy == "xla":
+            return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = TP.column_parallel(x.reshape(B * T, D), [self.gate_proj.weight[...], self.up_proj.weight[...]],
+                                  self.mesh, strategy)
+        h = jax.nn.silu(_bias(g, self.gate_proj)) * _bias(u, self.up_proj)
+        y = TP.row_parallel(h, self.down_proj.weight[...], self.mesh, strategy)
+        return _bias(y, self.down_proj).reshape(B, T, D)
+
+
+class EPMoE(nnx.Module):
+    """`model.SparseMoE` with its experts split over 'ep' and tokens dispatched with all_to_all."""
+
+    def __init__(self, moe: SparseMoE, mesh: Mesh):
+        self.gate, self.experts = moe.gate, moe.experts
+        self.top_k, self.norm_topk_prob = moe.top_k, moe.norm_topk_prob
+        self.mesh = mesh
+
+    def __call__(self, x):
+        B, T, D = x.shape
+        e = self.experts
+        y = TP.expert_parallel_moe(x.reshape(B * T, D), self.gate.weight[...], e.gate_proj[...], e.up_proj[...],
+                                   e.down_proj[...], self.mesh, top_k=self.top_k, norm_topk_prob=self.norm_topk_prob)
+        return y.reshape(B, T, D)
+
+
+def parallelize(model: Transformer, mesh: Mesh, strategy: str = "auto") -> Transformer:
+    """Swaps (in place) every layer's attention and dense MLP for the tensor-parallel blocks with `strategy`, and
+    MoE layers for expert-parallel ones when the mesh's ep axis is larger than 1. Returns the model."""
+    S.validate(strategy)
+    for layer in model.layers:
+        layer.self_attn = TPAttention(layer.self_attn, mesh, strategy)
+        if isinstance(layer.mlp, MLP):
+            layer.mlp = TPMLP(layer.mlp, mesh, strategy)
+        elif isinstance(layer.mlp, SparseMoE) and mesh.shape["ep"] > 1:
+            layer.mlp = EPMoE(layer.mlp, mesh)
+    return model

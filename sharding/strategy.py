@@ -1,0 +1,41 @@
+"""Which collective-matmul strategy a tensor-parallel block uses, from the interconnect and the message size.
+
+- 'xla': plain GSPMD (XLA inserts all-gather / all-reduce; with its latency-hiding scheduler and windowed einsum
+  flags this is XLA's own overlap, the baseline).
+- 'ring', 'bidi': sequence-parallel blocks with the ppermute-ring collective matmuls of `collectives.py`
+  (one or both directions). Need the token count divisible by 2*tp ('bidi') or tp ('ring').
+- 'sp': the same sequence-parallel blocks with plain `all_gather` / `psum_scatter` (the rings' unoverlapped twin).
+- 'allreduce': column-parallel local matmuls, row-parallel then `psum` (replicated tokens; decode).
+- 'allreduce_overlap': as 'allreduce' with the chunked one-shot all-reduce of `collectives.matmul_all_reduce`.
+- 'nocomm': the same per-device compute with no communication (wrong results): the benchmark's floor, to measure
+  how much of a step is communication.
+"""
+
+from __future__ import annotations
+
+STRATEGIES = ("xla", "ring", "bidi", "sp", "allreduce", "allreduce_overlap", "nocomm")
+
+# Below this many bytes per all-reduce a message is latency-bound (1 MB all-reduces take ~150 us on both NVLink
+# and host-staged PCIe on our H200s, ANCHORS.md): splitting it into a ring only adds hops.
+DECODE_BYTES = 1 << 20
+
+
+def choose(interconnect: str, tokens: int, hidden: int, tp: int, itemsize: int = 2) -> str:
+    """Strategy for a block over `tokens` tokens of width `hidden` on `tp` devices linked by `interconnect`."""
+    if tp == 1:
+        return "xla"
+    message = tokens * hidden * itemsize
+    if message <= DECODE_BYTES or tokens % tp:
+        return "allreduce"
+    if tokens % (2 * tp) == 0:
+        # Both link directions carry half of each shard: on PCIe the transfer is the bottleneck; on NVLink the
+        # halves are still cheaper than one full ring, and equal in compute.
+        return "bidi"
+    return "ring"
+
+
+def validate(strategy: str) -> str:
+    """`strategy` if it is one of STRATEGIES or 'auto' (chosen per call by `choose`)."""
+    if strategy != "auto" and strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; pick 'auto' or one of {', '.join(STRATEGIES)}")
+    return strategy

@@ -1,0 +1,120 @@
+"""sharding/: rules, topology and strategy choice in this process (1 CPU device); the 8-device equality suite,
+the 2-process multi-host start-up and the benchmark's --tiny mode in subprocesses (device count and distributed
+runtime are fixed when JAX initialises, so they cannot share this process)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from conftest import FIXTURES
+
+from codegen_jax import load_model
+from sharding import distributed
+from sharding import strategy as S
+from sharding.mesh import interconnect, make_mesh, parse_topology
+from sharding.rules import PARAM_AXES, ShardingRules, logical_axes, param_shardings, path_str
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpu_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "COORDINATOR", "NUM_PROCESSES",
+                                                          "PROCESS_ID")}
+    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **extra}
+
+
+def test_rules_fail_on_collisions_and_replicate_what_does_not_divide():
+    with pytest.raises(ValueError, match="both map to mesh axis 'tp'"):
+        ShardingRules().mesh_axes(("heads", "mlp"))
+    with pytest.raises(ValueError, match="mesh axis name"):
+        ShardingRules(heads=3)
+    with pytest.raises(ValueError, match="no sharding rule"):
+        ShardingRules().mesh_axes(("nope",))
+    mesh = make_mesh(devices=jax.devices()[:1])
+    rules = ShardingRules()
+    assert rules.spec(("kv_heads", None), (2, 8)) == jax.sharding.PartitionSpec("tp")
+    assert rules.spec(("kv_heads", None), (3, 8), mesh) == jax.sharding.PartitionSpec("tp")  # tp=1 divides
+    assert ShardingRules(heads="xx").spec(("heads",), (4,), mesh) == jax.sharding.PartitionSpec()  # absent axis
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_moe"])
+def test_every_parameter_has_logical_axes(family):
+    from flax import nnx
+
+    state = nnx.state(load_model(FIXTURES / family, progress=False))
+    names = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    assert "layers.0.self_attn.q_proj.weight" in names
+    assert logical_axes("layers.0.self_attn.q_proj.weight", 2) == ("heads", "embed")
+    assert logical_axes("layers.0.mlp.down_proj.weight", 2) == ("embed", "mlp")
+    shardings = param_shardings(state, make_mesh(devices=jax.devices()[:1]))
+    assert len(jax.tree.leaves(shardings)) == len(names)
+    with pytest.raises(ValueError, match="PARAM_AXES"):
+        logical_axes("layers.0.new_thing.weight", 2)
+    assert PARAM_AXES
+
+
+def test_topology_and_strategy(monkeypatch):
+    nv = "\tGPU0\tGPU1\tCPU Affinity\nGPU0\t X \tNV18\t0-63\nGPU1\tNV18\t X \t0-63\n"
+    pcie = "\tGPU0\tGPU1\nGPU0\t X \tPHB\nGPU1\tPHB\t X \n"
+    assert parse_topology(nv) == "nvlink" and parse_topology(pcie) == "pcie" and parse_topology("") == "pcie"
+    interconnect.cache_clear()
+    monkeypatch.setenv("CODEGEN_JAX_INTERCONNECT", "nvlink")
+    assert interconnect() == "nvlink"
+    interconnect.cache_clear()
+    monkeypatch.setenv("CODEGEN_JAX_INTERCONNECT", "infiniband")
+    with pytest.raises(ValueError, match="CODEGEN_JAX_INTERCONNECT"):
+        interconnect()
+    interconnect.cache_clear()
+    assert S.choose("pcie", 8, 8192, 2) == "allreduce"  # decode: latency-bound
+    assert S.choose("pcie", 2048, 8192, 2) == "bidi"
+    assert S.choose("pcie", 2046, 8192, 2) == "ring"
+    assert S.choose("pcie", 2047, 8192, 2) == "allreduce"
+    with pytest.raises(ValueError, match="unknown strategy"):
+        S.validate("fast")
+    with pytest.raises(ValueError, match="device count"):
+        make_mesh(tp=3)
+
+
+def test_single_process_initialize_is_a_no_op(monkeypatch):
+    monkeypatch.delenv("NUM_PROCESSES", raising=False)
+    assert distributed.initialize() is False
+    with pytest.raises(ValueError, match="PROCESS_ID"):
+        monkeypatch.delenv("PROCESS_ID", raising=False)
+        distributed.initialize("localhost:1", 2)
+
+
+def test_eight_device_suite():
+    """Every strategy's output equals the single-device output (tests/test_sharding_devices.py)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-rA", "-p", "no:cacheprovider",
+                           str(ROOT / "tests/test_sharding_devices.py")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env=cpu_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "PASSED" in proc.stdout and "SKIPPED" not in proc.stdout, proc.stdout[-2000:]
+
+
+def test_two_processes_on_localhost(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests/sharding_worker.py")], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=cpu_env(XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                                          COORDINATOR=f"localhost:{port}", NUM_PROCESSES="2", PROCESS_ID=str(i)))
+             for i in range(2)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    for i, (p, out) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, out[-3000:]
+        assert f"process {i} ok over 4 devices" in out
+
+
+def test_benchmark_tiny():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.sharding", "--tiny", "--no-write",
+                           "--scenarios", "nvlink"], cwd=ROOT, capture_output=True, text=True, timeout=400,
+                          env=cpu_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "prefill_comm_share" in proc.stdout and "matmul_rs_bidi" in proc.stdout
