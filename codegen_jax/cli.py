@@ -60,7 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_serve(sub) -> None:
     s = sub.add_parser("serve", help="serve the model over HTTP (OpenAI-compatible, with a prefix cache)")
     s.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    s.add_argument("--drafter", default=None, help="drafter checkpoint directory for speculative decoding")
+    s.add_argument("--drafter", default=None, help="block or EAGLE-3 drafter checkpoint: speculative decoding for "
+                   "every request with it")
+    s.add_argument("--speculator", choices=["apply", "suffix", "block", "eagle3", "none"], default=None,
+                   help="the speculative drafter (default: the --drafter checkpoint's kind, else apply)")
+    s.add_argument("--speculate", choices=["apply", "all"], default=None, help="which requests speculate: apply "
+                   "(/v1/apply only; default without --drafter) or all (default with --drafter)")
+    s.add_argument("--draft-len", type=int, default=0, help="longest draft (default 0: the drafter's own)")
     s.add_argument("--remote", default=None, help="shared KV store for prefix pages: redis://HOST:PORT "
                    "(several servers share prefixes through it) or memory://")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -145,35 +151,12 @@ def _generate(args) -> int:
 
 
 def _speculator(args, engine, model):
-    from drafters.apply_speculator import ApplySpeculator
-    from drafters.speculative import SpeculativeDecoder
-    from drafters.suffix_tree import SuffixTreeSpeculator
+    from drafters.factory import build_speculator
 
-    k = args.draft_len
-    if args.speculator in ("apply", "suffix"):
-        if args.drafter:
-            raise UsageError(f"--drafter is for the neural speculators (block, eagle3), not {args.speculator}")
-        if args.speculator == "apply":
-            drafter = ApplySpeculator(1, max_draft=k or 64, start_draft=min(8, k or 64))
-        else:
-            drafter = SuffixTreeSpeculator(1, max_draft=k or 16)
-        return SpeculativeDecoder(engine, drafter)
-    from drafters.checkpoint import load_drafter
-    from drafters.neural import NeuralDrafter
-
-    if not args.drafter:
-        raise UsageError(f"--speculator {args.speculator} needs --drafter DIR (a drafter checkpoint)")
     try:
-        dm = load_drafter(args.drafter)
-        expected = {"block": "BlockDrafter", "eagle3": "Eagle3Drafter"}[args.speculator]
-        if type(dm).__name__ != expected:
-            raise ValueError(f"--drafter {args.drafter} holds a {type(dm).__name__}, not a {args.speculator} drafter")
-        drafter = NeuralDrafter(dm, model, 1)
-    except ValueError as e:
+        return build_speculator(args.speculator, engine, model, drafter_dir=args.drafter, draft_len=args.draft_len)
+    except ValueError as e:  # CheckpointError included
         raise UsageError(str(e)) from e
-    if k:
-        drafter.max_draft = min(k, drafter.max_draft)
-    return SpeculativeDecoder(engine, drafter)
 
 
 def _serve(args) -> int:
@@ -182,7 +165,9 @@ def _serve(args) -> int:
     if not os.path.isdir(args.model):
         raise UsageError(f"--model {args.model}: not a directory")
     try:
-        cfg = ServeConfig(model=args.model, drafter=args.drafter, remote=args.remote, host=args.host, port=args.port,
+        cfg = ServeConfig(model=args.model, drafter=args.drafter, speculator=args.speculator,
+                          speculate=args.speculate, draft_len=args.draft_len, remote=args.remote, host=args.host,
+                          port=args.port,
                           served_model_name=args.served_model_name, dtype=args.dtype, max_seq_len=args.max_seq_len,
                           page_size=args.page_size, max_slots=args.max_slots, num_pages=args.num_pages,
                           prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,

@@ -44,6 +44,7 @@ class ServeState:
     max_body_bytes: int = 8 << 20
     drain_timeout_s: float = 30.0
     manage_engine: bool = True  # start the engine thread with the app and stop it on shutdown
+    speculate_all: bool = False  # every request through the speculative step, not only /v1/apply
 
 
 def create_app(state: ServeState) -> FastAPI:
@@ -129,7 +130,7 @@ def create_app(state: ServeState) -> FastAPI:
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
 
-        req = EngineRequest(job.prompt_ids, job.sampling, emit)
+        req = EngineRequest(job.prompt_ids, job.sampling, emit, speculate=state.speculate_all or job.kind == "apply")
         try:
             sched.submit(req)
         except QueueFull as e:

@@ -112,6 +112,7 @@ class Request:
     params: SamplingParams
     emit: Callable[[Output], None]
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    speculate: bool = False  # decode through the scheduler's speculative step (when it has one)
     arrival: float = field(default_factory=time.monotonic)
     # engine-thread state
     output: list[int] = field(default_factory=list)
@@ -361,17 +362,21 @@ class Scheduler:
         if not prefill and not decode:
             return False
         first, done = self._dispatch_prefill(prefill) if prefill else (None, [])
-        out = self._dispatch_decode(decode) if decode and spec is None else None
-        if decode and spec is not None:
-            rows = [SpecRow(r.slot, r.tokens, r.params) for r in decode]
+        # Rows that speculate go through the speculative step, the others through the fused decode call; both
+        # run on the same pool one after the other, and each leaves the other's rows untouched (q_len 0, inactive).
+        drafted = [r for r in decode if r.speculate] if spec is not None else []
+        plain = [r for r in decode if r not in drafted] if drafted else decode
+        out = self._dispatch_decode(plain) if plain else None
+        if drafted:
+            rows = [SpecRow(r.slot, r.tokens, r.params) for r in drafted]
             new = spec(self.engine, rows)
             assert len(new) == len(rows) and all(new), "a speculative step returns >= 1 token per row"
-            for r, toks in zip(decode, new, strict=True):
+            for r, toks in zip(drafted, new, strict=True):
                 self.metrics.acceptance.observe(len(toks))
                 self._advance(r, [int(t) for t in toks])
         if out is not None:
             out = np.asarray(out)  # the host sync
-            for r in decode:
+            for r in plain:
                 self._advance(r, out[r.slot].tolist())
         if first is not None:
             first = np.asarray(first)

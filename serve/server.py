@@ -19,7 +19,10 @@ class ServeConfig:
     """Everything `codegen-jax serve` takes; see `codegen-jax serve --help`."""
 
     model: str
-    drafter: str | None = None
+    drafter: str | None = None  # a block or EAGLE-3 checkpoint; picks that speculator
+    speculator: str | None = None  # apply | suffix | block | eagle3 | none; None: from --drafter, else apply
+    speculate: str | None = None  # which requests use it: apply (/v1/apply only) | all; None: all with a drafter
+    draft_len: int = 0  # longest draft (0: the drafter's default)
     remote: str | None = None  # redis://HOST:PORT, memory://, or None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -38,6 +41,12 @@ class ServeConfig:
     drain_timeout_s: float = 30.0
 
     def __post_init__(self):
+        if self.speculator not in (None, "none", "apply", "suffix", "block", "eagle3"):
+            raise ValueError(f"speculator must be apply, suffix, block, eagle3 or none, got {self.speculator!r}")
+        if self.speculate not in (None, "apply", "all"):
+            raise ValueError(f"speculate must be apply or all, got {self.speculate!r}")
+        if self.draft_len < 0:
+            raise ValueError(f"draft length must be >= 0, got {self.draft_len}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65536), got {self.port}")
         if self.drain_timeout_s < 0:
@@ -65,24 +74,29 @@ def assemble(cfg: ServeConfig, model, tokenizer, fingerprint: str):
     """Wires engine, scheduler, tiers and app around a loaded model (the benchmarks pass a random-weight one).
     `fingerprint` names the weights in remote keys: servers share KV pages only when it matches."""
     from codegen_jax.engine import Engine, EngineConfig
+    from drafters.factory import build_speculator, neural_kind
     from serve.app import ServeState, create_app
     from serve.protocol import Limits
     from serve.remote_tier import open_store
     from serve.scheduler import Scheduler, SchedulerConfig
 
-    if cfg.drafter:
-        # drafters/ lands separately; until then the scheduler's SpeculativeStep hook stays empty
-        log.warning("--drafter %s: speculative decoding is not wired into the server yet; serving target-only",
-                    cfg.drafter)
     engine = Engine(model, EngineConfig(max_slots=cfg.max_slots, page_size=cfg.page_size,
                                         max_seq_len=cfg.max_seq_len, num_pages=cfg.num_pages,
                                         prefill_chunk=cfg.prefill_chunk, decode_steps=cfg.decode_steps))
+    # The apply speculator by default, for /v1/apply (an edit's output is mostly its input: long drafts, and
+    # lossless, so the choice never changes an output); a drafter checkpoint serves every request.
+    kind = cfg.speculator or (neural_kind(cfg.drafter) if cfg.drafter else "apply")
+    speculator = None if kind == "none" else build_speculator(kind, engine, model, drafter_dir=cfg.drafter,
+                                                              draft_len=cfg.draft_len)
+    speculate_all = (cfg.speculate or ("all" if cfg.drafter else "apply")) == "all"
     scheduler = Scheduler(engine, SchedulerConfig(prefix_cache=cfg.prefix_cache, host_pages=cfg.host_pages,
                                                   max_queue=cfg.max_queue),
-                          remote=open_store(cfg.remote), model_id=f"{cfg.model_id}:{fingerprint}")
+                          remote=open_store(cfg.remote), model_id=f"{cfg.model_id}:{fingerprint}",
+                          speculator=speculator)
     stop = {*model.cfg.eos_token_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
     limits = Limits(cfg.model_id, cfg.max_seq_len, model.cfg.vocab_size, tuple(sorted(stop)))
-    state = ServeState(tokenizer, scheduler, limits, cfg.max_body_bytes, cfg.drain_timeout_s)
+    state = ServeState(tokenizer, scheduler, limits, cfg.max_body_bytes, cfg.drain_timeout_s,
+                       speculate_all=speculator is not None and speculate_all)
     return create_app(state), state
 
 

@@ -233,6 +233,26 @@ def test_apply_returns_the_merged_file(live):
     assert missing.status_code == 400 and "<update>" in missing.json()["error"]["message"]
 
 
+def test_apply_speculates_and_matches_target_only(live):
+    # /v1/apply decodes through the apply speculator by default (lossless): its merged file equals what a
+    # target-only server writes for the same edit, and the speculative step's acceptance histogram moves
+    code = LONG_PROMPT[:300]
+    body = {"max_tokens": 40, "messages": [{"role": "user", "content": f"<instruction>rename</instruction>\n"
+                                                                      f"<code>{code}</code>\n<update>{code[:80]}"
+                                                                      "</update>"}]}
+    steps_before = live.state.scheduler.metrics.acceptance._sum.get()
+    spec = httpx.post(f"{live.url}/v1/apply", json=body, timeout=60)
+    assert spec.status_code == 200, spec.text
+    assert live.state.scheduler.metrics.acceptance._sum.get() > steps_before
+    app, state = build(ServeConfig(**{**CFG, "speculator": "none"}))
+    assert state.scheduler.speculator is None
+    with BackgroundServer(app) as plain:
+        ref = httpx.post(f"{plain.url}/v1/apply", json=body, timeout=60)
+    assert ref.status_code == 200, ref.text
+    assert spec.json()["choices"][0]["message"]["content"] == ref.json()["choices"][0]["message"]["content"]
+    assert spec.json()["usage"]["completion_tokens"] == ref.json()["usage"]["completion_tokens"]
+
+
 def test_models_and_health(live, client):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
