@@ -194,12 +194,18 @@ def test_random_requests_cancellations_and_preemption_leak_nothing(engine, rng):
     prompts = [base[rng.integers(3)][: rng.integers(8, 57)] + list(rng.integers(0, VOCAB, rng.integers(1, 60)))
                for _ in range(n)]
     sps = [params(i, int(rng.integers(1, min(48, 160 - len(p)) + 1))) for i, p in enumerate(prompts)]
-    cancel_at = {i: int(rng.integers(0, 6)) for i in range(n) if rng.random() < 0.2}
+    # first a burst of 4 long requests (~20 of the 47 pages each at full length, arriving together): whatever
+    # the seed, running requests outgrow the pool and preemption happens
+    heavy = 4
+    prompts = [list(rng.integers(0, VOCAB, 90)) for _ in range(heavy)] + prompts
+    sps = [SamplingParams(max_new_tokens=60) for _ in range(heavy)] + sps
+    n += heavy
+    cancel_at = {i: int(rng.integers(0, 6)) for i in range(heavy, n) if rng.random() < 0.2}
 
     ref = run_batch(Scheduler(engine, SchedulerConfig(prefix_cache=False)), prompts, sps)
     sched = Scheduler(engine, SchedulerConfig(host_pages=40, max_prefill_rows=2), remote=InProcessStore())
-    pending = list(range(n))
-    live = {}
+    live = {i: submit(sched, prompts[i], sps[i]) for i in range(heavy)}
+    pending = list(range(heavy, n))
     step = 0
     while pending or sched.has_work():
         for _ in range(int(rng.integers(0, 4))):  # arrivals while others run
