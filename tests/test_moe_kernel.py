@@ -18,6 +18,7 @@ from conftest import rel_err
 from test_moe_reference import make_inputs, naive_moe, naive_routing
 
 from pallas_kernels import moe as moe_op
+from pallas_kernels import tuning
 from pallas_kernels.moe import (
     IMPLEMENTATIONS,
     QuantizedWeight,
@@ -221,7 +222,7 @@ def test_registered_and_dispatched(rng, monkeypatch):
     calls = []
     monkeypatch.setitem(IMPLEMENTATIONS, "triton", (lambda *a, config=None, **k: calls.append(config) or ref,
                                                     available))
-    monkeypatch.setattr(dispatch.tuning, "lookup", lambda op, key: {"impl": "triton", "config": {"block_m": 16}})
+    monkeypatch.setattr(tuning, "lookup", lambda op, key: {"impl": "triton", "config": {"block_m": 16}})
     dispatch.moe(x, router, wg, wu, wd, top_k=2, norm_topk_prob=True)
     assert calls == [{"block_m": 16}]
     assert dispatch.shape_key(x.shape, quantize_int8(wg), 2, x.dtype) == "T7-D32-F48-E8-K2-bfloat16-wint8"

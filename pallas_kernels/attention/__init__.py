@@ -7,7 +7,7 @@ from pallas_kernels.attention.triton_paged import paged_attention_triton, triton
 
 # Mosaic GPU (Hopper): picked automatically there once verified natively (benchmarks/mosaic_attention_check.py).
 register("mosaic", paged_attention_mosaic, is_hopper)
-# Triton (other NVIDIA GPUs): until measured on Hopper, Hopper keeps Mosaic (benchmarks/triton_attention_check.py).
+# Triton (other NVIDIA GPUs): until measured on Hopper, Hopper keeps Mosaic (benchmarks/attention.py times both).
 register("triton", paged_attention_triton, triton_available)
 
 __all__ = ["IMPLEMENTATIONS", "paged_attention", "paged_attention_mosaic", "paged_attention_reference",

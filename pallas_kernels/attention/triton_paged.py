@@ -64,7 +64,7 @@ class TritonAttentionConfig:
     num_splits: KV splits per (row, KV head, query tile) (flash decoding), combined afterwards. None: enough
       programs for about two per SM, capped at the number of KV blocks.
     num_warps: warps per program. None: 8 for query tiles of 64 x 128 or more (the float32 accumulator's
-      registers), else 4 (a guess until measured: benchmarks/triton_attention_check.py --sweep).
+      registers), else 4 (a guess until measured: benchmarks/attention.py --tune searches it).
     num_stages: Triton's software pipelining depth of the KV loop (loads in flight).
     """
 

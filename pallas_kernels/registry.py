@@ -1,0 +1,55 @@
+"""One dispatcher per op: registered implementations, the tuned table's winners, and the reference fallback.
+
+An op (paged attention, MoE) makes a `Dispatcher` with its pure-JAX reference and the name of its tuned table.
+Kernels register with an availability check (may this kernel be picked automatically on the current default
+device, where it was verified?). A call takes the search loop's winner for the device and shape, else the first
+available kernel, else the reference; a kernel that declines a shape by raising NotImplementedError at trace
+time falls back to the reference, unless the caller forced it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pallas_kernels import tuning
+
+
+def never() -> bool:
+    return False
+
+
+class Dispatcher:
+    def __init__(self, op: str, reference: Callable):
+        self.op, self.reference = op, reference
+        # name -> (implementation, may it be picked automatically on this device?)
+        self.implementations: dict[str, tuple[Callable, Callable[[], bool]]] = {"reference": (reference, never)}
+
+    def register(self, name: str, fn: Callable, available: Callable[[], bool] = never) -> None:
+        self.implementations[name] = (fn, available)
+
+    def choose(self) -> str:
+        for name, (_, available) in self.implementations.items():
+            if name != "reference" and available():
+                return name
+        return "reference"
+
+    def tuned(self, key: str) -> dict | None:
+        """The search loop's winner {"impl", "config", ...} for this device and shape key, if it ran for them."""
+        entry = tuning.lookup(self.op, key)
+        return entry if entry is not None and entry["impl"] in self.implementations else None
+
+    def __call__(self, args: tuple, kwargs: dict, *, key: str, impl: str | None, config):
+        """Runs the op on args/kwargs (the reference's signature) with the implementation picked for `key`."""
+        name = impl
+        if name is None:
+            entry = self.tuned(key)
+            name, config = (entry["impl"], entry["config"] or None) if entry else (self.choose(), None)
+        if name not in self.implementations:
+            raise ValueError(f"unknown {self.op} implementation {name!r} (known: {', '.join(self.implementations)})")
+        try:
+            fn = self.implementations[name][0]
+            return fn(*args, **kwargs, **({"config": config} if config else {}))
+        except NotImplementedError:
+            if impl is not None:
+                raise
+            return self.reference(*args, **kwargs)
