@@ -38,12 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
 from benchmarks.common import device, table, versions, write_result  # noqa: E402
+from benchmarks.decode import QWEN25_CODER_1_5B  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "qwen2"
-QWEN25_CODER_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
-                         num_kv_heads=2, head_dim=128, tie_word_embeddings=True, qkv_bias=True,
-                         max_position_embeddings=32768)
 
 
 @dataclass(frozen=True)
