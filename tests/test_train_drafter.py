@@ -110,6 +110,23 @@ def test_bad_data_exits_2_with_one_line(tmp_path, capsys):
         assert len(err) == 1 and words in err[0], err
 
 
+def test_parquet_prompts_equal_jsonl_and_corrupt_parquet_is_a_clear_error(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from codegen_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(TARGET)
+    records = [{"prompt": "def add(a, b):"}, {"prompt": "class Stack:"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "p.parquet")
+    assert load_prompts(tmp_path / "p.parquet", tok) == load_prompts(tmp_path / "p.jsonl", tok)
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really parquet")
+    assert main(["--target", str(TARGET), "--data", str(tmp_path / "bad.parquet"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a readable parquet file" in err[0], err
+
+
 def test_cli_help_and_config_file(tmp_path):
     done = subprocess.run([sys.executable, "-m", "train.drafter", "--help"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
@@ -38,6 +38,7 @@ from drafters.checkpoint import save_drafter
 from drafters.eagle3 import Eagle3Config, Eagle3Drafter
 from drafters.neural import NeuralDrafter
 from drafters.speculative import SpeculativeDecoder
+from sharding.mesh import make_mesh
 from train.checkpointing import Checkpointer
 from train.config import TrainConfig, UsageError, parse
 from train.data import DataError, DataIterator, dataset, load_prompts, pack
@@ -85,7 +86,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model, target):
         self.cfg = cfg
         self.capture = tuple(model.cfg.target_layers)
-        self.mesh = Mesh(np.array(jax.devices()), ("dp",))
+        self.mesh = make_mesh(dp=jax.device_count())  # sharding/'s mesh: data parallel over every device
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("dp"))
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
