@@ -9,13 +9,15 @@ the suite over all backends.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from test_attention_reference import make_case, naive
+from test_attention_reference import check_kernel, make_case, naive
 
 from pallas_kernels.attention.mosaic_paged import MosaicAttentionConfig, paged_attention_mosaic, plan
 
@@ -40,28 +42,9 @@ def _clean_interpreter():
         _reset_interpreter()
 
 
-def check(rng, *, T, Hq, Hkv, D, S, kv_lens, q_lens, dtype="bfloat16", sliding_window=None, soft_cap=None,
-          q_scale=1.0, config=None, interpret_kw=None, **kw):
-    # make_case only knows float32/bfloat16; float16 cases reuse float32 values cast down
-    case_dtype = "float32" if dtype == "float16" else dtype
-    q, kp, vp, pt, kvl, ql, _, _ = make_case(rng, T=T, Hq=Hq, Hkv=Hkv, D=D, S=S, kv_lens=kv_lens, q_lens=q_lens,
-                                             dtype=case_dtype, q_scale=q_scale, **kw)
-    if dtype == "float16":
-        q, kp, vp = (x.astype(np.float16) for x in (q, kp, vp))
-    scale = D ** -0.5
-    want = naive(q, kp, vp, pt, kvl, ql, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    got = paged_attention_mosaic(*map(jnp.asarray, (q, kp, vp, pt, kvl, ql)), scale=scale,
-                                 sliding_window=sliding_window, soft_cap=soft_cap, config=config,
-                                 interpret=_interpret(**(interpret_kw or {})))
-    assert got.shape == q.shape and got.dtype == q.dtype
-    got = np.asarray(got.astype(jnp.float32), np.float64)
-    assert np.isfinite(got).all(), "NaN/inf leaked into the output"
-    for b in range(len(kvl)):
-        assert np.all(got[b, ql[b]:] == 0), f"row {b}: padding rows t >= q_lens must be exactly 0"
-    if np.any(want != 0):
-        err = rel_err(got, want)
-        assert err <= TOL[dtype], f"rel err {err:.3g} > {TOL[dtype]}"
-    return got
+def check(rng, *, dtype="bfloat16", config=None, interpret_kw=None, **kw):
+    kernel = functools.partial(paged_attention_mosaic, config=config, interpret=_interpret(**(interpret_kw or {})))
+    return check_kernel(kernel, rng, dtype=dtype, tol=TOL[dtype], **kw)
 
 
 # Decode over GQA ratios 1, 2, 3, 4, 8, 16, every head_dim and page size, both 16-bit dtypes; each row set

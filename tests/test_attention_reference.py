@@ -111,15 +111,37 @@ def check(rng, *, T, Hq, Hkv, D, S, kv_lens, q_lens, dtype="float32", sliding_wi
 
     got = _ref(jnp.asarray(q), jnp.asarray(kp), jnp.asarray(vp), jnp.asarray(pt), jnp.asarray(kvl),
                jnp.asarray(ql), scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    return assert_matches(got, want, q, ql, TOL[dtype]), want
+
+
+def assert_matches(got, want, q, q_lens, tol: float) -> np.ndarray:
+    """The verdict every backend gets: q's shape and dtype, no NaN/inf, padding rows t >= q_lens exactly 0, L2
+    relative error within tol. Returns the output as float64."""
     assert got.shape == q.shape and got.dtype == q.dtype
     got = np.asarray(got.astype(jnp.float32), np.float64)
     assert np.isfinite(got).all(), "NaN/inf leaked into the output"
-    for b in range(len(kvl)):
-        assert np.all(got[b, ql[b]:] == 0), f"row {b}: padding rows t >= q_lens must be exactly 0"
+    for b in range(len(q_lens)):
+        assert np.all(got[b, q_lens[b]:] == 0), f"row {b}: padding rows t >= q_lens must be exactly 0"
     if np.any(want != 0):
         err = rel_err(got, want)
-        assert err <= TOL[dtype], f"rel err {err:.3g} > {TOL[dtype]}"
-    return got, want
+        assert err <= tol, f"rel err {err:.3g} > {tol}"
+    return got
+
+
+def check_kernel(kernel, rng, *, T, Hq, Hkv, D, S, kv_lens, q_lens, tol: float, dtype="bfloat16",
+                 sliding_window=None, soft_cap=None, q_scale=1.0, **case_kw) -> np.ndarray:
+    """kernel(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale, sliding_window, soft_cap) against the
+    float64 loop on a fresh case whose unused pages are NaN; float16 cases reuse float32 values cast down."""
+    case_dtype = "float32" if dtype == "float16" else dtype
+    q, kp, vp, pt, kvl, ql, _, _ = make_case(rng, T=T, Hq=Hq, Hkv=Hkv, D=D, S=S, kv_lens=kv_lens, q_lens=q_lens,
+                                             dtype=case_dtype, q_scale=q_scale, **case_kw)
+    if dtype == "float16":
+        q, kp, vp = (x.astype(np.float16) for x in (q, kp, vp))
+    scale = D ** -0.5
+    want = naive(q, kp, vp, pt, kvl, ql, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    got = kernel(*map(jnp.asarray, (q, kp, vp, pt, kvl, ql)), scale=scale, sliding_window=sliding_window,
+                 soft_cap=soft_cap)
+    return assert_matches(got, want, q, ql, tol)
 
 
 # (Hq, Hkv) covering GQA ratios 1, 2, 4, 8, 16
