@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from test_attention_reference import check_kernel, make_case, naive
+from test_attention_reference import check_kernel, check_unused_page_ids_out_of_range
 
 from pallas_kernels.attention.mosaic_paged import MosaicAttentionConfig, paged_attention_mosaic, plan
 
@@ -134,20 +133,7 @@ def test_all_slots_empty(rng):
 
 
 def test_unused_page_table_entries_out_of_range(rng):
-    q, kp, vp, pt, kvl, ql, _, _ = make_case(rng, T=2, Hq=4, Hkv=2, D=64, S=16, kv_lens=[17, 3, 0],
-                                             q_lens=[2, 1, 0], spare_entries=2, dtype="bfloat16")
-    P = kp.shape[1]
-    pt2 = pt.copy()
-    pt2[0, 2:] = [-1, P + 7]
-    pt2[1, 1:] = P
-    pt2[2, :] = -5
-    want = naive(q, kp, vp, pt, kvl, ql, scale=0.125)
-    got = paged_attention_mosaic(*map(jnp.asarray, (q, kp, vp, pt2, kvl, ql)), scale=0.125,
-                                 interpret=_interpret())
-    got = np.asarray(got.astype(jnp.float32), np.float64)
-    assert np.isfinite(got).all()
-    assert rel_err(got, want) <= TOL["bfloat16"]
-    assert np.all(got[2] == 0) and np.all(got[1, 1:] == 0)
+    check_unused_page_ids_out_of_range(functools.partial(paged_attention_mosaic, interpret=_interpret()), rng)
 
 
 @pytest.mark.skipif(ON_GPU, reason="race detection is an interpreter feature")

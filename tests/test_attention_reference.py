@@ -128,6 +128,24 @@ def assert_matches(got, want, q, q_lens, tol: float) -> np.ndarray:
     return got
 
 
+def check_unused_page_ids_out_of_range(kernel, rng) -> None:
+    """Page-table entries past each sequence hold ids out of the pool (-1, P, P + 7, -5): a kernel must not read
+    them (or must read something harmless); rows of empty slots and padding stay exactly 0."""
+    q, kp, vp, pt, kvl, ql, _, _ = make_case(rng, T=2, Hq=4, Hkv=2, D=64, S=16, kv_lens=[17, 3, 0],
+                                             q_lens=[2, 1, 0], spare_entries=2, dtype="bfloat16")
+    P = kp.shape[1]
+    pt2 = pt.copy()
+    pt2[0, 2:] = [-1, P + 7]
+    pt2[1, 1:] = P
+    pt2[2, :] = -5
+    want = naive(q, kp, vp, pt, kvl, ql, scale=0.125)
+    got = kernel(*map(jnp.asarray, (q, kp, vp, pt2, kvl, ql)), scale=0.125)
+    got = np.asarray(got.astype(jnp.float32), np.float64)
+    assert np.isfinite(got).all()
+    assert rel_err(got, want) <= TOL["bfloat16"]
+    assert np.all(got[2] == 0) and np.all(got[1, 1:] == 0)
+
+
 def check_kernel(kernel, rng, *, T, Hq, Hkv, D, S, kv_lens, q_lens, tol: float, dtype="bfloat16",
                  sliding_window=None, soft_cap=None, q_scale=1.0, **case_kw) -> np.ndarray:
     """kernel(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale, sliding_window, soft_cap) against the
