@@ -8,6 +8,10 @@ id, dtype and KV layout, so equal keys mean equal KV. Each value carries a SHA-2
 a page that fails it, is missing, times out, or comes from a dead store is a miss, and a miss is recomputed.
 Nothing here raises into the scheduler; a dead store is retried after `retry_s`, so it is used again when it
 comes back.
+
+A fetch of many pages is split into chunks that worker threads get over their own connections and verify as they
+arrive: socket reads and SHA-256 over large buffers release the GIL, so network, checksums and the server's sends
+overlap, and a page is a numpy view of the bytes received (no copy until the scheduler stacks the pages).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -52,18 +57,27 @@ def key(digest: bytes) -> str:
     return "cgj:kv:" + digest.hex()
 
 
+def _checksum(k: str, payload) -> bytes:
+    # two updates, no key + payload concatenation: a page is hashed where it lies (and without the GIL)
+    h = hashlib.sha256(k.encode())
+    h.update(payload)
+    return h.digest()
+
+
 def encode(k: str, page: np.ndarray) -> bytes:
-    payload = np.ascontiguousarray(page).tobytes()
-    return _MAGIC + payload + hashlib.sha256(k.encode() + payload).digest()
+    """magic + the page's bytes + SHA-256(key + page bytes)."""
+    payload = np.ascontiguousarray(page).reshape(-1).view(np.uint8)  # bytes of any dtype (bfloat16 too), no copy
+    return b"".join((_MAGIC, payload, _checksum(k, payload)))
 
 
 def decode(k: str, value: bytes | None, shape: tuple[int, ...], dtype) -> np.ndarray | None:
-    """The page under key k, or None when it is missing, truncated, of another format or fails its checksum."""
+    """The page under key k (a read-only view of `value`), or None when it is missing, truncated, of another
+    format or fails its checksum."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if value is None or len(value) != len(_MAGIC) + nbytes + _DIGEST or not value.startswith(_MAGIC):
         return None
-    payload = value[len(_MAGIC) : -_DIGEST]
-    if hashlib.sha256(k.encode() + payload).digest() != value[-_DIGEST:]:
+    payload = memoryview(value)[len(_MAGIC) : -_DIGEST]
+    if _checksum(k, payload) != value[-_DIGEST:]:
         return None
     return np.frombuffer(payload, dtype).reshape(shape)
 
@@ -112,7 +126,8 @@ class InProcessStore:
 
 class RedisStore:
     """Redis over TCP. Every call is bounded by `timeout_s`; after a failure the store counts as down for
-    `retry_s` (calls answer "nothing there" at once), then the next call tries again."""
+    `retry_s` (calls answer "nothing there" at once), then the next call tries again. Thread-safe: concurrent
+    calls each take a connection of the client's pool."""
 
     def __init__(self, url: str, *, timeout_s: float = 0.5, retry_s: float = 1.0, ttl_s: int | None = None):
         import redis
@@ -125,6 +140,7 @@ class RedisStore:
                                            retry=Retry(NoBackoff(), 0), health_check_interval=0)
         self.errors = 0
         self._down_until = 0.0
+        self._lock = threading.Lock()
         self._errors = (redis.exceptions.RedisError, OSError)
 
     @property
@@ -137,9 +153,12 @@ class RedisStore:
         try:
             return fn()
         except self._errors as e:
-            self.errors += 1
-            self._down_until = time.monotonic() + self.retry_s
-            log.warning("remote store %s unavailable for %.1fs: %s", self.url, self.retry_s, e)
+            with self._lock:  # concurrent chunks fail together: one warning per outage
+                was_up = self.up
+                self.errors += 1
+                self._down_until = time.monotonic() + self.retry_s
+            if was_up:
+                log.warning("remote store %s unavailable for %.1fs: %s", self.url, self.retry_s, e)
             return default
 
     def exists(self, keys: list[str]) -> int:
@@ -172,32 +191,66 @@ class RedisStore:
 
 class RemoteTier:
     """Pages in and out of a RemoteStore: `fetch` (blocking; the scheduler calls it from a worker thread) and
-    `put` (queued to a writer thread; a full queue drops the write, since the tier is only a cache)."""
+    `put` (queued to a writer thread; a full queue drops the write, since the tier is only a cache).
 
-    def __init__(self, store: RemoteStore, page_shape: tuple[int, ...], dtype, *, max_queue: int = 64):
+    fetch_threads: workers that get and verify chunks of at most `chunk_pages` pages at once (each on its own
+    connection of the store's pool); 1 gets and verifies in the calling thread."""
+
+    def __init__(self, store: RemoteStore, page_shape: tuple[int, ...], dtype, *, max_queue: int = 64,
+                 fetch_threads: int = 4, chunk_pages: int = 8):
+        if fetch_threads < 1 or chunk_pages < 1:
+            raise ValueError(f"fetch_threads and chunk_pages must be >= 1, got {fetch_threads} and {chunk_pages}")
         self.store, self.page_shape, self.dtype = store, tuple(page_shape), np.dtype(dtype)
+        self.fetch_threads, self.chunk_pages = fetch_threads, chunk_pages
         self.stats = {"pages_written": 0, "pages_fetched": 0, "pages_rejected": 0, "writes_dropped": 0}
+        self._stats_lock = threading.Lock()
+        self._getters = (ThreadPoolExecutor(fetch_threads, thread_name_prefix="kv-remote-get")
+                         if fetch_threads > 1 else None)
         self._queue: queue.Queue = queue.Queue(max_queue)
         self._writer = threading.Thread(target=self._write_loop, name="kv-remote-writer", daemon=True)
         self._writer.start()
 
+    def _count(self, name: str, n: int) -> None:
+        with self._stats_lock:
+            self.stats[name] += n
+
+    def _get_chunk(self, keys: list[str]) -> list[np.ndarray | None]:
+        """The pages under `keys`, verified; None for each one missing or rejected."""
+        pages = []
+        for k, value in zip(keys, self.store.get(keys), strict=True):
+            page = decode(k, value, self.page_shape, self.dtype)
+            if page is None and value is not None:
+                self._count("pages_rejected", 1)
+                log.warning("remote page %s failed its checksum; recomputing", k)
+            pages.append(page)
+        return pages
+
     def fetch(self, digests: list[bytes]) -> list[np.ndarray]:
-        """Pages for the leading run of `digests` that the store holds intact, each [L, 2, Hkv, S, D]."""
+        """Pages for the leading run of `digests` that the store holds intact, each [L, 2, Hkv, S, D]
+        (read-only views of the received bytes)."""
         try:
             keys = [key(d) for d in digests]
             n = self.store.exists(keys)
             if n == 0:
                 return []
-            pages = []
-            for k, value in zip(keys[:n], self.store.get(keys[:n]), strict=True):
-                page = decode(k, value, self.page_shape, self.dtype)
-                if page is None:
-                    if value is not None:
-                        self.stats["pages_rejected"] += 1
-                        log.warning("remote page %s failed its checksum; recomputing", k)
-                    break
-                pages.append(page)
-            self.stats["pages_fetched"] += len(pages)
+            # chunks small enough that every worker gets one, and that a chunk's checksums overlap the next's reads
+            step = max(1, min(self.chunk_pages, -(-n // self.fetch_threads)))
+            chunks = [keys[lo : lo + step] for lo in range(0, n, step)]
+            futures = [self._getters.submit(self._get_chunk, c) for c in chunks] if (
+                self._getters is not None and len(chunks) > 1) else []
+            # in order; serially, lazily: the first miss stops the getting
+            results = (f.result() for f in futures) if futures else map(self._get_chunk, chunks)
+            pages: list[np.ndarray] = []
+            try:
+                for chunk in results:
+                    run = next((i for i, p in enumerate(chunk) if p is None), len(chunk))
+                    pages.extend(chunk[:run])
+                    if run < len(chunk):  # a miss ends the usable prefix: the pages after it are not needed
+                        break
+            finally:
+                for f in futures:  # those not started yet
+                    f.cancel()
+            self._count("pages_fetched", len(pages))
             return pages
         except Exception:  # a remote problem is a cache miss, never a failed request
             log.exception("remote fetch failed; recomputing")
@@ -209,7 +262,7 @@ class RemoteTier:
             self._queue.put_nowait((list(digests), pages))
             return True
         except queue.Full:
-            self.stats["writes_dropped"] += len(digests)
+            self._count("writes_dropped", len(digests))
             return False
 
     def _write_loop(self):
@@ -222,7 +275,7 @@ class RemoteTier:
                 host = np.asarray(pages)
                 keys = [key(d) for d in digests]
                 self.store.set(keys, [encode(k, host[:, :, :, i]) for i, k in enumerate(keys)])
-                self.stats["pages_written"] += len(keys)
+                self._count("pages_written", len(keys))
             except Exception:
                 log.exception("remote write failed; the pages stay local only")
             finally:
@@ -236,6 +289,8 @@ class RemoteTier:
         self.drain()
         self._queue.put(None)
         self._writer.join(timeout=5)
+        if self._getters is not None:
+            self._getters.shutdown(wait=True, cancel_futures=True)
 
 
 def open_store(url: str | None) -> RemoteStore | None:

@@ -217,3 +217,111 @@ def test_redis_store_survives_a_dead_server_and_reconnects():
         time.sleep(0.35)
         store.set(keys[:2], [b"x", b"y"])
         assert store.exists(keys) == 2 and store.get(keys[:1]) == [b"x"]
+
+
+# ---- the parallel fetch: chunks of pages got over several connections and verified as they arrive ------------
+
+PAGE = (2, 2, 1, 4, 8)  # [L, 2, Hkv, S, D]
+
+
+def stored_pages(store, n: int) -> tuple[list[bytes], list[np.ndarray]]:
+    """n chained pages of distinct contents, written to `store`; returns their digests and contents."""
+    digests = page_digests(salt("m", "float32", PAGE, 4), list(range(4 * n)), 4)
+    pages = [np.random.default_rng(i).standard_normal(PAGE).astype(np.float32) for i in range(n)]
+    store.set([key(d) for d in digests], [encode(key(d), p) for d, p in zip(digests, pages, strict=True)])
+    return digests, pages
+
+
+def assert_prefix(got: list[np.ndarray], pages: list[np.ndarray]) -> None:
+    assert len(got) <= len(pages)
+    for g, p in zip(got, pages, strict=False):
+        np.testing.assert_array_equal(g, p)
+
+
+def test_parallel_fetch_over_several_connections_gives_the_same_pages():
+    need_redis()
+    with RedisProcess() as server:
+        store = RedisStore(server.url, timeout_s=2.0)
+        digests, pages = stored_pages(store, 23)
+        serial = RemoteTier(store, PAGE, np.float32, fetch_threads=1)
+        parallel = RemoteTier(store, PAGE, np.float32, fetch_threads=4, chunk_pages=2)  # 12 chunks, 4 at once
+        for tier in (serial, parallel):
+            got = tier.fetch(digests)
+            assert len(got) == 23
+            assert_prefix(got, pages)
+            assert tier.fetch(digests[:1])[0].shape == PAGE  # one page: one chunk
+        assert parallel.stats["pages_fetched"] == 24 and parallel.stats["pages_rejected"] == 0
+        clients = store.client.client_list()
+        assert sum(c["cmd"] == "mget" for c in clients) >= 2  # the chunks went over several connections
+        serial.close()
+        parallel.close()
+
+
+@pytest.mark.parametrize("bad", ["flipped", "truncated", "other key", "missing"])
+def test_parallel_fetch_rejects_a_corrupted_page_alone(bad):
+    store = InProcessStore()
+    digests, pages = stored_pages(store, 20)
+    tier = RemoteTier(store, PAGE, np.float32, fetch_threads=4, chunk_pages=3)
+    k = key(digests[7])  # the second page of the third chunk
+    value = store.items[k]
+    if bad == "flipped":
+        store.items[k] = value[:100] + bytes([value[100] ^ 1]) + value[101:]
+    elif bad == "truncated":
+        store.items[k] = value[:-1]
+    elif bad == "other key":
+        store.items[k] = store.items[key(digests[8])]
+    else:
+        store.items[k] = None  # present for `exists`, gone by the time it is got
+    got = tier.fetch(digests)
+    assert len(got) == 7  # the leading run before it; the pages after it are intact but follow a gap
+    assert_prefix(got, pages)
+    assert tier.stats["pages_rejected"] == (0 if bad == "missing" else 1)
+    store.items[k] = value
+    assert len(tier.fetch(digests)) == 20
+    tier.close()
+
+
+@pytest.mark.parametrize("failure", ["killed", "stalled"])
+def test_parallel_fetch_from_a_store_that_fails_midway_gives_misses(failure):
+    need_redis()
+    import os
+    import signal
+
+    class FailingStore(RedisStore):
+        """Kills (or stops) the server when the chunk starting at page `at` is got."""
+
+        at: str | None = None
+
+        def get(self, keys):
+            if keys and keys[0] == self.at:
+                self.at = None
+                if failure == "killed":
+                    server.kill()
+                else:
+                    os.kill(server.proc.pid, signal.SIGSTOP)
+            return super().get(keys)
+
+    with RedisProcess() as server:
+        store = FailingStore(server.url, timeout_s=0.3, retry_s=0.3)
+        digests, pages = stored_pages(store, 24)
+        tier = RemoteTier(store, PAGE, np.float32, fetch_threads=4, chunk_pages=3)
+        store.at = key(digests[9])
+        t = time.monotonic()
+        got = tier.fetch(digests)
+        assert time.monotonic() - t < 2
+        assert len(got) <= 9  # the failed chunk and everything after it are misses
+        assert_prefix(got, pages)
+        assert store.errors >= 1 and tier.fetch(digests) == []
+        if failure == "killed":
+            server.start()  # same port, empty
+        else:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 5  # retry_s after the last chunk that failed, the store is used again
+        while len(got) < 24 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            if failure == "killed":
+                stored_pages(store, 24)  # dropped while the store counts as down
+            got = tier.fetch(digests)
+        assert len(got) == 24
+        assert_prefix(got, pages)
+        tier.close()
