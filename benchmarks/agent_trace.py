@@ -12,15 +12,23 @@ Runs, all on servers this script starts in its own process (uvicorn threads, one
   off     no prefix cache; replays the recorded requests;
   second  a fresh server on the same Redis; replays them, so what `on` computed comes from the remote tier.
 Then, for prompts of growing length, TTFT of a recompute (`off`) vs a fetch from Redis (`second`): the prefix
-length above which fetching beats recomputing.
+length above which fetching beats recomputing, with the KV bytes each fetch moved and its rate in MB/s.
 
-GPU (default): a random-weight model with Qwen2.5-Coder-1.5B's shapes, bf16. CPU: --tiny, the fixture checkpoint
-(a smoke test of this script, under a minute). Random weights emit arbitrary ids, so the servers render each
-output token as its vocabulary string (the fixture tokenizer's, modulo its size): every token streams at once.
+TTFT is reported over all requests and separately for first turns and cached turns (turns >= 2 of a session,
+whose prefix an earlier turn computed): the cache's claim is about a cached turn against its recompute. Before
+anything is timed every server plays the workload once with other text, then compiles every shape the runs can
+use (each prefill/extend row count and length bucket, decode, sampling, the page copies of the host and remote
+tiers); the JSON records how many programs were still traced during each measured run (0 expected).
+
+GPU (default): a random-weight model with Qwen2.5-Coder-1.5B's shapes, bf16; --model-shape 7b: Qwen2.5-Coder-7B's
+(~57 KB of KV per token vs 28 KB, ~5x the FLOPs per token: recompute costs more per byte fetched). CPU: --tiny,
+the fixture checkpoint (a smoke test of this script, under a minute). Random weights emit arbitrary ids, so the
+servers render each output token as its vocabulary string (the fixture tokenizer's, modulo its size): every token
+streams at once.
 Prompts are tokenized with the fixture tokenizer (no Qwen tokenizer is available offline): workload sizes are
 given in those tokens. Client and servers share one process (the GIL): TTFT includes that overhead for all runs.
 
-Run on the GPU machine:  python benchmarks/agent_trace.py            (CPU: --tiny)
+Run on the GPU machine:  python benchmarks/agent_trace.py [--model-shape 7b]            (CPU: --tiny)
 """
 
 from __future__ import annotations
@@ -38,10 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
 from benchmarks.common import device, table, versions, write_result  # noqa: E402
-from benchmarks.decode import QWEN25_CODER_1_5B  # noqa: E402
+from benchmarks.decode import QWEN25_CODER_1_5B, QWEN25_CODER_7B  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "qwen2"
+MODEL_SHAPES = {"1.5b": QWEN25_CODER_1_5B, "7b": QWEN25_CODER_7B}
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,8 @@ class Turn:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    session: int = -1
+    turn: int = -1  # 0: the session's first turn; >= 1: a cached turn (an earlier turn computed its prefix)
 
 
 async def chat(client, url: str, messages: list[dict], max_tokens: int, model: str) -> Turn:
@@ -196,12 +207,27 @@ async def chat(client, url: str, messages: list[dict], max_tokens: int, model: s
                 usage["prompt_tokens_details"]["cached_tokens"], usage["completion_tokens"])
 
 
+def ttft_ms(turns: list[Turn], q: float) -> float:
+    import numpy as np
+
+    return round(float(np.percentile([t.ttft_s * 1e3 for t in turns], q)), 1) if turns else float("nan")
+
+
 @dataclass
 class Run:
     name: str
     turns: list[Turn] = field(default_factory=list)
     wall_s: float = 0.0
     tiers: dict[str, float] = field(default_factory=dict)  # cached tokens per tier / prompt tokens
+    traced: int = 0  # programs traced (compiled or loaded from the persistent cache) during the run
+
+    @property
+    def first(self) -> list[Turn]:
+        return [t for t in self.turns if t.turn == 0]
+
+    @property
+    def cached(self) -> list[Turn]:
+        return [t for t in self.turns if t.turn >= 1]
 
     def row(self) -> dict:
         import numpy as np
@@ -214,8 +240,30 @@ class Run:
                 "hit_total": round(sum(self.tiers.values()), 3),
                 "ttft_p50_ms": round(float(np.percentile(ttft, 50)), 1),
                 "ttft_p90_ms": round(float(np.percentile(ttft, 90)), 1),
+                "ttft_first_p50_ms": ttft_ms(self.first, 50), "ttft_cached_p50_ms": ttft_ms(self.cached, 50),
+                "ttft_cached_p90_ms": ttft_ms(self.cached, 90),
                 "out_tok_s": round(out / self.wall_s, 1), "prompt_tok_s": round(prompt / self.wall_s, 1),
-                "wall_s": round(self.wall_s, 2)}
+                "wall_s": round(self.wall_s, 2), "traced": self.traced}
+
+
+def cached_turns(off: Run, runs: list[Run]) -> dict:
+    """TTFT of cached turns (turns >= 2) against the same requests' recompute (`off`), and of first turns."""
+    import numpy as np
+
+    def mean_ms(turns):
+        return round(float(np.mean([t.ttft_s for t in turns])) * 1e3, 1)
+
+    out = {"requests": len(off.cached), "off": {"first_p50_ms": ttft_ms(off.first, 50),
+                                                "cached_p50_ms": ttft_ms(off.cached, 50),
+                                                "cached_p90_ms": ttft_ms(off.cached, 90),
+                                                "cached_mean_ms": mean_ms(off.cached)}}
+    for run in runs:
+        p50, mean = ttft_ms(run.cached, 50), mean_ms(run.cached)
+        out[run.name] = {"first_p50_ms": ttft_ms(run.first, 50), "cached_p50_ms": p50,
+                         "cached_p90_ms": ttft_ms(run.cached, 90), "cached_mean_ms": mean,
+                         "cached_p50_reduction_pct": round(100 * (1 - p50 / out["off"]["cached_p50_ms"]), 1),
+                         "cached_mean_reduction_pct": round(100 * (1 - mean / out["off"]["cached_mean_ms"]), 1)}
+    return out
 
 
 async def play(url: str, w: Workload, model: str, recorded: list[list[list[dict]]] | None = None) -> tuple[
@@ -228,13 +276,16 @@ async def play(url: str, w: Workload, model: str, recorded: list[list[list[dict]
 
     async def session(client, s: int) -> None:
         if recorded is not None:
-            for messages in recorded[s]:
-                turns.append(await chat(client, url, messages, w.shape.max_tokens, model))
+            for t, messages in enumerate(recorded[s]):
+                turn = await chat(client, url, messages, w.shape.max_tokens, model)
+                turn.session, turn.turn = s, t
+                turns.append(turn)
             return
         messages = w.first_messages(s)
         for t in range(w.shape.turns):
             record[s].append(messages)
             turn = await chat(client, url, messages, w.shape.max_tokens, model)
+            turn.session, turn.turn = s, t
             turns.append(turn)
             messages = w.next_messages(s, t, messages, turn.text)
 
@@ -246,23 +297,90 @@ async def play(url: str, w: Workload, model: str, recorded: list[list[list[dict]
 
 def measure(name: str, server, w: Workload, model: str, recorded=None) -> tuple[Run, list]:
     metrics = server.state.scheduler.metrics
-    before = metrics.totals()
+    before, traced = metrics.totals(), TRACES.count
     t = time.perf_counter()
     turns, record = asyncio.run(play(server.url, w, model, recorded))
     run = Run(name, turns, time.perf_counter() - t)
     after = metrics.totals()
+    run.traced = TRACES.count - traced
     prompt = after["prompt"] - before["prompt"]
     run.tiers = {tier: (after[tier] - before[tier]) / max(1, prompt) for tier in ("device", "host", "remote")}
-    log(f"{name}: {len(turns)} requests in {run.wall_s:.1f}s")
+    log(f"{name}: {len(turns)} requests in {run.wall_s:.1f}s, {run.traced} programs traced")
     return run, record
+
+
+# ---- warm-up -----------------------------------------------------------------------------------------------------
+
+
+class TraceCounter:
+    """Counts programs JAX traces (every jit cache miss: a compile or a load from the persistent cache)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, event: str, duration_s: float, **kw) -> None:
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            self.count += 1
+
+
+TRACES = TraceCounter()
+
+
+def warm_shapes(scheduler, max_tokens: int) -> None:
+    """Compiles, on the engine thread (between iterations, while the server is idle), every program a run of
+    requests up to `max_tokens` long (prompt + output) can use: prefill/extend for each padded row count and length
+    bucket, the first-token sampler, the fused decode, and the page copies of the host and remote tiers (gather
+    per power-of-two count, then a slice per count; scatter per power-of-two count). Free slots' page tables point
+    at the scratch page: nothing cached changes."""
+    import numpy as np
+
+    from codegen_jax.engine import bucket
+
+    def run() -> None:
+        engine, kv = scheduler.engine, scheduler.kv
+        ecfg = engine.cfg
+        free = [s for s, r in enumerate(scheduler.slots) if r is None]
+        assert len(free) == ecfg.max_slots, "warm_shapes runs on an idle server"
+        row_classes = sorted({1 << max(0, n - 1).bit_length()
+                              for n in range(1, min(scheduler.cfg.max_prefill_rows, ecfg.max_slots) + 1)})
+        lengths = sorted({bucket(n, ecfg.prefill_chunk) for n in range(1, ecfg.prefill_chunk + 1)})
+        for rows in row_classes:
+            slots = free[:rows]
+            for T in lengths:
+                logits = engine.prefill_rows(slots, [[0] * T] * rows, [0] * rows)
+                idx = slots + [0] * (logits.shape[0] - rows)
+                positions = np.full(logits.shape[0], T, np.int32)
+                scheduler._sample(logits, scheduler.seeds[idx], positions, scheduler.temperature[idx],
+                                  scheduler.top_k[idx], scheduler.top_p[idx], greedy=True)  # requests: greedy
+        kv.lengths[free] = 0
+        active = np.zeros(ecfg.max_slots, bool)
+        engine.decode(scheduler.last, active, scheduler.seeds, scheduler.temperature, scheduler.top_k,
+                      scheduler.top_p, greedy=True)
+        if scheduler.radix is not None:  # page copies: host tier spills and loads, remote writes and fetches
+            from serve.radix_cache import dtype_of, page_array_shape
+
+            shape, dtype = page_array_shape(kv), dtype_of(kv)
+            pages = min(kv.max_pages, -(-max_tokens // ecfg.page_size))
+            for n in range(1, pages + 1):  # the slice after the gather compiles once per count
+                kv.read_pages([0] * n)
+            n = 1
+            while n < 2 * pages:
+                kv.write_pages([0] * n, np.zeros((*shape[:3], n, *shape[3:]), dtype))
+                n *= 2
+        np.asarray(kv.pages[0][0][0, 0, 0])  # wait for it all
+
+    scheduler.call(run).result()
 
 
 # ---- fetch vs recompute ------------------------------------------------------------------------------------------
 
 
-def crossover(servers: dict, shape: Shape, vocab: int, model: str) -> tuple[list[dict], int | None]:
+def crossover(servers: dict, shape: Shape, vocab: int, model: str, kv_bytes_per_token: int) -> tuple[
+        list[dict], int | None]:
     """TTFT of a prompt whose first L tokens are in Redis (fetched by `second`) vs recomputed (`off`), and on
-    `on`'s device for reference; returns the rows and the smallest L from which fetching wins at every L."""
+    `on`'s device for reference; returns the rows and the smallest L from which fetching wins at every L.
+    A row's fetch rate: the prefix's KV bytes over the Redis hit's TTFT (redis_MB_s, everything included) and over
+    what it took beyond a device hit of the same prefix (fetch_MB_s: fetch, check, copy to the device)."""
     import httpx
     import numpy as np
 
@@ -293,10 +411,14 @@ def crossover(servers: dict, shape: Shape, vocab: int, model: str) -> tuple[list
                 times["redis"].append(red)
                 times["recompute"].append(rec)
         med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+        mb = L * kv_bytes_per_token / 1e6
+        extra_ms = med["redis"] - med["device"]
         rows.append({"prefix_tokens": L, "recompute_ms": round(med["recompute"], 2),
                      "redis_fetch_ms": round(med["redis"], 2), "device_hit_ms": round(med["device"], 2),
-                     "fetch_speedup": round(med["recompute"] / med["redis"], 2)})
-        log(f"probe L={L}: recompute {med['recompute']:.1f} ms, redis {med['redis']:.1f} ms")
+                     "fetch_speedup": round(med["recompute"] / med["redis"], 2), "kv_MB": round(mb, 2),
+                     "redis_MB_s": round(mb / med["redis"] * 1e3, 1),
+                     "fetch_MB_s": round(mb / extra_ms * 1e3, 1) if extra_ms > 0 else None})
+        log(f"probe L={L}: recompute {med['recompute']:.1f} ms, redis {med['redis']:.1f} ms ({mb:.1f} MB)")
     http.close()
     wins = [r["redis_fetch_ms"] < r["recompute_ms"] for r in rows]
     above = None
@@ -310,7 +432,7 @@ def crossover(servers: dict, shape: Shape, vocab: int, model: str) -> tuple[list
 # ---- main ------------------------------------------------------------------------------------------------------------
 
 
-def build_model(tiny: bool):
+def build_model(tiny: bool, model_shape: str = "1.5b"):
     import jax.numpy as jnp
 
     from codegen_jax import ModelConfig, Tokenizer, init_model, load_model
@@ -318,8 +440,15 @@ def build_model(tiny: bool):
     tokenizer = Tokenizer.from_dir(FIXTURE)
     if tiny:
         return load_model(FIXTURE, dtype=jnp.float32, progress=False), tokenizer, "fixture-qwen2"
-    cfg = ModelConfig(model_type="qwen2", rms_norm_eps=1e-6, **QWEN25_CODER_1_5B)
-    return init_model(cfg, dtype=jnp.bfloat16), tokenizer, "random-qwen2.5-coder-1.5b-seed0"
+    cfg = ModelConfig(model_type="qwen2", rms_norm_eps=1e-6, **MODEL_SHAPES[model_shape])
+    return init_model(cfg, dtype=jnp.bfloat16), tokenizer, f"random-qwen2.5-coder-{model_shape}-seed0"
+
+
+def kv_bytes_per_token(cfg, dtype: str) -> int:
+    """K and V of every layer for one token."""
+    import numpy as np
+
+    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * np.dtype(dtype).itemsize
 
 
 def start_servers(model, tokenizer, fingerprint: str, shape: Shape, dtype: str, redis_url: str) -> dict:
@@ -341,6 +470,8 @@ def start_servers(model, tokenizer, fingerprint: str, shape: Shape, dtype: str, 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="fixture checkpoint on the CPU: a smoke test of this script")
+    p.add_argument("--model-shape", choices=list(MODEL_SHAPES), default="1.5b",
+                   help="random-weight Qwen2.5-Coder shapes on the GPU (ignored with --tiny)")
     p.add_argument("--sessions", type=int, default=None, help="concurrent agent sessions (default: per mode)")
     p.add_argument("--turns", type=int, default=None, help="turns per session (default: per mode)")
     p.add_argument("--redis", default=None, help="redis://HOST:PORT to use (default: start a redis-server here)")
@@ -355,6 +486,7 @@ def main(argv: list[str] | None = None) -> dict:
     # every server compiles the same programs: the second and third load them from the persistent cache
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/codegen-jax/jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.monitoring.register_event_duration_secs_listener(TRACES)
     if args.tiny:
         jax.config.update("jax_default_matmul_precision", "highest")  # as the tests: exact across cache paths
 
@@ -363,20 +495,30 @@ def main(argv: list[str] | None = None) -> dict:
     shape = TINY if args.tiny else GPU
     shape = dataclasses.replace(shape, **{k: v for k, v in (("sessions", args.sessions), ("turns", args.turns))
                                           if v is not None})
-    model, tokenizer, fingerprint = build_model(args.tiny)
-    log(f"model ready ({fingerprint}) on {device()}")
+    model, tokenizer, fingerprint = build_model(args.tiny, args.model_shape)
+    dtype = "float32" if args.tiny else "bfloat16"
+    kv_bytes = kv_bytes_per_token(model.cfg, dtype)
+    log(f"model ready ({fingerprint}, {kv_bytes} KV bytes per token) on {device()}")
     redis = None if args.redis else RedisProcess().start()
-    servers = start_servers(model, tokenizer, fingerprint, shape, "float32" if args.tiny else "bfloat16",
-                            args.redis or redis.url)
+    servers = start_servers(model, tokenizer, fingerprint, shape, dtype, args.redis or redis.url)
     try:
-        # warm-up: the same workload with other text, on every server, so that no measured request waits for a
-        # compile (the second server fetches the warm-up's pages from Redis: its fetch path compiles too)
+        # warm-up: the same workload with other text, on every server (the second server fetches the warm-up's
+        # pages from Redis), then every shape a request as long as the longest one (+25%: answers differ between
+        # runs) or the probe can use, so that no measured request waits for a compile
+        traced = TRACES.count
         warm = Workload(shape, tokenizer, salt="(warm-up) ")
-        _, warm_record = asyncio.run(play(servers["on"].url, warm, "agent"))
+        warm_turns, warm_record = asyncio.run(play(servers["on"].url, warm, "agent"))
         servers["on"].state.scheduler.remote.drain()
         for name in ("off", "second"):
             asyncio.run(play(servers[name].url, warm, "agent", warm_record))
-        log("warm-up done")
+        longest = max([int(1.25 * max(t.prompt_tokens for t in warm_turns))]
+                      + ([] if args.no_probe else [max(shape.probe_lengths) + 1]))
+        for name, server in servers.items():
+            t = time.perf_counter()
+            warm_shapes(server.state.scheduler, longest + shape.max_tokens + shape.decode_steps)
+            log(f"{name}: every shape compiled in {time.perf_counter() - t:.1f}s")
+        warm_traces = TRACES.count - traced
+        log(f"warm-up done ({warm_traces} programs traced)")
 
         w = Workload(shape, tokenizer)
         on, record = measure("cache on", servers["on"], w, "agent")
@@ -385,7 +527,10 @@ def main(argv: list[str] | None = None) -> dict:
         second, _ = measure("second server (redis)", servers["second"], w, "agent", record)
         runs = [off, on, second]
         remote_stats = {n: dict(servers[n].state.scheduler.remote.stats) for n in ("on", "second")}
-        probe, above = ([], None) if args.no_probe else crossover(servers, shape, model.cfg.vocab_size, "agent")
+        traced = TRACES.count
+        probe, above = ([], None) if args.no_probe else crossover(servers, shape, model.cfg.vocab_size, "agent",
+                                                                  kv_bytes)
+        probe_traces = TRACES.count - traced
     finally:
         for s in servers.values():
             s.stop()
@@ -394,6 +539,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = [r.row() for r in runs]
     print(table(rows, list(rows[0])))
+    cached = cached_turns(off, [on, second])
+    on_c, second_c = cached["cache on"], cached["second server (redis)"]
+    print(f"\ncached turns (>= 2 of a session, {cached['requests']} requests), TTFT p50: off "
+          f"{cached['off']['cached_p50_ms']} ms, on {on_c['cached_p50_ms']} ms ({on_c['cached_p50_reduction_pct']}% "
+          f"below), second server {second_c['cached_p50_ms']} ms ({second_c['cached_p50_reduction_pct']}% below)")
     if probe:
         print()
         print(table(probe, list(probe[0])))
@@ -402,16 +552,18 @@ def main(argv: list[str] | None = None) -> dict:
     prompt_lens = [t.prompt_tokens for t in on.turns]
     result = {
         "device": device(), "versions": versions("jax", "jaxlib", "fastapi", "uvicorn", "redis"),
-        "model": fingerprint, "shape": dataclasses.asdict(shape),
+        "model": fingerprint, "model_shape": "tiny" if args.tiny else args.model_shape,
+        "kv_bytes_per_token": kv_bytes, "shape": dataclasses.asdict(shape), "warm_up_traces": warm_traces,
         "workload": {"requests": len(on.turns), "prompt_tokens_mean": sum(prompt_lens) / len(prompt_lens),
                      "prompt_tokens_max": max(prompt_lens), "system_prompt_chars": len(w.system)},
-        "runs": rows, "remote": remote_stats, "fetch_vs_recompute": probe,
-        "redis_beats_recompute_above_tokens": above,
+        "runs": rows, "cached_turns": cached, "remote": remote_stats, "fetch_vs_recompute": probe,
+        "redis_beats_recompute_above_tokens": above, "probe_traces": probe_traces,
         "note": "client and servers in one process; TTFT measured by the client at the first streamed token",
     }
     if args.results_dir:
         common.RESULTS = Path(args.results_dir)
-    path = write_result("agent_trace_tiny" if args.tiny else "agent_trace", result)
+    name = "agent_trace_tiny" if args.tiny else "agent_trace" if args.model_shape == "1.5b" else "agent_trace_7b"
+    path = write_result(name, result)
     log(f"wrote {path}")
     return result
 

@@ -31,6 +31,9 @@ from benchmarks.common import device, table, versions, write_result  # noqa: E40
 QWEN25_CODER_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
                          num_kv_heads=2, head_dim=128, tie_word_embeddings=True, qkv_bias=True,
                          max_position_embeddings=32768)
+QWEN25_CODER_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                       num_kv_heads=4, head_dim=128, tie_word_embeddings=False, qkv_bias=True,
+                       max_position_embeddings=32768)
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=16, tie_word_embeddings=True, qkv_bias=True, max_position_embeddings=4096)
 
