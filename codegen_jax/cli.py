@@ -81,6 +81,8 @@ def _add_serve(sub) -> None:
     s.add_argument("--decode-steps", type=_positive, default=8, help="decode steps fused per device call")
     s.add_argument("--host-pages", type=int, default=0, help="host-RAM tier size in KV pages (default 0: off)")
     s.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt (for comparisons)")
+    s.add_argument("--no-warmup", action="store_true",
+                   help="skip compiling the speculative step's verify widths at start-up (faster start)")
     s.add_argument("--max-queue", type=_positive, default=256, help="waiting requests before 429 (default 256)")
     s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish "
                    "after SIGTERM before they are ended (default 30)")
@@ -172,7 +174,8 @@ def _serve(args) -> int:
                           page_size=args.page_size, max_slots=args.max_slots, num_pages=args.num_pages,
                           prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
                           prefix_cache=not args.no_prefix_cache, host_pages=args.host_pages,
-                          max_queue=args.max_queue, drain_timeout_s=args.drain_timeout)
+                          max_queue=args.max_queue, drain_timeout_s=args.drain_timeout,
+                          warmup=not args.no_warmup)
         if cfg.remote and not cfg.remote.startswith(("redis://", "rediss://", "unix://", "memory://")):
             raise ValueError(f"--remote must look like redis://HOST:PORT or memory://, got {cfg.remote!r}")
         if cfg.remote and not cfg.prefix_cache:

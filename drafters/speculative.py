@@ -101,6 +101,36 @@ class SpeculativeDecoder:
         drafter.observe(seqs, Draft(tokens[:, 1:], lengths, probs), accepted, out, features)
         return new, lengths
 
+    def warmup(self) -> list[int]:
+        """Compiles every verify width a step can use (verify or verify_features, the accept rule greedy and
+        sampling, the drafter's propose and observe) and, for drafters reading target features, every width of
+        `start`'s capture of a prompt's tail, with calls that change no state: every row has q_len 0, so
+        the forward writes only the scratch page and lengths stay; the drafter sees no sequence. Draft lengths
+        follow acceptance, so without this a width first met mid-request compiles there, inside someone's
+        latency. Returns the widths."""
+        engine, drafter = self.engine, self.drafter
+        S = engine.cfg.max_slots
+        before = engine.cache.lengths.copy()
+        drafter.propose([], {})
+        widths = {_width(k, drafter.max_draft) for k in range(drafter.max_draft + 1)}
+        if drafter.capture:  # `start`'s capture of the prompt's tail, one width per power of two up to the context
+            widths |= {_context_width(n) for n in range(1, drafter.context + 1)}
+        widths = sorted(widths)
+        zeros_i, zeros_f = np.zeros(S, np.int32), np.zeros(S, np.float32)
+        for T in widths:
+            tokens = np.zeros((S, T), np.int32)
+            features = None
+            if drafter.capture:
+                logits, features = engine.verify_features(tokens, zeros_i, drafter.capture)
+            else:
+                logits = engine.verify(tokens, zeros_i)
+            for greedy in (True, False):
+                accepted, out = verify_tokens(logits, tokens[:, 1:], zeros_i, None, zeros_i.astype(np.uint32),
+                                              zeros_i, zeros_f, zeros_i, np.ones(S, np.float32), greedy=greedy)
+            drafter.observe([], Draft(tokens[:, 1:], zeros_i), np.asarray(accepted), np.asarray(out), features)
+        assert (engine.cache.lengths == before).all(), "warm-up must leave the cache's lengths alone"
+        return widths
+
     # ---- prefill ----------------------------------------------------------------------------------------------
 
     def start(self, seq: Sequence) -> None:
@@ -115,7 +145,7 @@ class SpeculativeDecoder:
         features = None
         if n_ctx:
             # the drafter's context: the target's features for the prompt's tail, from a verify over that tail
-            S, T = engine.cfg.max_slots, max(16, 1 << (n_ctx - 1).bit_length())
+            S, T = engine.cfg.max_slots, _context_width(n_ctx)
             ids = np.zeros((S, T), np.int32)
             ids[seq.slot, :n_ctx] = cached[-n_ctx:]
             q_lens = np.zeros(S, np.int32)
@@ -209,6 +239,11 @@ class SpeculativeDecoder:
                             s.params.max_new_tokens - (len(s.tokens) - s.prompt_len) - 1) for s in seqs}
         new, _ = self.step(seqs, {k: max(v, 0) for k, v in room.items()})
         return [new[row.slot] for row in rows]
+
+
+def _context_width(n: int) -> int:
+    """Width of `start`'s verify over a prompt tail of n positions (a power of two, at least 16)."""
+    return max(16, 1 << (n - 1).bit_length())
 
 
 def _fit(a: np.ndarray, K: int) -> np.ndarray:

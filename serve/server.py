@@ -39,6 +39,7 @@ class ServeConfig:
     max_queue: int = 256
     max_body_bytes: int = 8 << 20
     drain_timeout_s: float = 30.0
+    warmup: bool = True  # compile the speculative step's verify widths before serving
 
     def __post_init__(self):
         if self.speculator not in (None, "none", "apply", "suffix", "block", "eagle3"):
@@ -88,6 +89,8 @@ def assemble(cfg: ServeConfig, model, tokenizer, fingerprint: str):
     kind = cfg.speculator or (neural_kind(cfg.drafter) if cfg.drafter else "apply")
     speculator = None if kind == "none" else build_speculator(kind, engine, model, drafter_dir=cfg.drafter,
                                                               draft_len=cfg.draft_len)
+    if speculator is not None and cfg.warmup:
+        speculator.warmup()  # a width first met mid-request would compile inside someone's latency
     speculate_all = (cfg.speculate or ("all" if cfg.drafter else "apply")) == "all"
     scheduler = Scheduler(engine, SchedulerConfig(prefix_cache=cfg.prefix_cache, host_pages=cfg.host_pages,
                                                   max_queue=cfg.max_queue),

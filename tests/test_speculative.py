@@ -96,6 +96,32 @@ def test_greedy_matches_engine(model, rng, kind, slots, max_draft):
     assert not spec.engine.cache.lengths.any()
 
 
+@pytest.mark.parametrize("kind", ["apply", "suffix", "block", "eagle3"])
+def test_warmup_compiles_every_width_and_changes_nothing(model, rng, kind):
+    """After warm-up, a generation compiles no verify step; the warm-up itself leaves the cache as it was (pages
+    but the scratch page, lengths) while a request is in flight."""
+    slots, max_draft = 2, 7
+    eng = engine(model, slots)
+    spec = SpeculativeDecoder(eng, make_drafter(kind, slots, max_draft, model))
+    prompt = list(rng.integers(0, CFG.vocab_size, 20))
+    eng.cache.reserve(1, 40)
+    eng.prefill(1, prompt)
+    pages = [np.array(p) for p in jax.tree.leaves(eng.cache.pages)]
+    lengths = eng.cache.lengths.copy()
+    widths = spec.warmup()
+    assert widths == ([2, 4, 8, 16] if spec.drafter.capture else [2, 4, 8])  # 16: the capture of a prompt tail
+    for before, after in zip(pages, jax.tree.leaves(eng.cache.pages), strict=True):
+        np.testing.assert_array_equal(np.asarray(after)[:, 1:], before[:, 1:])  # [Hkv, P, S, D]: page 0 is scratch
+    np.testing.assert_array_equal(eng.cache.lengths, lengths)
+    eng.cache.release(1)
+    step = eng._verify_capture if spec.drafter.capture else eng._verify
+    compiled = step._cache_size()
+    base = [list(rng.integers(0, CFG.vocab_size, n)) for n in (5, 11)]
+    out = spec.generate([b + b + b for b in base], SamplingParams(max_new_tokens=20))
+    assert step._cache_size() == compiled, "a verify width compiled after warm-up"
+    ref = engine(model, 2).generate([b + b + b for b in base], SamplingParams(max_new_tokens=20))
+    assert [o.tokens for o in out] == [r.tokens for r in ref]
+
 @pytest.mark.parametrize("slots,max_draft", [(1, 5), (4, 6), (5, 16)])
 def test_rows_accept_different_lengths(model, rng, slots, max_draft):
     prompts = [list(rng.integers(0, CFG.vocab_size, n)) for n in (3, 8, 12, 19, 26)]
