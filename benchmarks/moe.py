@@ -146,12 +146,13 @@ def bench(shape_name, T, *, tiny) -> list[dict]:
         "ours": functools.partial(moe, **kw),
         "ragged_dot": functools.partial(moe_reference, **kw),
         "gather_einsum": functools.partial(gather_einsum, **kw),
+        "mosaic": functools.partial(moe, **kw, impl="mosaic"),  # Hopper only: elsewhere its row records the error
     }
     if tiny:  # the CPU: the kernel runs in the interpreter
         impls["ours"] = functools.partial(moe_triton, **kw, interpret=True)
     ref = jax.jit(impls["ragged_dot"])(*sets[0])
     rows = []
-    for name in ["ours", "triton_int8", "ragged_dot", "gather_einsum"]:
+    for name in ["ours", "triton_int8", "ragged_dot", "gather_einsum", "mosaic"]:
         bytes_per_expert = 3 * D * F * 2
         if name == "triton_int8":
             q = [quantize_int8(w) for w in sets[0][2:]]
