@@ -12,7 +12,11 @@ one jitted function over 4 rotating token sets (different experts per set), medi
 is checked against ragged_dot first (max |diff| / max |ref| <= 2e-2, int8 4e-2, NaN-free).
 
 --tune runs the search loop over Triton configs for the Qwen3-30B-A3B shapes first and writes the winners to
-pallas_kernels/tuned/moe.json (and $OUT), which `ours` then uses.
+pallas_kernels/tuned/moe.json (and $OUT), which `ours` then uses. At T <= 8 it also tries the GEMV mode (no dot;
+block_m = rows per pass over a weight tile) over block_f/block_d, block_k, warps and stages.
+
+The result JSON is rewritten after every tuned T and every benchmarked shape, so a run cut off by a time limit
+keeps what it measured.
 
 Run on the GPU machine:  python benchmarks/moe.py [--tune] [--shapes 30b]      (CPU: --tiny, a smoke test)
 Writes benchmarks/results/moe.json.
@@ -93,23 +97,52 @@ def touched(sets, top_k) -> float:
                           for x, r, *_ in sets]))
 
 
+GEMV_MAX_T = 8  # T the tuner tries the GEMV mode at
+
+
+def gemv_configs(T: int, F: int, *, quick: bool) -> list:
+    """GEMV-mode candidates: block_m = rows per pass (one pass serves a slot of up to min(8, T) rows), column
+    blocks 16..64, k-steps 128..512 (the down kernel's capped at the largest dividing F: 768 takes 256), and two
+    (warps, stages) pairs. [512, 64] tiles are left out: gate and up at float32 hold 64K values per program, past
+    the register file at 4 warps and spilling at 8. 8 block pairs x 2 = 16 candidates (8 when quick)."""
+    from pallas_kernels.moe import TritonMoEConfig
+
+    bm = min(8, 1 << (T - 1).bit_length())
+    out = []
+    for bf in (16, 32, 64):
+        for bk in (128, 256, 512):
+            if bf * bk > 16384:
+                continue
+            bkf = bk
+            while F % bkf:
+                bkf //= 2
+            for warps, stages in ((4, 3),) if quick else ((4, 3), (8, 4)):
+                out.append(TritonMoEConfig(block_m=bm, block_f=bf, block_d=bf, block_k=bk, block_kf=bkf,
+                                           num_warps=warps, num_stages=stages))
+    return out
+
+
 def tune(shape_name, tokens, *, quick) -> list[dict]:
     """The search loop over Triton configs for each T; winners go to pallas_kernels/tuned/moe.json."""
     import functools
 
     from pallas_kernels import tuning
     from pallas_kernels.moe import TritonMoEConfig, dispatch, moe_reference, moe_triton
+    from pallas_kernels.moe.triton_moe import gemv_expected
 
     D, F, E, K = SHAPES[shape_name]
     rows = []
     for T in tokens:
         sets = make_sets(T, D, F, E, K)
-        configs = [TritonMoEConfig()]
+        configs = [TritonMoEConfig()]  # plan's choice: the GEMV mode at small T, else the dot
+        dot_bm = 16 if gemv_expected(T, E, K) else None  # these stay dot candidates where plan picks GEMV
         for bf in (16, 32, 64):
             for stages in ((3,) if quick else (2, 4)):
-                configs.append(TritonMoEConfig(block_f=bf, block_d=bf, num_stages=stages))
+                configs.append(TritonMoEConfig(block_m=dot_bm, block_f=bf, block_d=bf, num_stages=stages))
         if T >= 64:
             configs += [TritonMoEConfig(block_m=bm) for bm in (16, 64)]
+        if T <= GEMV_MAX_T:
+            configs += gemv_configs(T, F, quick=quick)
         configs = list(dict.fromkeys(configs))
         cands = [tuning.Candidate("triton", c, functools.partial(moe_triton, top_k=K, norm_topk_prob=True,
                                                                  config=c)) for c in configs]
@@ -201,23 +234,28 @@ def main() -> None:
     args = p.parse_args()
     import jax
 
-    tuned_rows = []
-    if args.tune and not args.tiny:
-        tuned_rows = tune("30b", args.tokens, quick=args.quick_tune)
-    rows = []
     shapes = list(TINY) if args.tiny else args.shapes
+    tuned_rows, rows = [], []
+
+    def save() -> Path:  # after every step: a run cut off by its time limit keeps what it measured
+        return write_result("moe_tiny" if args.tiny else "moe", {
+            "device": device(), "versions": versions("jax", "jaxlib"), "backend": jax.default_backend(),
+            "shapes": {s: dict(zip(("D", "F", "E", "top_k"), (TINY if args.tiny else SHAPES)[s], strict=True))
+                       for s in shapes},
+            "rows": rows, "tune": tuned_rows,
+        })
+
+    if args.tune and not args.tiny:
+        for T in args.tokens:
+            tuned_rows += tune("30b", [T], quick=args.quick_tune)
+            save()
     for shape in shapes:
         for T in (TINY_TOKENS if args.tiny else args.tokens):
             rows += bench(shape, T, tiny=args.tiny)
+            save()
     cols = ["shape", "T", "impl", "experts_touched", "us", "GB/s", "max_rel_err", "picked", "error"]
     print(table(rows, [c for c in cols if any(c in r for r in rows)]))
-    path = write_result("moe_tiny" if args.tiny else "moe", {
-        "device": device(), "versions": versions("jax", "jaxlib"), "backend": jax.default_backend(),
-        "shapes": {s: dict(zip(("D", "F", "E", "top_k"), (TINY if args.tiny else SHAPES)[s], strict=True))
-                   for s in shapes},
-        "rows": rows, "tune": tuned_rows,
-    })
-    print(f"wrote {path}")
+    print(f"wrote {save()}")
     if any("error" in r for r in rows if r["impl"] in ("ours", "triton_int8")):
         raise SystemExit("our kernel failed on some shape (see the error column)")
 

@@ -117,10 +117,8 @@ def test_some_experts_chosen_by_no_token(rng):
     assert not np.isin(experts, dead).any()
 
 
-@pytest.mark.parametrize("E,top_k,D,F,T", [(128, 8, 64, 32, 256), (8, 2, 32, 48, 64)], ids=["qwen3-30b-a3b", "small"])
-def test_one_expert_chosen_by_every_token(rng, E, top_k, D, F, T):
-    # one slot with T pairs: several row tiles over the same expert weights
-    hot = int(rng.integers(E))
+def hot_expert(hot):
+    """A bias for bf16_inputs that makes every token choose expert `hot` first: one slot holds T pairs."""
 
     def bias(x, router):
         x, router = x.copy(), router.copy()
@@ -128,7 +126,14 @@ def test_one_expert_chosen_by_every_token(rng, E, top_k, D, F, T):
         router[hot, 0] = 12.0
         return x, router
 
-    experts = check(rng, T, E, D, F, top_k, bias=bias)
+    return bias
+
+
+@pytest.mark.parametrize("E,top_k,D,F,T", [(128, 8, 64, 32, 256), (8, 2, 32, 48, 64)], ids=["qwen3-30b-a3b", "small"])
+def test_one_expert_chosen_by_every_token(rng, E, top_k, D, F, T):
+    # one slot with T pairs: several row tiles over the same expert weights
+    hot = int(rng.integers(E))
+    experts = check(rng, T, E, D, F, top_k, bias=hot_expert(hot))
     assert (experts[:, 0] == hot).all()
 
 
@@ -140,12 +145,10 @@ def test_configs(rng, config):
     check(rng, 64, 128, 64, 32, 8, config=config)
 
 
-@pytest.mark.parametrize("T", [1, 64])
-def test_int8_weights(rng, T):
-    # the quantised format: against the dequantised weights it is the same computation (scale after the dot
-    # instead of before), against the bf16 weights it was made from the quantisation error is bounded
-    E, top_k, D, F = 128, 8, 64, 32
-    x, router, wg, wu, wd = bf16_inputs(rng, T, E, D, F, top_k)
+def check_int8(rng, T, E, D, F, top_k, *, bias=None, config=None):
+    """The quantised format: against the dequantised weights it is the same computation (scale after the dot
+    instead of before), against the bf16 weights it was made from the quantisation error is bounded."""
+    x, router, wg, wu, wd = bf16_inputs(rng, T, E, D, F, top_k, bias)
     want = naive_moe(x, router, wg, wu, wd, top_k=top_k, norm_topk_prob=True)
     experts, _, _ = naive_routing(x, router, top_k, True)
     q = [quantize_int8(jnp.asarray(w, jnp.bfloat16)) for w in (wg, wu, wd)]
@@ -153,15 +156,52 @@ def test_int8_weights(rng, T):
     want_deq = naive_moe(x, router, *deq, top_k=top_k, norm_topk_prob=True)
     # the unused experts' scales are NaN: reading them would poison the output
     q = [QuantizedWeight(w.values, jnp.asarray(poison_unused(experts, np.asarray(w.scale))[0])) for w in q]
-    got = run(x, router, *q, top_k=top_k)
+    got = run(x, router, *q, top_k=top_k, config=config)
     assert rel_err(got, want_deq) <= TOL
     err = rel_err(got, want)
     assert err <= TOL_INT8, f"int8 vs bf16 weights: rel err {err:.3g} > {TOL_INT8}"
+    return x, router, wg, wu, wd, want, experts
+
+
+@pytest.mark.parametrize("T", [1, 64])
+def test_int8_weights(rng, T):
+    E, top_k, D, F = 128, 8, 64, 32
+    x, router, wg, wu, wd, want, _ = check_int8(rng, T, E, D, F, top_k)
     # the reference takes the same format
     ref = moe_reference(*(jnp.asarray(a, jnp.bfloat16) for a in (x, router)),
                         *(quantize_int8(jnp.asarray(w, jnp.bfloat16)) for w in (wg, wu, wd)), top_k=top_k,
                         norm_topk_prob=True)
     assert rel_err(np.asarray(ref.astype(jnp.float32)), want) <= TOL_INT8
+
+
+# GEMV mode (block_m < 16, no dot) at decode sizes, beside the dot mode (block_m=16) at the same sizes. For T > 1
+# every token chooses one hot expert first, so that slot holds T rows: one pass over its weight tiles when
+# block_m >= T (rows past the count skipped), several passes when block_m < T. block_m=1 runs several k-steps
+# per program (block_k < D, block_kf < F); block_m=4 takes plan's blocks (one k-step at these D, F).
+GEMV_CONFIGS = {
+    1: TritonMoEConfig(block_m=1, block_f=16, block_d=16, block_k=32, block_kf=16),
+    4: TritonMoEConfig(block_m=4),
+    16: TritonMoEConfig(block_m=16),
+}
+
+
+@pytest.mark.parametrize("block_m", list(GEMV_CONFIGS))
+@pytest.mark.parametrize("T", [1, 2, 7])
+@pytest.mark.parametrize("E,top_k,D,F", CONFIGS, ids=["qwen3-30b-a3b", "small"])
+def test_gemv_mode(rng, E, top_k, D, F, T, block_m):
+    hot = int(rng.integers(E))
+    experts = check(rng, T, E, D, F, top_k, bias=hot_expert(hot) if T > 1 else None, config=GEMV_CONFIGS[block_m])
+    assert T == 1 or (experts[:, 0] == hot).all()
+
+
+@pytest.mark.parametrize("block_m", [1, 4])
+@pytest.mark.parametrize("T", [1, 2, 7])
+@pytest.mark.parametrize("E,top_k,D,F", CONFIGS, ids=["qwen3-30b-a3b", "small"])
+def test_gemv_mode_int8(rng, E, top_k, D, F, T, block_m):
+    hot = int(rng.integers(E))
+    *_, experts = check_int8(rng, T, E, D, F, top_k, bias=hot_expert(hot) if T > 1 else None,
+                             config=GEMV_CONFIGS[block_m])
+    assert T == 1 or (experts[:, 0] == hot).all()
 
 
 def test_group_by_expert():
@@ -174,9 +214,17 @@ def test_group_by_expert():
 
 
 def test_plan_defaults():
-    # decode: 8 touched experts, narrow column blocks for parallelism; T=256: wider row tiles
+    # decode: 8 touched experts of one row each, GEMV mode with wide column blocks; T=2: one pass serves every
+    # row a slot can hold; T=8 (~1.2 rows per touched expert) and T=64 (~4): the dot mode, narrow column blocks
+    # for parallelism; T=256: wider row tiles
     p = plan(1, 2048, 768, 128, 8, TritonMoEConfig(), sms=132)
-    assert (p.block_m, p.block_f, p.block_d, p.block_k, p.block_kf, p.num_slots) == (16, 32, 32, 128, 128, 8)
+    assert p.gemv and (p.block_m, p.block_f, p.block_d, p.block_k, p.block_kf, p.num_slots) == (1, 64, 64, 128, 128, 8)
+    p = plan(2, 2048, 768, 128, 8, TritonMoEConfig(), sms=132)
+    assert p.gemv and p.block_m == 2
+    for T in (8, 64):
+        p = plan(T, 2048, 768, 128, 8, TritonMoEConfig(), sms=132)
+        assert not p.gemv and (p.block_m, p.block_k, p.block_kf) == (16, 128, 128)
+    assert plan(1, 2048, 768, 128, 8, TritonMoEConfig(block_m=16), sms=132).block_f == 32
     p = plan(256, 4096, 1536, 128, 8, TritonMoEConfig(), sms=132)
     assert (p.block_m, p.block_f, p.block_d, p.num_slots) == (32, 64, 64, 128)
 
@@ -204,9 +252,12 @@ def test_unsupported_raise_not_implemented(kw, x_dtype, quant):
 
 
 def test_config_validates_itself():
-    for kw in (dict(block_m=24), dict(block_f=8), dict(block_m=256), dict(num_warps=3), dict(num_stages=0)):
+    for kw in (dict(block_m=24), dict(block_m=3), dict(block_m=0), dict(block_f=8), dict(block_m=256),
+               dict(block_k=1024), dict(num_warps=3), dict(num_stages=0)):
         with pytest.raises(ValueError):
             TritonMoEConfig(**kw)
+    for bm in (1, 2, 4, 8, 16, 128):  # GEMV rows per pass, dot rows
+        TritonMoEConfig(block_m=bm)
 
 
 def test_registered_and_dispatched(rng, monkeypatch):
@@ -255,7 +306,9 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
         return sds((E, a, b), jnp.bfloat16)
 
     args = (sds((T, D), jnp.bfloat16), sds((E, D), jnp.bfloat16), w(D, F), w(D, F), w(F, D))
-    configs = [None, TritonMoEConfig(block_m=64, block_f=64, block_d=128, block_k=64, block_kf=256, num_warps=8)]
+    # default (GEMV at T=1 here, the dot beyond), the dot forced, GEMV forced with long k-steps
+    configs = [None, TritonMoEConfig(block_m=64, block_f=64, block_d=128, block_k=64, block_kf=256, num_warps=8),
+               TritonMoEConfig(block_m=2, block_f=16, block_d=64, block_k=512, block_kf=256, num_warps=8)]
     a100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA A100-SXM4-80GB", 108, "gpu"))
     with jax.sharding.use_abstract_mesh(a100):
         for config in configs:

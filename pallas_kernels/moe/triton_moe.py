@@ -16,6 +16,16 @@ Empty slots run zero row tiles, so they read no weights; their outputs are never
 belongs to them. Row tiles read past a slot's pairs only into the next slot's rows or the zero padding after
 the last pair (arrays are padded by block_m rows), and loads and stores are masked to the slot's rows.
 
+GEMV mode (block_m in 1, 2, 4, 8; `plan` picks it when touched experts average about one row): at decode a
+16-row dot spends its tensor-core work and int8->bf16 conversions on 15 dead rows, and the kernel is latency-
+rather than bandwidth-shaped. Instead each k-step loads the [block_k, block_f] weight tile once, converts it
+to float32 in registers and, for each of up to block_m rows of the slot (a static unroll; rows past the slot's
+count are skipped by a branch, so they read nothing), accumulates x_row[:, None] * w on the CUDA cores, summed
+over the k axis after the loop where the [block_k, block_f] accumulators fit in registers, else every k-step.
+A slot with more than block_m rows takes further passes (re-reading its tile, from L2 in practice).
+On the H100 at T=1 neither mode is the bottleneck: steps 1 and 4 in XLA (routing, sort, slot metadata, gathers)
+alone take ~31 us at both Qwen3 shapes, of 67-74 us in all at 30B.
+
 Int8 weights (`QuantizedWeight`) load as int8 (half the bytes), convert to the activation dtype in registers
 (exact for |v| <= 127) and the float32 dot result is scaled per output column.
 
@@ -40,6 +50,14 @@ from pallas_kernels.moe.reference import QuantizedWeight, route
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 MIN_DOT = 16  # Triton's tl.dot needs M, N, K >= 16
+GEMV_ROWS = (1, 2, 4, 8)  # block_m values selecting GEMV mode: rows one pass over a weight tile serves
+# GEMV when the expected rows per touched expert are <= this: about one (T <= 4 at E=128, K=8). A GEMV row costs
+# float32 FMAs plus conversions on the CUDA cores where a dot row up to 16 is free on the tensor cores. Measured
+# on the H100 (JAX 0.11.2, Qwen3 shapes): at T=1 GEMV and dot are close (30B bf16 74 vs 67 us, int8 70 vs 76;
+# 235B bf16 162 vs 166, int8 135 vs 148), at T=8 (~1.2 rows) GEMV lost clearly (336 vs 244 us at 30B bf16).
+# The tuned table overrides this per shape.
+GEMV_MAX_MEAN_ROWS = 1.1
+GEMV_ACC2D_MAX = 16384  # float32 accumulator values per GEMV program (128 registers a thread at 4 warps)
 MAX_TOKENS = 256  # beyond this (prefill) grouped matmuls do as well; the dispatcher falls back
 DEFAULT_SMS = 132  # H100 SXM, when the device does not say
 
@@ -64,7 +82,9 @@ def _largest_block(n: int, cap: int) -> int:
 class TritonMoEConfig:
     """Tuning of the Triton MoE kernels; None fields are picked per shape by `plan`.
 
-    block_m: token rows per dot (power of two, 16..128). None: twice the mean rows per touched expert, 16..64.
+    block_m: token rows per dot (power of two, 16..128), or 1, 2, 4, 8 for GEMV mode (no dot; rows per pass over
+      a weight tile). None: GEMV with min(8, next_pow2(T)) rows when touched experts average about one row
+      (GEMV_MAX_MEAN_ROWS), else twice the mean rows per touched expert, 16..64.
     block_f: F columns per gate/up program (power of two dividing F). None: the largest of 64, 32 giving about
       two programs per SM, else 16.
     block_k: D rows per gate/up loop step (power of two dividing D). None: 128.
@@ -82,12 +102,13 @@ class TritonMoEConfig:
     num_stages: int = 3
 
     def __post_init__(self):
-        for name in ("block_m", "block_f", "block_k", "block_d", "block_kf"):
+        for name in ("block_f", "block_k", "block_d", "block_kf"):
             v = getattr(self, name)
             if v is not None and not (_pow2(v) and MIN_DOT <= v <= 512):
                 raise ValueError(f"{name}={v} must be a power of two in [16, 512]")
-        if self.block_m is not None and self.block_m > 128:
-            raise ValueError(f"block_m={self.block_m} must be <= 128")
+        bm = self.block_m
+        if bm is not None and bm not in GEMV_ROWS and not (_pow2(bm) and MIN_DOT <= bm <= 128):
+            raise ValueError(f"block_m={bm} must be 1, 2, 4, 8 (GEMV mode) or a power of two in [16, 128]")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
         if not 1 <= self.num_stages <= 8:
@@ -103,6 +124,10 @@ class Plan(NamedTuple):
     num_slots: int  # min(E, T * K)
     num_warps: int
     num_stages: int
+
+    @property
+    def gemv(self) -> bool:
+        return self.block_m < MIN_DOT
 
 
 def triton_available() -> bool:
@@ -138,16 +163,31 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
         raise NotImplementedError(f"T={T} tokens: the Triton MoE kernel is for T <= {MAX_TOKENS}")
     slots = min(E, T * top_k)
     want = 2 * (sms or _sm_count())
-    mean_rows = -(-T * top_k // E)
-    bm = config.block_m or min(64, max(MIN_DOT, _next_pow2(2 * mean_rows)))
-    bf = _pick(F, slots, want, "block_f", config.block_f)
-    bd = _pick(D, slots, want, "block_d", config.block_d)
+    bm = config.block_m
+    if bm is None and gemv_expected(T, E, top_k):
+        bm = min(GEMV_ROWS[-1], _next_pow2(T))  # a slot holds at most T rows: T <= 8 takes one pass
+    elif bm is None:
+        mean_rows = -(-T * top_k // E)
+        bm = min(64, max(MIN_DOT, _next_pow2(2 * mean_rows)))
+    if bm < MIN_DOT:  # GEMV: wide column blocks (fewer, longer programs measured best at T=1 on the H100)
+        bf = _pick(F, slots, 0, "block_f", config.block_f)
+        bd = _pick(D, slots, 0, "block_d", config.block_d)
+    else:
+        bf = _pick(F, slots, want, "block_f", config.block_f)
+        bd = _pick(D, slots, want, "block_d", config.block_d)
     bk = config.block_k or _largest_block(D, 128)
     bkf = config.block_kf or _largest_block(F, 128)
     for name, b, n in (("block_k", bk, D), ("block_kf", bkf, F)):
         if not b or n % b:
             raise NotImplementedError(f"{name}={b} does not divide {n} (power-of-two blocks >= {MIN_DOT})")
     return Plan(bm, bf, bk, bd, bkf, slots, config.num_warps, config.num_stages)
+
+
+def gemv_expected(T: int, E: int, top_k: int) -> bool:
+    """True if uniform routing leaves touched experts <= GEMV_MAX_MEAN_ROWS rows on average: T*K pairs over the
+    E * (1 - (1 - K/E)^T) experts expected to be touched (Qwen3 E=128, K=8: GEMV up to T=4)."""
+    touched = E * (1.0 - (1.0 - top_k / E) ** T)
+    return T * top_k <= GEMV_MAX_MEAN_ROWS * touched
 
 
 def check_supported(x_shape, x_dtype, w_gate, w_up, w_down) -> None:
@@ -255,6 +295,110 @@ def _down_kernel(
     lax.fori_loop(0, lax.div(count + (block_m - 1), block_m), row_tile, 0)
 
 
+def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block_k: int):
+    """One pass over columns [c0, c0 + block_c) of expert e's weights for the sorted rows r0 .. r0 + rows - 1:
+    returns acc[i][j] = x[r0 + i] @ w_refs[j][e, :, c0:c0 + block_c] in float32 ([block_c] each). Each k-step
+    loads every weight tile once and shares it across the rows; row 0 is always live, rows i >= live are skipped
+    by a branch (nothing loaded, accumulators stay 0)."""
+    K = x_ref.shape[1]
+    # [BK, BC] float32 accumulators reduced once after the loop, where they fit in registers: a reduction over
+    # BK every k-step is a cross-warp shared-memory round trip (H100, Qwen3-30B T=1: 77 vs 82 us at
+    # block_f=64, block_k=128); past GEMV_ACC2D_MAX values per program they would spill
+    acc2d = rows * len(w_refs) * block_k * block_c <= GEMV_ACC2D_MAX
+
+    def k_step(kk, acc):
+        k0 = pl.multiple_of(kk * block_k, block_k)
+        # int8 or bf16 -> float32 in registers; the multiply-reduce runs on the CUDA cores
+        ws = [w_ref[e, pl.ds(k0, block_k), pl.ds(c0, block_c)].astype(jnp.float32) for w_ref in w_refs]  # [BK, BC]
+
+        def row(i, a):
+            x = x_ref[r0 + i, pl.ds(k0, block_k)].astype(jnp.float32)[:, None]  # [BK, 1]
+            if acc2d:  # reduce once after the loop
+                return tuple(a_j + x * w for a_j, w in zip(a, ws, strict=True))
+            return tuple(a_j + jnp.sum(x * w, axis=0) for a_j, w in zip(a, ws, strict=True))
+
+        return tuple(row(0, acc[0]) if i == 0 else lax.cond(i < live, functools.partial(row, i), lambda a: a, acc[i])
+                     for i in range(rows))
+
+    if acc2d:
+        zero = tuple(jnp.zeros((block_k, block_c), jnp.float32) for _ in w_refs)
+        acc = lax.fori_loop(0, K // block_k, k_step, (zero,) * rows)
+        return tuple(tuple(jnp.sum(a, axis=0) for a in r) for r in acc)
+    zero = tuple(jnp.zeros((block_c,), jnp.float32) for _ in w_refs)
+    return lax.fori_loop(0, K // block_k, k_step, (zero,) * rows)
+
+
+def _gate_up_gemv_kernel(
+    meta_ref,  # [4] int32: expert, first sorted pair, pair count, unused
+    xs_ref,  # [Ppad, D] token rows in sorted pair order
+    wg_ref,  # [E, D, F] (int8 when quantised)
+    wu_ref,  # [E, D, F]
+    *rest,  # (sg_ref [E, F], su_ref [E, F] float32 when quantised), h_ref [Ppad, F]
+    block_m: int,
+    block_f: int,
+    block_k: int,
+    quantized: bool,
+):
+    h_ref = rest[-1]
+    e, start, count = meta_ref[0], meta_ref[1], meta_ref[2]
+    f0 = pl.multiple_of(pl.program_id(1) * block_f, block_f)
+
+    def row_pass(r, carry):
+        r0, live = start + r * block_m, count - r * block_m
+        acc = _gemv_pass(xs_ref, (wg_ref, wu_ref), e, r0, live, f0, rows=block_m, block_c=block_f, block_k=block_k)
+        for i, (g, u) in enumerate(acc):
+            if quantized:
+                g = g * rest[0][e, pl.ds(f0, block_f)]
+                u = u * rest[1][e, pl.ds(f0, block_f)]
+
+            def store(g=g, u=u, i=i):
+                h_ref[r0 + i, pl.ds(f0, block_f)] = (_silu(g) * u).astype(h_ref.dtype)
+
+            if i == 0:
+                store()
+            else:
+                pl.when(i < live)(store)
+        return carry
+
+    # an empty slot (count 0) runs no pass and reads no weights
+    lax.fori_loop(0, lax.div(count + (block_m - 1), block_m), row_pass, 0)
+
+
+def _down_gemv_kernel(
+    meta_ref,  # [4] int32
+    h_ref,  # [Ppad, F] sorted pair order
+    pw_ref,  # [Ppad] float32 routing weight of each sorted pair
+    wd_ref,  # [E, F, D] (int8 when quantised)
+    *rest,  # (sd_ref [E, D] float32 when quantised), o_ref [Ppad, D] float32
+    block_m: int,
+    block_d: int,
+    block_kf: int,
+    quantized: bool,
+):
+    o_ref = rest[-1]
+    e, start, count = meta_ref[0], meta_ref[1], meta_ref[2]
+    d0 = pl.multiple_of(pl.program_id(1) * block_d, block_d)
+
+    def row_pass(r, carry):
+        r0, live = start + r * block_m, count - r * block_m
+        # only live h rows are loaded: rows past the slot are the next slot's or unwritten padding
+        acc = _gemv_pass(h_ref, (wd_ref,), e, r0, live, d0, rows=block_m, block_c=block_d, block_k=block_kf)
+        for i, (o,) in enumerate(acc):
+            if quantized:
+                o = o * rest[0][e, pl.ds(d0, block_d)]
+
+            def store(o=o, i=i):
+                o_ref[r0 + i, pl.ds(d0, block_d)] = o * pw_ref[r0 + i]
+
+            if i == 0:
+                store()
+            else:
+                pl.when(i < live)(store)
+        return carry
+
+    lax.fori_loop(0, lax.div(count + (block_m - 1), block_m), row_pass, 0)
+
+
 def group_by_expert(experts: jax.Array, num_experts: int, num_slots: int):
     """experts: [T, K] int32 -> (order [P] sorted pair -> flat pair index, meta [S, 4] int32 per slot: expert,
     first sorted pair, pair count, 0). Slots past the touched experts have count 0."""
@@ -331,25 +475,27 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
         wg, wu, wd = w_gate, w_up, w_down
         gu_scales, d_scales = (), ()
 
+    gate_up, down = (_gate_up_gemv_kernel, _down_gemv_kernel) if plan.gemv else (_gate_up_kernel, _down_kernel)
+    mode = "gemv" if plan.gemv else "bm"
     h = pl.pallas_call(
-        functools.partial(_gate_up_kernel, block_m=bm, block_f=bf, block_k=bk, quantized=quantized),
+        functools.partial(gate_up, block_m=bm, block_f=bf, block_k=bk, quantized=quantized),
         grid=(S, F // bf),
         in_specs=[meta_spec, full((Ppad, D)), full((E, D, F)), full((E, D, F))] + [full((E, F))] * len(gu_scales),
         out_specs=full((Ppad, F)),
         out_shape=jax.ShapeDtypeStruct((Ppad, F), x.dtype),
         compiler_params=params,
         interpret=interpret,
-        name=f"moe_gate_up_bm{bm}_bf{bf}_bk{bk}",
+        name=f"moe_gate_up_{mode}{bm}_bf{bf}_bk{bk}",
     )(meta, xs, wg, wu, *gu_scales)
     out = pl.pallas_call(
-        functools.partial(_down_kernel, block_m=bm, block_d=bd, block_kf=bkf, quantized=quantized),
+        functools.partial(down, block_m=bm, block_d=bd, block_kf=bkf, quantized=quantized),
         grid=(S, D // bd),
         in_specs=[meta_spec, full((Ppad, F)), full((Ppad,)), full((E, F, D))] + [full((E, D))] * len(d_scales),
         out_specs=full((Ppad, D)),
         out_shape=jax.ShapeDtypeStruct((Ppad, D), jnp.float32),
         compiler_params=params,
         interpret=interpret,
-        name=f"moe_down_bm{bm}_bd{bd}_bk{bkf}",
+        name=f"moe_down_{mode}{bm}_bd{bd}_bk{bkf}",
     )(meta, h, pw, wd, *d_scales)
 
     # back to token order: flat pair t * K + k sits at sorted position inv[t * K + k]
