@@ -122,12 +122,27 @@ def gemv_configs(T: int, F: int, *, quick: bool) -> list:
     return out
 
 
+def mosaic_configs(T: int) -> list:
+    """The Mosaic kernel's candidates: the ring depth and D split at decode (covering the SMs at T=1), wider
+    tiles at T=64. Configs that do not fit shared memory fail their trial and drop out."""
+    from pallas_kernels.moe.mosaic_moe import MosaicMoEConfig as C
+
+    if T <= 2:
+        return [C(), C(split_k=1), C(split_k=2, num_stages=6), C(split_k=4, num_stages=6),
+                C(block_k=256, num_stages=3), C(block_d=128, block_kf=256, num_stages=3)]
+    if T <= 16:
+        return [C(), C(split_k=1, num_stages=3), C(split_k=2), C(block_f=128, block_d=128, num_stages=3)]
+    return [C(num_stages=s) for s in (2, 3, 4)] + [C(block_d=128, block_kf=256, num_stages=3)]
+
+
 def tune(shape_name, tokens, *, quick) -> list[dict]:
     """The search loop over Triton configs for each T; winners go to pallas_kernels/tuned/moe.json."""
     import functools
 
     from pallas_kernels import tuning
     from pallas_kernels.moe import TritonMoEConfig, dispatch, moe_reference, moe_triton
+    from pallas_kernels.moe.mosaic_moe import MAX_TOKENS as MOSAIC_MAX_TOKENS
+    from pallas_kernels.moe.mosaic_moe import moe_mosaic
     from pallas_kernels.moe.triton_moe import gemv_expected
 
     D, F, E, K = SHAPES[shape_name]
@@ -146,6 +161,9 @@ def tune(shape_name, tokens, *, quick) -> list[dict]:
         configs = list(dict.fromkeys(configs))
         cands = [tuning.Candidate("triton", c, functools.partial(moe_triton, top_k=K, norm_topk_prob=True,
                                                                  config=c)) for c in configs]
+        if T <= MOSAIC_MAX_TOKENS:
+            cands += [tuning.Candidate("mosaic", c, functools.partial(moe_mosaic, top_k=K, norm_topk_prob=True,
+                                                                      config=c)) for c in mosaic_configs(T)]
         ref = functools.partial(moe_reference, top_k=K, norm_topk_prob=True)
         best, trials = tuning.search(cands, ref, sets, tol=TOL)
         for t in trials:

@@ -213,6 +213,13 @@ def test_group_by_expert():
                                          [0, 6, 0, 0], [0, 6, 0, 0]]
 
 
+def test_group_by_expert_one_token():
+    # one token: pair k is slot k, unsorted (its experts are distinct); every slot holds one pair
+    order, meta = group_by_expert(jnp.array([[5, 2, 7]], jnp.int32), 8, 3)
+    assert np.asarray(order).tolist() == [0, 1, 2]
+    assert np.asarray(meta).tolist() == [[5, 0, 1, 0], [2, 1, 1, 0], [7, 2, 1, 0]]
+
+
 def test_plan_defaults():
     # decode: 8 touched experts of one row each, GEMV mode with wide column blocks; T=2: one pass serves every
     # row a slot can hold; T=8 (~1.2 rows per touched expert) and T=64 (~4): the dot mode, narrow column blocks
