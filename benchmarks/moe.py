@@ -141,8 +141,7 @@ def tune(shape_name, tokens, *, quick) -> list[dict]:
 
     from pallas_kernels import tuning
     from pallas_kernels.moe import TritonMoEConfig, dispatch, moe_reference, moe_triton
-    from pallas_kernels.moe.mosaic_moe import MAX_TOKENS as MOSAIC_MAX_TOKENS
-    from pallas_kernels.moe.mosaic_moe import moe_mosaic
+    from pallas_kernels.moe.mosaic_moe import MAX_TOKENS, moe_mosaic
     from pallas_kernels.moe.triton_moe import gemv_expected
 
     D, F, E, K = SHAPES[shape_name]
@@ -161,7 +160,7 @@ def tune(shape_name, tokens, *, quick) -> list[dict]:
         configs = list(dict.fromkeys(configs))
         cands = [tuning.Candidate("triton", c, functools.partial(moe_triton, top_k=K, norm_topk_prob=True,
                                                                  config=c)) for c in configs]
-        if T <= MOSAIC_MAX_TOKENS:
+        if T <= MAX_TOKENS:
             cands += [tuning.Candidate("mosaic", c, functools.partial(moe_mosaic, top_k=K, norm_topk_prob=True,
                                                                       config=c)) for c in mosaic_configs(T)]
         ref = functools.partial(moe_reference, top_k=K, norm_topk_prob=True)
@@ -187,6 +186,7 @@ def bench(shape_name, T, *, tiny) -> list[dict]:
 
     from pallas_kernels import moe, tuning
     from pallas_kernels.moe import dispatch, moe_reference, moe_triton, quantize_int8
+    from pallas_kernels.moe.mosaic_moe import MAX_TOKENS as MOSAIC_MAX_TOKENS
 
     D, F, E, K = (TINY if tiny else SHAPES)[shape_name]
     sets = make_sets(T, D, F, E, K)
@@ -216,6 +216,10 @@ def bench(shape_name, T, *, tiny) -> list[dict]:
         row = {"shape": shape_name, "T": T, "impl": name, "experts_touched": round(n_touched, 1)}
         if name == "gather_einsum" and 3 * T * K * D * F * 2 > GATHER_LIMIT:
             row["error"] = f"skipped: the gathered weights would take {3 * T * K * D * F * 2 / 1e9:.0f} GB"
+            rows.append(row)
+            continue
+        if name == "mosaic" and T > MOSAIC_MAX_TOKENS:
+            row["error"] = f"skipped: the Mosaic kernel declines T > {MOSAIC_MAX_TOKENS}; the dispatcher falls back"
             rows.append(row)
             continue
         if name == "ours" and tiny:
