@@ -329,8 +329,8 @@ TRACES = TraceCounter()
 def warm_shapes(scheduler, max_tokens: int) -> None:
     """Compiles, on the engine thread (between iterations, while the server is idle), every program a run of
     requests up to `max_tokens` long (prompt + output) can use: prefill/extend for each padded row count and length
-    bucket, the first-token sampler, the fused decode, and the page copies of the host and remote tiers (gather
-    per power-of-two count, then a slice per count; scatter per power-of-two count). Free slots' page tables point
+    bucket, the first-token sampler, the fused decode, and the page copies of the host and remote tiers (a gather and a
+    scatter per power-of-two count). Free slots' page tables point
     at the scratch page: nothing cached changes."""
     import numpy as np
 
@@ -361,10 +361,9 @@ def warm_shapes(scheduler, max_tokens: int) -> None:
 
             shape, dtype = page_array_shape(kv), dtype_of(kv)
             pages = min(kv.max_pages, -(-max_tokens // ecfg.page_size))
-            for n in range(1, pages + 1):  # the slice after the gather compiles once per count
-                kv.read_pages([0] * n)
             n = 1
-            while n < 2 * pages:
+            while n < 2 * pages:  # gathers and scatters compile once per power-of-two count
+                kv.read_pages([0] * n)
                 kv.write_pages([0] * n, np.zeros((*shape[:3], n, *shape[3:]), dtype))
                 n *= 2
         np.asarray(kv.pages[0][0][0, 0, 0])  # wait for it all

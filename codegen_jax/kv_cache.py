@@ -83,10 +83,11 @@ class PagedKVCache:
     # ---- page copies for the serving tiers (host RAM, remote store) -----------------------------------------
 
     def read_pages(self, ids) -> jax.Array:
-        """Copies pages `ids` [n] of every layer into one device array [L, 2, Hkv, n, S, D]. Dispatched, not
-        awaited: a later step that reuses the pages is ordered after the copy, so callers may free them at once."""
-        n = len(ids)
-        return _gather_pages(self.pages, _bucket_ids(ids))[:, :, :, :n]
+        """Copies pages `ids` [n] of every layer into one device array [L, 2, Hkv, m, S, D], m >= n the power of
+        two `n` pads to: the first n follow `ids`, the rest are the scratch page. The caller drops them once on the
+        host (a slice on the device would compile once per n). Dispatched, not awaited: a later step that
+        reuses the pages is ordered after the copy, so callers may free them at once."""
+        return _gather_pages(self.pages, _bucket_ids(ids))
 
     def write_pages(self, ids, data) -> None:
         """pages[ids] <- data [L, 2, Hkv, n, S, D] (numpy or device) in every layer, in place (pool donated)."""

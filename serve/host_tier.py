@@ -40,7 +40,8 @@ class HostTier:
         self.free.extend(slots)
 
     def store(self, slots: list[int], pages: jax.Array) -> None:
-        """slots [n] <- pages [L, 2, Hkv, n, S, D] (a device array still being computed)."""
+        """slots [n] <- pages [L, 2, Hkv, m, S, D], m >= n (a device array still being computed; rows past n,
+        `read_pages`' padding, are dropped)."""
         pages.copy_to_host_async()
         self._pending.append((list(slots), pages))
 
@@ -49,7 +50,7 @@ class HostTier:
         its newest contents)."""
         pending, self._pending = self._pending, []
         for slots, pages in pending:
-            self.data[slots] = np.moveaxis(np.asarray(pages), 3, 0)
+            self.data[slots] = np.moveaxis(np.asarray(pages)[:, :, :, : len(slots)], 3, 0)
 
     def load(self, slots: list[int]) -> np.ndarray:
         """Pages held in `slots` as [L, 2, Hkv, n, S, D]."""

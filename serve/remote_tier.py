@@ -257,7 +257,8 @@ class RemoteTier:
             return []
 
     def put(self, digests: list[bytes], pages) -> bool:
-        """Queues pages [L, 2, Hkv, n, S, D] (device array, copy already started) for writing under `digests`."""
+        """Queues pages [L, 2, Hkv, m, S, D] (device array, copy already started; m >= n = len(digests), rows past
+        n are padding) for writing under `digests`."""
         try:
             self._queue.put_nowait((list(digests), pages))
             return True

@@ -121,3 +121,26 @@ def test_bad_requests_are_rejected(model):
         eng.generate([[]], SamplingParams(max_new_tokens=5))
     with pytest.raises(ValueError, match="prefill_chunk"):
         EngineConfig(prefill_chunk=48)
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5])
+def test_page_copies_round_trip_in_power_of_two_classes(rng, n):
+    """write_pages then read_pages gives the pages back in order, padded to the next power of two with the
+    scratch page; the copies compile once per class, not once per count."""
+    from codegen_jax.kv_cache import PagedKVCache, _gather_pages
+
+    kv = PagedKVCache(CFG, num_slots=1, page_size=4, num_pages=12, max_seq_len=32, dtype=jnp.float32)
+    ids = list(rng.choice(np.arange(1, 12), n, replace=False))
+    shape = (CFG.num_layers, 2, CFG.num_kv_heads, n, 4, CFG.head_dim)
+    data = rng.standard_normal(shape).astype(np.float32)
+    kv.write_pages(ids, data)
+    out = np.asarray(kv.read_pages(ids))
+    m = 1 << (n - 1).bit_length()
+    assert out.shape == (*shape[:3], m, *shape[4:])
+    np.testing.assert_array_equal(out[:, :, :, :n], data)
+    scratch = np.asarray(kv.read_pages([0]))[:, :, :, :1]
+    np.testing.assert_array_equal(out[:, :, :, n:], np.broadcast_to(scratch, out[:, :, :, n:].shape))
+    compiled = _gather_pages._cache_size()
+    for k in range(m // 2 + 1, m + 1):  # every count of the class reuses the one program
+        kv.read_pages(ids[:1] * k)
+    assert _gather_pages._cache_size() == compiled
