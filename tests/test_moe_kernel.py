@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from conftest import rel_err
-from test_moe_reference import make_inputs, naive_moe, naive_routing
+from test_moe_reference import hot_expert, make_inputs, naive_moe, naive_routing
 
 from pallas_kernels import moe as moe_op
 from pallas_kernels import tuning
@@ -115,18 +115,6 @@ def test_some_experts_chosen_by_no_token(rng):
 
     experts = check(rng, 64, 8, 32, 48, 2, bias=bias)
     assert not np.isin(experts, dead).any()
-
-
-def hot_expert(hot):
-    """A bias for bf16_inputs that makes every token choose expert `hot` first: one slot holds T pairs."""
-
-    def bias(x, router):
-        x, router = x.copy(), router.copy()
-        x[:, 0], router[:, 0] = 1.0, 0.0
-        router[hot, 0] = 12.0
-        return x, router
-
-    return bias
 
 
 @pytest.mark.parametrize("E,top_k,D,F,T", [(128, 8, 64, 32, 256), (8, 2, 32, 48, 64)], ids=["qwen3-30b-a3b", "small"])

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from test_moe_reference import make_inputs
+from test_moe_reference import hot_expert, make_inputs
 
 from pallas_kernels.moe import IMPLEMENTATIONS, dispatch, moe_reference, quantize_int8
 from pallas_kernels.moe.mosaic_moe import MAX_TOKENS, MosaicMoEConfig, moe_mosaic, mosaic_available, plan
@@ -60,18 +60,6 @@ def check(rng, T, E, top_k, D, F, *, bias=None, config=None, interpret_kw=None):
     err = np.abs(got - want).max() / np.abs(want).max()
     assert err <= TOL, f"max rel err {err:.3g} > {TOL}"
     return experts
-
-
-def hot_expert(hot):
-    """A make_inputs bias that makes every token choose expert `hot` first: one slot holds all T pairs."""
-
-    def bias(x, router):
-        x, router = x.copy(), router.copy()
-        x[:, 0], router[:, 0] = 1.0, 0.0
-        router[hot, 0] = 12.0
-        return x, router
-
-    return bias
 
 
 # (E, top_k, D, F): Qwen3-30B-A3B's routing (128 experts, top-8) at reduced D/F, and a small config

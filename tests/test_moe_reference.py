@@ -199,3 +199,15 @@ def test_moe_alias_equals_reference(rng):
     args = tuple(map(jnp.asarray, (x, router, wg, wu, wd)))
     np.testing.assert_array_equal(np.asarray(moe(*args, top_k=2, norm_topk_prob=True)),
                                   np.asarray(moe_reference(*args, top_k=2, norm_topk_prob=True)))
+
+
+def hot_expert(hot):
+    """A make_inputs router_fn that makes every token choose expert `hot` first: one slot holds all T pairs."""
+
+    def bias(x, router):
+        x, router = x.copy(), router.copy()
+        x[:, 0], router[:, 0] = 1.0, 0.0
+        router[hot, 0] = 12.0
+        return x, router
+
+    return bias
