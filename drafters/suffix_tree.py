@@ -12,6 +12,22 @@ from __future__ import annotations
 
 from drafters.base import Draft, Drafter, Sequence
 
+RECENT = 8  # earlier texts `end` compares a new one with
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
 
 class _Node:
     __slots__ = ("count", "children")
@@ -28,10 +44,13 @@ class SuffixTrie:
         self.depth = depth
         self.root = _Node()
 
-    def add(self, tokens: list[int]) -> None:
-        """Adds a whole text (for the global tree)."""
+    def add(self, tokens: list[int], skip: int = 0) -> None:
+        """Adds a text (for the global tree). The suffixes ending in its first `skip` tokens, a prefix added
+        before, are not counted again: growing starts from that prefix's open nodes, which exist."""
         grower = self.grower()
-        for t in tokens:
+        if skip:
+            grower.resume(tokens[:skip])
+        for t in tokens[skip:]:
             grower.append(t)
 
     def grower(self) -> _Grower:
@@ -83,6 +102,16 @@ class _Grower:
         # the suffix that reached `depth` tokens stops growing
         self.open = nxt[-(self.trie.depth - 1) :] if self.trie.depth > 1 else []
 
+    def resume(self, text: list[int]) -> None:
+        """Sets the open nodes to the suffixes ending at the end of `text`, an earlier added text's prefix,
+        counting nothing (longest first, as `append` keeps them)."""
+        self.open = []
+        for m in range(min(len(text), self.trie.depth - 1), 0, -1):
+            node = self.trie.root
+            for t in text[-m:]:
+                node = node.children[t]
+            self.open.append(node)
+
 
 class SuffixTreeSpeculator(Drafter):
     """max_draft: longest draft; depth: tokens a trie path holds (match + draft); min_prob: stop a draft when its
@@ -94,6 +123,7 @@ class SuffixTreeSpeculator(Drafter):
             raise ValueError(f"depth ({depth}) must exceed max_match ({max_match}) to leave room for drafts")
         self.num_slots, self.max_draft, self.min_prob, self.max_match = num_slots, max_draft, min_prob, max_match
         self.global_trie = SuffixTrie(depth)
+        self.recent: list[list[int]] = []  # the last texts added to the global tree, newest last
         self.local: dict[int, tuple[SuffixTrie, _Grower, int]] = {}  # slot -> (trie, grower, tokens added)
 
     def begin(self, seq: Sequence, features=None) -> None:
@@ -104,8 +134,15 @@ class SuffixTreeSpeculator(Drafter):
         self.local[seq.slot] = (trie, grower, len(seq.tokens))
 
     def end(self, seq: Sequence) -> None:
+        """The prompt and the output join the session's tree, for later requests. An agent re-sends its whole
+        conversation each turn: a prefix of at least `depth` tokens shared with a recent text is already
+        counted, so only what follows it is added (a turn costs its new tokens, not its length)."""
         self.local.pop(seq.slot, None)
-        self.global_trie.add(seq.tokens)  # the prompt and the output, for later requests of the session
+        tokens = seq.tokens
+        shared = max((_common_prefix(tokens, r) for r in self.recent), default=0)
+        # a shorter overlap is a coincidence, not a re-sent text: counted as usual
+        self.global_trie.add(tokens, skip=shared if shared >= self.global_trie.depth else 0)
+        self.recent = [*self.recent[-(RECENT - 1) :], list(tokens)]
 
     def propose(self, seqs: list[Sequence], max_lens: dict[int, int]) -> Draft:
         drafts = {}

@@ -118,6 +118,30 @@ def test_suffix_session_tree_replays_earlier_output():
     assert again <= len(output) // 10, accepted
 
 
+def _counts(node, path=()):
+    out = {path: node.count}
+    for t, c in node.children.items():
+        out.update(_counts(c, (*path, t)))
+    return out
+
+
+def test_suffix_session_tree_counts_a_resent_prefix_once():
+    """An agent's next turn re-sends the last one: the session tree after turns A, A+B (C between, sharing a
+    few tokens with A) holds the counts of A+B and C added once each, as if nothing had been re-sent."""
+    rng = np.random.default_rng(3)
+    a, b, c = (rng.integers(0, 9, n).tolist() for n in (40, 25, 30))  # a small vocabulary: shared windows
+    c = a[:3] + c  # shares 3 < depth tokens with a: a coincidence, counted in full
+    drafter = SuffixTreeSpeculator(1, depth=6, max_match=4)
+    for text in (a, c, a + b):
+        drafter.end(Sequence(0, text, len(text), SamplingParams()))
+    want = SuffixTrie(depth=6)
+    want.add(a + b)
+    want.add(c)
+    assert _counts(drafter.global_trie.root) == _counts(want.root)
+    drafter.end(Sequence(0, a + b, len(a + b), SamplingParams()))  # the same text again adds nothing
+    assert _counts(drafter.global_trie.root) == _counts(want.root)
+
+
 def test_suffix_request_tree_drafts_repeats_in_the_output():
     rng = np.random.default_rng(2)
     unit = rng.integers(0, 1000, 12).tolist()
