@@ -3,7 +3,7 @@
 GB/s counts the bytes of the experts the call's tokens actually chose (3 x D x F weights each, at the weights'
 storage width; int8 adds its scales), each counted once: the least any implementation must read.
   ours          what the model gets: `pallas_kernels.moe` (the tuned table's winner, else the default kernel)
-  triton_int8   our Triton kernel on int8 per-output-channel weights (quantised from the same bf16 weights)
+  ours_int8     what the model gets with int8 per-output-channel weights (quantised from the same bf16 weights)
   ragged_dot    `moe_reference`: routing, sort, three `jax.lax.ragged_dot`s, scatter-add
   gather_einsum routing, then each (token, expert) pair's weights gathered and contracted with einsum
 Shapes: Qwen3-30B-A3B (hidden 2048, expert FFN 768) and Qwen3-235B-A22B (4096, 1536), 128 experts, top-8,
@@ -135,19 +135,26 @@ def mosaic_configs(T: int) -> list:
     return [C(num_stages=s) for s in (2, 3, 4)] + [C(block_d=128, block_kf=256, num_stages=3)]
 
 
+INT8_TUNE_T = (1, 8)  # decode sizes, where int8's halved bytes should show; larger T keeps plan's choice
+
+
 def tune(shape_name, tokens, *, quick) -> list[dict]:
-    """The search loop over Triton configs for each T; winners go to pallas_kernels/tuned/moe.json."""
+    """The search loop over Triton (and Mosaic) configs for each T, bf16 weights and, at decode sizes, int8;
+    winners go to pallas_kernels/tuned/moe.json."""
     import functools
 
     from pallas_kernels import tuning
-    from pallas_kernels.moe import TritonMoEConfig, dispatch, moe_reference, moe_triton
+    from pallas_kernels.moe import TritonMoEConfig, dispatch, moe_reference, moe_triton, quantize_int8
     from pallas_kernels.moe.mosaic_moe import MAX_TOKENS, moe_mosaic
     from pallas_kernels.moe.triton_moe import gemv_expected
 
     D, F, E, K = SHAPES[shape_name]
     rows = []
-    for T in tokens:
+    for T, fmt in [(T, "bf16") for T in tokens] + [(T, "int8") for T in tokens if T in INT8_TUNE_T]:
         sets = make_sets(T, D, F, E, K)
+        if fmt == "int8":
+            q = [quantize_int8(w) for w in sets[0][2:]]
+            sets = [(x, r, *q) for x, r, *_ in sets]
         configs = [TritonMoEConfig()]  # plan's choice: the GEMV mode at small T, else the dot
         dot_bm = 16 if gemv_expected(T, E, K) else None  # these stay dot candidates where plan picks GEMV
         for bf in (16, 32, 64):
@@ -160,11 +167,11 @@ def tune(shape_name, tokens, *, quick) -> list[dict]:
         configs = list(dict.fromkeys(configs))
         cands = [tuning.Candidate("triton", c, functools.partial(moe_triton, top_k=K, norm_topk_prob=True,
                                                                  config=c)) for c in configs]
-        if T <= MAX_TOKENS:
+        if T <= MAX_TOKENS and fmt == "bf16":  # the Mosaic kernel has no int8 path
             cands += [tuning.Candidate("mosaic", c, functools.partial(moe_mosaic, top_k=K, norm_topk_prob=True,
                                                                       config=c)) for c in mosaic_configs(T)]
         ref = functools.partial(moe_reference, top_k=K, norm_topk_prob=True)
-        best, trials = tuning.search(cands, ref, sets, tol=TOL)
+        best, trials = tuning.search(cands, ref, sets, tol=TOL if fmt == "bf16" else TOL_INT8)
         for t in trials:
             if t.error:
                 log(f"tune T={T} {t.config}: {t.error}")
@@ -173,8 +180,9 @@ def tune(shape_name, tokens, *, quick) -> list[dict]:
             path = tuning.record(dispatch.OP, key, best)
             if os.environ.get("OUT"):
                 shutil.copy(path, Path(os.environ["OUT"], path.name))
-            log(f"tune {shape_name} T={T}: best {best.config} {best.us:.1f} us (of {len(trials)})")
-            rows.append({"shape": shape_name, "T": T, "best": best.config, "us": round(best.us, 1),
+            log(f"tune {shape_name} T={T} {fmt}: best {best.impl} {best.config} {best.us:.1f} us (of {len(trials)})")
+            rows.append({"shape": shape_name, "T": T, "weights": fmt, "impl": best.impl, "best": best.config,
+                         "us": round(best.us, 1),
                          "trials": [vars(t) for t in trials]})
     return rows
 
@@ -203,12 +211,12 @@ def bench(shape_name, T, *, tiny) -> list[dict]:
         impls["ours"] = functools.partial(moe_triton, **kw, interpret=True)
     ref = jax.jit(impls["ragged_dot"])(*sets[0])
     rows = []
-    for name in ["ours", "triton_int8", "ragged_dot", "gather_einsum", "mosaic"]:
+    for name in ["ours", "ours_int8", "ragged_dot", "gather_einsum", "mosaic"]:
         bytes_per_expert = 3 * D * F * 2
-        if name == "triton_int8":
+        if name == "ours_int8":
             q = [quantize_int8(w) for w in sets[0][2:]]
             qsets = [(x, r, *q) for x, r, *_ in sets]
-            fn = functools.partial(moe_triton, **kw, interpret=tiny)
+            fn = functools.partial(moe_triton, **kw, interpret=True) if tiny else functools.partial(moe, **kw)
             bytes_per_expert = 3 * D * F + 4 * (2 * F + D)
             args, tol = qsets, TOL_INT8
         else:
@@ -222,11 +230,12 @@ def bench(shape_name, T, *, tiny) -> list[dict]:
             row["error"] = f"skipped: the Mosaic kernel declines T > {MOSAIC_MAX_TOKENS}; the dispatcher falls back"
             rows.append(row)
             continue
-        if name == "ours" and tiny:
+        weights = qsets[0][2] if name == "ours_int8" else sets[0][2]
+        if name in ("ours", "ours_int8") and tiny:
             row["picked"] = "triton (interpreter)"
-        elif name == "ours":
-            entry = dispatch.tuned((T, D), sets[0][2], K, sets[0][0].dtype)
-            row["picked"] = "tuned " + str(entry["config"]) if entry else dispatch.choose()
+        elif name in ("ours", "ours_int8"):
+            entry = dispatch.tuned((T, D), weights, K, sets[0][0].dtype)
+            row["picked"] = f"tuned {entry['impl']} {entry['config']}" if entry else dispatch.choose()
         try:
             err = tuning.max_rel_err(jax.jit(fn)(*args[0]), ref)
             row["max_rel_err"] = f"{err:.2e}"
@@ -278,7 +287,7 @@ def main() -> None:
     cols = ["shape", "T", "impl", "experts_touched", "us", "GB/s", "max_rel_err", "picked", "error"]
     print(table(rows, [c for c in cols if any(c in r for r in rows)]))
     print(f"wrote {save()}")
-    if any("error" in r for r in rows if r["impl"] in ("ours", "triton_int8")):
+    if any("error" in r for r in rows if r["impl"] in ("ours", "ours_int8")):
         raise SystemExit("our kernel failed on some shape (see the error column)")
 
 
