@@ -18,7 +18,7 @@ Mosaic candidate config is verified and timed, and the winner per shape goes int
 $OUT), which `ours` then uses.
 
 Run on the GPU machine:  python benchmarks/attention.py [--tune] [--quick]      (CPU: --tiny, a smoke test)
-Writes benchmarks/results/attention.json; `python benchmarks/plot_attention.py` draws it.
+Writes benchmarks/results/attention.json; `python benchmarks/plot.py` draws it (attention.png).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ The result JSON is rewritten after every tuned T and every benchmarked shape, so
 keeps what it measured.
 
 Run on the GPU machine:  python benchmarks/moe.py [--tune] [--shapes 30b]      (CPU: --tiny, a smoke test)
-Writes benchmarks/results/moe.json.
+Writes benchmarks/results/moe.json; `python benchmarks/plot.py` draws it (moe.png).
 """
 
 from __future__ import annotations
