@@ -105,20 +105,29 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
         self.shape = (H, K, hd)
 
-    def __call__(self, x, cos, sin, kv: LayerKV, batch: Batch, attn_impl: str | None):
-        B, T, _ = x.shape
+    def heads(self, q, k, v, cos, sin):
+        """Projected q [B, T, H*hd], k, v [B, T, K*hd] -> per-head q [B, T, H, hd], k, v [B, T, K, hd], q and k
+        normed (Qwen3) and rotated. Shared by the sharded attention and the drafters' training forward."""
+        B, T, _ = q.shape
         H, K, hd = self.shape
-        q = self.q_proj(x).reshape(B, T, H, hd)
-        k = self.k_proj(x).reshape(B, T, K, hd)
-        v = self.v_proj(x).reshape(B, T, K, hd)
+        q, k, v = q.reshape(B, T, H, hd), k.reshape(B, T, K, hd), v.reshape(B, T, K, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def paged(self, q, k, v, kv: LayerKV, batch: Batch, attn_impl: str | None):
+        """Writes k, v into the pages and attends: (o [B, T, H*hd] before o_proj, (k_pages, v_pages))."""
+        B, T, H, hd = q.shape
         k_pages = write_kv(kv[0], k.astype(kv[0].dtype), batch)
         v_pages = write_kv(kv[1], v.astype(kv[1].dtype), batch)
         o = paged_attention(q, k_pages, v_pages, batch.page_table, batch.kv_lens, batch.q_lens,
                             scale=hd**-0.5, impl=attn_impl)
-        return self.o_proj(o.reshape(B, T, H * hd)), (k_pages, v_pages)
+        return o.reshape(B, T, H * hd), (k_pages, v_pages)
+
+    def __call__(self, x, cos, sin, kv: LayerKV, batch: Batch, attn_impl: str | None):
+        q, k, v = self.heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin)
+        o, pages = self.paged(q, k, v, kv, batch, attn_impl)
+        return self.o_proj(o), pages
 
 
 class MLP(nnx.Module):

@@ -19,8 +19,7 @@ from jax.sharding import Mesh
 
 from codegen_jax.engine import Engine, EngineConfig
 from codegen_jax.kv_cache import PagedKVCache
-from codegen_jax.model import MLP, Attention, SparseMoE, Transformer, apply_rope, write_kv
-from pallas_kernels import paged_attention
+from codegen_jax.model import MLP, Attention, SparseMoE, Transformer
 from sharding import strategy as S
 from sharding import tensor_parallel as TP
 from sharding.mesh import interconnect
@@ -75,9 +74,11 @@ class TPAttention(nnx.Module):
         self.q_norm, self.k_norm, self.shape = attn.q_norm, attn.k_norm, attn.shape
         self.mesh, self.strategy = mesh, S.validate(strategy)
 
+    heads, paged = Attention.heads, Attention.paged  # the same per-head and paged steps as the dense layer
+
     def __call__(self, x, cos, sin, kv, batch, attn_impl):
         B, T, D = x.shape
-        H, K, hd = self.shape
+        H, _, hd = self.shape
         strategy = _resolve(self.strategy, self.mesh, B * T, D, x.dtype.itemsize)
         if strategy == "xla":
             q, k, v = (lin(x) for lin in (self.q_proj, self.k_proj, self.v_proj))
@@ -86,18 +87,12 @@ class TPAttention(nnx.Module):
             q, k, v = (_bias(y, lin) for y, lin in zip(
                 TP.column_parallel(x.reshape(B * T, D), [lin.weight[...] for lin in lins], self.mesh, strategy),
                 lins, strict=True))
-        q, k, v = q.reshape(B, T, H, hd), k.reshape(B, T, K, hd), v.reshape(B, T, K, hd)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_pages = write_kv(kv[0], k.astype(kv[0].dtype), batch)
-        v_pages = write_kv(kv[1], v.astype(kv[1].dtype), batch)
-        o = paged_attention(q, k_pages, v_pages, batch.page_table, batch.kv_lens, batch.q_lens,
-                            scale=hd**-0.5, impl=attn_impl)
+        o, pages = self.paged(*self.heads(q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1), cos, sin),
+                              kv, batch, attn_impl)
         if strategy == "xla":
-            return self.o_proj(o.reshape(B, T, H * hd)), (k_pages, v_pages)
+            return self.o_proj(o), pages
         y = TP.row_parallel(o.reshape(B * T, H * hd), self.o_proj.weight[...], self.mesh, strategy)
-        return _bias(y, self.o_proj).reshape(B, T, D), (k_pages, v_pages)
+        return _bias(y, self.o_proj).reshape(B, T, D), pages
 
 
 class TPMLP(nnx.Module):

@@ -12,19 +12,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from codegen_jax.model import Transformer, apply_rope, rope_tables
+from codegen_jax.model import Transformer, rope_tables
 
 
 def _attention(attn, x, cos, sin, mask):
     """x [B, T, D]; mask [B, T, T] True where query t may see key s. The layer's projections, dense GQA."""
     B, T, _ = x.shape
     H, K, hd = attn.shape
-    q = attn.q_proj(x).reshape(B, T, H, hd)
-    k = attn.k_proj(x).reshape(B, T, K, hd)
-    v = attn.v_proj(x).reshape(B, T, K, hd)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = attn.heads(attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), cos, sin)
     q = q.reshape(B, T, K, H // K, hd)  # query heads grouped by their KV head
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * hd**-0.5
     weights = jax.nn.softmax(jnp.where(mask[:, None, None], scores, -jnp.inf), axis=-1).astype(v.dtype)
