@@ -328,6 +328,28 @@ def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block
     return lax.fori_loop(0, K // block_k, k_step, (zero,) * rows)
 
 
+def _gemv_slot(meta_ref, x_ref, w_refs, scale_refs, c0, store, *, block_m: int, block_c: int, block_k: int):
+    """The GEMV mode's loop over one slot's rows, block_m per pass (`_gemv_pass`): each row's float32 results
+    (one [block_c] per weight, scaled per column when quantised) go to store(row, *results), for live rows only.
+    An empty slot (count 0) runs no pass and reads no weights."""
+    e, start, count = meta_ref[0], meta_ref[1], meta_ref[2]
+
+    def row_pass(r, carry):
+        r0, live = start + r * block_m, count - r * block_m
+        acc = _gemv_pass(x_ref, w_refs, e, r0, live, c0, rows=block_m, block_c=block_c, block_k=block_k)
+        for i, results in enumerate(acc):
+            results = [y * sc[e, pl.ds(c0, block_c)] for y, sc in zip(results, scale_refs, strict=True)] \
+                if scale_refs else list(results)
+            row_store = functools.partial(store, r0 + i, *results)
+            if i == 0:
+                row_store()
+            else:
+                pl.when(i < live)(row_store)
+        return carry
+
+    lax.fori_loop(0, lax.div(count + (block_m - 1), block_m), row_pass, 0)
+
+
 def _gate_up_gemv_kernel(
     meta_ref,  # [4] int32: expert, first sorted pair, pair count, unused
     xs_ref,  # [Ppad, D] token rows in sorted pair order
@@ -340,28 +362,13 @@ def _gate_up_gemv_kernel(
     quantized: bool,
 ):
     h_ref = rest[-1]
-    e, start, count = meta_ref[0], meta_ref[1], meta_ref[2]
     f0 = pl.multiple_of(pl.program_id(1) * block_f, block_f)
 
-    def row_pass(r, carry):
-        r0, live = start + r * block_m, count - r * block_m
-        acc = _gemv_pass(xs_ref, (wg_ref, wu_ref), e, r0, live, f0, rows=block_m, block_c=block_f, block_k=block_k)
-        for i, (g, u) in enumerate(acc):
-            if quantized:
-                g = g * rest[0][e, pl.ds(f0, block_f)]
-                u = u * rest[1][e, pl.ds(f0, block_f)]
+    def store(row, g, u):
+        h_ref[row, pl.ds(f0, block_f)] = (_silu(g) * u).astype(h_ref.dtype)
 
-            def store(g=g, u=u, i=i):
-                h_ref[r0 + i, pl.ds(f0, block_f)] = (_silu(g) * u).astype(h_ref.dtype)
-
-            if i == 0:
-                store()
-            else:
-                pl.when(i < live)(store)
-        return carry
-
-    # an empty slot (count 0) runs no pass and reads no weights
-    lax.fori_loop(0, lax.div(count + (block_m - 1), block_m), row_pass, 0)
+    _gemv_slot(meta_ref, xs_ref, (wg_ref, wu_ref), rest[:2] if quantized else (), f0, store, block_m=block_m,
+               block_c=block_f, block_k=block_k)
 
 
 def _down_gemv_kernel(
@@ -376,27 +383,14 @@ def _down_gemv_kernel(
     quantized: bool,
 ):
     o_ref = rest[-1]
-    e, start, count = meta_ref[0], meta_ref[1], meta_ref[2]
     d0 = pl.multiple_of(pl.program_id(1) * block_d, block_d)
 
-    def row_pass(r, carry):
-        r0, live = start + r * block_m, count - r * block_m
-        # only live h rows are loaded: rows past the slot are the next slot's or unwritten padding
-        acc = _gemv_pass(h_ref, (wd_ref,), e, r0, live, d0, rows=block_m, block_c=block_d, block_k=block_kf)
-        for i, (o,) in enumerate(acc):
-            if quantized:
-                o = o * rest[0][e, pl.ds(d0, block_d)]
+    def store(row, o):
+        o_ref[row, pl.ds(d0, block_d)] = o * pw_ref[row]
 
-            def store(o=o, i=i):
-                o_ref[r0 + i, pl.ds(d0, block_d)] = o * pw_ref[r0 + i]
-
-            if i == 0:
-                store()
-            else:
-                pl.when(i < live)(store)
-        return carry
-
-    lax.fori_loop(0, lax.div(count + (block_m - 1), block_m), row_pass, 0)
+    # only live h rows are loaded: rows past the slot are the next slot's or unwritten padding
+    _gemv_slot(meta_ref, h_ref, (wd_ref,), rest[:1] if quantized else (), d0, store, block_m=block_m,
+               block_c=block_d, block_k=block_kf)
 
 
 def group_by_expert(experts: jax.Array, num_experts: int, num_slots: int):
