@@ -1,5 +1,5 @@
 """Remote KV tier throughput: pages fetched from a real redis-server over loopback TCP and verified (format check +
-SHA-256 checksum), in MB/s. Runs on any machine (no GPU): the serving host's CPU side of a remote-tier hit, which
+CRC-32 checksum), in MB/s. Runs on any machine (no GPU): the serving host's CPU side of a remote-tier hit, which
 must beat recomputing the prefix for fetching to pay.
 
 Rows: `serial`, one MGET of every page then the checks one by one in one thread (the tier before it fetched in
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import table, versions, write_result  # noqa: E402
 
 KV_HEADS = {"1.5b": 2, "7b": 4}
-CONFIGS = [(1, 8), (2, 8), (4, 4), (4, 8), (4, 16), (8, 8)]  # (threads, chunk_pages); (4, 8) is the default
+CONFIGS = [(1, 8), (2, 8), (4, 4), (4, 8), (4, 16), (8, 4), (8, 8), (16, 8)]  # (threads, chunk_pages)
 
 
 def main() -> None:
@@ -82,13 +82,16 @@ def main() -> None:
             tier.close()
         assert store.errors == 0
     print(table(rows, ["path", "threads", "chunk_pages", "fetch_MB_s", "mget_MB_s", "check_MB_s"]))
-    default = next(r for r in rows if (r["threads"], r["chunk_pages"]) == (4, 8) and r["path"] != "serial")
+    default_threads = rt.default_fetch_threads()  # this machine's
+    default = next((r for r in rows if (r["threads"], r["chunk_pages"]) == (default_threads, 8)
+                    and r["path"] != "serial"), None)
     path = write_result("redis_fetch" if args.model_shape == "1.5b" else f"redis_fetch_{args.model_shape}", {
         "device": "cpu (host side of the remote tier)", "cpu_cores": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),  # other processes on a shared machine lower the rates
         "versions": versions("redis", "numpy"), "hiredis": redis.utils.HIREDIS_AVAILABLE,
         "model_shape": args.model_shape, "page_bytes": len(values[0]), "pages": args.pages, "MB": round(mb, 1),
-        "fetch_MB_s": default["fetch_MB_s"], "serial_fetch_MB_s": rows[0]["fetch_MB_s"], "rows": rows})
+        "redis_io_threads": server.io_threads, "default_fetch_threads": default_threads,
+        "fetch_MB_s": default and default["fetch_MB_s"], "serial_fetch_MB_s": rows[0]["fetch_MB_s"], "rows": rows})
     print(f"wrote {path}")
 
 
