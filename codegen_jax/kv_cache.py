@@ -90,9 +90,12 @@ class PagedKVCache:
         return _gather_pages(self.pages, _bucket_ids(ids))
 
     def write_pages(self, ids, data) -> None:
-        """pages[ids] <- data [L, 2, Hkv, n, S, D] (numpy or device) in every layer, in place (pool donated)."""
-        n = len(ids)
+        """pages[ids] <- data [L, 2, Hkv, n, S, D] (numpy or device) in every layer, in place (pool donated).
+        data may come padded to the size class already (n rows and then any, written to the scratch page)."""
+        n = data.shape[3]
         padded = _bucket_ids(ids)
+        if not len(ids) <= n <= len(padded):
+            raise ValueError(f"write_pages: {len(ids)} page ids for {n} pages of data")
         if len(padded) != n:
             pad = [(0, 0)] * 3 + [(0, len(padded) - n)] + [(0, 0)] * 2
             data = np.pad(data, pad) if isinstance(data, np.ndarray) else jnp.pad(data, pad)

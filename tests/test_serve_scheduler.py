@@ -159,6 +159,47 @@ def test_identical_from_redis_and_with_corrupt_pages(engine):
         third.stop()
 
 
+def test_remote_pages_placed_after_the_cache_grew(engine, rng):
+    """A fetch that finishes after another request inserted part of the same prefix: only the fetched pages past
+    the grown cache are placed (the host-side slice of the staged pages), and the output is unchanged."""
+    import threading
+
+    system = list(map(int, rng.integers(0, VOCAB, 60)))
+    a, b = system + [1, 2, 3], system + [4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    sp = SamplingParams(max_new_tokens=6)
+    ref = [r.tokens for r in run_batch(Scheduler(engine, SchedulerConfig(prefix_cache=False)), [a, b], [sp, sp])]
+    store = InProcessStore()
+    writer = Scheduler(engine, remote=store)
+    run_batch(writer, [b], [sp])  # b's whole prefix goes to the store
+    writer.remote.drain()
+    writer.stop()
+
+    reader = Scheduler(engine, remote=store)
+    gate, calls, fetch = threading.Event(), [], reader._fetch_staged
+
+    def held_second(digests):
+        calls.append(len(digests))
+        if len(calls) == 2:
+            assert gate.wait(60)
+        return fetch(digests)
+
+    reader._fetch_staged = held_second
+    ra, res_a = submit(reader, a, sp)
+    rb, res_b = submit(reader, b, sp)  # its fetch starts now, from an empty cache, and is held
+    while res_a.finish is None:  # a fetches, computes and inserts its pages while b waits for its fetch
+        reader.step()
+    assert rb.fetch_start == 0 and len(reader.radix.match(b, touch=False)) > 0
+    gate.set()
+    while reader.has_work():
+        reader.step()
+    reader.check()
+    assert [res_a.tokens, res_b.tokens] == ref
+    grown = len(reader.radix.match(a, touch=False)) * ECFG.page_size
+    assert res_b.cached == (len(b) - 1) // ECFG.page_size * ECFG.page_size
+    assert tier_tokens(reader)["remote"] >= res_b.cached - grown > 0  # b took the rest from the remote tier
+    reader.stop()
+
+
 def test_redis_killed_mid_run_then_back(engine, rng):
     need_redis()
     prompts = [list(rng.integers(0, VOCAB, 40)) + list(rng.integers(0, VOCAB, n)) for n in (5, 30, 60, 17, 44, 9)]
