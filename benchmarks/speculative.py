@@ -136,7 +136,7 @@ def main() -> None:
     cfg = ModelConfig(model_type="qwen2", **shape)
     log(f"init target ({'tiny' if args.tiny else 'Qwen2.5-Coder-1.5B shapes'}) on {device()}")
     target = init_model(cfg, dtype=dtype, seed=0)
-    workloads = [edit_merge(ROOT / f, args.max_lines) for f in (FILES[:1] if args.tiny else FILES)]
+    workloads = [edit_merge(ROOT / f, args.max_lines) for f in (FILES[:2] if args.tiny else FILES)]
     longest = max(len(pr) + len(m) for pr, m in workloads)
     seq_len = 1 << (longest + 128).bit_length()
     ecfg = EngineConfig(max_slots=1, page_size=16, max_seq_len=seq_len, prefill_chunk=64 if args.tiny else 512,
@@ -158,15 +158,23 @@ def main() -> None:
 
     def compiles() -> int:
         """Programs the engine's steps have compiled so far: a timed run that adds some timed a compile."""
-        return sum(f._cache_size() for f in (engine._prefill, engine._verify, engine._verify_capture))
+        return sum(f._cache_size() for f in (engine._prefill, engine._decode, engine._sample, engine._verify,
+                                             engine._verify_capture))
 
-    def plain(prompt, n) -> float:
-        sp = SamplingParams(max_new_tokens=n)
-        engine.generate([prompt], SamplingParams(max_new_tokens=min(n, 32)))  # warm-up: compiles
+    # Every engine program a timed row can use compiles here, before the first row: each prefill bucket (a prompt's
+    # last chunk takes the bucket of its own length, so a warm-up on one workload misses another's: on the H100,
+    # serve/scheduler.py's 219-token last chunk compiled inside its timed row), and `plain`'s decode loop and
+    # first-token sampler (fixed shapes: a one-token prompt compiles them). Verify widths: per drafter, below.
+    engine.warmup_prefill()
+    engine.generate([[0]], SamplingParams(max_new_tokens=ecfg.decode_steps + 1))
+
+    def plain(prompt, n) -> tuple[float, int]:
+        """Plain decoding of n tokens after `prompt`: (tokens/s, programs compiled while timed)."""
+        compiled = compiles()
         t = time.perf_counter()
-        out = engine.generate([prompt], sp)[0]
+        out = engine.generate([prompt], SamplingParams(max_new_tokens=n))[0]
         jax.block_until_ready(engine.cache.pages)
-        return len(out.tokens) / (time.perf_counter() - t)
+        return len(out.tokens) / (time.perf_counter() - t), compiles() - compiled
 
     layers = (1, cfg.num_layers // 2, cfg.num_layers - 2) if cfg.num_layers > 3 else (0, cfg.num_layers - 1)
     D = cfg.hidden_size
@@ -187,19 +195,17 @@ def main() -> None:
         return NeuralDrafter(m, target, 1)
 
     if "apply" in args.drafters:
-        # warm-up on a whole workload: the draft length adapts up and down, so every verify width compiles here
-        # and not inside a timed run
-        forced_apply(engine, ApplySpeculator(1), *workloads[0])
+        # the draft length adapts up and down: every verify width and the accept rule compile here
         SpeculativeDecoder(engine, ApplySpeculator(1)).warmup()
         for (prompt, merged), name in zip(workloads, FILES, strict=False):
             compiled = compiles()
             fwd, dt = forced_apply(engine, ApplySpeculator(1), prompt, merged)
             late = compiles() - compiled
-            base = plain(prompt, len(merged))
+            base, plain_late = plain(prompt, len(merged))
             rows.append({"drafter": "apply", "workload": f"edit-merge {name}", "prompt": len(prompt),
                          "tokens": len(merged), "forwards": fwd, "tokens_per_forward": round(len(merged) / fwd, 2),
                          "tok_s": round(len(merged) / dt, 1), "plain_tok_s": round(base, 1),
-                         "speedup": round(len(merged) / dt / base, 2), "compiles_while_timed": late})
+                         "speedup": round(len(merged) / dt / base, 2), "compiles_while_timed": late + plain_late})
             log(str(rows[-1]))
             save(complete=False)
 
@@ -209,8 +215,8 @@ def main() -> None:
             # code completion: the merged file's first half as the prompt
             ctx = merged[: len(merged) // 2]
             sp = SamplingParams(max_new_tokens=args.new_tokens)
-            # warm-up on this very prompt and length: every prefill bucket and verify width it uses compiles
-            # here, not in the timed run (a fresh drafter then starts from the same state)
+            # warm-up on this very prompt and length: the drafter's own programs (a neural drafter's, per shape)
+            # compile here, not in the timed run (a fresh drafter then starts from the same state)
             SpeculativeDecoder(engine, drafter_for(kind)).generate([ctx], sp)
             spec = SpeculativeDecoder(engine, drafter_for(kind))
             spec.warmup()  # and every verify width, should this run's drafts take another path
@@ -219,12 +225,12 @@ def main() -> None:
             out = spec.generate([ctx], sp)[0]
             dt = time.perf_counter() - t
             late = compiles() - compiled
-            base = plain(ctx, args.new_tokens)
+            base, plain_late = plain(ctx, args.new_tokens)
             rows.append({"drafter": kind, "workload": f"completion {name}", "prompt": len(ctx),
                          "tokens": len(out.tokens), "forwards": out.forwards,
                          "tokens_per_forward": round(out.tokens_per_forward, 2),
                          "tok_s": round(len(out.tokens) / dt, 1), "plain_tok_s": round(base, 1),
-                         "speedup": round(len(out.tokens) / dt / base, 2), "compiles_while_timed": late})
+                         "speedup": round(len(out.tokens) / dt / base, 2), "compiles_while_timed": late + plain_late})
             log(str(rows[-1]))
             save(complete=False)
 

@@ -128,7 +128,8 @@ class Engine:
         """Writes tokens[start:] of `slot`'s sequence into the cache in bucketed chunks (tokens[:start] are
         cached already); returns the float32 logits [V] after the last token. Pages must be reserved."""
         cache, chunk = self.cache, self.cfg.prefill_chunk
-        row = jnp.asarray(cache.page_table[slot : slot + 1])
+        # a numpy copy, as prefill_rows and warmup_prefill pass: a jax array would be another jit dispatch entry
+        row = np.array(cache.page_table[slot : slot + 1])
         logits = None
         for lo in range(start, len(tokens), chunk):
             piece = tokens[lo : lo + chunk]
@@ -162,6 +163,22 @@ class Engine:
             cache.lengths[slot] = start + len(chunk)
         logits, cache.pages = self._prefill(self.params, cache.pages, ids, table, kv_lens, q_lens)
         return logits
+
+    def warmup_prefill(self, rows: int = 1) -> list[int]:
+        """Compiles the prefill step for every chunk-length bucket (16, 32, ... prefill_chunk) and every padded
+        row count up to `rows` (`prefill` uses 1, `prefill_rows` up to its batch). A prompt's last chunk is
+        shorter than the rest, so its bucket depends on the prompt's length: one first met mid-request compiles
+        inside that request's latency. The calls write only the scratch page (q_len 0, page table all scratch)
+        and change no lengths. Returns the buckets."""
+        chunk = self.cfg.prefill_chunk
+        buckets = sorted({bucket(n, chunk) for n in range(1, chunk + 1)})
+        for r in sorted({1 << (n - 1).bit_length() for n in range(1, rows + 1)}):
+            table = np.zeros((r, self.cache.max_pages), np.int32)
+            zeros = np.zeros(r, np.int32)
+            for T in buckets:
+                _, self.cache.pages = self._prefill(self.params, self.cache.pages, np.zeros((r, T), np.int32),
+                                                    table, zeros, zeros)
+        return buckets
 
     def decode(self, last: np.ndarray, active: np.ndarray, seeds, temperature, top_k, top_p, *,
                greedy: bool) -> jax.Array:

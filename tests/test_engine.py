@@ -111,6 +111,25 @@ def test_no_compilation_in_steady_state(model, rng):
     assert compiles == []
 
 
+def test_warmup_prefill_compiles_every_bucket_and_changes_nothing(model, rng):
+    """After `warmup_prefill`, prefilling prompts of any length (one slot or a batch of rows) compiles nothing; the
+    warm-up itself leaves the cached pages (the scratch page aside) and lengths as they were."""
+    eng = Engine(model, EngineConfig(max_slots=2, page_size=8, max_seq_len=128, prefill_chunk=64))
+    eng.cache.reserve(0, 32)
+    eng.prefill(0, list(rng.integers(0, 97, 20)))
+    pages, lengths = jax.tree.map(np.asarray, eng.cache.pages), eng.cache.lengths.copy()
+    assert eng.warmup_prefill(rows=2) == [16, 32, 64]
+    assert (eng.cache.lengths == lengths).all()
+    for before, after in zip(jax.tree.leaves(pages), jax.tree.leaves(eng.cache.pages), strict=True):
+        np.testing.assert_array_equal(np.asarray(after)[:, 1:], before[:, 1:])  # [K, P, S, D]: page 0 is scratch
+    compiled = eng._prefill._cache_size()
+    eng.cache.reserve(1, 127)
+    for n in (1, 17, 33, 63, 65, 97, 127):  # last chunks of 1, 17, 33, 63, 1, 33, 63 tokens
+        eng.prefill(1, list(rng.integers(0, 97, n)))
+    eng.prefill_rows([0, 1], [[1] * 5, [2] * 40], [20, 0])
+    assert eng._prefill._cache_size() == compiled, "a prefill bucket compiled after warm-up"
+
+
 def test_bad_requests_are_rejected(model):
     eng = Engine(model, EngineConfig(max_slots=1, max_seq_len=32, prefill_chunk=16))
     with pytest.raises(ValueError, match="max_seq_len 32"):
