@@ -107,6 +107,54 @@ def test_suffix_trie_counts_and_drafts_the_most_frequent():
     assert tokens[0] == 3 and score > 0
 
 
+def reference_draft(texts, depth, tail, k, min_prob):
+    """SuffixTrie.draft from plain n-gram counts: every substring of up to `depth` tokens of each text, counted
+    where it ends; children in order of first occurrence."""
+    counts = {}
+    for text in texts:
+        for e in range(len(text)):
+            for n in range(1, min(depth, e + 1) + 1):
+                key = tuple(text[e - n + 1 : e + 1])
+                counts[key] = counts.get(key, 0) + 1
+    children = lambda p: [(key[-1], c) for key, c in counts.items() if len(key) == len(p) + 1 and key[:-1] == p]
+    for m in range(min(len(tail), depth - 1), 0, -1):
+        path = tuple(tail[-m:])
+        if children(path):
+            break
+    else:
+        return [], 0.0
+    out, prob, score = [], 1.0, 0.0
+    while len(out) < min(k, depth - m) and (kids := children(path)):
+        t, c = max(kids, key=lambda kc: kc[1])
+        prob *= c / counts[path]
+        if prob < min_prob:
+            break
+        out.append(t)
+        score += prob
+        path = (*path, t)
+    return out, score
+
+
+def test_suffix_trie_drafts_as_plain_ngram_counts(rng):
+    """Texts added whole, grown token by token, or re-sent with a shared prefix (`skip`): the trie drafts what
+    counting every n-gram of the texts gives, ties and all (a vocabulary of 4: many repeats and ties)."""
+    depth = 6
+    a, b, c = (rng.integers(0, 4, n).tolist() for n in (60, 40, 30))
+    trie = SuffixTrie(depth)
+    trie.add(a)
+    trie.add(a + b, skip=len(a))  # counts b and the n-grams ending in it, as if a + b replaced a
+    trie.add(c[:10])
+    for i in range(10, len(c), 7):  # the per-request tree: the newest text grows
+        trie.extend(c[i : i + 7])
+    texts = [a + b, c]
+    for _ in range(200):
+        tail = rng.integers(0, 4, int(rng.integers(0, 8))).tolist()
+        k, min_prob = int(rng.integers(1, 8)), float(rng.choice([0.0, 0.3]))
+        tokens, score = trie.draft(tail, k, min_prob)
+        want, want_score = reference_draft(texts, depth, tail, k, min_prob)
+        assert tokens == want and abs(score - want_score) < 1e-9, (tail, k, min_prob)
+
+
 def test_suffix_session_tree_replays_earlier_output():
     rng = np.random.default_rng(1)
     prompt = rng.integers(0, 1000, 50).tolist()
