@@ -6,13 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import FIXTURES
+from jax.sharding import PartitionSpec as P
 
 from codegen_jax import Engine, EngineConfig, ModelConfig, SamplingParams, init_model, load_model
 from codegen_jax.parallel import sharded_engine
 from pallas_kernels.moe import moe_reference
 from sharding import tensor_parallel as TP
 from sharding.mesh import make_mesh
-from sharding.rules import kv_sharding
+from sharding.rules import kv_sharding, path_str
+from train.config import TrainConfig
+from train.drafter import Trainer, build_drafter
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (run through test_sharding.py)")
 
@@ -103,3 +106,91 @@ def test_sharded_engine_equals_single_device(rng, name, tp, ep, strategy):
     assert tokens == ref_tokens
     # donated steps hand the pool back in the layout it was placed in, so the next step does not recompile
     assert engine.cache.pages[0][0].sharding.is_equivalent_to(placed, 4)
+
+
+def packed_rows(seed, B=8, T=32):
+    """Training rows as train.data.pack lays them out: two sequences a row (positions restart, the first 3 tokens
+    of each are prompt), a few padding tokens at the end."""
+    r = np.random.default_rng(seed)
+    out = {k: np.zeros((B, T), np.int32) for k in ("tokens", "segments", "positions", "loss")}
+    for b in range(B):
+        cut, end = int(r.integers(10, 20)), T - int(r.integers(0, 4))
+        for s, (lo, hi) in enumerate(((0, cut), (cut, end)), 1):
+            out["tokens"][b, lo:hi] = r.integers(0, WIDE.vocab_size, hi - lo)
+            out["segments"][b, lo:hi] = s
+            out["positions"][b, lo:hi] = np.arange(hi - lo)
+            out["loss"][b, lo + 3 : hi] = 1
+    return out
+
+
+TRAINED = {}
+
+
+def train_steps(kind, tp, ep, devices):
+    """(losses, grad norms, float32 drafter parameters) after 3 steps on `devices` (the first step's lr is 0 in
+    the warm-up, so 3 steps make the last loss read updated parameters), and the Trainer."""
+    cfg = TrainConfig(target="random", data="random", out="unused", drafter=kind, tp=tp, ep=ep, batch_size=8,
+                      seq_len=32, num_blocks=3, block_size=4, draft_len=3, draft_vocab_size=64, num_heads=2,
+                      head_dim=8, intermediate_size=32, context=8, compute_dtype="float32", target_dtype="float32",
+                      lr=1e-2, warmup_steps=1, steps=10, seed=5)
+    batches = [packed_rows(s) for s in range(3)]
+    responses = [b["tokens"][0].tolist() for b in batches]
+    trainer = Trainer(cfg, build_drafter(cfg, WIDE, responses, "float32"), init_model(WIDE, dtype=jnp.float32, seed=3),
+                      devices)
+    metrics = [trainer.step(b) for b in batches]
+    losses = np.array([float(m["loss"]) for m in metrics])
+    norms = np.array([float(m["grad_norm"]) for m in metrics])
+    return losses, norms, [np.asarray(x) for x in trainer.state["params"]], trainer
+
+
+# (dp, tp, ep): data parallel only, the target's heads/MLP/vocab over 2 and 4 devices, and experts over ep with tp.
+LAYOUTS = [(8, 1, 1), (4, 2, 1), (2, 4, 1), (2, 2, 2)]
+
+
+@pytest.mark.parametrize("kind", ["block", "eagle3"])
+@pytest.mark.parametrize("dp,tp,ep", LAYOUTS)
+def test_sharded_training_equals_one_device(kind, dp, tp, ep):
+    """The training step with the frozen target split over tp (and ep) gives the one-device losses and updates."""
+    if kind not in TRAINED:
+        TRAINED[kind] = train_steps(kind, 1, 1, jax.devices()[:1])[:3]
+    ref_losses, ref_norms, ref_params = TRAINED[kind]
+    losses, norms, params, trainer = train_steps(kind, tp, ep, None)
+    assert dict(trainer.mesh.shape) == {"dp": dp, "ep": ep, "tp": tp}
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    np.testing.assert_allclose(norms, ref_norms, rtol=1e-5)
+    for got, ref in zip(params, ref_params, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    # the target really is split: each device holds 1/tp of a q_proj (1/ep of the experts, 1/tp of their columns)
+    target = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(
+        jax.tree.unflatten(trainer.ttreedef, trainer.target_leaves))[0]}
+    q = target["layers.0.self_attn.q_proj.weight"]
+    assert q.sharding.spec == P("tp") and q.addressable_shards[0].data.shape == (WIDE.num_heads * WIDE.head_dim // tp,
+                                                                                 WIDE.hidden_size)
+    experts = target["layers.0.mlp.experts.gate_proj"]
+    E, D, F = WIDE.num_experts, WIDE.hidden_size, WIDE.moe_intermediate_size
+    assert experts.sharding.spec == P("ep", None, "tp")
+    assert experts.addressable_shards[0].data.shape == (E // ep, D, F // tp)
+    # the drafter's state stays replicated and the step compiled once
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(trainer.state))
+    assert trainer._step._cache_size() == 1
+
+
+def test_train_drafter_cli_with_tp(tmp_path):
+    """`python -m train.drafter --tp 2` end to end on 8 devices: the regeneration and evaluation engine and the
+    training step run on the target split over tp, the drafter is exported."""
+    import json
+
+    from train.drafter import main
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"def f{i}(x):\n    return x + {i}\n"}) + "\n" for i in range(12)))
+    out = tmp_path / "out"
+    assert main(["--target", str(FIXTURES / "qwen2"), "--data", str(data), "--out", str(out), "--tp", "2",
+                 "--batch-size", "4", "--seq-len", "32", "--max-new-tokens", "8", "--eval-max-new-tokens", "8",
+                 "--eval-prompts", "2", "--eval-every", "2", "--steps", "2", "--log-every", "1", "--block-size", "4",
+                 "--context", "8", "--num-heads", "2", "--head-dim", "8", "--intermediate-size", "32",
+                 "--compute-dtype", "float32", "--target-dtype", "float32", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert [r["step"] for r in rows if "acceptance_length" in r] == [0, 2]
+    assert (out / "drafter").is_dir()

@@ -110,6 +110,16 @@ def test_bad_data_exits_2_with_one_line(tmp_path, capsys):
         assert len(err) == 1 and words in err[0], err
 
 
+def test_parallelism_that_does_not_fit_the_devices_exits_2_with_one_line(tmp_path, capsys):
+    base = ["--target", str(TARGET), "--data", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o")]
+    for flags, words in [(["--tp", "3"], "--tp 3 times --ep 1 must divide the device count (1)"),
+                         (["--tp", "0"], "--tp must be >= 1"), (["--ep", "-1"], "--ep must be >= 1")]:
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "o").exists()  # checked before anything is read or written
+
+
 def test_parquet_prompts_equal_jsonl_and_corrupt_parquet_is_a_clear_error(tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -131,7 +141,8 @@ def test_cli_help_and_config_file(tmp_path):
     done = subprocess.run([sys.executable, "-m", "train.drafter", "--help"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert done.returncode == 0
-    for flag in ("--target", "--drafter", "--data", "--out", "--config", "--position-decay", "--checkpoint-every"):
+    for flag in ("--target", "--drafter", "--data", "--out", "--config", "--position-decay", "--checkpoint-every",
+                 "--tp", "--ep"):
         assert flag in done.stdout
     cfg_file = tmp_path / "run.toml"
     cfg_file.write_text('target = "t"\ndata = "d"\nout = "o"\ndrafter = "eagle3"\nsteps = 7\ntarget-layers = [0, 2]\n')

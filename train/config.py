@@ -65,6 +65,10 @@ class TrainConfig:
     target_dtype: str = _f("bfloat16", "dtype the target is loaded in", choices=("bfloat16", "float32"))
     export_dtype: str = _f("", "dtype of the exported drafter (default: --target-dtype)")
     seed: int = _f(0, "seed of the drafter's init, the data order, the anchors and sampled regeneration")
+    # parallelism: one (dp, ep, tp) mesh of every device; the drafter and its optimiser state are replicated
+    tp: int = _f(1, "tensor-parallel ways: the frozen target's heads, MLP columns and vocabulary are split over tp "
+                    "devices; the batch over the devices / (tp * ep) data-parallel groups")
+    ep: int = _f(1, "expert-parallel ways (MoE targets): the target's experts are split over ep devices")
     # bookkeeping
     checkpoint_every: int = _f(200, "steps between checkpoints (and one at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept on disk")
@@ -81,7 +85,7 @@ class TrainConfig:
             if not getattr(self, name):
                 raise UsageError(f"--{name.replace('_', '-')} is required (flag or config file)")
         for name in ("steps", "batch_size", "seq_len", "num_blocks", "slots", "max_new_tokens", "checkpoint_every",
-                     "log_every", "max_prompt_len", "eval_max_new_tokens", "keep_checkpoints"):
+                     "log_every", "max_prompt_len", "eval_max_new_tokens", "keep_checkpoints", "tp", "ep"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "warmup_steps", "eval_prompts", "position_decay", "stop_after_step"):

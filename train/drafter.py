@@ -6,7 +6,10 @@
 2. the (prompt, response) pairs are packed into fixed-length rows and fed by a grain pipeline;
 3. each step runs the frozen target over the rows for the drafter's features (nothing is dumped to disk), then
    the drafter's loss (train/losses.py), AdamW with warm-up and cosine decay, gradient clipping, bf16 compute
-   over float32 master weights, the batch split over a 'dp' mesh of every device;
+   over float32 master weights, on one (dp, ep, tp) mesh of every device: the target's parameters placed by
+   sharding/'s rules (heads, MLP columns and vocabulary over --tp, a MoE target's experts over --ep) so XLA
+   partitions the same model code, the drafter and its optimiser state replicated, the batch split over
+   dp = devices / (tp * ep); with tp * ep > 1 the engine of steps 1 and 5 runs on that sharded target too;
 4. orbax checkpoints (parameters, optimiser, step, data-iterator position) every --checkpoint-every steps and at
    the end; a run finding a checkpoint in --out resumes from it and continues the same loss curve;
 5. acceptance length (tokens per target forward of the real speculative loop) on held-out prompts is logged with
@@ -28,17 +31,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from codegen_jax import CheckpointError, ConfigError, Engine, EngineConfig, SamplingParams, Tokenizer, load_model
+from codegen_jax.parallel import sharded_engine
 from drafters.block_drafter import BlockDrafter, BlockDrafterConfig
 from drafters.checkpoint import save_drafter
 from drafters.eagle3 import Eagle3Config, Eagle3Drafter
 from drafters.neural import NeuralDrafter
 from drafters.speculative import SpeculativeDecoder
 from sharding.mesh import make_mesh
+from sharding.rules import param_shardings
 from train.checkpointing import Checkpointer
 from train.config import TrainConfig, UsageError, parse
 from train.data import DataError, DataIterator, dataset, load_prompts, pack
@@ -79,26 +84,51 @@ def schedule(cfg: TrainConfig) -> optax.Schedule:
                                               end_value=cfg.lr * cfg.min_lr_ratio)
 
 
-class Trainer:
-    """The jitted step and the state it updates: the drafter's float32 parameters as a flat list (one pytree for
-    optax and orbax), the optimiser state and the step, all replicated over the 'dp' mesh; batches are split."""
+def training_mesh(cfg: TrainConfig, devices=None) -> Mesh:
+    """The run's (dp, ep, tp) mesh over `devices` (default: every process's): tp * ep devices hold one copy of the
+    target, dp = devices / (tp * ep) of them split the batch. Raises UsageError when the flags do not fit."""
+    devices = list(jax.devices() if devices is None else devices)
+    group = cfg.tp * cfg.ep
+    if len(devices) % group:
+        raise UsageError(f"--tp {cfg.tp} times --ep {cfg.ep} must divide the device count ({len(devices)})")
+    if jax.process_count() > 1 and jax.local_device_count() % group:  # each host feeds its own dp rows
+        raise UsageError(f"--tp {cfg.tp} times --ep {cfg.ep} must divide each host's device count "
+                         f"({jax.local_device_count()})")
+    dp = len(devices) // group
+    if cfg.batch_size % dp:
+        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {dp} data-parallel groups "
+                         f"(devices / (tp * ep))")
+    return make_mesh(dp=dp, tp=cfg.tp, ep=cfg.ep, devices=devices)
 
-    def __init__(self, cfg: TrainConfig, model, target):
+
+class Trainer:
+    """The jitted step and the state it updates, on `training_mesh(cfg, devices)`. The frozen target's parameters
+    get sharding/'s rules (the same table the sharded engine uses: heads, MLP columns and vocabulary over 'tp',
+    experts over 'ep', replicated over 'dp'), so GSPMD partitions `target_forward` with the unchanged model code.
+    The drafter's float32 parameters as a flat list (one pytree for optax and orbax), the optimiser state and the
+    step are replicated: the rules do not name the drafter's paths (fc.weight, layers.0.q_proj.weight, ...) and a
+    drafter is small. Batches are split over 'dp'."""
+
+    def __init__(self, cfg: TrainConfig, model, target, devices=None):
         self.cfg = cfg
         self.capture = tuple(model.cfg.target_layers)
-        self.mesh = make_mesh(dp=jax.device_count())  # sharding/'s mesh: data parallel over every device
+        self.mesh = training_mesh(cfg, devices)
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("dp"))
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         leaves, self.treedef = jax.tree.flatten(params)
         self.tgraph, tstate = nnx.split(target)
-        tleaves, self.ttreedef = jax.tree.flatten(tstate)
-        self.target_leaves = jax.device_put(tleaves, self.replicated)
+        tstate = jax.device_put(tstate, param_shardings(tstate, self.mesh))  # a no-op for a sharded engine's target
+        self.target_leaves, self.ttreedef = jax.tree.flatten(tstate)
         self.optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
                                      optax.adamw(schedule(cfg), b1=0.9, b2=0.95, weight_decay=cfg.weight_decay))
-        leaves = jax.device_put([jnp.asarray(x, jnp.float32) for x in leaves], self.replicated)
-        self.state = {"params": leaves, "opt": self.optimizer.init(leaves), "step": jnp.zeros((), jnp.int32)}
-        self._step = jax.jit(self._train_step, donate_argnums=0)
+        leaves = [jnp.asarray(x, jnp.float32) for x in leaves]
+        # All of the state placed, and pinned out of the step: an uncommitted step counter or optimiser count, or
+        # a drafter leaf that propagation splits over 'tp' next to the vocab-split head, would change the layout
+        # between steps and recompile the step.
+        self.state = jax.device_put({"params": leaves, "opt": self.optimizer.init(leaves),
+                                     "step": jnp.zeros((), jnp.int32)}, self.replicated)
+        self._step = jax.jit(self._train_step, donate_argnums=0, out_shardings=self.replicated)
 
     def _train_step(self, state, target_leaves, rest, batch):
         cfg = self.cfg
@@ -177,6 +207,7 @@ class Metrics:
 
 
 def run(cfg: TrainConfig) -> int:
+    training_mesh(cfg)  # before anything slow: a bad --tp, --ep or --batch-size fails at once
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.from_dir(cfg.target)
@@ -193,10 +224,18 @@ def run(cfg: TrainConfig) -> int:
                                                                                                          prompts)
     held = held[: cfg.eval_prompts]
     target = load_model(cfg.target, dtype=jnp.dtype(cfg.target_dtype), progress=not cfg.no_progress)
+    if cfg.ep > 1 and not target.cfg.is_moe:
+        raise UsageError(f"--ep {cfg.ep} splits a MoE target's experts, but {cfg.target} is a dense model; use --tp")
     stop = tuple(target.cfg.eos_token_ids) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
     longest = max(map(len, prompts + held)) + max(cfg.max_new_tokens, cfg.eval_max_new_tokens)
-    engine = Engine(target, EngineConfig(max_slots=cfg.slots, page_size=16, max_seq_len=-(-longest // 16) * 16,
-                                         prefill_chunk=min(512, 1 << (longest - 1).bit_length())))
+    ecfg = EngineConfig(max_slots=cfg.slots, page_size=16, max_seq_len=-(-longest // 16) * 16,
+                        prefill_chunk=min(512, 1 << (longest - 1).bit_length()))
+    if cfg.tp * cfg.ep > 1:  # the engine holds the target split as the trainer will (this host's devices), once
+        local = jax.local_devices()
+        engine = sharded_engine(target, ecfg, make_mesh(dp=len(local) // (cfg.tp * cfg.ep), tp=cfg.tp, ep=cfg.ep,
+                                                        devices=local))
+    else:
+        engine = Engine(target, ecfg)
     sp = lambda i, n: SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                      seed=(cfg.seed * 1_000_003 + i) % 2**32, max_new_tokens=n, stop_token_ids=stop)
     meta = {"target": str(Path(cfg.target).absolute()), "temperature": cfg.temperature, "top_k": cfg.top_k,
@@ -204,9 +243,7 @@ def run(cfg: TrainConfig) -> int:
     pairs = regenerate(engine, prompts, [sp(i, cfg.max_new_tokens) for i in range(len(prompts))],
                        out / "regenerated.jsonl", meta=meta, progress=not cfg.no_progress)
     packed = pack(pairs, cfg.seq_len)
-    n_dev, n_proc = jax.device_count(), jax.process_count()
-    if cfg.batch_size % n_dev:
-        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {n_dev} devices")
+    n_proc = jax.process_count()
     data = DataIterator(dataset(packed, cfg.batch_size // n_proc, seed=cfg.seed, shard=jax.process_index(),
                                 num_shards=n_proc))
 
