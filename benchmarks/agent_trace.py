@@ -378,7 +378,9 @@ def warm_shapes(scheduler, max_tokens: int) -> None:
 def crossover(servers: dict, shape: Shape, vocab: int, model: str, kv_bytes_per_token: int) -> tuple[
         list[dict], int | None]:
     """TTFT of a prompt whose first L tokens are in Redis (fetched by `second`) vs recomputed (`off`), and on
-    `on`'s device for reference; returns the rows and the smallest L from which fetching wins at every L.
+    `on`'s device for reference; `second` takes each remote hit two ways, on prompts of its own: fetching all of it
+    (redis) and with remote_overlap, recomputing the head while the tail is fetched (overlap). Returns the rows and,
+    for each way, the smallest L from which it beats recomputing at every L.
     A row's fetch rate: the prefix's KV bytes over the Redis hit's TTFT (redis_MB_s, everything included) and over
     what it took beyond a device hit of the same prefix (fetch_MB_s: fetch, check, copy to the device)."""
     import httpx
@@ -397,36 +399,50 @@ def crossover(servers: dict, shape: Shape, vocab: int, model: str, kv_bytes_per_
 
     rows = []
     for L in shape.probe_lengths:
-        times = {"recompute": [], "redis": [], "device": []}
+        times = {"recompute": [], "redis": [], "device": [], "overlap": []}
+        fetched = []
+        second = servers["second"].state.scheduler
         for rep in range(shape.probe_reps + 1):  # rep 0 compiles this length's shapes: not counted
-            ids = rng.integers(0, vocab, L + 1).tolist()  # L cached tokens: every full page before the last token
-            ttft(servers["on"], ids)
+            # L cached tokens: every full page before the last token; a second prompt for the overlapped hit
+            ids, ids2 = (rng.integers(0, vocab, L + 1).tolist() for _ in range(2))
+            for x in (ids, ids2):
+                ttft(servers["on"], x)
             servers["on"].state.scheduler.remote.drain()
             dev, dev_cached = ttft(servers["on"], ids)
             red, red_cached = ttft(servers["second"], ids)
+            second.remote_overlap = True  # read on the engine thread when the request arrives
+            try:
+                ovl, ovl_cached = ttft(servers["second"], ids2)
+            finally:
+                second.remote_overlap = False
             rec, _ = ttft(servers["off"], ids)
-            assert dev_cached == L and red_cached == L, (L, dev_cached, red_cached)
+            assert dev_cached == L and red_cached == L and 0 < ovl_cached <= L, (L, dev_cached, red_cached,
+                                                                                 ovl_cached)
             if rep:
                 times["device"].append(dev)
                 times["redis"].append(red)
+                times["overlap"].append(ovl)
                 times["recompute"].append(rec)
+                fetched.append(ovl_cached)
         med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
         mb = L * kv_bytes_per_token / 1e6
         extra_ms = med["redis"] - med["device"]
         rows.append({"prefix_tokens": L, "recompute_ms": round(med["recompute"], 2),
                      "redis_fetch_ms": round(med["redis"], 2), "device_hit_ms": round(med["device"], 2),
-                     "fetch_speedup": round(med["recompute"] / med["redis"], 2), "kv_MB": round(mb, 2),
+                     "fetch_speedup": round(med["recompute"] / med["redis"], 2),
+                     "overlap_ms": round(med["overlap"], 2), "overlap_fetched_tokens": int(np.median(fetched)),
+                     "overlap_speedup": round(med["recompute"] / med["overlap"], 2), "kv_MB": round(mb, 2),
                      "redis_MB_s": round(mb / med["redis"] * 1e3, 1),
                      "fetch_MB_s": round(mb / extra_ms * 1e3, 1) if extra_ms > 0 else None})
-        log(f"probe L={L}: recompute {med['recompute']:.1f} ms, redis {med['redis']:.1f} ms ({mb:.1f} MB)")
+        log(f"probe L={L}: recompute {med['recompute']:.1f} ms, redis {med['redis']:.1f} ms ({mb:.1f} MB), "
+            f"overlap {med['overlap']:.1f} ms")
     http.close()
-    wins = [r["redis_fetch_ms"] < r["recompute_ms"] for r in rows]
-    above = None
-    for i in range(len(rows)):
-        if all(wins[i:]):
-            above = rows[i]["prefix_tokens"]
-            break
-    return rows, above
+
+    def above(col: str) -> int | None:
+        wins = [r[col] < r["recompute_ms"] for r in rows]
+        return next((rows[i]["prefix_tokens"] for i in range(len(rows)) if all(wins[i:])), None)
+
+    return rows, above("redis_fetch_ms"), above("overlap_ms")
 
 
 # ---- main ------------------------------------------------------------------------------------------------------------
@@ -528,8 +544,8 @@ def main(argv: list[str] | None = None) -> dict:
         runs = [off, on, second]
         remote_stats = {n: dict(servers[n].state.scheduler.remote.stats) for n in ("on", "second")}
         traced = TRACES.count
-        probe, above = ([], None) if args.no_probe else crossover(servers, shape, model.cfg.vocab_size, "agent",
-                                                                  kv_bytes)
+        probe, above, above_overlap = ([], None, None) if args.no_probe else crossover(
+            servers, shape, model.cfg.vocab_size, "agent", kv_bytes)
         probe_traces = TRACES.count - traced
     finally:
         for s in servers.values():
@@ -549,6 +565,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(table(probe, list(probe[0])))
         print(f"fetching from Redis beats recomputing for prefixes of {above} tokens and more" if above else
               f"recomputing beat fetching from Redis at every probed length (up to {shape.probe_lengths[-1]})")
+        print(f"fetching the tail while recomputing the head beats recomputing from {above_overlap} tokens"
+              if above_overlap else "recomputing beat the overlapped fetch at every probed length")
     prompt_lens = [t.prompt_tokens for t in on.turns]
     result = {
         "device": device(), "versions": versions("jax", "jaxlib", "fastapi", "uvicorn", "redis"),
@@ -557,7 +575,8 @@ def main(argv: list[str] | None = None) -> dict:
         "workload": {"requests": len(on.turns), "prompt_tokens_mean": sum(prompt_lens) / len(prompt_lens),
                      "prompt_tokens_max": max(prompt_lens), "system_prompt_chars": len(w.system)},
         "runs": rows, "cached_turns": cached, "remote": remote_stats, "fetch_vs_recompute": probe,
-        "redis_beats_recompute_above_tokens": above, "probe_traces": probe_traces,
+        "redis_beats_recompute_above_tokens": above, "overlap_beats_recompute_above_tokens": above_overlap,
+        "probe_traces": probe_traces,
         "note": "client and servers in one process; TTFT measured by the client at the first streamed token",
     }
     if args.results_dir:

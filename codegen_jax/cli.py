@@ -79,6 +79,8 @@ def _add_serve(sub) -> None:
     s.add_argument("--num-pages", type=int, default=0, help="device KV pages (default 0: max-slots full sequences)")
     s.add_argument("--prefill-chunk", type=_positive, default=512, help="longest prefill call, a power of two")
     s.add_argument("--decode-steps", type=_positive, default=8, help="decode steps fused per device call")
+    s.add_argument("--remote-overlap", action="store_true",
+                   help="on a remote hit, recompute the prefix's head while its tail is fetched (split by measured rates)")
     s.add_argument("--host-pages", type=int, default=0, help="host-RAM tier size in KV pages (default 0: off)")
     s.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt (for comparisons)")
     s.add_argument("--no-warmup", action="store_true",
@@ -174,12 +176,15 @@ def _serve(args) -> int:
                           page_size=args.page_size, max_slots=args.max_slots, num_pages=args.num_pages,
                           prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
                           prefix_cache=not args.no_prefix_cache, host_pages=args.host_pages,
+                          remote_overlap=args.remote_overlap,
                           max_queue=args.max_queue, drain_timeout_s=args.drain_timeout,
                           warmup=not args.no_warmup)
         if cfg.remote and not cfg.remote.startswith(("redis://", "rediss://", "unix://", "memory://")):
             raise ValueError(f"--remote must look like redis://HOST:PORT or memory://, got {cfg.remote!r}")
         if cfg.remote and not cfg.prefix_cache:
             raise ValueError("--remote needs the prefix cache (drop --no-prefix-cache)")
+        if cfg.remote_overlap and not cfg.remote:
+            raise ValueError("--remote-overlap needs --remote")
         return run(cfg)
     except ValueError as e:  # bad flags, CheckpointError / ConfigError
         raise UsageError(str(e)) from e

@@ -5,7 +5,10 @@ One iteration (`step`), all on the engine thread:
    most recently admitted request (its computed pages go into the cache, so resuming it is a cache hit);
 2. admit waiting requests into free slots while pages allow: longest cached prefix first, FCFS once more than
    `lpm_max_waiting` wait (matching every queued prompt each step costs host time, and LPM can starve);
-   a match brings host-tier pages back and places remote pages fetched in the background;
+   a match brings host-tier pages back and places remote pages fetched in the background; with `remote_overlap`
+   the pages past the local match are split: the head is recomputed while the tail is fetched (the split from the
+   measured recompute and fetch rates), so a remote hit takes about L / (recompute rate + fetch rate), never
+   longer than recomputing;
 3. one chunked-prefill call for up to `max_prefill_rows` prefilling slots (their uncached suffix, a chunk each);
 4. one fused decode call (or the speculative step, when configured) for the decoding slots;
 5. wait for the sampled tokens (the one host sync), hand them to the requests, finish or continue.
@@ -56,10 +59,13 @@ class ShuttingDown(RuntimeError):
 class SchedulerConfig:
     """prefix_cache: radix cache on; host_pages: host-RAM tier size in pages (0: none); max_queue: waiting
     requests before `submit` refuses; max_prefill_rows: slots prefilled in one call; lpm_max_waiting: queue
-    length above which admission is FCFS instead of longest-prefix-first."""
+    length above which admission is FCFS instead of longest-prefix-first; remote_overlap: recompute the head of a
+    remote hit while its tail is fetched (off: fetch all of it, then compute what follows; it stays off by default
+    until a GPU run of benchmarks/agent_trace.py shows the split paying)."""
 
     prefix_cache: bool = True
     host_pages: int = 0
+    remote_overlap: bool = False
     max_queue: int = 256
     max_prefill_rows: int = 4
     lpm_max_waiting: int = 32
@@ -130,8 +136,9 @@ class Request:
     pages: list[int] = field(default_factory=list)
     nodes: list = field(default_factory=list)  # locked radix path
     pos: int = 0  # tokens cached so far while prefilling
-    fetch: Future | None = None
+    fetch: Future | None = None  # remote pages from page fetch_start on (StagedPages), until installed
     fetch_start: int = 0
+    fetch_head: int = 0  # pages to recompute before fetch_start, as the split was made (0: nothing to do meanwhile)
     known_remote: range = range(0)
     cached: dict[str, int] | None = None  # prompt tokens per tier, from the first admission
     admitted_at: int = 0
@@ -197,6 +204,9 @@ class Scheduler:
         self._admissions = 0
         self._ahead = max(ecfg.decode_steps, speculator.lookahead if speculator else 0)  # tokens a step appends
         self.stats = Counter()
+        # a remote hit's split: recomputed and fetched tokens per second (EMAs; None until measured)
+        self.remote_overlap = cfg.remote_overlap
+        self.rates: dict[str, float | None] = {"recompute": None, "fetch": None}
 
     # ---- the thread-safe surface ---------------------------------------------------------------------------
 
@@ -289,7 +299,7 @@ class Scheduler:
     def step(self) -> bool:
         """One iteration; returns whether it ran anything on the device. Blocks briefly when idle."""
         self._drain_inbox(block=not self.has_work())
-        if not self.running and not any(r.fetch is None or r.fetch.done() for r in self.waiting):
+        if not self.running and not any(self._ready(r) for r in self.waiting):
             if self.waiting:  # only remote fetches in flight
                 time.sleep(0.002)
             return False
@@ -356,14 +366,28 @@ class Scheduler:
         if limit > len(path):
             ps = self.page_size
             digests = page_digests(self.radix.digest_after(path), req.tokens[len(path) * ps : limit * ps], ps)
-            req.fetch_start = len(path)
-            req.fetch = self._fetcher.submit(self._fetch_staged, digests)
+            head = self._split(len(digests)) if self.remote_overlap else 0
+            req.fetch_start, req.fetch_head = len(path) + head, head
+            req.fetch = self._fetcher.submit(self._fetch_staged, digests[head:])
+
+    def _split(self, n: int) -> int:
+        """Pages (of n missing) to recompute while the rest is fetched: both finish together when
+        head / recompute rate = (n - head) / fetch rate. Half and half until both rates are measured."""
+        r, f = self.rates["recompute"], self.rates["fetch"]
+        share = 0.5 if r is None or f is None else r / (r + f)
+        return min(n - 1, int(n * share)) if n > 1 else 0
+
+    def _rate(self, name: str, tokens: int, seconds: float) -> None:
+        if tokens > 0 and seconds > 0:
+            old, new = self.rates[name], tokens / seconds
+            self.rates[name] = new if old is None else 0.7 * old + 0.3 * new
 
     def _fetch_staged(self, digests: list[bytes]) -> StagedPages:
         """On a fetcher thread: the remote pages, stacked [L, 2, Hkv, m, S, D] with m the page count padded to
         write_pages' size class, and copied to the device. Placing them then costs the engine thread one scatter,
         not a stack, a pad and a host-to-device copy of every byte (~3 passes over 235 MB for an 8k-token prefix
         of a 1.5B model)."""
+        t = time.perf_counter()
         pages = self.remote.fetch(digests)
         if not pages:
             return StagedPages(0, None, None)
@@ -372,7 +396,31 @@ class Scheduler:
         raw = buf.view(np.uint8)  # bytes: numpy copies them without the GIL whatever the dtype (bfloat16 too)
         for i, page in enumerate(pages):
             raw[:, :, :, i] = page.view(np.uint8)
-        return StagedPages(n, buf, jax.device_put(buf))
+        device = jax.device_put(buf)
+        device.block_until_ready()
+        self._rate("fetch", n * self.page_size, time.perf_counter() - t)
+        return StagedPages(n, buf, device)
+
+    def _install_fetched(self, req: Request) -> None:
+        """Writes req's fetched pages where they continue its prefix (req.pos, page-aligned, at or past
+        fetch_start: pages the cache or the recompute already covers are skipped) and moves pos past them."""
+        ps, staged = self.page_size, req.fetch.result()
+        req.fetch = None
+        at = req.pos // ps
+        skip = at - req.fetch_start  # > 0 when the cache grew since the fetch started
+        fetched = max(0, staged.n - skip) if skip >= 0 and req.pos % ps == 0 else 0
+        if fetched:
+            data = staged.device if skip == 0 else staged.host[:, :, :, skip : staged.n]
+            self.kv.write_pages(req.pages[at : at + fetched], data)
+            req.known_remote = range(at, at + fetched)
+            req.pos = (at + fetched) * ps
+            self.kv.lengths[req.slot] = req.pos
+            req.cached["remote"] += fetched * ps
+            self.metrics.admitted(0, {"remote": fetched * ps})
+
+    def _stalled(self, req: Request) -> bool:
+        """A prefilling row whose next pages are still on their way from the remote tier."""
+        return req.fetch is not None and req.pos >= req.fetch_start * self.page_size and not req.fetch.done()
 
     def _iteration(self) -> bool:
         spec = self.speculator
@@ -380,11 +428,18 @@ class Scheduler:
             if req.phase == "decode":  # an earlier reservation may have preempted it
                 self._reserve(req, int(self.kv.lengths[req.slot]) + self._ahead)
         self._admit()
-        prefill = [r for r in self.running if r.phase == "prefill"][: self.cfg.max_prefill_rows]
+        for req in self.running:
+            if req.fetch is not None and req.pos >= req.fetch_start * self.page_size and req.fetch.done():
+                self._install_fetched(req)
+        prefill = [r for r in self.running if r.phase == "prefill" and not self._stalled(r)][
+            : self.cfg.max_prefill_rows]
         decode = [r for r in self.running if r.phase == "decode"]
         if not prefill and not decode:
             return False
+        t = time.perf_counter()
+        pos = sum(r.pos for r in prefill)
         first, done = self._dispatch_prefill(prefill) if prefill else (None, [])
+        prefilled = sum(r.pos for r in prefill) - pos
         # Rows that speculate go through the speculative step, the others through the fused decode call; both
         # run on the same pool one after the other, and each leaves the other's rows untouched (q_len 0, inactive).
         drafted = [r for r in decode if r.speculate] if spec is not None else []
@@ -406,6 +461,10 @@ class Scheduler:
             for i, r in enumerate(prefill):
                 if r in done:
                     self._prefill_done(r, int(first[i]))
+        if prefilled and self.remote is not None:
+            if first is None:
+                jax.block_until_ready(self.kv.pages)
+            self._rate("recompute", prefilled, time.perf_counter() - t)  # decode rows in the call count against it
         if self.radix is not None and self.radix.host is not None:
             self.radix.host.materialize()  # the device is idle here; land evicted pages in host RAM
         return True
@@ -416,7 +475,7 @@ class Scheduler:
         free_slots = [s for s, r in enumerate(self.slots) if r is None]
         if not free_slots or not self.waiting:
             return
-        ready = [r for r in self.waiting if r.fetch is None or r.fetch.done()]
+        ready = [r for r in self.waiting if self._ready(r)]
         if self.radix is not None and len(self.waiting) <= self.cfg.lpm_max_waiting:
             # longest cached prefix first; resumed (preempted) requests keep their place by arrival
             ready.sort(key=lambda r: (-len(self.radix.match(r.tokens, touch=False)), r.arrival))
@@ -429,6 +488,11 @@ class Scheduler:
                 break  # head of line waits for pages; later requests would only take them from it
             free_slots.pop(0)
 
+    @staticmethod
+    def _ready(req: Request) -> bool:
+        """Admissible now: no fetch in flight, or one that leaves the request work to do meanwhile."""
+        return req.fetch is None or req.fetch_head > 0 or req.fetch.done()
+
     def _place(self, req: Request, slot: int) -> bool:
         """Gives req a slot and pages for its sequence, reusing every cached page it can; False if the pool
         cannot hold it now."""
@@ -438,11 +502,6 @@ class Scheduler:
         if radix is not None:
             radix.lock(path)
         n_dev = sum(n.page is not None for n in path)
-        fetched, staged = 0, None
-        if req.fetch is not None:
-            staged = req.fetch.result()
-            skip = len(path) - req.fetch_start  # > 0 when the cache grew since the fetch started
-            fetched = max(0, staged.n - skip) if skip >= 0 else 0
         total = math.ceil(len(seq) / ps)
         # room for the prompt and the first decode call, so admission does not cause an immediate preemption
         want = math.ceil((len(seq) + self.engine.cfg.decode_steps) / ps) - n_dev
@@ -458,16 +517,12 @@ class Scheduler:
         shared = [n.page for n in path]
         self.allocator.incref(shared)
         new = self.allocator.allocate(total - len(path))
-        if fetched:
-            skip = staged.n - fetched
-            self.kv.write_pages(new[:fetched], staged.device if skip == 0 else staged.host[:, :, :, skip : staged.n])
         req.pages = shared + new
         req.nodes = path
-        req.known_remote = range(len(path), len(path) + fetched)
-        req.pos = (len(path) + fetched) * ps
-        req.fetch = None
+        req.known_remote = range(0)
+        req.pos = len(path) * ps
         if req.cached is None:
-            req.cached = {"device": n_dev * ps, "host": (len(path) - n_dev) * ps, "remote": fetched * ps}
+            req.cached = {"device": n_dev * ps, "host": (len(path) - n_dev) * ps, "remote": 0}
             self.metrics.admitted(len(req.prompt), req.cached)
         self.waiting.remove(req)
         with self._lock:
@@ -480,6 +535,8 @@ class Scheduler:
         self.kv.page_table[slot] = 0
         self.kv.page_table[slot, : len(req.pages)] = req.pages
         self.kv.lengths[slot] = req.pos
+        if req.fetch is not None and req.pos >= req.fetch_start * ps and req.fetch.done():
+            self._install_fetched(req)  # a fetch with no head to recompute (or one the cache covered)
         sp = req.params
         self.seeds[slot], self.temperature[slot], self.top_k[slot], self.top_p[slot] = (
             sp.seed, sp.temperature, sp.top_k, sp.top_p)
@@ -535,8 +592,10 @@ class Scheduler:
     # ---- device calls and their results -------------------------------------------------------------------
 
     def _dispatch_prefill(self, rows: list[Request]):
-        chunk = self.engine.cfg.prefill_chunk
-        pieces = [r.tokens[r.pos : r.pos + chunk] for r in rows]
+        chunk, ps = self.engine.cfg.prefill_chunk, self.page_size
+        # a row with a fetch in flight stops at its first fetched page
+        pieces = [r.tokens[r.pos : r.pos + chunk if r.fetch is None else min(r.pos + chunk, r.fetch_start * ps)]
+                  for r in rows]
         logits = self.engine.prefill_rows([r.slot for r in rows], pieces, [r.pos for r in rows])
         for r, p in zip(rows, pieces, strict=True):
             r.pos += len(p)

@@ -36,6 +36,7 @@ class ServeConfig:
     decode_steps: int = 8
     prefix_cache: bool = True
     host_pages: int = 0
+    remote_overlap: bool = False  # recompute a remote hit's head while its tail is fetched
     max_queue: int = 256
     max_body_bytes: int = 8 << 20
     drain_timeout_s: float = 30.0
@@ -93,7 +94,7 @@ def assemble(cfg: ServeConfig, model, tokenizer, fingerprint: str):
         speculator.warmup()  # a width first met mid-request would compile inside someone's latency
     speculate_all = (cfg.speculate or ("all" if cfg.drafter else "apply")) == "all"
     scheduler = Scheduler(engine, SchedulerConfig(prefix_cache=cfg.prefix_cache, host_pages=cfg.host_pages,
-                                                  max_queue=cfg.max_queue),
+                                                  remote_overlap=cfg.remote_overlap, max_queue=cfg.max_queue),
                           remote=open_store(cfg.remote), model_id=f"{cfg.model_id}:{fingerprint}",
                           speculator=speculator)
     stop = {*model.cfg.eos_token_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}

@@ -43,7 +43,9 @@ def test_agent_trace_tiny(tmp_path):
     assert all(r["recompute_ms"] > 0 and r["redis_fetch_ms"] > 0 and r["redis_MB_s"] > 0 for r in probe)
     assert result["kv_bytes_per_token"] == 768  # fixture: 3 layers x K, V x 2 KV heads x 16 dims x 4 bytes
     assert probe[-1]["kv_MB"] == round(256 * 768 / 1e6, 2)
-    assert "redis_beats_recompute_above_tokens" in result
+    assert "redis_beats_recompute_above_tokens" in result and "overlap_beats_recompute_above_tokens" in result
+    # the overlapped hit: a fetched tail (at least one page) after a recomputed head (possibly empty)
+    assert all(r["overlap_ms"] > 0 and 0 < r["overlap_fetched_tokens"] <= r["prefix_tokens"] for r in probe)
 
 
 def test_model_shapes_kv_bytes_per_token():

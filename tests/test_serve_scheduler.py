@@ -159,6 +159,42 @@ def test_identical_from_redis_and_with_corrupt_pages(engine):
         third.stop()
 
 
+@pytest.mark.parametrize("rates", [None, (1.0, 3.0), (3.0, 1.0)])
+def test_remote_overlap_recomputes_the_head_while_the_tail_is_fetched(engine, rates):
+    """remote_overlap: a second server recomputes the head of each remote hit while fetching its tail, split by the
+    (recompute, fetch) rates (half and half before any is measured); outputs stay identical, the head is computed
+    and the tail comes from the store."""
+    ref, _ = agent_turns(Scheduler(engine, SchedulerConfig(prefix_cache=False)))
+    store = InProcessStore()
+    writer = Scheduler(engine, remote=store)
+    agent_turns(writer)
+    writer.remote.drain()
+    writer.stop()
+
+    reader = Scheduler(engine, SchedulerConfig(remote_overlap=True), remote=store)
+    splits = []
+    split = reader._split
+
+    def record(n):
+        if rates is not None:  # fixed rates: the split must follow them
+            reader.rates = {"recompute": rates[0], "fetch": rates[1]}
+        splits.append((n, split(n)))
+        return splits[-1][1]
+
+    reader._split = record
+    out, cached = agent_turns(reader)
+    assert out == ref
+    n, head = splits[0]  # the first request: nothing local, every full page but the last token's is remote
+    share = 0.5 if rates is None else rates[0] / sum(rates)
+    assert n >= 8 and head == min(n - 1, int(n * share)) and 0 < head < n
+    assert cached[0][0] == (n - head) * ECFG.page_size  # what was fetched, not what was recomputed
+    assert tier_tokens(reader)["remote"] >= (n - head) * ECFG.page_size
+    if rates is None:  # both rates measured on the way
+        assert all(v is not None and v > 0 for v in reader.rates.values())
+    reader.check()
+    reader.stop()
+
+
 def test_remote_pages_placed_after_the_cache_grew(engine, rng):
     """A fetch that finishes after another request inserted part of the same prefix: only the fetched pages past
     the grown cache are placed (the host-side slice of the staged pages), and the output is unchanged."""
@@ -229,7 +265,8 @@ def test_redis_killed_mid_run_then_back(engine, rng):
         sched.stop()
 
 
-def test_random_requests_cancellations_and_preemption_leak_nothing(engine, rng):
+@pytest.mark.parametrize("overlap", [False, True], ids=["fetch", "overlap"])
+def test_random_requests_cancellations_and_preemption_leak_nothing(engine, rng, overlap):
     n = 200
     base = [list(rng.integers(0, VOCAB, k)) for k in (24, 40, 56)]
     prompts = [base[rng.integers(3)][: rng.integers(8, 57)] + list(rng.integers(0, VOCAB, rng.integers(1, 60)))
@@ -244,7 +281,8 @@ def test_random_requests_cancellations_and_preemption_leak_nothing(engine, rng):
     cancel_at = {i: int(rng.integers(0, 6)) for i in range(heavy, n) if rng.random() < 0.2}
 
     ref = run_batch(Scheduler(engine, SchedulerConfig(prefix_cache=False)), prompts, sps)
-    sched = Scheduler(engine, SchedulerConfig(host_pages=40, max_prefill_rows=2), remote=InProcessStore())
+    sched = Scheduler(engine, SchedulerConfig(host_pages=40, max_prefill_rows=2, remote_overlap=overlap),
+                      remote=InProcessStore())
     live = {i: submit(sched, prompts[i], sps[i]) for i in range(heavy)}
     pending = list(range(heavy, n))
     step = 0
@@ -273,7 +311,7 @@ def test_random_requests_cancellations_and_preemption_leak_nothing(engine, rng):
     assert sum(res.finish == "cancelled" for _, res in live.values()) > 5
     print("scheduler", dict(sched.stats), "radix", dict(sched.radix.stats), "remote", sched.remote.stats)
     assert sched.stats["preemptions"] > 0 and sched.radix.stats["evicted_pages"] > 0
-    assert sched.radix.stats["host_loaded_pages"] > 0
+    assert sched.radix.stats["host_loaded_pages"] > 0 and sched.remote.stats["pages_fetched"] > 0
     # nothing leaked: once the cache lets go, every page and host slot is free again
     sched.flush_cache()
     sched.check()
