@@ -143,8 +143,11 @@ def _set_expert(buf, e, w):
 _set_expert = jax.jit(_set_expert, donate_argnums=0)
 
 
-def load_model(directory: str | os.PathLike, *, dtype=jnp.bfloat16, progress: bool = True) -> Transformer:
-    """Loads a checkpoint directory into a Transformer whose parameters live on the default device in `dtype`."""
+def load_model(directory: str | os.PathLike, *, dtype=jnp.bfloat16, progress: bool = True, mesh=None,
+               rules=None) -> Transformer:
+    """Loads a checkpoint directory into a Transformer whose parameters live on the default device in `dtype`, or,
+    given a `mesh`, split over it by `rules` (sharding.rules; default: Megatron tp, experts over ep) as they are
+    read: each device receives only its shard, so a model larger than one device loads."""
     directory = Path(directory)
     cfg = load_config(directory)
     files = weight_files(directory)
@@ -152,6 +155,12 @@ def load_model(directory: str | os.PathLike, *, dtype=jnp.bfloat16, progress: bo
     graphdef, state = nnx.split(abstract_model)
     abstract = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)}
     resolve = _plan(cfg, abstract)
+    placement: dict[str, jax.sharding.Sharding | None] = dict.fromkeys(abstract)
+    if mesh is not None:
+        from sharding.rules import ShardingRules, logical_axes
+
+        rules = rules or ShardingRules()
+        placement = {k: rules.sharding(mesh, logical_axes(k, v.ndim), v.shape) for k, v in abstract.items()}
     values: dict[str, jax.Array] = {}
     experts_seen: dict[str, set[int]] = {}
 
@@ -176,10 +185,10 @@ def load_model(directory: str | os.PathLike, *, dtype=jnp.bfloat16, progress: bo
                     f"{f.name}: tensor {name} has shape {tuple(array.shape)}, expected {tuple(shape)}")
             like = abstract[ours]
             if expert is None:
-                values[ours] = jax.device_put(array).astype(like.dtype)  # converted on the device
+                values[ours] = jax.device_put(array, placement[ours]).astype(like.dtype)  # converted on the device
             else:
                 if ours not in values:
-                    values[ours] = jnp.zeros(like.shape, like.dtype)
+                    values[ours] = jnp.zeros(like.shape, like.dtype, device=placement[ours])
                 values[ours] = _set_expert(values[ours], expert, jax.device_put(array))
                 experts_seen.setdefault(ours, set()).add(expert)
     bar.close()

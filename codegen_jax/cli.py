@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weights and KV dtype")
     g.add_argument("--max-seq-len", type=_positive, default=4096, help="prompt + output limit (default 4096)")
     g.add_argument("--page-size", type=_positive, default=16, help="tokens per KV page (default 16)")
+    _add_parallel(g)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--speculator", choices=["apply", "suffix", "block", "eagle3"], default=None,
@@ -55,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most tokens drafted per step (default: apply 64, suffix 16, neural: the checkpoint's)")
     _add_serve(sub)
     return parser
+
+
+def _add_parallel(p) -> None:
+    p.add_argument("--tp", type=_positive, default=1, help="tensor parallelism: devices the model is split over "
+                   "(heads, MLP columns, vocabulary; default 1)")
+    p.add_argument("--ep", type=_positive, default=1, help="expert parallelism for MoE models: devices the "
+                   "experts are split over (default 1); --tp * --ep devices in all")
+    p.add_argument("--tp-strategy", default="auto", help="collective matmuls: auto (by interconnect and message "
+                   "size), xla, ring, bidi, sp, allreduce or allreduce_overlap (default auto)")
 
 
 def _add_serve(sub) -> None:
@@ -79,6 +89,7 @@ def _add_serve(sub) -> None:
     s.add_argument("--num-pages", type=int, default=0, help="device KV pages (default 0: max-slots full sequences)")
     s.add_argument("--prefill-chunk", type=_positive, default=512, help="longest prefill call, a power of two")
     s.add_argument("--decode-steps", type=_positive, default=8, help="decode steps fused per device call")
+    _add_parallel(s)
     s.add_argument("--remote-overlap", action="store_true",
                    help="on a remote hit, recompute the prefix's head while its tail is fetched (split by measured rates)")
     s.add_argument("--host-pages", type=int, default=0, help="host-RAM tier size in KV pages (default 0: off)")
@@ -95,16 +106,19 @@ def _generate(args) -> int:
     import jax.numpy as jnp
 
     from codegen_jax.checkpoint import load_model
-    from codegen_jax.engine import Engine, EngineConfig
+    from codegen_jax.engine import EngineConfig
+    from codegen_jax.parallel import replica_engine, replica_mesh
     from codegen_jax.sampling import SamplingParams
     from codegen_jax.tokenizer import Tokenizer
 
     # Compiled programs are cached across runs of the CLI.
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/codegen-jax/jax"))
     try:
-        model = load_model(args.model, dtype=getattr(jnp, args.dtype), progress=not args.quiet)
+        mesh = replica_mesh(args.tp, args.ep)
+        _strategy(args.tp_strategy)
+        model = load_model(args.model, dtype=getattr(jnp, args.dtype), progress=not args.quiet, mesh=mesh)
         tokenizer = Tokenizer.from_dir(args.model)
-    except ValueError as e:  # CheckpointError / ConfigError
+    except ValueError as e:  # bad --tp/--ep, CheckpointError / ConfigError
         raise UsageError(str(e)) from e
     try:
         sampling = SamplingParams(
@@ -129,7 +143,11 @@ def _generate(args) -> int:
     if len(ids) + args.max_new_tokens > args.max_seq_len:
         raise UsageError(f"prompt has {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} that exceeds "
                          f"--max-seq-len {args.max_seq_len}")
-    engine = Engine(model, EngineConfig(max_slots=1, page_size=args.page_size, max_seq_len=args.max_seq_len))
+    try:
+        engine = replica_engine(model, EngineConfig(max_slots=1, page_size=args.page_size,
+                                                    max_seq_len=args.max_seq_len), mesh, args.tp_strategy)
+    except ValueError as e:  # a model whose heads or experts do not split over --tp / --ep
+        raise UsageError(str(e)) from e
     spec = _speculator(args, engine, model) if args.speculator else None
     start = time.perf_counter()
     (result,) = (spec or engine).generate([ids], sampling)
@@ -154,6 +172,15 @@ def _generate(args) -> int:
     return 0
 
 
+def _strategy(name: str) -> str:
+    from sharding.strategy import validate
+
+    try:
+        return validate(name)
+    except ValueError as e:
+        raise ValueError(f"--tp-strategy: {e}") from None
+
+
 def _speculator(args, engine, model):
     from drafters.factory import build_speculator
 
@@ -176,7 +203,8 @@ def _serve(args) -> int:
                           page_size=args.page_size, max_slots=args.max_slots, num_pages=args.num_pages,
                           prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
                           prefix_cache=not args.no_prefix_cache, host_pages=args.host_pages,
-                          remote_overlap=args.remote_overlap,
+                          remote_overlap=args.remote_overlap, tp=args.tp, ep=args.ep,
+                          tp_strategy=_strategy(args.tp_strategy),
                           max_queue=args.max_queue, drain_timeout_s=args.drain_timeout,
                           warmup=not args.no_warmup)
         if cfg.remote and not cfg.remote.startswith(("redis://", "rediss://", "unix://", "memory://")):

@@ -28,6 +28,26 @@ from sharding.rules import ShardingRules, kv_sharding, param_shardings
 DEFAULT_RULES = ShardingRules()
 
 
+def replica_mesh(tp: int = 1, ep: int = 1) -> Mesh | None:
+    """The mesh one serving replica runs on: this process's first tp*ep devices as (dp 1, ep, tp); None for one
+    device. Raises ValueError (naming --tp/--ep) when there are not enough devices."""
+    from sharding.mesh import make_mesh
+
+    if tp < 1 or ep < 1:
+        raise ValueError(f"--tp and --ep must be >= 1, got {tp} and {ep}")
+    if tp * ep == 1:
+        return None
+    local = jax.local_devices()
+    if tp * ep > len(local):
+        raise ValueError(f"--tp {tp} times --ep {ep} needs {tp * ep} devices, this process has {len(local)}")
+    return make_mesh(tp=tp, ep=ep, devices=local[: tp * ep])
+
+
+def replica_engine(model: Transformer, cfg: EngineConfig, mesh: Mesh | None, strategy: str = "auto") -> Engine:
+    """`Engine` on one device, or `sharded_engine` on `replica_mesh`'s mesh."""
+    return Engine(model, cfg) if mesh is None else sharded_engine(model, cfg, mesh, strategy=strategy)
+
+
 def shard_model(model: Transformer, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> Transformer:
     """Moves the model's parameters to their NamedShardings (in place); returns the model."""
     state = nnx.state(model)

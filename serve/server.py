@@ -37,6 +37,9 @@ class ServeConfig:
     prefix_cache: bool = True
     host_pages: int = 0
     remote_overlap: bool = False  # recompute a remote hit's head while its tail is fetched
+    tp: int = 1  # devices the model is split over (tensor parallel), times ep (experts) for MoE models
+    ep: int = 1
+    tp_strategy: str = "auto"
     max_queue: int = 256
     max_body_bytes: int = 8 << 20
     drain_timeout_s: float = 30.0
@@ -53,6 +56,8 @@ class ServeConfig:
             raise ValueError(f"port must be in [0, 65536), got {self.port}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain timeout must be >= 0 seconds, got {self.drain_timeout_s}")
+        if self.tp < 1 or self.ep < 1:
+            raise ValueError(f"--tp and --ep must be >= 1, got {self.tp} and {self.ep}")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
 
@@ -68,23 +73,27 @@ def build(cfg: ServeConfig):
     from codegen_jax.checkpoint import load_model
     from codegen_jax.tokenizer import Tokenizer
 
-    model = load_model(cfg.model, dtype=getattr(jnp, cfg.dtype), progress=False)
+    from codegen_jax.parallel import replica_mesh
+
+    model = load_model(cfg.model, dtype=getattr(jnp, cfg.dtype), progress=False, mesh=replica_mesh(cfg.tp, cfg.ep))
     return assemble(cfg, model, Tokenizer.from_dir(cfg.model), _fingerprint(cfg.model))
 
 
 def assemble(cfg: ServeConfig, model, tokenizer, fingerprint: str):
     """Wires engine, scheduler, tiers and app around a loaded model (the benchmarks pass a random-weight one).
     `fingerprint` names the weights in remote keys: servers share KV pages only when it matches."""
-    from codegen_jax.engine import Engine, EngineConfig
+    from codegen_jax.engine import EngineConfig
+    from codegen_jax.parallel import replica_engine, replica_mesh
     from drafters.factory import build_speculator, neural_kind
     from serve.app import ServeState, create_app
     from serve.protocol import Limits
     from serve.remote_tier import open_store
     from serve.scheduler import Scheduler, SchedulerConfig
 
-    engine = Engine(model, EngineConfig(max_slots=cfg.max_slots, page_size=cfg.page_size,
-                                        max_seq_len=cfg.max_seq_len, num_pages=cfg.num_pages,
-                                        prefill_chunk=cfg.prefill_chunk, decode_steps=cfg.decode_steps))
+    engine = replica_engine(model, EngineConfig(max_slots=cfg.max_slots, page_size=cfg.page_size,
+                                                max_seq_len=cfg.max_seq_len, num_pages=cfg.num_pages,
+                                                prefill_chunk=cfg.prefill_chunk, decode_steps=cfg.decode_steps),
+                            replica_mesh(cfg.tp, cfg.ep), cfg.tp_strategy)
     # The apply speculator by default, for /v1/apply (an edit's output is mostly its input: long drafts, and
     # lossless, so the choice never changes an output); a drafter checkpoint serves every request.
     kind = cfg.speculator or (neural_kind(cfg.drafter) if cfg.drafter else "apply")
@@ -125,6 +134,7 @@ def run(cfg: ServeConfig) -> int:
 
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/codegen-jax/jax"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing ("no TPU") is not the server's news
     app, state = build(cfg)
 
     drain: list[threading.Thread] = []

@@ -82,6 +82,8 @@ def test_bad_arguments_exit_2(argv, needle, capsys):
     (["--top-p", "1.5"], "top_p"),
     (["--temperature", "-1"], "temperature"),
     (["--max-new-tokens", "5000"], "--max-seq-len"),
+    (["--tp", "2"], "--tp 2"),  # one device here
+    (["--tp-strategy", "fastest"], "--tp-strategy"),
 ])
 def test_bad_values_exit_2(extra, needle, capsys):
     argv = ["generate", "--model", str(FIXTURES / "qwen2"), "--prompt", "x", "--quiet", *extra]

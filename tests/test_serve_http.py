@@ -493,6 +493,7 @@ def _env():
     (["--model", str(FIXTURES / "qwen2"), "--drain-timeout", "-1"], ["drain", "-1"]),
     (["--model", str(FIXTURES / "qwen2"), "--remote", "redis://127.0.0.1:1", "--no-prefix-cache"], ["prefix"]),
     (["--model", str(FIXTURES / "qwen2"), "--remote-overlap"], ["--remote-overlap", "--remote"]),
+    (["--model", str(FIXTURES / "qwen2"), "--tp", "2"], ["--tp 2", "devices"]),  # one device in this process
 ])
 def test_serve_bad_flags_exit_2_with_one_line(args, words):
     p = subprocess.run([str(CODEGEN_JAX), "serve", *args], capture_output=True, text=True, timeout=60, env=_env())

@@ -108,6 +108,76 @@ def test_sharded_engine_equals_single_device(rng, name, tp, ep, strategy):
     assert engine.cache.pages[0][0].sharding.is_equivalent_to(placed, 4)
 
 
+@pytest.mark.parametrize("name,tp,ep", [("llama", 2, 1), ("qwen3_moe", 2, 2)])
+def test_load_model_on_a_mesh_places_each_shard_as_it_reads(name, tp, ep):
+    """load_model(mesh=...): every parameter arrives with its rule's sharding (each device holds 1/tp of a q_proj,
+    1/(ep*tp) of the experts) and the values equal a one-device load; the replica's engine equals one device."""
+    from codegen_jax.parallel import replica_engine, replica_mesh
+    from sharding.rules import ShardingRules, logical_axes
+
+    mesh = replica_mesh(tp, ep)
+    assert mesh.devices.size == tp * ep and set(mesh.devices.flat) <= set(jax.local_devices())
+    sharded = load_model(FIXTURES / name, dtype=jnp.float32, progress=False, mesh=mesh)
+    plain = load_model(FIXTURES / name, dtype=jnp.float32, progress=False)
+    from flax import nnx
+
+    flat_plain = dict(nnx.to_flat_state(nnx.state(plain)))
+    rules, checked = ShardingRules(), 0
+    for path, var in nnx.to_flat_state(nnx.state(sharded)):
+        value, key = var.get_value(), ".".join(map(str, path))
+        assert value.sharding == rules.sharding(mesh, logical_axes(key, value.ndim), value.shape), key
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_plain[path].get_value()), err_msg=key)
+        checked += 1
+    q = sharded.layers[0].self_attn.q_proj.weight[...]
+    assert q.addressable_shards[0].data.shape[0] == q.shape[0] // tp
+    assert checked == len(flat_plain)
+    ids = np.random.default_rng(3).integers(0, 512, (2, 16)).astype(np.int32)
+    prompt = [int(t) for t in ids[0, :11]]
+    ref = run(Engine(plain, ECFG), ids, prompt)
+    got = run(replica_engine(sharded, ECFG, mesh, "auto"), ids, prompt)
+    assert close(got[0], ref[0]) < 1e-5 and close(got[1], ref[1]) < 1e-5 and got[2] == ref[2]
+
+
+def test_generate_and_serve_with_tp(tmp_path):
+    """`codegen-jax generate --tp 2` (a real process on 8 devices) prints the tokens of --tp 1; a server
+    assembled with tp=2 answers as one on one device."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def generate(*extra):
+        p = subprocess.run([sys.executable, "-m", "codegen_jax.cli", "generate", "--model", str(FIXTURES / "qwen2"),
+                            "--prompt", "def add(a, b):", "--max-new-tokens", "10", "--dtype", "float32", "--json",
+                            "--quiet", *extra], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "HOME": str(tmp_path)})
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)["tokens"]
+
+    assert generate("--tp", "2", "--tp-strategy", "allreduce") == generate()
+
+    from codegen_jax import Tokenizer
+    from serve.scheduler import Request
+    from serve.server import ServeConfig, assemble
+
+    def answer(tp):
+        cfg = ServeConfig(model=str(FIXTURES / "qwen2"), dtype="float32", max_seq_len=128, page_size=8, max_slots=2,
+                          prefill_chunk=32, decode_steps=2, tp=tp, warmup=False)
+        from codegen_jax.parallel import replica_mesh
+
+        model = load_model(FIXTURES / "qwen2", dtype=jnp.float32, progress=False, mesh=replica_mesh(tp))
+        _, state = assemble(cfg, model, Tokenizer.from_dir(FIXTURES / "qwen2"), "fixture")
+        sched, got = state.scheduler, []
+        assert (tp == 1) == (sched.engine.cache.pages[0][0].sharding.num_devices == 1)
+        for prompt in ([5, 6, 7, 8] * 5, [9, 10, 11]):
+            sched.submit(Request(prompt, SamplingParams(max_new_tokens=6), lambda out: got.append(out.tokens)))
+        sched.run_until_idle()
+        sched.stop()
+        return got
+
+    assert answer(2) == answer(1)
+
+
 def packed_rows(seed, B=8, T=32):
     """Training rows as train.data.pack lays them out: two sequences a row (positions restart, the first 3 tokens
     of each are prompt), a few padding tokens at the end."""
