@@ -91,7 +91,8 @@ def _add_serve(sub) -> None:
     s.add_argument("--decode-steps", type=_positive, default=8, help="decode steps fused per device call")
     _add_parallel(s)
     s.add_argument("--remote-overlap", action="store_true",
-                   help="on a remote hit, recompute the prefix's head while its tail is fetched (split by measured rates)")
+                   help="on a remote hit, recompute the prefix's head while its tail is fetched (split by the "
+                   "measured rates)")
     s.add_argument("--host-pages", type=int, default=0, help="host-RAM tier size in KV pages (default 0: off)")
     s.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt (for comparisons)")
     s.add_argument("--no-warmup", action="store_true",

@@ -71,9 +71,8 @@ def build(cfg: ServeConfig):
     import jax.numpy as jnp
 
     from codegen_jax.checkpoint import load_model
-    from codegen_jax.tokenizer import Tokenizer
-
     from codegen_jax.parallel import replica_mesh
+    from codegen_jax.tokenizer import Tokenizer
 
     model = load_model(cfg.model, dtype=getattr(jnp, cfg.dtype), progress=False, mesh=replica_mesh(cfg.tp, cfg.ep))
     return assemble(cfg, model, Tokenizer.from_dir(cfg.model), _fingerprint(cfg.model))

@@ -35,8 +35,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from codegen_jax import CheckpointError, ConfigError, Engine, EngineConfig, SamplingParams, Tokenizer, load_model
-from codegen_jax.parallel import sharded_engine
+from codegen_jax import CheckpointError, ConfigError, EngineConfig, SamplingParams, Tokenizer, load_model
+from codegen_jax.parallel import replica_engine
 from drafters.block_drafter import BlockDrafter, BlockDrafterConfig
 from drafters.checkpoint import save_drafter
 from drafters.eagle3 import Eagle3Config, Eagle3Drafter
@@ -223,19 +223,18 @@ def run(cfg: TrainConfig) -> int:
         held, prompts = (prompts[-cfg.eval_prompts :], prompts[: -cfg.eval_prompts]) if cfg.eval_every else ([],
                                                                                                          prompts)
     held = held[: cfg.eval_prompts]
-    target = load_model(cfg.target, dtype=jnp.dtype(cfg.target_dtype), progress=not cfg.no_progress)
+    # the target is read straight onto its shards, split as the trainer will hold it (this host's devices), once
+    local = jax.local_devices()
+    mesh = (make_mesh(dp=len(local) // (cfg.tp * cfg.ep), tp=cfg.tp, ep=cfg.ep, devices=local)
+            if cfg.tp * cfg.ep > 1 else None)
+    target = load_model(cfg.target, dtype=jnp.dtype(cfg.target_dtype), progress=not cfg.no_progress, mesh=mesh)
     if cfg.ep > 1 and not target.cfg.is_moe:
         raise UsageError(f"--ep {cfg.ep} splits a MoE target's experts, but {cfg.target} is a dense model; use --tp")
     stop = tuple(target.cfg.eos_token_ids) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
     longest = max(map(len, prompts + held)) + max(cfg.max_new_tokens, cfg.eval_max_new_tokens)
     ecfg = EngineConfig(max_slots=cfg.slots, page_size=16, max_seq_len=-(-longest // 16) * 16,
                         prefill_chunk=min(512, 1 << (longest - 1).bit_length()))
-    if cfg.tp * cfg.ep > 1:  # the engine holds the target split as the trainer will (this host's devices), once
-        local = jax.local_devices()
-        engine = sharded_engine(target, ecfg, make_mesh(dp=len(local) // (cfg.tp * cfg.ep), tp=cfg.tp, ep=cfg.ep,
-                                                        devices=local))
-    else:
-        engine = Engine(target, ecfg)
+    engine = replica_engine(target, ecfg, mesh, strategy="xla")
     sp = lambda i, n: SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                      seed=(cfg.seed * 1_000_003 + i) % 2**32, max_new_tokens=n, stop_token_ids=stop)
     meta = {"target": str(Path(cfg.target).absolute()), "temperature": cfg.temperature, "top_k": cfg.top_k,
