@@ -207,6 +207,7 @@ class Scheduler:
         # a remote hit's split: recomputed and fetched tokens per second (EMAs; None until measured)
         self.remote_overlap = cfg.remote_overlap
         self.rates: dict[str, float | None] = {"recompute": None, "fetch": None}
+        self._prefilled = (0, 0.0)  # prefill tokens dispatched since the last host sync, and when the first was
 
     # ---- the thread-safe surface ---------------------------------------------------------------------------
 
@@ -436,10 +437,11 @@ class Scheduler:
         decode = [r for r in self.running if r.phase == "decode"]
         if not prefill and not decode:
             return False
-        t = time.perf_counter()
         pos = sum(r.pos for r in prefill)
+        if prefill and not self._prefilled[0]:
+            self._prefilled = (0, time.perf_counter())
         first, done = self._dispatch_prefill(prefill) if prefill else (None, [])
-        prefilled = sum(r.pos for r in prefill) - pos
+        self._prefilled = (self._prefilled[0] + sum(r.pos for r in prefill) - pos, self._prefilled[1])
         # Rows that speculate go through the speculative step, the others through the fused decode call; both
         # run on the same pool one after the other, and each leaves the other's rows untouched (q_len 0, inactive).
         drafted = [r for r in decode if r.speculate] if spec is not None else []
@@ -461,10 +463,11 @@ class Scheduler:
             for i, r in enumerate(prefill):
                 if r in done:
                     self._prefill_done(r, int(first[i]))
-        if prefilled and self.remote is not None:
-            if first is None:
-                jax.block_until_ready(self.kv.pages)
-            self._rate("recompute", prefilled, time.perf_counter() - t)  # decode rows in the call count against it
+        if self._prefilled[0] and (first is not None or out is not None or drafted):
+            # the device ran every prefill chunk dispatched since the first one unsynced (decode rows in the same
+            # calls count against the rate): no sync of its own, so chunks still pipeline
+            self._rate("recompute", self._prefilled[0], time.perf_counter() - self._prefilled[1])
+            self._prefilled = (0, 0.0)
         if self.radix is not None and self.radix.host is not None:
             self.radix.host.materialize()  # the device is idle here; land evicted pages in host RAM
         return True
