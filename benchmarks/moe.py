@@ -13,7 +13,8 @@ is checked against ragged_dot first (max |diff| / max |ref| <= 2e-2, int8 4e-2, 
 
 --tune runs the search loop over Triton configs for the Qwen3-30B-A3B shapes first and writes the winners to
 pallas_kernels/tuned/moe.json (and $OUT), which `ours` then uses. At T <= 8 it also tries the GEMV mode (no dot;
-block_m = rows per pass over a weight tile) over block_f/block_d, block_k, warps and stages.
+block_m = rows per pass over a weight tile) over block_f/block_d, block_k, warps and stages, and fused_combine
+(the weighted combine inside the down kernel, routing in XLA or in Pallas: 3-4 launches at T=1).
 
 The result JSON is rewritten after every tuned T and every benchmarked shape, so a run cut off by a time limit
 keeps what it measured.
@@ -122,6 +123,46 @@ def gemv_configs(T: int, F: int, *, quick: bool) -> list:
     return out
 
 
+FUSED_MAX_T = 8  # T the tuner tries fused_combine at: one program per (token, D tile) reads all K experts
+
+
+def fused_configs(T: int, *, quick: bool) -> list:
+    """fused_combine candidates (the down kernel sums the token's K experts in registers and writes [T, D] once),
+    in the GEMV mode and the dot mode (block_m 16), with each routing ("none": XLA, "topk": XLA logits + one
+    Pallas top-k kernel, "all": one Pallas routing kernel), down column blocks 16 and 32 (T=1 at D=2048: 128
+    and 64 programs) and, unless quick, 256-row down k-steps. 18 candidates (6 when quick)."""
+    from pallas_kernels.moe import TritonMoEConfig
+    from pallas_kernels.moe.triton_moe import FUSED_ROUTES
+
+    out = []
+    for bm in (min(8, 1 << (T - 1).bit_length()), 16):
+        for route in FUSED_ROUTES:
+            for bd, bkf in ((16, None),) if quick else ((16, None), (32, None), (16, 256)):
+                out.append(TritonMoEConfig(block_m=bm, block_f=64, block_d=bd, block_kf=bkf, fused_combine=True,
+                                           fused_route=route))
+    return out
+
+
+def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool) -> list:
+    """The Triton kernel's candidates at T tokens: plan's choice, the dot mode over column blocks and stages,
+    wider row tiles at T >= 64, the GEMV mode and fused_combine at decode sizes."""
+    from pallas_kernels.moe import TritonMoEConfig
+    from pallas_kernels.moe.triton_moe import gemv_expected
+
+    configs = [TritonMoEConfig()]  # plan's choice: the GEMV mode at small T, else the dot
+    dot_bm = 16 if gemv_expected(T, E, K) else None  # these stay dot candidates where plan picks GEMV
+    for bf in (16, 32, 64):
+        for stages in ((3,) if quick else (2, 4)):
+            configs.append(TritonMoEConfig(block_m=dot_bm, block_f=bf, block_d=bf, num_stages=stages))
+    if T >= 64:
+        configs += [TritonMoEConfig(block_m=bm) for bm in (16, 64)]
+    if T <= GEMV_MAX_T:
+        configs += gemv_configs(T, F, quick=quick)
+    if T <= FUSED_MAX_T:
+        configs += fused_configs(T, quick=quick)
+    return list(dict.fromkeys(configs))
+
+
 def mosaic_configs(T: int) -> list:
     """The Mosaic kernel's candidates: the ring depth and D split at decode (covering the SMs at T=1), wider
     tiles at T=64. Configs that do not fit shared memory fail their trial and drop out."""
@@ -144,9 +185,8 @@ def tune(shape_name, tokens, *, quick) -> list[dict]:
     import functools
 
     from pallas_kernels import tuning
-    from pallas_kernels.moe import TritonMoEConfig, dispatch, moe_reference, moe_triton, quantize_int8
+    from pallas_kernels.moe import dispatch, moe_reference, moe_triton, quantize_int8
     from pallas_kernels.moe.mosaic_moe import MAX_TOKENS, moe_mosaic
-    from pallas_kernels.moe.triton_moe import gemv_expected
 
     D, F, E, K = SHAPES[shape_name]
     rows = []
@@ -155,16 +195,7 @@ def tune(shape_name, tokens, *, quick) -> list[dict]:
         if fmt == "int8":
             q = [quantize_int8(w) for w in sets[0][2:]]
             sets = [(x, r, *q) for x, r, *_ in sets]
-        configs = [TritonMoEConfig()]  # plan's choice: the GEMV mode at small T, else the dot
-        dot_bm = 16 if gemv_expected(T, E, K) else None  # these stay dot candidates where plan picks GEMV
-        for bf in (16, 32, 64):
-            for stages in ((3,) if quick else (2, 4)):
-                configs.append(TritonMoEConfig(block_m=dot_bm, block_f=bf, block_d=bf, num_stages=stages))
-        if T >= 64:
-            configs += [TritonMoEConfig(block_m=bm) for bm in (16, 64)]
-        if T <= GEMV_MAX_T:
-            configs += gemv_configs(T, F, quick=quick)
-        configs = list(dict.fromkeys(configs))
+        configs = triton_configs(T, E, K, F, quick=quick)
         cands = [tuning.Candidate("triton", c, functools.partial(moe_triton, top_k=K, norm_topk_prob=True,
                                                                  config=c)) for c in configs]
         if T <= MAX_TOKENS and fmt == "bf16":  # the Mosaic kernel has no int8 path

@@ -192,6 +192,79 @@ def test_gemv_mode_int8(rng, E, top_k, D, F, T, block_m):
     assert T == 1 or (experts[:, 0] == hot).all()
 
 
+# fused_combine: the down kernel sums each token's K experts and writes [T, D] once (no XLA combine), with each
+# routing (XLA; XLA logits + Pallas top-k; all of it in Pallas), in the GEMV mode (block_m 1 with several
+# (expert, F step) iterations per program and narrow D tiles; plan's rows) and the dot mode (block_m 16). The
+# output [T, D] is NaN before the kernel runs (interpreter), so a tile no program writes fails the test.
+FUSED_CONFIGS = {
+    "gemv1-route_all": TritonMoEConfig(block_m=1, block_f=16, block_d=16, block_k=32, block_kf=16,
+                                       fused_combine=True, fused_route="all"),
+    "gemv-route_xla": TritonMoEConfig(fused_combine=True),
+    "dot16-route_topk": TritonMoEConfig(block_m=16, fused_combine=True, fused_route="topk"),
+}
+
+
+@pytest.mark.parametrize("config", list(FUSED_CONFIGS))
+@pytest.mark.parametrize("T", [1, 2, 7, 8])
+@pytest.mark.parametrize("E,top_k,D,F", CONFIGS, ids=["qwen3-30b-a3b", "small"])
+def test_fused_combine(rng, E, top_k, D, F, T, config):
+    # T > 1: every token chooses one hot expert first (one slot of T rows, read for every token)
+    hot = int(rng.integers(E))
+    experts = check(rng, T, E, D, F, top_k, bias=hot_expert(hot) if T > 1 else None, config=FUSED_CONFIGS[config])
+    assert T == 1 or (experts[:, 0] == hot).all()
+
+
+@pytest.mark.parametrize("config", ["gemv-route_xla", "dot16-route_topk"])
+def test_fused_combine_no_renormalisation(rng, config):
+    check(rng, 7, 128, 64, 32, 8, norm_topk_prob=False, config=FUSED_CONFIGS[config])
+
+
+@pytest.mark.parametrize("config", list(FUSED_CONFIGS))
+def test_fused_combine_experts_chosen_by_no_token(rng, config):
+    # experts 0, 3, 5 never chosen (NaN-poisoned by check): the first expert id and its neighbours
+    dead = [0, 3, 5]
+
+    def bias(x, router):
+        x, router = x.copy(), router.copy()
+        x[:, 0], router[:, 0] = 1.0, 0.0
+        router[dead, 0] = -30.0
+        return x, router
+
+    experts = check(rng, 8, 8, 32, 48, 2, bias=bias, config=FUSED_CONFIGS[config])
+    assert not np.isin(experts, dead).any()
+
+
+@pytest.mark.parametrize("config", ["gemv1-route_all", "dot16-route_topk"])
+@pytest.mark.parametrize("T", [1, 2, 7, 8])
+@pytest.mark.parametrize("E,top_k,D,F", CONFIGS, ids=["qwen3-30b-a3b", "small"])
+def test_fused_combine_int8(rng, E, top_k, D, F, T, config):
+    hot = int(rng.integers(E))
+    *_, experts = check_int8(rng, T, E, D, F, top_k, bias=hot_expert(hot) if T > 1 else None,
+                             config=FUSED_CONFIGS[config])
+    assert T == 1 or (experts[:, 0] == hot).all()
+
+
+def test_fused_combine_is_a_tuner_candidate():
+    # benchmarks/moe.py --tune tries fused_combine (each routing, both modes) beside the other configs at decode
+    # sizes, and every candidate plans at the Qwen3-30B-A3B shape (Triton block rules)
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, as tests/test_plot.py
+    from benchmarks.moe import SHAPES, triton_configs
+
+    D, F, E, K = SHAPES["30b"]
+    for T in (1, 8):
+        configs = triton_configs(T, E, K, F, quick=False)
+        fused = [c for c in configs if c.fused_combine]
+        assert {(c.fused_route, c.block_m < 16) for c in fused} == {(r, g) for r in ("none", "topk", "all")
+                                                                    for g in (True, False)}
+        for c in configs:
+            plan(T, D, F, E, K, c, sms=132)
+    assert not any(c.fused_combine for c in triton_configs(64, E, K, F, quick=False))
+    assert not TritonMoEConfig().fused_combine  # the default stays unfused until the tuned table picks it
+
+
 def test_group_by_expert():
     experts = jnp.array([[3, 1], [1, 0], [3, 2]], jnp.int32)  # pairs 0..5 -> experts 3 1 1 0 3 2
     order, meta = group_by_expert(experts, 8, 6)
@@ -222,6 +295,11 @@ def test_plan_defaults():
     assert plan(1, 2048, 768, 128, 8, TritonMoEConfig(block_m=16), sms=132).block_f == 32
     p = plan(256, 4096, 1536, 128, 8, TritonMoEConfig(), sms=132)
     assert (p.block_m, p.block_f, p.block_d, p.num_slots) == (32, 64, 64, 128)
+    # fused_combine: T * D / block_d down programs, narrow enough to cover the SMs
+    assert plan(1, 2048, 768, 128, 8, TritonMoEConfig(fused_combine=True), sms=132).block_d == 16
+    assert plan(8, 2048, 768, 128, 8, TritonMoEConfig(fused_combine=True), sms=132).block_d == 64
+    p = plan(1, 2048, 768, 128, 8, TritonMoEConfig(fused_combine=True, fused_route="all"), sms=132)
+    assert p.fused_route == "all" and p.route_block_k == 128
 
 
 @pytest.mark.parametrize("kw,x_dtype,quant", [
@@ -230,9 +308,10 @@ def test_plan_defaults():
     (dict(), jnp.bfloat16, (True, False, False)),
     (dict(D=40), jnp.bfloat16, (False, False, False)),
     (dict(config=TritonMoEConfig(block_f=64)), jnp.bfloat16, (False, False, False)),
+    (dict(E=6, config=TritonMoEConfig(fused_combine=True, fused_route="topk")), jnp.bfloat16, (False,) * 3),
 ])
 def test_unsupported_raise_not_implemented(kw, x_dtype, quant):
-    T, D, E, F = kw.get("T", 4), kw.get("D", 64), 8, 48
+    T, D, E, F = kw.get("T", 4), kw.get("D", 64), kw.get("E", 8), 48
     x = jnp.zeros((T, D), x_dtype)
     ws = [jnp.zeros(s, x_dtype) for s in ((E, D, F), (E, D, F), (E, F, D))]
     ws = [quantize_int8(w) if q else w for w, q in zip(ws, quant, strict=True)]
@@ -248,7 +327,8 @@ def test_unsupported_raise_not_implemented(kw, x_dtype, quant):
 
 def test_config_validates_itself():
     for kw in (dict(block_m=24), dict(block_m=3), dict(block_m=0), dict(block_f=8), dict(block_m=256),
-               dict(block_k=1024), dict(num_warps=3), dict(num_stages=0)):
+               dict(block_k=1024), dict(num_warps=3), dict(num_stages=0), dict(fused_route="all"),
+               dict(fused_combine=True, fused_route="yes")):
         with pytest.raises(ValueError):
             TritonMoEConfig(**kw)
     for bm in (1, 2, 4, 8, 16, 128):  # GEMV rows per pass, dot rows
@@ -301,12 +381,17 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
         return sds((E, a, b), jnp.bfloat16)
 
     args = (sds((T, D), jnp.bfloat16), sds((E, D), jnp.bfloat16), w(D, F), w(D, F), w(F, D))
-    # default (GEMV at T=1 here, the dot beyond), the dot forced, GEMV forced with long k-steps
+    # default (GEMV at T=1 here, the dot beyond), the dot forced, GEMV forced with long k-steps; fused_combine in
+    # both modes with each routing (a third kernel with the Pallas routing)
     configs = [None, TritonMoEConfig(block_m=64, block_f=64, block_d=128, block_k=64, block_kf=256, num_warps=8),
-               TritonMoEConfig(block_m=2, block_f=16, block_d=64, block_k=512, block_kf=256, num_warps=8)]
+               TritonMoEConfig(block_m=2, block_f=16, block_d=64, block_k=512, block_kf=256, num_warps=8),
+               TritonMoEConfig(fused_combine=True),
+               TritonMoEConfig(block_m=16, block_d=32, block_kf=256, fused_combine=True, fused_route="topk"),
+               TritonMoEConfig(block_m=1, fused_combine=True, fused_route="all", num_warps=8)]
     a100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA A100-SXM4-80GB", 108, "gpu"))
     with jax.sharding.use_abstract_mesh(a100):
         for config in configs:
             fn = jax.jit(lambda *a, c=config: moe_triton(*a, top_k=top_k, norm_topk_prob=True, config=c))
             text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-            assert text.count("__gpu$xla.gpu.triton") == 2
+            routed = config is not None and config.fused_route != "none"
+            assert text.count("__gpu$xla.gpu.triton") == 2 + routed

@@ -26,6 +26,14 @@ A slot with more than block_m rows takes further passes (re-reading its tile, fr
 On the H100 at T=1 neither mode is the bottleneck: steps 1 and 4 in XLA (routing, sort, slot metadata, gathers)
 alone take ~31 us at both Qwen3 shapes, of 67-74 us in all at 30B.
 
+fused_combine (a config option the tuner tries at T <= 8; off by default until a GPU run picks it): step 3
+becomes `_down_combine_kernel`, grid (token, D tile): each program runs the K experts its token chose in one
+(expert, F step) loop, accumulates w_k * (h_k @ Wd[e_k, :, tile]) in registers (GEMV: float32 FMAs; dot mode:
+the pair's h row in row 0 of a 16-row tile) and writes out[t, tile] once, so step 4 and the [pairs, D] float32
+intermediate go away. At T=1 the gate/up kernel then reads x itself (no broadcast), and with fused_route the
+routing is `_route_kernel` (softmax, top-k, renormalisation in Pallas; "all" also computes the logits and the
+one-token slot table): route, gate/up, down = 3 launches in all.
+
 Int8 weights (`QuantizedWeight`) load as int8 (half the bytes), convert to the activation dtype in registers
 (exact for |v| <= 127) and the float32 dot result is scaled per output column.
 
@@ -58,6 +66,11 @@ GEMV_ROWS = (1, 2, 4, 8)  # block_m values selecting GEMV mode: rows one pass ov
 # The tuned table overrides this per shape.
 GEMV_MAX_MEAN_ROWS = 1.1
 GEMV_ACC2D_MAX = 16384  # float32 accumulator values per GEMV program (128 registers a thread at 4 warps)
+FUSED_ROUTES = ("none", "topk", "all")  # TritonMoEConfig.fused_route
+# fused_route="all": one program per token streams the whole router (512 KB at Qwen3-30B), so it wants many
+# loads in flight: [E, block_k] tiles of up to this many float32 products, 8 warps, 4 stages (not yet timed)
+ROUTE_ACC_MAX = 16384
+ROUTE_WARPS, ROUTE_STAGES = 8, 4
 MAX_TOKENS = 256  # beyond this (prefill) grouped matmuls do as well; the dispatcher falls back
 DEFAULT_SMS = 132  # H100 SXM, when the device does not say
 
@@ -91,6 +104,14 @@ class TritonMoEConfig:
     block_d: D columns per down program (power of two dividing D). None: as block_f, over D.
     block_kf: F rows per down loop step (power of two dividing F). None: 128.
     num_warps, num_stages: Triton's warps per program and software pipelining depth of the weight loop.
+    fused_combine: the down kernel (`_down_combine_kernel`, grid (token, D tile)) runs every expert its token
+      chose and writes out[t, tile] = sum_k w_k * (h_k @ Wd[e_k, :, tile]) once: no [pairs, D] float32
+      intermediate and no XLA combine; with one token the gate/up kernel also reads x itself (no broadcast).
+      block_d then defaults to the wider of 64/32 giving T * D / block_d >= one program per SM, else 16.
+    fused_route: (with fused_combine) "all": router logits, softmax, top-k and renormalisation in one Pallas
+      program per token (`_route_kernel`; E a power of two), which at T=1 also writes the slot table: the whole
+      op is 3 launches, but one program streams the [E, D] router. "topk": logits by XLA's matmul (all SMs),
+      the rest in that kernel: 4 launches. "none": routing in XLA as `reference.route` does.
     """
 
     block_m: int | None = None
@@ -100,6 +121,8 @@ class TritonMoEConfig:
     block_kf: int | None = None
     num_warps: int = 4
     num_stages: int = 3
+    fused_combine: bool = False
+    fused_route: str = "none"
 
     def __post_init__(self):
         for name in ("block_f", "block_k", "block_d", "block_kf"):
@@ -113,6 +136,10 @@ class TritonMoEConfig:
             raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
         if not 1 <= self.num_stages <= 8:
             raise ValueError(f"num_stages={self.num_stages} must be in [1, 8]")
+        if self.fused_route not in FUSED_ROUTES:
+            raise ValueError(f"fused_route={self.fused_route!r} must be one of {', '.join(FUSED_ROUTES)}")
+        if self.fused_route != "none" and not self.fused_combine:
+            raise ValueError(f"fused_route={self.fused_route!r} needs fused_combine=True (it feeds the fused down)")
 
 
 class Plan(NamedTuple):
@@ -124,6 +151,9 @@ class Plan(NamedTuple):
     num_slots: int  # min(E, T * K)
     num_warps: int
     num_stages: int
+    fused_combine: bool = False
+    fused_route: str = "none"
+    route_block_k: int = 0  # D columns per `_route_kernel` step with fused_route="all"
 
     @property
     def gemv(self) -> bool:
@@ -175,12 +205,25 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
     else:
         bf = _pick(F, slots, want, "block_f", config.block_f)
         bd = _pick(D, slots, want, "block_d", config.block_d)
+    if config.fused_combine and config.block_d is None:
+        # T * D / block_d programs each read all K experts' [F, block_d] columns: narrow blocks to cover the SMs
+        bd = next((b for b in (64, 32) if D % b == 0 and T * (D // b) >= want // 2), _largest_block(D, MIN_DOT))
+        if not bd:
+            raise NotImplementedError(f"D={D} has no power-of-two block >= {MIN_DOT} (Triton block sizes)")
     bk = config.block_k or _largest_block(D, 128)
     bkf = config.block_kf or _largest_block(F, 128)
     for name, b, n in (("block_k", bk, D), ("block_kf", bkf, F)):
         if not b or n % b:
             raise NotImplementedError(f"{name}={b} does not divide {n} (power-of-two blocks >= {MIN_DOT})")
-    return Plan(bm, bf, bk, bd, bkf, slots, config.num_warps, config.num_stages)
+    rbk = 0
+    if config.fused_route != "none" and not _pow2(E):
+        raise NotImplementedError(f"fused_route needs a power-of-two expert count (Triton blocks), got E={E}")
+    if config.fused_route == "all":
+        rbk = max(1, min(D, ROUTE_ACC_MAX // E))
+        while D % rbk:
+            rbk //= 2
+    return Plan(bm, bf, bk, bd, bkf, slots, config.num_warps, config.num_stages, config.fused_combine,
+                config.fused_route, rbk)
 
 
 def gemv_expected(T: int, E: int, top_k: int) -> bool:
@@ -217,6 +260,7 @@ def _gate_up_kernel(
     block_f: int,
     block_k: int,
     quantized: bool,
+    one_token: bool = False,  # xs_ref is x [1, D]: every row is token 0's
 ):
     h_ref = rest[-1]
     D = xs_ref.shape[1]
@@ -231,7 +275,10 @@ def _gate_up_kernel(
         def k_step(kk, acc):
             g, u = acc
             k0 = pl.multiple_of(kk * block_k, block_k)
-            xt = xs_ref[pl.ds(r0, block_m), pl.ds(k0, block_k)]  # [BM, BK]
+            if one_token:
+                xt = jnp.broadcast_to(xs_ref[0, pl.ds(k0, block_k)][None, :], (block_m, block_k))
+            else:
+                xt = xs_ref[pl.ds(r0, block_m), pl.ds(k0, block_k)]  # [BM, BK]
             wg = wg_ref[e, pl.ds(k0, block_k), pl.ds(f0, block_f)]  # [BK, BF]
             wu = wu_ref[e, pl.ds(k0, block_k), pl.ds(f0, block_f)]
             if quantized:
@@ -295,11 +342,11 @@ def _down_kernel(
     lax.fori_loop(0, lax.div(count + (block_m - 1), block_m), row_tile, 0)
 
 
-def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block_k: int):
+def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block_k: int, one_token: bool = False):
     """One pass over columns [c0, c0 + block_c) of expert e's weights for the sorted rows r0 .. r0 + rows - 1:
     returns acc[i][j] = x[r0 + i] @ w_refs[j][e, :, c0:c0 + block_c] in float32 ([block_c] each). Each k-step
     loads every weight tile once and shares it across the rows; row 0 is always live, rows i >= live are skipped
-    by a branch (nothing loaded, accumulators stay 0)."""
+    by a branch (nothing loaded, accumulators stay 0). one_token: x_ref is x [1, D], every row token 0's."""
     K = x_ref.shape[1]
     # [BK, BC] float32 accumulators reduced once after the loop, where they fit in registers: a reduction over
     # BK every k-step is a cross-warp shared-memory round trip (H100, Qwen3-30B T=1: 77 vs 82 us at
@@ -312,7 +359,7 @@ def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block
         ws = [w_ref[e, pl.ds(k0, block_k), pl.ds(c0, block_c)].astype(jnp.float32) for w_ref in w_refs]  # [BK, BC]
 
         def row(i, a):
-            x = x_ref[r0 + i, pl.ds(k0, block_k)].astype(jnp.float32)[:, None]  # [BK, 1]
+            x = x_ref[0 if one_token else r0 + i, pl.ds(k0, block_k)].astype(jnp.float32)[:, None]  # [BK, 1]
             if acc2d:  # reduce once after the loop
                 return tuple(a_j + x * w for a_j, w in zip(a, ws, strict=True))
             return tuple(a_j + jnp.sum(x * w, axis=0) for a_j, w in zip(a, ws, strict=True))
@@ -328,7 +375,8 @@ def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block
     return lax.fori_loop(0, K // block_k, k_step, (zero,) * rows)
 
 
-def _gemv_slot(meta_ref, x_ref, w_refs, scale_refs, c0, store, *, block_m: int, block_c: int, block_k: int):
+def _gemv_slot(meta_ref, x_ref, w_refs, scale_refs, c0, store, *, block_m: int, block_c: int, block_k: int,
+               one_token: bool = False):
     """The GEMV mode's loop over one slot's rows, block_m per pass (`_gemv_pass`): each row's float32 results
     (one [block_c] per weight, scaled per column when quantised) go to store(row, *results), for live rows only.
     An empty slot (count 0) runs no pass and reads no weights."""
@@ -336,7 +384,8 @@ def _gemv_slot(meta_ref, x_ref, w_refs, scale_refs, c0, store, *, block_m: int, 
 
     def row_pass(r, carry):
         r0, live = start + r * block_m, count - r * block_m
-        acc = _gemv_pass(x_ref, w_refs, e, r0, live, c0, rows=block_m, block_c=block_c, block_k=block_k)
+        acc = _gemv_pass(x_ref, w_refs, e, r0, live, c0, rows=block_m, block_c=block_c, block_k=block_k,
+                         one_token=one_token)
         for i, results in enumerate(acc):
             results = [y * sc[e, pl.ds(c0, block_c)] for y, sc in zip(results, scale_refs, strict=True)] \
                 if scale_refs else list(results)
@@ -360,6 +409,7 @@ def _gate_up_gemv_kernel(
     block_f: int,
     block_k: int,
     quantized: bool,
+    one_token: bool = False,  # xs_ref is x [1, D]
 ):
     h_ref = rest[-1]
     f0 = pl.multiple_of(pl.program_id(1) * block_f, block_f)
@@ -368,7 +418,7 @@ def _gate_up_gemv_kernel(
         h_ref[row, pl.ds(f0, block_f)] = (_silu(g) * u).astype(h_ref.dtype)
 
     _gemv_slot(meta_ref, xs_ref, (wg_ref, wu_ref), rest[:2] if quantized else (), f0, store, block_m=block_m,
-               block_c=block_f, block_k=block_k)
+               block_c=block_f, block_k=block_k, one_token=one_token)
 
 
 def _down_gemv_kernel(
@@ -391,6 +441,108 @@ def _down_gemv_kernel(
     # only live h rows are loaded: rows past the slot are the next slot's or unwritten padding
     _gemv_slot(meta_ref, h_ref, (wd_ref,), rest[:1] if quantized else (), d0, store, block_m=block_m,
                block_c=block_d, block_k=block_kf)
+
+
+def _down_combine_kernel(
+    pe_ref,  # [T*K] int32 expert of pair t*K + k (token order)
+    pw_ref,  # [T*K] float32 routing weight of pair t*K + k
+    h_ref,  # [Ppad, F] h rows (sorted pair order; with one token pair k is row k)
+    wd_ref,  # [E, F, D] (int8 when quantised)
+    *rest,  # (pos_ref [T*K] int32 h row of each pair, unless one token), (sd_ref [E, D] float32 when quantised),
+    #         o_ref [T, D] in x's dtype
+    top_k: int,
+    block_d: int,
+    block_kf: int,
+    gemv: bool,
+    quantized: bool,
+    one_token: bool,
+):
+    """fused_combine's down projection: program (t, j) writes out[t, j-th D tile] = sum_k w_k * (h_k @ Wd[e_k])
+    over the K experts token t chose. One loop runs over (expert, F step) so the software pipeline prefetches
+    the next expert's first tile while the current one finishes."""
+    o_ref = rest[-1]
+    pos_ref = None if one_token else rest[0]
+    sd_ref = rest[-2] if quantized else None
+    F = h_ref.shape[1]
+    nf = F // block_kf
+    t = pl.program_id(0)
+    d0 = pl.multiple_of(pl.program_id(1) * block_d, block_d)
+    acc2d = block_kf * block_d <= GEMV_ACC2D_MAX  # GEMV: reduce over F once after the loop (see _gemv_pass)
+    rows = jnp.arange(MIN_DOT, dtype=jnp.int32)
+
+    def step(i, acc):
+        k, kk = lax.div(i, nf), lax.rem(i, nf)
+        p = t * top_k + k
+        e = pe_ref[p]
+        row = p if one_token else pos_ref[p]
+        k0 = pl.multiple_of(kk * block_kf, block_kf)
+        hrow = h_ref[row, pl.ds(k0, block_kf)]  # [BKF]
+        wd = wd_ref[e, pl.ds(k0, block_kf), pl.ds(d0, block_d)]  # [BKF, BD]
+        w = pw_ref[p]
+        if gemv:
+            wf = wd.astype(jnp.float32)
+            if quantized:
+                wf = wf * sd_ref[e, pl.ds(d0, block_d)][None, :]
+            y = (hrow.astype(jnp.float32) * w)[:, None] * wf  # [BKF, BD]
+            return acc + (y if acc2d else jnp.sum(y, axis=0))
+        # the dot needs 16 rows: row 0 is the pair's h row, the rest zero (their products add nothing)
+        ht = jnp.where(rows[:, None] == 0, hrow[None, :], jnp.zeros((), hrow.dtype))  # [16, BKF]
+        y = pltriton.dot(ht, wd.astype(ht.dtype))  # [16, BD] float32
+        scale = w * sd_ref[e, pl.ds(d0, block_d)][None, :] if quantized else w
+        return acc + y * scale
+
+    shape = (block_kf, block_d) if acc2d else (block_d,)
+    acc = lax.fori_loop(0, top_k * nf, step, jnp.zeros(shape if gemv else (MIN_DOT, block_d), jnp.float32))
+    o = acc if acc.ndim == 1 else jnp.sum(acc, axis=0)  # [BD]
+    o_ref[t, pl.ds(d0, block_d)] = o.astype(o_ref.dtype)
+
+
+def _route_kernel(
+    *refs,  # block_k 0: logits_ref [T, E] float32; else x_ref [T, D], r_ref [E, D] (the router)
+    #         then w_ref out [T, K] float32 routing weights, ex_ref out [T, K] int32 expert ids (best first),
+    #         (meta_ref out [K, 4] int32 slot table, with one token)
+    top_k: int,
+    norm_topk_prob: bool,
+    block_k: int,
+):
+    """fused_route: program t takes token t's router logits (computes them with block_k: float32 FMAs over
+    [E, block_k] router tiles), then softmax, top-k (K rounds of max, lowest id among equals, as lax.top_k) and
+    renormalisation, as `reference.route`."""
+    t = pl.program_id(0)
+    if block_k:
+        x_ref, r_ref, w_ref, ex_ref, *meta = refs
+        E, D = r_ref.shape
+
+        def k_step(kk, acc):
+            k0 = pl.multiple_of(kk * block_k, block_k)
+            x = x_ref[t, pl.ds(k0, block_k)].astype(jnp.float32)  # [BK]
+            r = r_ref[pl.ds(0, E), pl.ds(k0, block_k)].astype(jnp.float32)  # [E, BK]
+            return acc + r * x[None, :]
+
+        acc = lax.fori_loop(0, D // block_k, k_step, jnp.zeros((E, block_k), jnp.float32))
+        logits = jnp.sum(acc, axis=1)  # [E]
+    else:
+        logits_ref, w_ref, ex_ref, *meta = refs
+        E = logits_ref.shape[1]
+        logits = logits_ref[t, pl.ds(0, E)]
+    ids = jnp.arange(E, dtype=jnp.int32)
+    top = jnp.max(logits)
+    left, chosen, probs = logits, [], []
+    for _ in range(top_k):
+        m = jnp.max(left)
+        e = jnp.min(jnp.where(left == m, ids, E))
+        chosen.append(e)
+        probs.append(jnp.exp(m - top))  # unnormalised softmax probability
+        left = jnp.where(ids == e, -jnp.inf, left)
+    total = sum(probs[1:], probs[0]) if norm_topk_prob else jnp.sum(jnp.exp(logits - top))
+    for k, (e, p) in enumerate(zip(chosen, probs, strict=True)):
+        w_ref[t, k] = p / total
+        ex_ref[t, k] = e
+        if meta:  # one token: slot k holds pair k (as group_by_expert's one-token case)
+            meta[0][k, 0] = e
+            meta[0][k, 1] = jnp.int32(k)
+            meta[0][k, 2] = jnp.int32(1)
+            meta[0][k, 3] = jnp.int32(0)
 
 
 def group_by_expert(experts: jax.Array, num_experts: int, num_slots: int):
@@ -449,18 +601,51 @@ def moe_triton(
                 interpret=interpret)
 
 
+def _route_fused(x, router, *, top_k, norm_topk_prob, block_k, interpret):
+    """`_route_kernel` over T programs: ([T, K] float32 weights, [T, K] int32 experts, + [K, 4] slot table at
+    T=1). block_k 0: the logits come from XLA's matmul."""
+    T = x.shape[0]
+    args = (x, router) if block_k else (jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32),)
+    out_shape = [jax.ShapeDtypeStruct((T, top_k), jnp.float32), jax.ShapeDtypeStruct((T, top_k), jnp.int32)]
+    if T == 1:
+        out_shape.append(jax.ShapeDtypeStruct((top_k, 4), jnp.int32))
+    spec = lambda shape: pl.BlockSpec(shape, lambda t: (0,) * len(shape))  # noqa: E731
+    return pl.pallas_call(
+        functools.partial(_route_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_k=block_k),
+        grid=(T,),
+        in_specs=[spec(a.shape) for a in args],
+        out_specs=[spec(o.shape) for o in out_shape],
+        out_shape=out_shape,
+        compiler_params=pltriton.CompilerParams(num_warps=ROUTE_WARPS, num_stages=ROUTE_STAGES),
+        interpret=interpret,
+        name=f"moe_route_bk{block_k}" if block_k else "moe_route_topk",
+    )(*args)
+
+
 @functools.partial(jax.jit, static_argnames=("top_k", "norm_topk_prob", "plan", "interpret"))
 def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interpret):
     T, D = x.shape
     E, _, F = w_gate.shape
-    bm, bf, bk, bd, bkf, S, num_warps, num_stages = plan
+    bm, bf, bk, bd, bkf, S = plan.block_m, plan.block_f, plan.block_k, plan.block_d, plan.block_kf, plan.num_slots
     P = T * top_k
     Ppad = P + bm  # a row tile starting at any pair stays in bounds
     quantized = isinstance(w_gate, QuantizedWeight)
+    fused = plan.fused_combine
+    one_token = fused and T == 1  # the gate/up kernel reads x [1, D] itself
 
-    weights, experts = route(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob)  # [T, K]
-    order, meta = group_by_expert(experts, E, S)
-    if T == 1:  # pairs in token order already (group_by_expert's one-token case): no gathers
+    if plan.fused_route != "none":
+        weights, experts, *meta = _route_fused(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob,
+                                               block_k=plan.route_block_k, interpret=interpret)
+    else:
+        weights, experts = route(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob)  # [T, K]
+        meta = []
+    if meta:  # the route kernel wrote the one-token slot table
+        order, meta = None, meta[0]
+    else:
+        order, meta = group_by_expert(experts, E, S)
+    if one_token:
+        xs, pw = x, None
+    elif T == 1:  # pairs in token order already (group_by_expert's one-token case): no gathers
         xs = jnp.pad(jnp.broadcast_to(x, (P, D)), ((0, bm), (0, 0)))  # [Ppad, D]
         pw = jnp.pad(weights.reshape(-1), (0, bm))  # [Ppad]
     else:
@@ -471,7 +656,7 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
         return pl.BlockSpec(shape, lambda s, j: (0,) * len(shape))
 
     meta_spec = pl.BlockSpec((None, 4), lambda s, j: (s, 0))
-    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    params = pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
     if quantized:
         wg, wu, wd = w_gate.values, w_up.values, w_down.values
         gu_scales, d_scales = (w_gate.scale, w_up.scale), (w_down.scale,)
@@ -481,16 +666,34 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
 
     gate_up, down = (_gate_up_gemv_kernel, _down_gemv_kernel) if plan.gemv else (_gate_up_kernel, _down_kernel)
     mode = "gemv" if plan.gemv else "bm"
+    gu_kw = dict(one_token=True) if one_token else {}
     h = pl.pallas_call(
-        functools.partial(gate_up, block_m=bm, block_f=bf, block_k=bk, quantized=quantized),
+        functools.partial(gate_up, block_m=bm, block_f=bf, block_k=bk, quantized=quantized, **gu_kw),
         grid=(S, F // bf),
-        in_specs=[meta_spec, full((Ppad, D)), full((E, D, F)), full((E, D, F))] + [full((E, F))] * len(gu_scales),
+        in_specs=[meta_spec, full(xs.shape), full((E, D, F)), full((E, D, F))] + [full((E, F))] * len(gu_scales),
         out_specs=full((Ppad, F)),
         out_shape=jax.ShapeDtypeStruct((Ppad, F), x.dtype),
         compiler_params=params,
         interpret=interpret,
         name=f"moe_gate_up_{mode}{bm}_bf{bf}_bk{bk}",
     )(meta, xs, wg, wu, *gu_scales)
+
+    if fused:
+        # h row of each pair in token order: pair t*K + k sits at sorted position inv[t*K + k]
+        pos = () if one_token else (jnp.zeros((P,), jnp.int32).at[order].set(jnp.arange(P, dtype=jnp.int32)),)
+        return pl.pallas_call(
+            functools.partial(_down_combine_kernel, top_k=top_k, block_d=bd, block_kf=bkf, gemv=plan.gemv,
+                              quantized=quantized, one_token=one_token),
+            grid=(T, D // bd),
+            in_specs=[full((P,)), full((P,)), full((Ppad, F)), full((E, F, D))] + [full((P,))] * len(pos)
+            + [full((E, D))] * len(d_scales),
+            out_specs=full((T, D)),
+            out_shape=jax.ShapeDtypeStruct((T, D), x.dtype),
+            compiler_params=params,
+            interpret=interpret,
+            name=f"moe_down_combine_{mode}_bd{bd}_bk{bkf}",
+        )(experts.reshape(-1), weights.reshape(-1), h, wd, *pos, *d_scales)
+
     out = pl.pallas_call(
         functools.partial(down, block_m=bm, block_d=bd, block_kf=bkf, quantized=quantized),
         grid=(S, D // bd),
