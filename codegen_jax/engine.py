@@ -204,6 +204,16 @@ class Engine:
         cache.lengths[:] = kv_lens
         return logits
 
+    def verify_forward(self, params: list[jax.Array], kv, tokens, page_table, kv_lens, q_lens, *,
+                       capture: tuple[int, ...] = ()):
+        """Traced (for callers that fuse their own work around a verify in one jit, as the speculative step
+        does): the forward of `verify` (capture: of `verify_features`) over params = `self.params`, kv =
+        `self.cache.pages`; kv_lens [B] lengths after the q_lens [B] new tokens [B, T]. Returns (logits
+        [B, T, V], kv, features [B, T, len(capture) * D] or None). The caller sets `cache.lengths`."""
+        if capture:
+            return self._forward_capture(params, kv, tokens, page_table, kv_lens, q_lens, capture=capture)
+        return (*self._forward(params, kv, tokens, page_table, kv_lens, q_lens, last_only=False), None)
+
     def verify_features(self, tokens: np.ndarray, q_lens: np.ndarray,
                         capture: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
         """`verify` that also returns the target's residual streams after layers `capture` (sorted, distinct) for

@@ -55,6 +55,9 @@ class Drafter:
     max_draft: int = 16  # the most tokens one proposal holds for one sequence
     capture: tuple[int, ...] = ()  # target layers whose residual streams the drafter reads (sorted, distinct)
     context: int = 0  # how many trailing prompt positions' features `begin` wants (neural drafters)
+    # True: the drafter drafts on the device inside the verify step's jit (NeuralDrafter's traced `draft` and
+    # `append`, its `window` state); `propose`/`observe` are then not called by the speculative step
+    on_device: bool = False
 
     def begin(self, seq: Sequence, features: jax.Array | None = None) -> None:
         """A new request in seq.slot. features [n, F]: the target's captured features of the last n positions

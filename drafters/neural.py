@@ -3,13 +3,12 @@ features on the device and runs a drafter model's jitted `draft` against the tar
 
 The target's features (residual streams after the drafter's `target_layers`, concatenated) of the last `context`
 cached positions of each slot live in a device array, right-aligned: ctx [S, W, F], with ctx_next [S, W] the token
-that followed each position and ctx_len [S] how many are valid. Verification appends the kept positions with one
-gather; nothing goes through the host but the drafted tokens.
+that followed each position and ctx_len [S] how many are valid. The speculative step traces `draft` and `append`
+into its own program, so a step's draft, verify and window update are one dispatch and nothing of the drafter goes
+through the host.
 """
 
 from __future__ import annotations
-
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -73,9 +72,8 @@ def draw(logits, seeds, positions, temperature):
     return jnp.where(temperature > 0, drawn, jnp.argmax(logits, -1)).astype(jnp.int32), probs
 
 
-@partial(jax.jit, donate_argnums=(0, 1, 2))
-def _append(ctx, ctx_next, ctx_len, feats, next_tokens, n):
-    """Appends the first n[s] of feats [S, T, F] / next_tokens [S, T] to each right-aligned window."""
+def append_window(ctx, ctx_next, ctx_len, feats, next_tokens, n):
+    """Appends the first n[s] of feats [S, T, F] / next_tokens [S, T] to each right-aligned window (traced)."""
     W = ctx.shape[1]
     idx = n[:, None] + jnp.arange(W)[None]  # the last W of the W + n[s] valid entries
     all_f = jnp.concatenate([ctx, feats.astype(ctx.dtype)], axis=1)
@@ -84,10 +82,18 @@ def _append(ctx, ctx_next, ctx_len, feats, next_tokens, n):
     return ctx, jnp.take_along_axis(all_t, idx, axis=1), jnp.minimum(ctx_len + n, W)
 
 
+_append = jax.jit(append_window, donate_argnums=(0, 1, 2))
+
+
 class NeuralDrafter(Drafter):
     """Drives a drafter model (BlockDrafter, Eagle3Drafter) for an engine's slots. The model exposes `cfg`
     (target_layers, context, draft_len) and `draft(embed [V, D], head [V, D], ctx, ctx_next, ctx_len, last,
-    seeds, positions, temperature, *, with_probs) -> (tokens [S, K], probs [S, K, V] | None)`."""
+    seeds, positions, temperature, *, with_probs) -> (tokens [S, K], probs [S, K, V] | None)`.
+
+    `on_device`: the speculative step traces `draft` and `append` into its own jit (one dispatch per step, the
+    draft never visits the host); `propose`/`observe` run the same computations as separate calls."""
+
+    on_device = True
 
     def __init__(self, model: nnx.Module, target: Transformer, num_slots: int):
         cfg = model.cfg
@@ -106,11 +112,37 @@ class NeuralDrafter(Drafter):
         self.ctx = jnp.zeros((num_slots, cfg.context, F), dtype)  # [S, W, F]
         self.ctx_next = jnp.zeros((num_slots, cfg.context), jnp.int32)
         self.ctx_len = jnp.zeros((num_slots,), jnp.int32)
-        self.graphdef, self.params = nnx.split(model)
-        self._draft = jax.jit(self._run, static_argnames="with_probs")
+        self.graphdef, self.params = nnx.split(model)  # params: an nnx.State (train/ swaps in new ones)
+        self._flat: tuple = (None, [], None)  # (the State flattened, its leaves, treedef)
+        self._draft = jax.jit(self.draft, static_argnames="with_probs")
 
-    def _run(self, params, *args, with_probs: bool):
-        return nnx.merge(self.graphdef, params).draft(self.embed, self.head, *args, with_probs=with_probs)
+    def flat_params(self) -> list[jax.Array]:
+        """`params` as a flat list, flattened once per State: flattening an nnx.State costs a Python callback per
+        Variable, more than a small model's step (the engine does the same)."""
+        if self._flat[0] is not self.params:
+            leaves, treedef = jax.tree.flatten(self.params)
+            self._flat = (self.params, leaves, treedef)
+        return self._flat[1]
+
+    @property
+    def window(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(ctx [S, W, F], ctx_next [S, W], ctx_len [S]): the device state a step reads and replaces."""
+        return self.ctx, self.ctx_next, self.ctx_len
+
+    @window.setter
+    def window(self, value) -> None:
+        self.ctx, self.ctx_next, self.ctx_len = value
+
+    def draft(self, params, embed, head, window, last, seeds, positions, temperature, *, with_probs: bool):
+        """Traced: the model's draft from the window (params: `flat_params()`; embed, head [V, D] the target's).
+        last, seeds, positions, temperature [S]. Returns (tokens [S, K], probs [S, K, V] or None)."""
+        model = nnx.merge(self.graphdef, jax.tree.unflatten(self._flat[2], params))
+        return model.draft(embed, head, *window, last, seeds, positions, temperature, with_probs=with_probs)
+
+    @staticmethod
+    def append(window, feats, next_tokens, n):
+        """Traced: the window after appending the first n [S] of feats [S, T, F] / next_tokens [S, T] per row."""
+        return append_window(*window, feats, next_tokens, n)
 
     def begin(self, seq: Sequence, features: jax.Array | None = None) -> None:
         W, s = self.context, seq.slot
@@ -133,7 +165,7 @@ class NeuralDrafter(Drafter):
             temperature[s.slot] = s.params.temperature
             lengths[s.slot] = min(self.max_draft, max_lens[s.slot])
         with_probs = bool((temperature > 0).any())
-        tokens, probs = self._draft(self.params, self.ctx, self.ctx_next, self.ctx_len, last, seeds, positions,
+        tokens, probs = self._draft(self.flat_params(), self.embed, self.head, self.window, last, seeds, positions,
                                     temperature, with_probs=with_probs)
         return Draft(np.asarray(tokens), lengths, probs)
 

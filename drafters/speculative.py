@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from codegen_jax.engine import Completion, Engine
@@ -42,94 +43,164 @@ def _width(k: int, most: int) -> int:
 
 
 class SpeculativeDecoder:
-    """Drives `engine` with `drafter`. Also the server's `SpeculativeStep` hook (`__call__`, `lookahead`)."""
+    """Drives `engine` with `drafter`. Also the server's `SpeculativeStep` hook (`__call__`, `lookahead`).
+
+    A step is one jitted call and one device->host transfer: the verify forward, the accept rule and, for an
+    `on_device` drafter, the draft before it and the drafter's window update after it, all in one program whose
+    only output the host reads is [accepted | new tokens]. On a GPU each transfer costs the pipeline's latency and
+    each dispatch its launch, so a step that fetched the draft, then the accepted lengths, then the tokens (and
+    dispatched four programs) spent several ms of host time around a ~3 ms verify."""
 
     def __init__(self, engine: Engine, drafter: Drafter):
         self.engine, self.drafter = engine, drafter
         self.lookahead = drafter.max_draft + 1
         self._slot_seq: dict[int, Sequence] = {}  # for the server hook: the request each slot holds
+        self._host_step = jax.jit(self._verify_host_draft, donate_argnums=1, static_argnames=("greedy", "capture"))
+        self._device_step = jax.jit(self._draft_and_verify, donate_argnums=(1, 2), static_argnames=("width", "greedy"))
+
+    # ---- the step's device program (traced) -------------------------------------------------------------------
+
+    def _accept(self, params, kv, tokens, page_table, ints, floats, probs, capture, greedy):
+        """The verify forward of tokens [S, T] (each row's newest token, then its draft) and the accept rule.
+        ints [6, S] int32: q_lens, kv_lens, seeds (uint32 bits), positions, top_k, last (each row's newest
+        token); floats [2, S]: temperature, top_p. Returns (kv, result [S, 1 + T] int32: accepted, then the new
+        tokens, features or None)."""
+        q_lens, kv_lens, seeds, positions, top_k = ints[0], ints[1], ints[2], ints[3], ints[4]
+        seeds = jax.lax.bitcast_convert_type(seeds, jnp.uint32)
+        logits, kv, features = self.engine.verify_forward(params, kv, tokens, page_table, kv_lens, q_lens,
+                                                          capture=capture)
+        draft_len = jnp.maximum(q_lens - 1, 0)
+        accepted, out = verify_tokens(logits, tokens[:, 1:], draft_len, probs, seeds, positions, floats[0], top_k,
+                                      floats[1], greedy=greedy)
+        return kv, jnp.concatenate([accepted[:, None], out], axis=1), features
+
+    def _verify_host_draft(self, params, kv, tokens, page_table, ints, floats, probs, *, greedy, capture):
+        """A host drafter's step: tokens [S, T] built on the host, probs [S, T - 1, V] or None."""
+        return self._accept(params, kv, tokens, page_table, ints, floats, probs, capture, greedy)
+
+    def _draft_and_verify(self, params, kv, window, draft_params, embed, head, page_table, ints, floats, *,
+                          width: int, greedy: bool):
+        """An on-device drafter's step: draft from `window` (the drafter's device state), verify [last, draft
+        [:width - 1]], accept, and append the cached positions' features to the window. Returns (kv, window,
+        result [S, 1 + width])."""
+        drafter = self.drafter
+        q_lens, positions, last = ints[0], ints[3], ints[5]
+        seeds = jax.lax.bitcast_convert_type(ints[2], jnp.uint32)
+        # the sampled rows need the draft's distributions; the greedy ones never read them
+        draft, probs = drafter.draft(draft_params, embed, head, window, last, seeds, positions, floats[0],
+                                     with_probs=not greedy)
+        draft = draft[:, : width - 1]
+        probs = None if probs is None else probs[:, : width - 1]
+        tokens = jnp.concatenate([last[:, None], draft.astype(jnp.int32)], axis=1)
+        kv, result, features = self._accept(params, kv, tokens, page_table, ints, floats, probs, drafter.capture,
+                                            greedy)
+        # last and the accepted drafts are now cached; rows outside the step (q_len 0) append nothing
+        window = drafter.append(window, features, result[:, 1:], jnp.where(q_lens > 0, result[:, 0] + 1, 0))
+        return kv, window, result
+
+    def _dispatch(self, T: int, tokens: np.ndarray | None, probs, ints: np.ndarray, floats: np.ndarray,
+                  greedy: bool):
+        """Runs one step program (not awaited). tokens [S, T] for a host drafter, None for an on-device one.
+        Returns (result [S, 1 + T] on the device, features or None)."""
+        engine, drafter = self.engine, self.drafter
+        cache = engine.cache
+        if drafter.on_device:
+            cache.pages, drafter.window, result = self._device_step(
+                engine.params, cache.pages, drafter.window, drafter.flat_params(), drafter.embed, drafter.head,
+                cache.page_table, ints, floats, width=T, greedy=greedy)
+            return result, None
+        cache.pages, result, features = self._host_step(engine.params, cache.pages, tokens, cache.page_table, ints,
+                                                        floats, probs, greedy=greedy, capture=drafter.capture)
+        return result, features
 
     # ---- one step ----------------------------------------------------------------------------------------------
 
     def step(self, seqs: list[Sequence], max_lens: dict[int, int]) -> tuple[dict[int, list[int]], np.ndarray]:
         """One draft-and-verify step for `seqs` (each cache holds len(tokens) - 1 tokens); slot s drafts at most
-        max_lens[s]. Appends the new tokens to each seq.tokens and returns ({slot: new tokens}, accepted [S]);
+        max_lens[s]. Appends the new tokens to each seq.tokens and returns ({slot: new tokens}, drafted [S]);
         each row's cache grew by its number of new tokens (the last one is not cached)."""
         engine, drafter = self.engine, self.drafter
-        S = engine.cfg.max_slots
-        draft = drafter.propose(seqs, max_lens)
+        cache, S = engine.cache, engine.cfg.max_slots
+        draft = None if drafter.on_device else drafter.propose(seqs, max_lens)
         lengths = np.zeros(S, np.int32)
         for s in seqs:
-            lengths[s.slot] = min(int(draft.lengths[s.slot]), max_lens[s.slot])
+            k = drafter.max_draft if draft is None else int(draft.lengths[s.slot])
+            lengths[s.slot] = min(k, max_lens[s.slot])
         T = _width(int(lengths.max()), drafter.max_draft)
-        tokens = np.zeros((S, T), np.int32)
-        tokens[:, 1:] = _fit(draft.tokens, T - 1)
-        q_lens = np.zeros(S, np.int32)
-        seeds, positions = np.zeros(S, np.uint32), np.zeros(S, np.int32)
-        temperature, top_k, top_p = np.zeros(S, np.float32), np.zeros(S, np.int32), np.ones(S, np.float32)
+        last, q_lens, positions, top_k = (np.zeros(S, np.int32) for _ in range(4))
+        seeds = np.zeros(S, np.uint32)
+        temperature, top_p = np.zeros(S, np.float32), np.ones(S, np.float32)
         for s in seqs:
-            assert engine.cache.lengths[s.slot] == len(s.tokens) - 1, (engine.cache.lengths[s.slot], len(s.tokens))
-            tokens[s.slot, 0] = s.tokens[-1]
-            q_lens[s.slot] = lengths[s.slot] + 1
+            assert cache.lengths[s.slot] == len(s.tokens) - 1, (cache.lengths[s.slot], len(s.tokens))
             sp = s.params
-            seeds[s.slot], positions[s.slot] = sp.seed, len(s.tokens)
-            temperature[s.slot], top_k[s.slot], top_p[s.slot] = sp.temperature, sp.top_k, sp.top_p
-        probs = None
-        if draft.probs is not None:
-            probs = draft.probs[:, : T - 1]
-            if probs.shape[1] < T - 1:
-                probs = jax.numpy.pad(probs, ((0, 0), (0, T - 1 - probs.shape[1]), (0, 0)))
-        features = None
-        if drafter.capture:
-            logits, features = engine.verify_features(tokens, q_lens, drafter.capture)
-        else:
-            logits = engine.verify(tokens, q_lens)
+            last[s.slot], q_lens[s.slot], positions[s.slot] = s.tokens[-1], lengths[s.slot] + 1, len(s.tokens)
+            seeds[s.slot], temperature[s.slot] = sp.seed, sp.temperature
+            top_k[s.slot], top_p[s.slot] = sp.top_k, sp.top_p
+        ints = np.stack([q_lens, cache.lengths + q_lens, seeds.view(np.int32), positions, top_k, last])
+        floats = np.stack([temperature, top_p])
         greedy = all(s.params.temperature == 0 for s in seqs)
-        accepted, out = verify_tokens(logits, tokens[:, 1:], lengths, probs, seeds, positions, temperature, top_k,
-                                      top_p, greedy=greedy)
-        accepted, out = np.array(accepted), np.array(out)
+        tokens = probs = None
+        if draft is not None:
+            tokens = np.zeros((S, T), np.int32)
+            tokens[:, 0] = last
+            tokens[:, 1:] = _fit(draft.tokens, T - 1)
+            if draft.probs is not None:
+                probs = draft.probs[:, : T - 1]
+                if probs.shape[1] < T - 1:
+                    probs = jnp.pad(probs, ((0, 0), (0, T - 1 - probs.shape[1]), (0, 0)))
+        result, features = self._dispatch(T, tokens, probs, ints, floats, greedy)
+        result = np.asarray(result)  # the step's one device->host transfer
+        accepted, out = result[:, 0], result[:, 1:]
         new: dict[int, list[int]] = {}
         for s in seqs:
             n = int(accepted[s.slot])
             # the cache holds last + all drafts; keep last + the n accepted ones (the bonus is not cached yet)
-            engine.cache.lengths[s.slot] = len(s.tokens) + n
+            cache.lengths[s.slot] = len(s.tokens) + n
             new[s.slot] = out[s.slot, : n + 1].tolist()
             s.tokens.extend(new[s.slot])
-        active = np.zeros(S, bool)
-        active[[s.slot for s in seqs]] = True
-        accepted = np.where(active, accepted, 0)
-        drafter.observe(seqs, Draft(tokens[:, 1:], lengths, probs), accepted, out, features)
+        if draft is not None:
+            active = np.zeros(S, bool)
+            active[[s.slot for s in seqs]] = True
+            drafter.observe(seqs, Draft(tokens[:, 1:], lengths, probs), np.where(active, accepted, 0), out, features)
         return new, lengths
 
     def warmup(self) -> list[int]:
-        """Compiles every verify width a step can use (verify or verify_features, the accept rule greedy and
-        sampling, the drafter's propose and observe) and, for drafters reading target features, every width of
-        `start`'s capture of a prompt's tail, with calls that change no state: every row has q_len 0, so
-        the forward writes only the scratch page and lengths stay; the drafter sees no sequence. Draft lengths
-        follow acceptance, so without this a width first met mid-request compiles there, inside someone's
-        latency. Returns the widths."""
+        """Compiles every step program a generation can use (each verify width, the accept rule greedy and
+        sampling; for an on-device drafter its draft, with and without probabilities, is in that program) and,
+        for drafters reading target features, every width of `start`'s capture of a prompt's tail, with calls that
+        change no state: every row has q_len 0, so the forward writes only the scratch page, lengths stay and a
+        drafter's window appends nothing; the drafter sees no sequence. Draft lengths follow acceptance, so
+        without this a width first met mid-request compiles there, inside someone's latency. Returns the widths."""
         engine, drafter = self.engine, self.drafter
         S = engine.cfg.max_slots
         before = engine.cache.lengths.copy()
-        drafter.propose([], {})
-        widths = {_width(k, drafter.max_draft) for k in range(drafter.max_draft + 1)}
-        if drafter.capture:  # `start`'s capture of the prompt's tail, one width per power of two up to the context
-            widths |= {_context_width(n) for n in range(1, drafter.context + 1)}
-        widths = sorted(widths)
-        zeros_i, zeros_f = np.zeros(S, np.int32), np.zeros(S, np.float32)
-        for T in widths:
-            tokens = np.zeros((S, T), np.int32)
-            features = None
-            if drafter.capture:
-                logits, features = engine.verify_features(tokens, zeros_i, drafter.capture)
-            else:
-                logits = engine.verify(tokens, zeros_i)
+        if not drafter.on_device:
+            drafter.propose([], {})
+        steps = sorted({_width(k, drafter.max_draft) for k in range(drafter.max_draft + 1)})
+        # `start`'s capture of the prompt's tail, one width per power of two up to the context
+        tails = {_context_width(n) for n in range(1, drafter.context + 1)} if drafter.capture else set()
+        ints = np.zeros((6, S), np.int32)
+        ints[1] = engine.cache.lengths
+        floats = np.stack([np.zeros(S, np.float32), np.ones(S, np.float32)])
+        zeros_i = np.zeros(S, np.int32)
+        for T in steps:
+            tokens = None if drafter.on_device else np.zeros((S, T), np.int32)
             for greedy in (True, False):
-                accepted, out = verify_tokens(logits, tokens[:, 1:], zeros_i, None, zeros_i.astype(np.uint32),
-                                              zeros_i, zeros_f, zeros_i, np.ones(S, np.float32), greedy=greedy)
-            drafter.observe([], Draft(tokens[:, 1:], zeros_i), np.asarray(accepted), np.asarray(out), features)
+                result, features = self._dispatch(T, tokens, None, ints, floats, greedy)
+            if not drafter.on_device:
+                result = np.asarray(result)
+                drafter.observe([], Draft(tokens[:, 1:], zeros_i), result[:, 0], result[:, 1:], features)
+                # `Engine.verify` and `verify_tokens` as separate programs too, only because benchmarks/
+                # speculative.py's teacher-forced apply loop calls them directly (drop once it runs this step)
+                logits = engine.verify(tokens, zeros_i)
+                for greedy in (True, False):
+                    verify_tokens(logits, tokens[:, 1:], zeros_i, None, zeros_i.astype(np.uint32), zeros_i,
+                                  floats[0], zeros_i, floats[1], greedy=greedy)
+        for T in sorted(tails):
+            engine.verify_features(np.zeros((S, T), np.int32), zeros_i, drafter.capture)
+        jax.block_until_ready(engine.cache.pages)
         assert (engine.cache.lengths == before).all(), "warm-up must leave the cache's lengths alone"
-        return widths
+        return sorted(set(steps) | tails)
 
     # ---- prefill ----------------------------------------------------------------------------------------------
 
