@@ -103,17 +103,20 @@ def test_no_renormalisation(rng, E, top_k, D, F):
     check(rng, 7, E, D, F, top_k, norm_topk_prob=False)
 
 
+DEAD = [0, 3, 5]
+
+
+def dead_experts_bias(x, router):
+    """Experts DEAD never chosen (and NaN-poisoned by check): the first expert id and its neighbours."""
+    x, router = x.copy(), router.copy()
+    x[:, 0], router[:, 0] = 1.0, 0.0
+    router[DEAD, 0] = -30.0
+    return x, router
+
+
 def test_some_experts_chosen_by_no_token(rng):
-    # experts 0, 3, 5 never chosen (and NaN-poisoned by check): the first slot's expert and its neighbours
-    dead = [0, 3, 5]
-
-    def bias(x, router):
-        x, router = x.copy(), router.copy()
-        x[:, 0], router[:, 0] = 1.0, 0.0
-        router[dead, 0] = -30.0
-        return x, router
-
-    experts = check(rng, 64, 8, 32, 48, 2, bias=bias)
+    dead = DEAD
+    experts = check(rng, 64, 8, 32, 48, 2, bias=dead_experts_bias)
     assert not np.isin(experts, dead).any()
 
 
@@ -221,16 +224,8 @@ def test_fused_combine_no_renormalisation(rng, config):
 
 @pytest.mark.parametrize("config", list(FUSED_CONFIGS))
 def test_fused_combine_experts_chosen_by_no_token(rng, config):
-    # experts 0, 3, 5 never chosen (NaN-poisoned by check): the first expert id and its neighbours
-    dead = [0, 3, 5]
-
-    def bias(x, router):
-        x, router = x.copy(), router.copy()
-        x[:, 0], router[:, 0] = 1.0, 0.0
-        router[dead, 0] = -30.0
-        return x, router
-
-    experts = check(rng, 8, 8, 32, 48, 2, bias=bias, config=FUSED_CONFIGS[config])
+    dead = DEAD
+    experts = check(rng, 8, 8, 32, 48, 2, bias=dead_experts_bias, config=FUSED_CONFIGS[config])
     assert not np.isin(experts, dead).any()
 
 
