@@ -61,21 +61,22 @@ class OracleDrafter(Drafter):
             self.log.append((s.slot, int(draft.lengths[s.slot]), int(accepted[s.slot])))
 
 
-def make_drafter(kind, slots, max_draft, target):
+def make_drafter(kind, slots, max_draft, target, *, start_draft=1, head_dim=8, context=16, draft_vocab=2 / 3,
+                 seed=None):
     """Every drafter, the neural ones randomly initialised (they accept little, but must stay exact)."""
     cfg = target.cfg
     if kind == "apply":
-        return ApplySpeculator(slots, max_draft=max_draft, start_draft=1, min_match=1)
+        return ApplySpeculator(slots, max_draft=max_draft, start_draft=start_draft, min_match=1)
     if kind == "suffix":
         return SuffixTreeSpeculator(slots, max_draft=max_draft, min_prob=0.0)
     layers = (0, cfg.num_layers - 1)
+    small = dict(head_dim=head_dim, intermediate_size=64, context=context)
+    rngs = nnx.Rngs(max_draft if seed is None else seed)
     if kind == "block":
-        model = BlockDrafter(BlockDrafterConfig(cfg.hidden_size, layers, block_size=max_draft + 1, head_dim=8,
-                                                intermediate_size=64, context=16), rngs=nnx.Rngs(max_draft))
+        model = BlockDrafter(BlockDrafterConfig(cfg.hidden_size, layers, block_size=max_draft + 1, **small), rngs=rngs)
     else:
-        model = Eagle3Drafter(Eagle3Config(cfg.hidden_size, layers, cfg.vocab_size, cfg.vocab_size * 2 // 3,
-                                           draft_len=max_draft, head_dim=8, intermediate_size=64, context=16),
-                              rngs=nnx.Rngs(max_draft))
+        model = Eagle3Drafter(Eagle3Config(cfg.hidden_size, layers, cfg.vocab_size, int(cfg.vocab_size * draft_vocab),
+                                           draft_len=max_draft, **small), rngs=rngs)
     return NeuralDrafter(model, target, slots)
 
 

@@ -21,19 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from jax._src import array as jax_array
 from jax._src import pjit as jax_pjit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from test_speculative import make_drafter as shared_make_drafter  # noqa: E402
+
 from codegen_jax import Engine, EngineConfig, ModelConfig, SamplingParams, init_model  # noqa: E402
 from drafters.apply_speculator import ApplySpeculator  # noqa: E402
-from drafters.block_drafter import BlockDrafter, BlockDrafterConfig  # noqa: E402
-from drafters.eagle3 import Eagle3Config, Eagle3Drafter  # noqa: E402
-from drafters.neural import NeuralDrafter  # noqa: E402
 from drafters.speculative import SpeculativeDecoder  # noqa: E402
-from drafters.suffix_tree import SuffixTreeSpeculator  # noqa: E402
 
 MODULES = ("drafters.speculative", "drafters.neural", "drafters.verify", "drafters.base", "codegen_jax.engine")
 KINDS = ["apply", "suffix", "block", "eagle3"]
@@ -113,20 +110,8 @@ class HostWork:
 
 
 def make_drafter(kind: str, target, slots: int, *, max_draft: int = 7, context: int = 16):
-    cfg = target.cfg
-    if kind == "apply":
-        return ApplySpeculator(slots, max_draft=max_draft, start_draft=2, min_match=1)
-    if kind == "suffix":
-        return SuffixTreeSpeculator(slots, max_draft=max_draft, min_prob=0.0)
-    layers = (0, cfg.num_layers - 1)
-    small = dict(head_dim=16, intermediate_size=64, context=context)
-    if kind == "block":
-        model = BlockDrafter(BlockDrafterConfig(cfg.hidden_size, layers, block_size=max_draft + 1, **small),
-                             rngs=nnx.Rngs(0))
-    else:
-        model = Eagle3Drafter(Eagle3Config(cfg.hidden_size, layers, cfg.vocab_size, cfg.vocab_size * 3 // 4,
-                                           draft_len=max_draft, **small), rngs=nnx.Rngs(0))
-    return NeuralDrafter(model, target, slots)
+    return shared_make_drafter(kind, slots, max_draft, target, start_draft=2, head_dim=16, context=context,
+                               draft_vocab=3 / 4, seed=0)
 
 
 def timed_steps(spec: SpeculativeDecoder, times: list) -> None:
