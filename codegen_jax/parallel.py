@@ -2,8 +2,8 @@
 attention/MLP projections swapped for tensor-parallel blocks whose collectives overlap compute.
 
 Two levels, same model code:
-  1. `shard_model` + `shard_cache` (or `sharded_engine(..., strategy="xla")`): parameters and KV pages get
-     NamedShardings from the rules; GSPMD propagates them through the unchanged jitted forward.
+  1. `shard_model` + `shard_cache`: parameters and KV pages get NamedShardings from the rules; GSPMD propagates
+     them through the unchanged jitted forward (the drafter trainer's frozen target runs so).
   2. `parallelize(model, mesh, strategy)`: each layer's attention and dense MLP become `TPAttention`/`TPMLP` (the
      same Linear submodules under the same names, so checkpoints and shardings still match by path) whose
      projections go through `sharding.tensor_parallel` with the chosen strategy; MoE layers become `EPMoE`
@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from codegen_jax.engine import Engine, EngineConfig
 from codegen_jax.kv_cache import PagedKVCache
@@ -64,10 +65,11 @@ def shard_cache(cache: PagedKVCache, mesh: Mesh, rules: ShardingRules = DEFAULT_
 
 def sharded_engine(model: Transformer, cfg: EngineConfig, mesh: Mesh, *, rules: ShardingRules = DEFAULT_RULES,
                    strategy: str = "xla") -> Engine:
-    """An Engine whose parameters and KV pages live on `mesh`; strategy other than 'xla' also `parallelize`s."""
+    """An Engine whose parameters and KV pages live on `mesh`, its layers `parallelize`d. With 'xla' the projections
+    stay GSPMD's; attention (and MoE over ep) still run per device on their shards, since the Pallas kernels are
+    opaque to GSPMD, which would gather their operands to every device."""
     shard_model(model, mesh, rules)
-    if strategy != "xla":
-        parallelize(model, mesh, strategy)
+    parallelize(model, mesh, strategy)
     engine = Engine(model, cfg)
     shard_cache(engine.cache, mesh, rules)
     return engine
@@ -96,6 +98,19 @@ class TPAttention(nnx.Module):
 
     heads, paged = Attention.heads, Attention.paged  # the same per-head and paged steps as the dense layer
 
+    def attend(self, q, k, v, kv, batch, attn_impl):
+        """`paged` on each device's own heads: q [B, T, H, hd], k, v [B, T, K, hd] and the KV pools [K, P, S, D]
+        split over tp, the batch's page tables replicated. A Pallas attention kernel is opaque to GSPMD, which
+        would otherwise gather every head's q and KV pages to each device and run all heads everywhere."""
+        H, K, _ = self.shape
+        n = self.mesh.shape["tp"]
+        if n == 1 or H % n or K % n:
+            return self.paged(q, k, v, kv, batch, attn_impl)
+        heads, pool = P(None, None, "tp", None), P("tp")
+        return jax.shard_map(lambda q, k, v, kv, batch: self.paged(q, k, v, kv, batch, attn_impl), mesh=self.mesh,
+                             in_specs=(heads, heads, heads, (pool, pool), P()),
+                             out_specs=(P(None, None, "tp"), (pool, pool)), check_vma=False)(q, k, v, tuple(kv), batch)
+
     def __call__(self, x, cos, sin, kv, batch, attn_impl):
         B, T, D = x.shape
         H, _, hd = self.shape
@@ -107,8 +122,8 @@ class TPAttention(nnx.Module):
             q, k, v = (_bias(y, lin) for y, lin in zip(
                 TP.column_parallel(x.reshape(B * T, D), [lin.weight[...] for lin in lins], self.mesh, strategy),
                 lins, strict=True))
-        o, pages = self.paged(*self.heads(q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1), cos, sin),
-                              kv, batch, attn_impl)
+        o, pages = self.attend(*self.heads(q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1), cos, sin),
+                               kv, batch, attn_impl)
         if strategy == "xla":
             return self.o_proj(o), pages
         y = TP.row_parallel(o.reshape(B * T, H * hd), self.o_proj.weight[...], self.mesh, strategy)

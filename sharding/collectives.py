@@ -83,8 +83,9 @@ def all_gather_matmul(x: jax.Array, ws: Sequence[jax.Array], *, axis: str, bidir
 
 def matmul_reduce_scatter_reference(x: jax.Array, w: jax.Array, *, axis: str) -> jax.Array:
     """x [N, F] all tokens, this device's slice of the contracted dim; w [D, F] the matching input rows.
-    Returns [N/n, D]: sum over devices of x @ w.T, this device's block of tokens."""
-    return jax.lax.psum_scatter(_partial(x, w), axis, scatter_dimension=0, tiled=True)
+    Returns [N/n, D]: sum over devices of x @ w.T, this device's block of tokens. Partials travel in x's dtype,
+    as GSPMD's own reduce-scatter of a bf16 matmul does (float32 would double the bytes on the wire)."""
+    return jax.lax.psum_scatter(_partial(x, w).astype(x.dtype), axis, scatter_dimension=0, tiled=True)
 
 
 def _partial(x, w):
@@ -93,7 +94,8 @@ def _partial(x, w):
 
 def matmul_reduce_scatter(x: jax.Array, w: jax.Array, *, axis: str, bidirectional: bool = False) -> jax.Array:
     """As `matmul_reduce_scatter_reference`, as a ring: an accumulator per token block visits every device, which
-    adds its partial product for that block (computed while the accumulator is in flight). Sums in float32."""
+    adds its partial product for that block (computed while the accumulator is in flight). Each device sums in
+    float32; the accumulator travels in x's dtype, as the reference's partials do."""
     n = jax.lax.axis_size(axis)
     N = x.shape[0]
     assert N % n == 0, f"{N} tokens do not split over {n} devices"
@@ -105,13 +107,16 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, *, axis: str, bidirectiona
     def block(j, lo=0, size=M):  # partial product of token rows [j*M + lo, j*M + lo + size)
         return _partial(jax.lax.dynamic_slice_in_dim(x, j * M + lo, size, 0), w)
 
+    def send(acc, step):  # float32 [rows, D] -> x.dtype on the wire -> float32
+        return _shift(acc.astype(x.dtype), axis, n, step).astype(jnp.float32)
+
     if not bidirectional:
         # The accumulator moves right; at step s this device adds to block (idx - 1 - s), so the last step
         # (s = n-1) lands on its own block.
         acc = block((idx - 1) % n)
         for s in range(1, n):
             part = block((idx - 1 - s) % n)
-            acc = _shift(acc, axis, n, 1) + part
+            acc = send(acc, 1) + part
         return acc.astype(x.dtype)
     assert M % 2 == 0, f"bidirectional reduce-scatter needs an even block, got {M} rows"
     h = M // 2
@@ -119,8 +124,8 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, *, axis: str, bidirectiona
     acc_a, acc_b = block((idx - 1) % n, 0, h), block((idx + 1) % n, h, h)
     for s in range(1, n):
         part_a, part_b = block((idx - 1 - s) % n, 0, h), block((idx + 1 + s) % n, h, h)
-        acc_a = _shift(acc_a, axis, n, 1) + part_a
-        acc_b = _shift(acc_b, axis, n, -1) + part_b
+        acc_a = send(acc_a, 1) + part_a
+        acc_b = send(acc_b, -1) + part_b
     return jnp.concatenate([acc_a, acc_b]).astype(x.dtype)
 
 

@@ -50,8 +50,9 @@ def column_parallel(x: jax.Array, ws: Sequence[jax.Array], mesh: Mesh, strategy:
     if strategy == "sp":
         f = partial(C.all_gather_matmul_reference, axis=axis)
     elif strategy == "nocomm":
-        def f(x, ws):  # the ring's compute on n copies of the local shard
-            return [C._dot(jnp.tile(x, (n, 1)), w) for w in ws]
+        def f(x, ws):  # the ring's compute on n blocks of tokens; distinct ones, since XLA rewrites a dot of
+            # n tiled copies into one dot of the shard (half the ring's compute at tp=2: a floor too low)
+            return [C._dot(jnp.concatenate([x + s for s in range(n)]), w) for w in ws]
     else:
         f = partial(C.all_gather_matmul, axis=axis, bidirectional=strategy == "bidi")
     return _smap(lambda x, *ws: f(x, ws), mesh, (P(axis), *[P(axis)] * k), out_specs)(x, *ws)

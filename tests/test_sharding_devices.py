@@ -47,6 +47,36 @@ def test_collective_matmuls_equal_plain_matmuls(rng, tp):
         assert close(y, h @ wd.T) < 1e-6, strategy
 
 
+@pytest.mark.parametrize("tp", [2, 8])
+def test_collective_matmuls_in_bf16_match_each_other_and_the_plain_matmul(rng, tp):
+    """bf16 activations: the rings and their plain twins send partials in bf16 (as GSPMD does), sum in float32."""
+    mesh = mesh_of(tp, 1)
+    h, wd = (jnp.asarray(rng.normal(size=s), jnp.bfloat16) for s in ((32, 64), (24, 64)))
+    ref = np.asarray(h, np.float64) @ np.asarray(wd, np.float64).T
+    ys = {s: jax.jit(lambda h, w, s=s: TP.row_parallel(h, w, mesh, s))(h, wd) for s in ("ring", "bidi", "sp")}
+    for s, y in ys.items():
+        assert y.dtype == jnp.bfloat16 and close(y, ref) < 2e-2, s
+    assert close(ys["ring"], ys["sp"]) < 2e-2
+
+
+def test_tp_attention_attends_each_devices_own_heads(monkeypatch):
+    """Under tp the paged attention runs per device on H/tp query and K/tp KV heads (a shard_map): a Pallas kernel
+    is opaque to GSPMD, which would gather every head's pages to every device."""
+    import codegen_jax.model as M
+
+    seen, inner = [], M.paged_attention
+
+    def spy(q, k_pages, *a, **kw):
+        seen.append((q.shape[2], k_pages.shape[0]))
+        return inner(q, k_pages, *a, **kw)
+
+    monkeypatch.setattr(M, "paged_attention", spy)
+    engine = sharded_engine(model_for("wide"), ECFG, mesh_of(4, 1), strategy="ring")
+    engine.cache.reserve(0, 16)
+    engine.verify(np.zeros((2, 16), np.int32), np.array([16, 0], np.int32))
+    assert seen and set(seen) == {(WIDE.num_heads // 4, WIDE.num_kv_heads // 4)}
+
+
 @pytest.mark.parametrize("ep,tokens", [(2, 13), (4, 1), (8, 32)])
 def test_expert_parallel_moe_equals_reference(rng, ep, tokens):
     mesh = mesh_of(1, ep)
