@@ -5,8 +5,9 @@ Each scenario runs in a fresh subprocess (NCCL and XLA read their environment wh
 every figure is `pallas_kernels.tuning.time_us` (calls chained inside one jit: device time, dispatch taken out):
   - per layer, 70B-class shapes (hidden 8192, FFN 28672): the all-gather-matmul (gate+up) and matmul-reduce-scatter
     (down) at 2,048 tokens for 'nocomm' (the same compute, no communication), 'sp' (plain all_gather/psum_scatter),
-    'ring', 'bidi'; the decode all-reduce (8 tokens) plain vs overlapped. Exposed communication = t(sp) -
-    t(nocomm); hidden share = (t(sp) - t(ring|bidi)) / exposed.
+    'ring' (also as 2 and 4 pieces per shard: 'ring2', 'ring4'), 'bidi'; the decode all-reduce (8 tokens) plain vs
+    overlapped. Exposed communication = t(sp) -
+    t(nocomm); hidden share = (t(sp) - t(best overlapped)) / exposed.
   - a 2-layer model of those shapes, prefill (1 x 2,048 tokens) and decode (8 slots, 1,024 cached tokens) steps per
     strategy; communication share of a step = (t(xla) - t(nocomm)) / t(xla).
 
@@ -40,6 +41,14 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     "p2p_disabled_xla_flags": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": XLA_OVERLAP_FLAGS},
 }
 MARK = "RESULT "
+# per-layer variants: 'ringC' is the one-direction ring with each shard sent as C pieces
+LAYER_STRATEGIES = ("nocomm", "sp", "ring", "ring2", "ring4", "bidi")
+OVERLAPPED = ("ring", "ring2", "ring4", "bidi")
+
+
+def split_chunks(name: str) -> tuple[str, int]:
+    """'ring4' -> ('ring', 4); any other strategy -> (it, 1)."""
+    return ("ring", int(name[4:])) if name.startswith("ring") and name[4:] else (name, 1)
 
 
 def shapes(tiny: bool) -> dict:
@@ -87,11 +96,12 @@ def worker(scenario: str, tiny: bool) -> dict:
         wg, wu, wd = put((F, D), P("tp"), 1), put((F, D), P("tp"), 2), put((D, F), P(None, "tp"), 3)
         x_sp = put((N, D), P("tp"), 4)
         h = put((N, F), P(None, "tp"), 5)
-        for s in ("nocomm", "sp", "ring", "bidi"):
-            out["layer_us"][f"ag_matmul_{s}"] = time_us(
-                lambda x, a, b, s=s: TP.column_parallel(x, [a, b], mesh, s), (x_sp, wg, wu), **timing)
-            out["layer_us"][f"matmul_rs_{s}"] = time_us(
-                lambda x, w, s=s: TP.row_parallel(x, w, mesh, s), (h, wd), **timing)
+        for name in LAYER_STRATEGIES:
+            s, c = split_chunks(name)
+            out["layer_us"][f"ag_matmul_{name}"] = time_us(
+                lambda x, a, b, s=s, c=c: TP.column_parallel(x, [a, b], mesh, s, chunks=c), (x_sp, wg, wu), **timing)
+            out["layer_us"][f"matmul_rs_{name}"] = time_us(
+                lambda x, w, s=s, c=c: TP.row_parallel(x, w, mesh, s, chunks=c), (h, wd), **timing)
         h_dec = put((sh["slots"], F), P(None, "tp"), 6)
         for s in ("allreduce", "allreduce_overlap"):
             out["layer_us"][f"decode_matmul_ar_{s}"] = time_us(
@@ -120,16 +130,19 @@ def worker(scenario: str, tiny: bool) -> dict:
     decode_in = (jnp.asarray(rng.integers(0, cfg.vocab_size, (B, 1)), jnp.int32),
                  1 + jnp.arange(B * per, dtype=jnp.int32).reshape(B, per), jnp.full((B,), L + 1, jnp.int32),
                  jnp.ones((B,), jnp.int32))
-    steps = {"prefill": ("xla",) if only_xla else ("xla", "allreduce", "sp", "ring", "bidi", "auto", "nocomm"),
+    steps = {"prefill": ("xla",) if only_xla else ("xla", "allreduce", "sp", "ring", "ring4", "bidi", "auto",
+                                                   "nocomm"),
              "decode": ("xla",) if only_xla else ("xla", "allreduce", "allreduce_overlap", "auto", "nocomm")}
     for kind, strategies in steps.items():
         inputs = prefill_in if kind == "prefill" else decode_in
-        for s in strategies:
+        for name in strategies:
+            s, c = split_chunks(name)
             for layer in model.layers:
                 layer.self_attn.strategy = layer.mlp.strategy = s
+                layer.self_attn.chunks = layer.mlp.chunks = c
             engine = Engine(model, ecfg)
             shard_cache(engine.cache, mesh)
-            out["step_us"][f"{kind}_{s}"] = time_us(partial(engine._forward, last_only=True),
+            out["step_us"][f"{kind}_{name}"] = time_us(partial(engine._forward, last_only=True),
                                                     (engine.params, engine.cache.pages, *inputs), **timing)
             del engine
     out["auto_picks"] = {"prefill": S.choose(interconnect(), N, D, 2), "decode": S.choose(interconnect(), B, D, 2)}
@@ -145,13 +158,13 @@ def summarize(r: dict) -> dict:
     for op in ("ag_matmul", "matmul_rs"):
         if f"{op}_sp" in lay:
             exposed = lay[f"{op}_sp"] - lay[f"{op}_nocomm"]
-            best = min(lay[f"{op}_ring"], lay[f"{op}_bidi"])
+            best = min(lay[f"{op}_{v}"] for v in OVERLAPPED)
             s[f"{op}_exposed_comm_us"] = round(exposed, 1)
             s[f"{op}_hidden_share"] = round((lay[f"{op}_sp"] - best) / exposed, 3) if exposed > 0 else None
     if "prefill_xla" in st and "prefill_nocomm" in st:
         base = st["prefill_xla"]
         unoverlapped = min(base, st["prefill_allreduce"], st["prefill_sp"])
-        best = min(st["prefill_ring"], st["prefill_bidi"])
+        best = min(st["prefill_ring"], st["prefill_ring4"], st["prefill_bidi"])
         s["prefill_comm_share"] = round((base - st["prefill_nocomm"]) / base, 3)
         s["prefill_speedup_vs_xla"] = round(base / best, 3)
         s["prefill_speedup_vs_best_unoverlapped"] = round(unoverlapped / best, 3)

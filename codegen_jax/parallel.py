@@ -95,6 +95,7 @@ class TPAttention(nnx.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.q_norm, self.k_norm, self.shape = attn.q_norm, attn.k_norm, attn.shape
         self.mesh, self.strategy = mesh, S.validate(strategy)
+        self.chunks = 1  # pieces per shard on the 'ring' (sharding.collectives)
 
     heads, paged = Attention.heads, Attention.paged  # the same per-head and paged steps as the dense layer
 
@@ -120,13 +121,14 @@ class TPAttention(nnx.Module):
         else:
             lins = (self.q_proj, self.k_proj, self.v_proj)
             q, k, v = (_bias(y, lin) for y, lin in zip(
-                TP.column_parallel(x.reshape(B * T, D), [lin.weight[...] for lin in lins], self.mesh, strategy),
+                TP.column_parallel(x.reshape(B * T, D), [lin.weight[...] for lin in lins], self.mesh, strategy,
+                                   chunks=self.chunks),
                 lins, strict=True))
         o, pages = self.attend(*self.heads(q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1), cos, sin),
                                kv, batch, attn_impl)
         if strategy == "xla":
             return self.o_proj(o), pages
-        y = TP.row_parallel(o.reshape(B * T, H * hd), self.o_proj.weight[...], self.mesh, strategy)
+        y = TP.row_parallel(o.reshape(B * T, H * hd), self.o_proj.weight[...], self.mesh, strategy, chunks=self.chunks)
         return _bias(y, self.o_proj).reshape(B, T, D), pages
 
 
@@ -136,6 +138,7 @@ class TPMLP(nnx.Module):
     def __init__(self, mlp: MLP, mesh: Mesh, strategy: str):
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.mesh, self.strategy = mesh, S.validate(strategy)
+        self.chunks = 1
 
     def __call__(self, x):
         B, T, D = x.shape
@@ -143,9 +146,9 @@ class TPMLP(nnx.Module):
         if strategy == "xla":
             return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
         g, u = TP.column_parallel(x.reshape(B * T, D), [self.gate_proj.weight[...], self.up_proj.weight[...]],
-                                  self.mesh, strategy)
+                                  self.mesh, strategy, chunks=self.chunks)
         h = jax.nn.silu(_bias(g, self.gate_proj)) * _bias(u, self.up_proj)
-        y = TP.row_parallel(h, self.down_proj.weight[...], self.mesh, strategy)
+        y = TP.row_parallel(h, self.down_proj.weight[...], self.mesh, strategy, chunks=self.chunks)
         return _bias(y, self.down_proj).reshape(B, T, D)
 
 

@@ -40,10 +40,20 @@ def all_gather_matmul_reference(x: jax.Array, ws: Sequence[jax.Array], *, axis: 
     return [_dot(full, w) for w in ws]
 
 
-def all_gather_matmul(x: jax.Array, ws: Sequence[jax.Array], *, axis: str, bidirectional: bool = False
-                      ) -> list[jax.Array]:
+def _pieces(M: int, chunks: int) -> list[tuple[int, int]]:
+    """(start, size) of `chunks` row pieces of an M-row shard (fewer when M is small or does not divide)."""
+    c = max(1, min(chunks, M))
+    while M % c:
+        c -= 1
+    return [(i * (M // c), M // c) for i in range(c)]
+
+
+def all_gather_matmul(x: jax.Array, ws: Sequence[jax.Array], *, axis: str, bidirectional: bool = False,
+                      chunks: int = 1) -> list[jax.Array]:
     """As `all_gather_matmul_reference`, as a ring: step s multiplies the token shard of device idx + s (held now)
-    while passing it on. One ring serves all weights (q/k/v, or gate/up), so the tokens travel once."""
+    while passing it on. One ring serves all weights (q/k/v, or gate/up), so the tokens travel once. With
+    `chunks` > 1 (one direction) each shard travels as that many pieces: a piece's dots start as soon as it
+    lands, while the next is in flight, so only the last piece's compute waits on the link."""
     n = jax.lax.axis_size(axis)
     if n == 1:
         return [_dot(x, w) for w in ws]
@@ -51,13 +61,16 @@ def all_gather_matmul(x: jax.Array, ws: Sequence[jax.Array], *, axis: str, bidir
     M = x.shape[0]
     outs = [jnp.zeros((n, M, w.shape[0]), x.dtype) for w in ws]  # [n blocks, M, F]
     if not bidirectional:
-        chunk = x
+        pieces = [x[lo : lo + size] for lo, size in _pieces(M, chunks)]
         for s in range(n):
-            nxt = _shift(chunk, axis, n, -1) if s < n - 1 else None  # issued first: in flight during the dots
+            # issued first: in flight during this step's dots
+            nxt = [_shift(p, axis, n, -1) for p in pieces] if s < n - 1 else None
             src = (idx + s) % n
-            outs = [jax.lax.dynamic_update_index_in_dim(o, _dot(chunk, w), src, 0)
-                    for o, w in zip(outs, ws, strict=True)]
-            chunk = nxt
+            new = []
+            for o, w in zip(outs, ws, strict=True):
+                y = jnp.concatenate([_dot(p, w) for p in pieces]) if len(pieces) > 1 else _dot(pieces[0], w)
+                new.append(jax.lax.dynamic_update_index_in_dim(o, y, src, 0))
+            outs, pieces = new, nxt
         return [o.reshape(n * M, -1) for o in outs]
     # Bidirectional: the first half of every shard travels right, the second left; each link carries half a
     # shard per step in each direction. Step s holds first halves from idx - s and second halves from idx + s.
@@ -92,10 +105,12 @@ def _partial(x, w):
     return jnp.einsum("nf,df->nd", x, w, preferred_element_type=jnp.float32)
 
 
-def matmul_reduce_scatter(x: jax.Array, w: jax.Array, *, axis: str, bidirectional: bool = False) -> jax.Array:
+def matmul_reduce_scatter(x: jax.Array, w: jax.Array, *, axis: str, bidirectional: bool = False,
+                          chunks: int = 1) -> jax.Array:
     """As `matmul_reduce_scatter_reference`, as a ring: an accumulator per token block visits every device, which
     adds its partial product for that block (computed while the accumulator is in flight). Each device sums in
-    float32; the accumulator travels in x's dtype, as the reference's partials do."""
+    float32; the accumulator travels in x's dtype, as the reference's partials do. With `chunks` > 1 (one
+    direction) each accumulator travels as that many row pieces, each sent as soon as its partial is added."""
     n = jax.lax.axis_size(axis)
     N = x.shape[0]
     assert N % n == 0, f"{N} tokens do not split over {n} devices"
@@ -113,11 +128,12 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, *, axis: str, bidirectiona
     if not bidirectional:
         # The accumulator moves right; at step s this device adds to block (idx - 1 - s), so the last step
         # (s = n-1) lands on its own block.
-        acc = block((idx - 1) % n)
+        pieces = _pieces(M, chunks)
+        accs = [block((idx - 1) % n, lo, size) for lo, size in pieces]
         for s in range(1, n):
-            part = block((idx - 1 - s) % n)
-            acc = send(acc, 1) + part
-        return acc.astype(x.dtype)
+            j = (idx - 1 - s) % n
+            accs = [send(acc, 1) + block(j, lo, size) for acc, (lo, size) in zip(accs, pieces, strict=True)]
+        return jnp.concatenate(accs).astype(x.dtype) if len(accs) > 1 else accs[0].astype(x.dtype)
     assert M % 2 == 0, f"bidirectional reduce-scatter needs an even block, got {M} rows"
     h = M // 2
     # First halves move right (block idx - 1 - s at step s), second halves left (block idx + 1 + s).

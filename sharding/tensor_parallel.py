@@ -31,9 +31,10 @@ def _smap(f, mesh, in_specs, out_specs):
     return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-def column_parallel(x: jax.Array, ws: Sequence[jax.Array], mesh: Mesh, strategy: str, axis: str = "tp"
-                    ) -> list[jax.Array]:
-    """x [N, D]; ws [F_i, D]. Returns [N, F_i] per weight, split over `axis` on F."""
+def column_parallel(x: jax.Array, ws: Sequence[jax.Array], mesh: Mesh, strategy: str, axis: str = "tp",
+                    chunks: int = 1) -> list[jax.Array]:
+    """x [N, D]; ws [F_i, D]. Returns [N, F_i] per weight, split over `axis` on F. `chunks`: pieces per shard
+    on the 'ring' (see `collectives.all_gather_matmul`)."""
     n = mesh.shape[axis]
     k = len(ws)
     for w in ws:
@@ -54,12 +55,14 @@ def column_parallel(x: jax.Array, ws: Sequence[jax.Array], mesh: Mesh, strategy:
             # n tiled copies into one dot of the shard (half the ring's compute at tp=2: a floor too low)
             return [C._dot(jnp.concatenate([x + s for s in range(n)]), w) for w in ws]
     else:
-        f = partial(C.all_gather_matmul, axis=axis, bidirectional=strategy == "bidi")
+        f = partial(C.all_gather_matmul, axis=axis, bidirectional=strategy == "bidi", chunks=chunks)
     return _smap(lambda x, *ws: f(x, ws), mesh, (P(axis), *[P(axis)] * k), out_specs)(x, *ws)
 
 
-def row_parallel(x: jax.Array, w: jax.Array, mesh: Mesh, strategy: str, axis: str = "tp") -> jax.Array:
-    """x [N, F], w [D, F], F split over `axis`. Returns x @ w.T [N, D]."""
+def row_parallel(x: jax.Array, w: jax.Array, mesh: Mesh, strategy: str, axis: str = "tp", chunks: int = 1
+                 ) -> jax.Array:
+    """x [N, F], w [D, F], F split over `axis`. Returns x @ w.T [N, D]. `chunks`: pieces per accumulator on the
+    'ring' (see `collectives.matmul_reduce_scatter`)."""
     n = mesh.shape[axis]
     if w.shape[1] % n:
         raise ValueError(f"a weight with {w.shape[1]} input features does not split over tp={n}")
@@ -75,7 +78,7 @@ def row_parallel(x: jax.Array, w: jax.Array, mesh: Mesh, strategy: str, axis: st
             return p.reshape(n, -1, p.shape[-1]).sum(0).astype(x.dtype)
         out = P(axis)
     elif strategy in ("ring", "bidi"):
-        f, out = partial(C.matmul_reduce_scatter, axis=axis, bidirectional=strategy == "bidi"), P(axis)
+        f, out = partial(C.matmul_reduce_scatter, axis=axis, bidirectional=strategy == "bidi", chunks=chunks), P(axis)
     else:
         raise ValueError(f"row_parallel has no strategy {strategy!r}")
     return _smap(lambda x, w: f(x, w).astype(x.dtype), mesh, (P(None, axis), P(None, axis)), out)(x, w)

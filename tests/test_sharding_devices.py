@@ -45,6 +45,11 @@ def test_collective_matmuls_equal_plain_matmuls(rng, tp):
         y = jax.jit(lambda h, w, s=strategy: TP.row_parallel(h, w, mesh, s))(h, wd)
         assert close(q, x @ wq.T) < 1e-6 and close(k, x @ wk.T) < 1e-6, strategy
         assert close(y, h @ wd.T) < 1e-6, strategy
+    for chunks in (2, 3, 64):  # pieces per shard on the ring; 3 does not divide the shard, 64 exceeds it
+        q, k = jax.jit(lambda *a, c=chunks: TP.column_parallel(a[0], a[1:], mesh, "ring", chunks=c))(x, wq, wk)
+        y = jax.jit(lambda h, w, c=chunks: TP.row_parallel(h, w, mesh, "ring", chunks=c))(h, wd)
+        assert close(q, x @ wq.T) < 1e-6 and close(k, x @ wk.T) < 1e-6, chunks
+        assert close(y, h @ wd.T) < 1e-6, chunks
 
 
 @pytest.mark.parametrize("tp", [2, 8])
