@@ -62,7 +62,7 @@ def shapes(tiny: bool) -> dict:
 # ---- one scenario (subprocess) ---------------------------------------------------------------------------------
 
 
-def worker(scenario: str, tiny: bool) -> dict:
+def worker(scenario: str, tiny: bool, parts: str = "layer,step") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -92,7 +92,7 @@ def worker(scenario: str, tiny: bool) -> dict:
                  "interconnect": interconnect(), "layer_us": {}, "step_us": {}}
 
     # Per-layer collective matmuls.
-    if not only_xla:
+    if not only_xla and "layer" in parts:
         wg, wu, wd = put((F, D), P("tp"), 1), put((F, D), P("tp"), 2), put((D, F), P(None, "tp"), 3)
         x_sp = put((N, D), P("tp"), 4)
         h = put((N, F), P(None, "tp"), 5)
@@ -111,6 +111,8 @@ def worker(scenario: str, tiny: bool) -> dict:
                           out_specs=P(None, "tp"), check_vma=False), (h_dec, wd), **timing)
         del wg, wu, wd, x_sp, h, h_dec
 
+    if "step" not in parts:
+        return out
     # TP=2 model steps.
     cfg = ModelConfig(model_type="llama", vocab_size=sh["vocab"], hidden_size=D, intermediate_size=F,
                       num_layers=sh["layers"], num_heads=sh["heads"], num_kv_heads=sh["kv_heads"],
@@ -176,11 +178,12 @@ def summarize(r: dict) -> dict:
     return s
 
 
-def run_scenario(name: str, tiny: bool, timeout: int) -> dict:
+def run_scenario(name: str, tiny: bool, timeout: int, parts: str = "layer,step") -> dict:
     env = {**os.environ, **SCENARIOS[name], "PYTHONPATH": str(ROOT)}
     if tiny:  # the GPU flags are unknown to the CPU backend
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    cmd = [sys.executable, "-m", "benchmarks.sharding", "--worker", name] + (["--tiny"] if tiny else [])
+    cmd = [sys.executable, "-m", "benchmarks.sharding", "--worker", name, "--parts", parts] + (["--tiny"] if tiny
+                                                                                                else [])
     t = time.perf_counter()
     try:
         p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -200,17 +203,18 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test with 2 simulated devices")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
     ap.add_argument("--timeout", type=int, default=200, help="seconds per scenario")
+    ap.add_argument("--parts", default="layer,step", help="layer (collective matmuls), step (TP=2 model steps)")
     ap.add_argument("--no-write", action="store_true", help="print only (tests)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(MARK + json.dumps(worker(args.worker, args.tiny)), flush=True)
+        print(MARK + json.dumps(worker(args.worker, args.tiny, args.parts)), flush=True)
         return
     results = []
     for name in args.scenarios.split(","):
         if name not in SCENARIOS:
             ap.error(f"unknown scenario {name!r}; pick from {', '.join(SCENARIOS)}")
-        results.append(run_scenario(name, args.tiny, args.timeout))
+        results.append(run_scenario(name, args.tiny, args.timeout, args.parts))
         r = results[-1]
         print(f"== {name}: " + (r.get("error") or json.dumps(r["summary"])), flush=True)
         if "error" not in r:

@@ -71,11 +71,14 @@ def _depend(args: tuple, out) -> tuple:
     """args with every small numeric array plus 0 * (a finite scalar of `out`): a real data dependency. XLA
     strips optimization barriers and would merge identical calls (CSE) or hoist work shared between them (the
     reference's page gather), timing one call for n; it does not fold float x * 0 (NaN semantics), so this holds.
-    Costs one tiny fused kernel per call, the same for every implementation timed."""
+    Costs one tiny fused kernel per call, the same for every implementation timed. Where every argument is
+    large (a collective matmul's activations and weights), the smallest one is linked: one elementwise pass over
+    it per call, but without a link the calls run concurrently (one call's transfer under another's matmul)."""
     x = jnp.ravel(jax.tree.leaves(out)[0])[0].astype(jnp.float32)
     zero = jnp.where(jnp.isfinite(x), x, 0.0) * 0.0
-    return tuple(a + zero.astype(a.dtype) if isinstance(a, jax.Array) and a.nbytes <= LINK_BYTES
-                 and (jnp.issubdtype(a.dtype, jnp.number)) else a for a in args)
+    numeric = [i for i, a in enumerate(args) if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.number)]
+    link = {i for i in numeric if args[i].nbytes <= LINK_BYTES} or {min(numeric, key=lambda i: args[i].nbytes)}
+    return tuple(a + zero.astype(a.dtype) if i in link else a for i, a in enumerate(args))
 
 
 def time_us(fn: Callable, inputs: tuple | Sequence[tuple], *, repeats: int = 7, target_ms: float = 2.0,

@@ -48,7 +48,7 @@ def test_record_and_lookup_round_trip(tmp_path):
     assert tuning.lookup("other", "B8-T1", kind="GPU-X", directory=tmp_path) is None
 
 
-def test_time_us_chain_keeps_every_call(rng):
+def test_time_us_chain_keeps_every_call(rng, monkeypatch):
     # XLA merges identical calls (CSE) even through optimization barriers; the chain's data dependency keeps all
     x = jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((64, 512)), jnp.float32)
@@ -69,5 +69,8 @@ def test_time_us_chain_keeps_every_call(rng):
         return jax.jit(lambda x, w: chain(x, w, link)).lower(x, w).compile().as_text().count(" dot(")
 
     assert count(barrier) == 1  # what went wrong before: three calls timed as one
+    assert count(tuning._depend) == 3
+    # every argument past the small-array limit (a collective matmul's inputs): the smallest is linked
+    monkeypatch.setattr(tuning, "LINK_BYTES", 0)
     assert count(tuning._depend) == 3
     assert np.isfinite(tuning.time_us(f, (x, w), repeats=2, max_calls=4))
