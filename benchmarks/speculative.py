@@ -56,6 +56,24 @@ def edit_merge(path: Path, max_lines: int) -> tuple[list[int], list[int]]:
     return list(prompt.encode()), list("".join(merged).encode())
 
 
+def warm_forced(engine, max_draft: int) -> None:
+    """Compiles what `forced_apply` calls outside the serving step (`Engine.verify` and `verify_tokens`, greedy
+    and sampling) at every verify width, with q_len 0 rows (only the scratch page is written)."""
+    import numpy as np
+
+    from drafters.speculative import _width
+    from drafters.verify import verify_tokens
+
+    S = engine.cfg.max_slots
+    zeros_i, zeros_f, ones_f = np.zeros(S, np.int32), np.zeros(S, np.float32), np.ones(S, np.float32)
+    for T in sorted({_width(k, max_draft) for k in range(max_draft + 1)}):
+        tokens = np.zeros((S, T), np.int32)
+        logits = engine.verify(tokens, zeros_i)
+        for greedy in (True, False):
+            verify_tokens(logits, tokens[:, 1:], zeros_i, None, zeros_i.astype(np.uint32), zeros_i, zeros_f,
+                          zeros_i, ones_f, greedy=greedy)
+
+
 def forced_apply(engine, drafter, prompt: list[int], truth: list[int]) -> tuple[int, float]:
     """Teacher-forced speculative decoding of `truth` (see the module docstring): (target forwards, seconds)."""
     import numpy as np
@@ -197,6 +215,7 @@ def main() -> None:
     if "apply" in args.drafters:
         # the draft length adapts up and down: every verify width and the accept rule compile here
         SpeculativeDecoder(engine, ApplySpeculator(1)).warmup()
+        warm_forced(engine, ApplySpeculator(1).max_draft)
         for (prompt, merged), name in zip(workloads, FILES, strict=False):
             compiled = compiles()
             fwd, dt = forced_apply(engine, ApplySpeculator(1), prompt, merged)

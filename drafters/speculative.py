@@ -190,12 +190,6 @@ class SpeculativeDecoder:
             if not drafter.on_device:
                 result = np.asarray(result)
                 drafter.observe([], Draft(tokens[:, 1:], zeros_i), result[:, 0], result[:, 1:], features)
-                # `Engine.verify` and `verify_tokens` as separate programs too, only because benchmarks/
-                # speculative.py's teacher-forced apply loop calls them directly (drop once it runs this step)
-                logits = engine.verify(tokens, zeros_i)
-                for greedy in (True, False):
-                    verify_tokens(logits, tokens[:, 1:], zeros_i, None, zeros_i.astype(np.uint32), zeros_i,
-                                  floats[0], zeros_i, floats[1], greedy=greedy)
         for T in sorted(tails):
             engine.verify_features(np.zeros((S, T), np.int32), zeros_i, drafter.capture)
         jax.block_until_ready(engine.cache.pages)
