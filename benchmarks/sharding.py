@@ -2,7 +2,8 @@
 under NVLink and with NCCL_P2P_DISABLE=1 (host-staged transfers, our PCIe stand-in), plus XLA's own overlap flags.
 
 Each scenario runs in a fresh subprocess (NCCL and XLA read their environment when JAX initialises). Inside one,
-every figure is `pallas_kernels.tuning.time_us` (calls chained inside one jit: device time, dispatch taken out):
+every figure is from `pallas_kernels.tuning.time_interleaved` (calls chained inside one jit: device time, dispatch
+taken out; the variants compared with each other are timed round-robin, median with min/max under "spread_us"):
   - per layer, 70B-class shapes (hidden 8192, FFN 28672): the all-gather-matmul (gate+up) and matmul-reduce-scatter
     (down) at 2,048 tokens for 'nocomm' (the same compute, no communication), 'sp' (plain all_gather/psum_scatter),
     'ring' (also as 2 and 4 pieces per shard: 'ring2', 'ring4'), 'bidi'; the decode all-reduce (8 tokens) plain vs
@@ -71,12 +72,12 @@ def worker(scenario: str, tiny: bool, parts: str = "layer,step") -> dict:
 
     from codegen_jax import Engine, EngineConfig, ModelConfig, init_model
     from codegen_jax.parallel import parallelize, shard_cache, shard_model
-    from pallas_kernels.tuning import time_us
+    from pallas_kernels.tuning import time_interleaved
     from sharding import strategy as S
     from sharding import tensor_parallel as TP
     from sharding.mesh import interconnect, make_mesh
 
-    timing = dict(repeats=3, max_calls=2) if tiny else dict(repeats=5)
+    timing = dict(repeats=3, max_calls=2) if tiny else dict(repeats=9)
     sh = shapes(tiny)
     D, F, N = sh["hidden"], sh["ffn"], sh["prefill"]
     mesh = make_mesh(tp=2, devices=jax.devices()[:2])
@@ -89,26 +90,33 @@ def worker(scenario: str, tiny: bool, parts: str = "layer,step") -> dict:
 
     only_xla = scenario.endswith("xla_flags")
     out: dict = {"scenario": scenario, "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
-                 "interconnect": interconnect(), "layer_us": {}, "step_us": {}}
+                 "interconnect": interconnect(), "layer_us": {}, "step_us": {}, "spread_us": {}}
+
+    def timed(group: str, cases: dict) -> None:  # one interleaved timing per group of compared variants
+        for name, t in time_interleaved(cases, **timing).items():
+            out[group][name] = t["us"]
+            out["spread_us"][name] = [round(t["lo"], 1), round(t["hi"], 1)]
 
     # Per-layer collective matmuls.
     if not only_xla and "layer" in parts:
         wg, wu, wd = put((F, D), P("tp"), 1), put((F, D), P("tp"), 2), put((D, F), P(None, "tp"), 3)
         x_sp = put((N, D), P("tp"), 4)
         h = put((N, F), P(None, "tp"), 5)
+        ag, rs = {}, {}
         for name in LAYER_STRATEGIES:
             s, c = split_chunks(name)
-            out["layer_us"][f"ag_matmul_{name}"] = time_us(
-                lambda x, a, b, s=s, c=c: TP.column_parallel(x, [a, b], mesh, s, chunks=c), (x_sp, wg, wu), **timing)
-            out["layer_us"][f"matmul_rs_{name}"] = time_us(
-                lambda x, w, s=s, c=c: TP.row_parallel(x, w, mesh, s, chunks=c), (h, wd), **timing)
+            ag[f"ag_matmul_{name}"] = (
+                lambda x, a, b, s=s, c=c: TP.column_parallel(x, [a, b], mesh, s, chunks=c), (x_sp, wg, wu))
+            rs[f"matmul_rs_{name}"] = (lambda x, w, s=s, c=c: TP.row_parallel(x, w, mesh, s, chunks=c), (h, wd))
+        timed("layer_us", ag)
+        timed("layer_us", rs)
         h_dec = put((sh["slots"], F), P(None, "tp"), 6)
-        for s in ("allreduce", "allreduce_overlap"):
-            out["layer_us"][f"decode_matmul_ar_{s}"] = time_us(
-                lambda x, w, s=s: TP.row_parallel(x, w, mesh, s), (h_dec, wd), **timing)
-        out["layer_us"]["decode_matmul_ar_nocomm"] = time_us(
+        dec = {f"decode_matmul_ar_{s}": (lambda x, w, s=s: TP.row_parallel(x, w, mesh, s), (h_dec, wd))
+               for s in ("allreduce", "allreduce_overlap")}
+        dec["decode_matmul_ar_nocomm"] = (
             jax.shard_map(lambda x, w: jnp.einsum("nf,df->nd", x, w), mesh=mesh, in_specs=(P(None, "tp"),) * 2,
-                          out_specs=P(None, "tp"), check_vma=False), (h_dec, wd), **timing)
+                          out_specs=P(None, "tp"), check_vma=False), (h_dec, wd))
+        timed("layer_us", dec)
         del wg, wu, wd, x_sp, h, h_dec
 
     if "step" not in parts:
@@ -137,16 +145,18 @@ def worker(scenario: str, tiny: bool, parts: str = "layer,step") -> dict:
              "decode": ("xla",) if only_xla else ("xla", "allreduce", "allreduce_overlap", "auto", "nocomm")}
     for kind, strategies in steps.items():
         inputs = prefill_in if kind == "prefill" else decode_in
+        cases = {}
         for name in strategies:
             s, c = split_chunks(name)
             for layer in model.layers:
                 layer.self_attn.strategy = layer.mlp.strategy = s
                 layer.self_attn.chunks = layer.mlp.chunks = c
-            engine = Engine(model, ecfg)
+            engine = Engine(model, ecfg)  # its graph holds the strategy: one engine per variant
             shard_cache(engine.cache, mesh)
-            out["step_us"][f"{kind}_{name}"] = time_us(partial(engine._forward, last_only=True),
-                                                    (engine.params, engine.cache.pages, *inputs), **timing)
-            del engine
+            cases[f"{kind}_{name}"] = (partial(engine._forward, last_only=True),
+                                       (engine.params, engine.cache.pages, *inputs))
+        timed("step_us", cases)
+        del cases
     out["auto_picks"] = {"prefill": S.choose(interconnect(), N, D, 2), "decode": S.choose(interconnect(), B, D, 2)}
     return out
 
@@ -218,8 +228,10 @@ def main(argv=None):
         r = results[-1]
         print(f"== {name}: " + (r.get("error") or json.dumps(r["summary"])), flush=True)
         if "error" not in r:
-            rows = [{"what": k, "us": round(v, 1)} for k, v in {**r["layer_us"], **r["step_us"]}.items()]
-            print(table(rows, ["what", "us"]), flush=True)
+            spread = r.get("spread_us", {})
+            rows = [{"what": k, "us": round(v, 1), "min..max": "..".join(map(str, spread.get(k, [])))}
+                    for k, v in {**r["layer_us"], **r["step_us"]}.items()]
+            print(table(rows, ["what", "us", "min..max"]), flush=True)
     if args.no_write:
         return
     path = write_result("sharding_tiny" if args.tiny else "sharding",

@@ -81,16 +81,9 @@ def _depend(args: tuple, out) -> tuple:
     return tuple(a + zero.astype(a.dtype) if i in link else a for i, a in enumerate(args))
 
 
-def time_us(fn: Callable, inputs: tuple | Sequence[tuple], *, repeats: int = 7, target_ms: float = 2.0,
-            max_calls: int = 64) -> float:
-    """Median device microseconds per call of `fn`, with host dispatch taken out.
-
-    `inputs` is one argument tuple or a list of them (rotate sets that together exceed L2, so the timing is of
-    HBM, not of the cache). One jitted function runs `fn` n times in a chain over the rotating sets (each call
-    depends on the previous one, as layers do; see `_depend`), n chosen so a run lasts about `target_ms`; the
-    median over `repeats` runs, divided by n, is the time of one call as it runs inside a larger jitted step (the
-    engine's decode loop), not the time of a Python dispatch.
-    """
+def _chain(fn: Callable, inputs: tuple | Sequence[tuple], target_ms: float, max_calls: int):
+    """(run, n): `run()` executes one jitted chain of n calls of `fn` over the rotating input sets (each call
+    depending on the previous one, see `_depend`) and waits for it; compiled and warmed up."""
     sets = [inputs] if isinstance(inputs, tuple) else list(inputs)
     one = jax.jit(fn)
 
@@ -113,12 +106,41 @@ def time_us(fn: Callable, inputs: tuple | Sequence[tuple], *, repeats: int = 7, 
 
     many = jax.jit(many)
     jax.block_until_ready(many(sets))  # compile and warm up
+    return (lambda: jax.block_until_ready(many(sets))), n
+
+
+def time_us(fn: Callable, inputs: tuple | Sequence[tuple], *, repeats: int = 7, target_ms: float = 2.0,
+            max_calls: int = 64) -> float:
+    """Median device microseconds per call of `fn`, with host dispatch taken out.
+
+    `inputs` is one argument tuple or a list of them (rotate sets that together exceed L2, so the timing is of
+    HBM, not of the cache). One jitted function runs `fn` n times in a chain over the rotating sets (each call
+    depends on the previous one, as layers do; see `_depend`), n chosen so a run lasts about `target_ms`; the
+    median over `repeats` runs, divided by n, is the time of one call as it runs inside a larger jitted step (the
+    engine's decode loop), not the time of a Python dispatch.
+    """
+    run, n = _chain(fn, inputs, target_ms, max_calls)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(many(sets))
+        run()
         times.append(time.perf_counter() - t)
     return float(np.median(times) / n * 1e6)
+
+
+def time_interleaved(cases: dict[str, tuple[Callable, tuple | Sequence[tuple]]], *, repeats: int = 9,
+                     target_ms: float = 2.0, max_calls: int = 64) -> dict[str, dict[str, float]]:
+    """`time_us` for several variants compared with each other: every chain is compiled first, then the repeats
+    go round-robin over the variants, so a drift of the device (clocks, a neighbour's load) lands on all of them
+    alike instead of on whichever ran last. Returns {name: {"us": median, "lo": min, "hi": max}} per call."""
+    chains = {name: _chain(fn, inputs, target_ms, max_calls) for name, (fn, inputs) in cases.items()}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, (run, n) in chains.items():
+            t = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - t) / n * 1e6)
+    return {name: {"us": float(np.median(v)), "lo": float(min(v)), "hi": float(max(v))} for name, v in times.items()}
 
 
 def search(candidates: Sequence[Candidate], reference: Callable, inputs: tuple | Sequence[tuple], *, tol: float,

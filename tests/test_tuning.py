@@ -74,3 +74,19 @@ def test_time_us_chain_keeps_every_call(rng, monkeypatch):
     monkeypatch.setattr(tuning, "LINK_BYTES", 0)
     assert count(tuning._depend) == 3
     assert np.isfinite(tuning.time_us(f, (x, w), repeats=2, max_calls=4))
+
+
+def test_time_interleaved_times_every_variant_round_robin(rng):
+    x = jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)
+    calls = []
+
+    def variant(k):
+        def f(x):
+            calls.append(k)  # traced once per jit: the chain of n calls and the single call
+            return jnp.tanh(x) * k
+        return f
+
+    out = tuning.time_interleaved({"a": (variant(1.0), (x,)), "b": (variant(2.0), (x,))}, repeats=3, max_calls=4)
+    assert set(out) == {"a", "b"} and set(calls) == {1.0, 2.0}
+    for t in out.values():
+        assert 0 < t["lo"] <= t["us"] <= t["hi"] < float("inf")
