@@ -21,25 +21,33 @@ def model():
     return m
 
 
-def naive_greedy(model, prompt, n):
-    """Greedy decoding that recomputes the whole sequence every step in one fresh page (no cache reuse)."""
+@pytest.fixture(scope="module")
+def naive_engine(model):
+    # one engine for every naive_greedy call (a fresh engine per step compiled its verify again, ~60 times a test)
+    return Engine(model, EngineConfig(max_slots=1, page_size=64, max_seq_len=64, prefill_chunk=64))
+
+
+def naive_greedy(eng, prompt, n):
+    """Greedy decoding that recomputes the whole sequence every step from an empty cache (no cache reuse): each
+    step releases the slot and writes every token's KV afresh into its one page before attending to them."""
     seq = list(prompt)
     for _ in range(n):
-        eng = Engine(model, EngineConfig(max_slots=1, page_size=64, max_seq_len=64, prefill_chunk=64))
+        eng.cache.release(0)
         eng.cache.reserve(0, len(seq))
         logits = eng.verify(np.array([seq + [0] * (64 - len(seq))]), np.array([len(seq)]))
         seq.append(int(np.argmax(np.asarray(logits)[0, len(seq) - 1])))
+    eng.cache.release(0)
     return seq[len(prompt):]
 
 
 @pytest.mark.parametrize("page_size,chunk,steps,slots", [(4, 16, 3, 2), (8, 8, 1, 3), (16, 32, 8, 1)])
-def test_generate_matches_recomputation(model, rng, page_size, chunk, steps, slots):
+def test_generate_matches_recomputation(model, naive_engine, rng, page_size, chunk, steps, slots):
     prompts = [list(rng.integers(0, CFG.vocab_size, n)) for n in (1, 5, 16, 17, 30)]
     eng = Engine(model, EngineConfig(max_slots=slots, page_size=page_size, max_seq_len=64, prefill_chunk=chunk,
                                      decode_steps=steps))
     out = eng.generate(prompts, SamplingParams(max_new_tokens=12))
     for p, r in zip(prompts, out, strict=True):
-        assert r.tokens == naive_greedy(model, p, 12)
+        assert r.tokens == naive_greedy(naive_engine, p, 12)
         assert r.finish_reason == "length" and r.prompt_tokens == len(p)
     assert eng.cache.num_free_pages == eng.cfg.pages - 1  # every page back (page 0 is scratch)
     assert not eng.cache.lengths.any()
@@ -111,14 +119,21 @@ def test_no_compilation_in_steady_state(model, rng):
     assert compiles == []
 
 
-def test_warmup_prefill_compiles_every_bucket_and_changes_nothing(model, rng):
+@pytest.mark.parametrize("cores", [2, 16])  # 16: the classes compile side by side in threads first
+def test_warmup_prefill_compiles_every_bucket_and_changes_nothing(model, rng, monkeypatch, cores):
     """After `warmup_prefill`, prefilling prompts of any length (one slot or a batch of rows) compiles nothing; the
-    warm-up itself leaves the cached pages (the scratch page aside) and lengths as they were."""
+    warm-up itself compiles each (rows, bucket) class once and leaves the cached pages (the scratch page aside)
+    and lengths as they were."""
+    monkeypatch.setattr("codegen_jax.engine.os.cpu_count", lambda: cores)
     eng = Engine(model, EngineConfig(max_slots=2, page_size=8, max_seq_len=128, prefill_chunk=64))
     eng.cache.reserve(0, 32)
     eng.prefill(0, list(rng.integers(0, 97, 20)))
     pages, lengths = jax.tree.map(np.asarray, eng.cache.pages), eng.cache.lengths.copy()
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *_, **__: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
     assert eng.warmup_prefill(rows=2) == [16, 32, 64]
+    assert len(compiles) <= 2 * 3, f"{len(compiles)} compiles for 2 row classes x 3 buckets (one was compiled twice)"
     assert (eng.cache.lengths == lengths).all()
     for before, after in zip(jax.tree.leaves(pages), jax.tree.leaves(eng.cache.pages), strict=True):
         np.testing.assert_array_equal(np.asarray(after)[:, 1:], before[:, 1:])  # [K, P, S, D]: page 0 is scratch
