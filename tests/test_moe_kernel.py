@@ -176,8 +176,14 @@ GEMV_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("block_m", list(GEMV_CONFIGS))
-@pytest.mark.parametrize("T", [1, 2, 7])
+# (block_m, T): T=1 in each mode (no gathers around the kernels); block_m=1 over several passes (T=7); block_m=4
+# with one partial pass (T=2: rows past the count skipped) and a second partial pass (T=7); the dot at T=7. The
+# int8 format takes the same passes with the scales applied (block_m=4 at T=1 adds nothing to block_m=1 at T=1).
+GEMV_CASES = [(1, 1), (1, 7), (4, 1), (4, 2), (4, 7), (16, 1), (16, 7)]
+GEMV_INT8_CASES = [(1, 1), (1, 7), (4, 2), (4, 7)]
+
+
+@pytest.mark.parametrize("block_m,T", GEMV_CASES)
 @pytest.mark.parametrize("E,top_k,D,F", CONFIGS, ids=["qwen3-30b-a3b", "small"])
 def test_gemv_mode(rng, E, top_k, D, F, T, block_m):
     hot = int(rng.integers(E))
@@ -185,8 +191,7 @@ def test_gemv_mode(rng, E, top_k, D, F, T, block_m):
     assert T == 1 or (experts[:, 0] == hot).all()
 
 
-@pytest.mark.parametrize("block_m", [1, 4])
-@pytest.mark.parametrize("T", [1, 2, 7])
+@pytest.mark.parametrize("block_m,T", GEMV_INT8_CASES)
 @pytest.mark.parametrize("E,top_k,D,F", CONFIGS, ids=["qwen3-30b-a3b", "small"])
 def test_gemv_mode_int8(rng, E, top_k, D, F, T, block_m):
     hot = int(rng.integers(E))
@@ -207,8 +212,15 @@ FUSED_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("config", list(FUSED_CONFIGS))
-@pytest.mark.parametrize("T", [1, 2, 7, 8])
+# (config, T): T=1 in each (the gate/up kernel reads x itself; 'all' and 'topk' write the slot table) and T > 1 in
+# each: gemv1 over several passes at an odd T; plan's GEMV rows at T=2 (block_m 2 at 128 experts) and its dot mode
+# at T=7; the dot at T=8, the largest T the tuner offers fused_combine at.
+FUSED_CASES = [("gemv1-route_all", 1), ("gemv1-route_all", 7), ("gemv-route_xla", 1), ("gemv-route_xla", 2),
+               ("gemv-route_xla", 7), ("dot16-route_topk", 1), ("dot16-route_topk", 8)]
+FUSED_INT8_CASES = [("gemv1-route_all", 1), ("gemv1-route_all", 7), ("dot16-route_topk", 1), ("dot16-route_topk", 8)]
+
+
+@pytest.mark.parametrize("config,T", FUSED_CASES)
 @pytest.mark.parametrize("E,top_k,D,F", CONFIGS, ids=["qwen3-30b-a3b", "small"])
 def test_fused_combine(rng, E, top_k, D, F, T, config):
     # T > 1: every token chooses one hot expert first (one slot of T rows, read for every token)
@@ -229,8 +241,7 @@ def test_fused_combine_experts_chosen_by_no_token(rng, config):
     assert not np.isin(experts, dead).any()
 
 
-@pytest.mark.parametrize("config", ["gemv1-route_all", "dot16-route_topk"])
-@pytest.mark.parametrize("T", [1, 2, 7, 8])
+@pytest.mark.parametrize("config,T", FUSED_INT8_CASES)
 @pytest.mark.parametrize("E,top_k,D,F", CONFIGS, ids=["qwen3-30b-a3b", "small"])
 def test_fused_combine_int8(rng, E, top_k, D, F, T, config):
     hot = int(rng.integers(E))

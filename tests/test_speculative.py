@@ -30,9 +30,19 @@ def model():
     return m
 
 
+_ENGINES = {}
+
+
 def engine(model, slots, seq_len=96):
-    return Engine(model, EngineConfig(max_slots=slots, page_size=8, max_seq_len=seq_len, prefill_chunk=32,
-                                      decode_steps=4))
+    """One engine per (model, slots, seq_len) for the module: each test leaves its cache empty (a fresh engine per
+    call compiled its prefill and decode programs again in every test)."""
+    key = (id(model), slots, seq_len)
+    eng = _ENGINES.get(key, (None, None))[1]
+    if eng is None or eng.cache.lengths.any() or eng.cache.num_free_pages != eng.cfg.pages - 1:  # or a test failed
+        eng = Engine(model, EngineConfig(max_slots=slots, page_size=8, max_seq_len=seq_len, prefill_chunk=32,
+                                         decode_steps=4))
+        _ENGINES[key] = model, eng  # the model kept alive: its id stays its own
+    return eng
 
 
 class OracleDrafter(Drafter):
@@ -182,15 +192,26 @@ class BadDrafter(Drafter):
         return Draft(tokens, lengths, jnp.asarray(q) if self.with_probs else None)
 
 
+@pytest.fixture(scope="module")
+def small_model():
+    model = init_model(SMALL, dtype=jnp.float32, seed=3)
+    model.embed_tokens.weight.set_value(model.embed_tokens.weight.get_value() * 60)  # a peaked, uneven p
+    return model
+
+
 def exact_two_token(model, prompt, temperature, top_k, top_p) -> np.ndarray:
     """P(t1, t2) [V, V] of the target's own sampling, from its logits."""
-    eng = Engine(model, EngineConfig(max_slots=V, page_size=8, max_seq_len=32, prefill_chunk=16))
+    key = (id(model), "exact")
+    if key not in _ENGINES:
+        _ENGINES[key] = model, Engine(model, EngineConfig(max_slots=V, page_size=8, max_seq_len=32, prefill_chunk=16))
+    eng = _ENGINES[key][1]
     n = len(prompt)
     ids = np.zeros((V, 16), np.int32)
     assert n < 16
     ids[:, :n] = prompt
     ids[:, n] = np.arange(V)
     for s in range(V):
+        eng.cache.release(s)  # empty: the rows start at position 0
         eng.cache.reserve(s, n + 1)
     logits = np.asarray(eng.verify(ids, np.full(V, n + 1)))  # [V, 16, V]
     probs = lambda lg: np.asarray(jax.nn.softmax(filter_logits(
@@ -204,9 +225,8 @@ def exact_two_token(model, prompt, temperature, top_k, top_p) -> np.ndarray:
 @pytest.mark.parametrize("kind,temperature,top_k,top_p", [
     ("bad", 1.0, 0, 1.0), ("bad-no-probs", 0.8, 6, 0.9), ("apply", 1.0, 0, 0.95), ("suffix", 0.7, 0, 1.0),
     ("block", 1.0, 0, 1.0), ("eagle3", 0.9, 5, 1.0)])
-def test_sampling_distribution_equals_target(kind, temperature, top_k, top_p):
-    model = init_model(SMALL, dtype=jnp.float32, seed=3)
-    model.embed_tokens.weight.set_value(model.embed_tokens.weight.get_value() * 60)  # a peaked, uneven p
+def test_sampling_distribution_equals_target(small_model, kind, temperature, top_k, top_p):
+    model = small_model
     prompt = [1, 5, 2, 1, 5, 3, 1, 5]  # repeats, for the host speculators to draft from
     exact = exact_two_token(model, prompt, temperature, top_k, top_p)
     N, slots = 3000, 32
