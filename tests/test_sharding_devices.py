@@ -114,6 +114,20 @@ def model_for(name):
     return load_model(FIXTURES / name, dtype=jnp.float32, progress=False)
 
 
+def inputs(name):
+    """(ids [2, 16], a prompt of 11 of them) for `run`."""
+    vocab = WIDE.vocab_size if name == "wide" else 512
+    ids = np.random.default_rng(7).integers(0, vocab, (2, 16)).astype(np.int32)
+    return ids, [int(t) for t in ids[0, :11]]
+
+
+def single_device(name):
+    """`run` of a one-device engine on `inputs(name)`, once per model for the module."""
+    if name not in SINGLE:
+        SINGLE[name] = run(Engine(model_for(name), ECFG), *inputs(name))
+    return SINGLE[name]
+
+
 # Every strategy, tp in {2, 4, 8}, ep for MoE; prefill (T=16 splits over every ring) and decode (B=2 does not:
 # 'auto' and the rings fall back to the all-reduce blocks there).
 CASES = [
@@ -125,17 +139,13 @@ CASES = [
 
 @pytest.mark.parametrize("name,tp,ep,strategy", CASES)
 def test_sharded_engine_equals_single_device(rng, name, tp, ep, strategy):
-    vocab = WIDE.vocab_size if name == "wide" else 512
-    ids = np.random.default_rng(7).integers(0, vocab, (2, 16)).astype(np.int32)
-    prompt = [int(t) for t in ids[0, :11]]
-    if name not in SINGLE:
-        SINGLE[name] = run(Engine(model_for(name), ECFG), ids, prompt)
+    ids, prompt = inputs(name)
     mesh = mesh_of(tp, ep)
     engine = sharded_engine(model_for(name), ECFG, mesh, strategy=strategy)
     placed = engine.cache.pages[0][0].sharding
     assert placed == kv_sharding(mesh, engine.cache.pages[0][0].shape)
     prefill, decode, tokens = run(engine, ids, prompt)
-    ref_prefill, ref_decode, ref_tokens = SINGLE[name]
+    ref_prefill, ref_decode, ref_tokens = single_device(name)
     assert close(prefill, ref_prefill) < 1e-5
     assert close(decode, ref_decode) < 1e-5
     assert tokens == ref_tokens
@@ -166,10 +176,8 @@ def test_load_model_on_a_mesh_places_each_shard_as_it_reads(name, tp, ep):
     q = sharded.layers[0].self_attn.q_proj.weight[...]
     assert q.addressable_shards[0].data.shape[0] == q.shape[0] // tp
     assert checked == len(flat_plain)
-    ids = np.random.default_rng(3).integers(0, 512, (2, 16)).astype(np.int32)
-    prompt = [int(t) for t in ids[0, :11]]
-    ref = run(Engine(plain, ECFG), ids, prompt)
-    got = run(replica_engine(sharded, ECFG, mesh, "auto"), ids, prompt)
+    ref = single_device(name)  # the same one-device run the engine cases compare with (a plain load's engine)
+    got = run(replica_engine(sharded, ECFG, mesh, "auto"), *inputs(name))
     assert close(got[0], ref[0]) < 1e-5 and close(got[1], ref[1]) < 1e-5 and got[2] == ref[2]
 
 

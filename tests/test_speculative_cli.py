@@ -32,9 +32,14 @@ def drafter_dirs(tmp_path_factory):
     return root
 
 
+PLAIN = {}  # plain decoding's output, run once for the four speculators
+
+
 @pytest.mark.parametrize("speculator", ["apply", "suffix", "block", "eagle3"])
 def test_speculative_cli_matches_plain(capsys, drafter_dirs, speculator):
-    plain = run(capsys)
+    if "out" not in PLAIN:
+        PLAIN["out"] = run(capsys)
+    plain = PLAIN["out"]
     extra = ["--speculator", speculator, "--draft-len", "5"]
     if speculator in ("block", "eagle3"):
         extra += ["--drafter", str(drafter_dirs / speculator)]
