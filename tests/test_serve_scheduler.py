@@ -31,6 +31,12 @@ def engine(model):
     return Engine(model, ECFG)  # shared: every Scheduler takes the pool over afresh
 
 
+@pytest.fixture(scope="module")
+def ref_engine(model):
+    """The plain engine the scheduler's outputs are compared with (generate leaves its cache empty)."""
+    return Engine(model, EngineConfig(max_slots=2, page_size=8, max_seq_len=160, prefill_chunk=32, decode_steps=4))
+
+
 class Result:
     def __init__(self):
         self.tokens, self.finish, self.cached = [], None, 0
@@ -88,23 +94,29 @@ def agent_turns(sched, rng_seed=0, sessions=3, turns=3):
     return outputs, cached
 
 
+@pytest.fixture(scope="module")
+def agent_ref(engine):
+    """agent_turns with the prefix cache off: (outputs, cached tokens), the reference every cache path must equal
+    (computed once for the module; each test recomputed the same turns)."""
+    return agent_turns(Scheduler(engine, SchedulerConfig(prefix_cache=False)))
+
+
 def tier_tokens(sched) -> dict:
     return {t: sched.metrics.cached_tokens.labels(t)._value.get() for t in ("device", "host", "remote")}
 
 
-def test_matches_engine_generate(model, engine, rng):
+def test_matches_engine_generate(ref_engine, engine, rng):
     prompts = [list(rng.integers(0, VOCAB, n)) for n in (1, 9, 33, 70, 16)]
     sps = [params(i, 12) for i in range(len(prompts))]
-    ref = Engine(model, EngineConfig(max_slots=2, page_size=8, max_seq_len=160, prefill_chunk=32, decode_steps=4))
-    expected = [c.tokens for c in ref.generate(prompts, sps)]
+    expected = [c.tokens for c in ref_engine.generate(prompts, sps)]
     for prefix_cache in (False, True):
         sched = Scheduler(engine, SchedulerConfig(prefix_cache=prefix_cache))
         assert [r.tokens for r in run_batch(sched, prompts, sps, check_every=1)] == expected
         assert [r.tokens for r in run_batch(sched, prompts, sps, check_every=1)] == expected  # hits when on
 
 
-def test_identical_with_cache_off_on_flushed_and_from_host(engine):
-    ref, ref_cached = agent_turns(Scheduler(engine, SchedulerConfig(prefix_cache=False)))
+def test_identical_with_cache_off_on_flushed_and_from_host(engine, agent_ref):
+    ref, ref_cached = agent_ref
     assert all(c == 0 for turn in ref_cached for c in turn)
 
     sched = Scheduler(engine, SchedulerConfig(host_pages=96))
@@ -129,9 +141,9 @@ def test_identical_with_cache_off_on_flushed_and_from_host(engine):
     sched.check()
 
 
-def test_identical_from_redis_and_with_corrupt_pages(engine):
+def test_identical_from_redis_and_with_corrupt_pages(engine, agent_ref):
     need_redis()
-    ref, _ = agent_turns(Scheduler(engine, SchedulerConfig(prefix_cache=False)))
+    ref, _ = agent_ref
     with RedisProcess() as server:
         writer = Scheduler(engine, remote=RedisStore(server.url))
         assert agent_turns(writer)[0] == ref
@@ -160,11 +172,11 @@ def test_identical_from_redis_and_with_corrupt_pages(engine):
 
 
 @pytest.mark.parametrize("rates", [None, (1.0, 3.0), (3.0, 1.0)])
-def test_remote_overlap_recomputes_the_head_while_the_tail_is_fetched(engine, rates):
+def test_remote_overlap_recomputes_the_head_while_the_tail_is_fetched(engine, agent_ref, rates):
     """remote_overlap: a second server recomputes the head of each remote hit while fetching its tail, split by the
     (recompute, fetch) rates (half and half before any is measured); outputs stay identical, the head is computed
     and the tail comes from the store."""
-    ref, _ = agent_turns(Scheduler(engine, SchedulerConfig(prefix_cache=False)))
+    ref, _ = agent_ref
     store = InProcessStore()
     writer = Scheduler(engine, remote=store)
     agent_turns(writer)
@@ -342,7 +354,7 @@ def test_bad_requests_and_full_queue(engine):
 
 
 @pytest.mark.parametrize("kind", ["apply", "suffix"])
-def test_speculating_rows_beside_plain_rows_match_engine_generate(model, engine, rng, kind):
+def test_speculating_rows_beside_plain_rows_match_engine_generate(model, engine, ref_engine, rng, kind):
     # rows that speculate and rows that decode plainly share every step; greedy rows are token-identical to the
     # engine alone whichever path they take, seeded sampled rows on the plain path too (a speculative sampled
     # row keeps the target's distribution, not the fused decode's draws). Prompts repeat themselves so the
@@ -352,8 +364,7 @@ def test_speculating_rows_beside_plain_rows_match_engine_generate(model, engine,
     base = [list(rng.integers(0, VOCAB, n)) for n in (5, 12, 20, 9, 30, 14)]
     prompts = [p + p + p[: len(p) // 2] for p in base]
     sps = [params(i, 14) for i in range(len(prompts))]
-    ref = Engine(model, EngineConfig(max_slots=2, page_size=8, max_seq_len=160, prefill_chunk=32, decode_steps=4))
-    expected = [c.tokens for c in ref.generate(prompts, sps)]
+    expected = [c.tokens for c in ref_engine.generate(prompts, sps)]
     sched = Scheduler(engine, SchedulerConfig(prefix_cache=True), speculator=build_speculator(kind, engine, model))
     for _ in range(2):  # the second round also hits the prefix cache
         reqs = []

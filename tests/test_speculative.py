@@ -90,15 +90,12 @@ def make_drafter(kind, slots, max_draft, target, *, start_draft=1, head_dim=8, c
     return NeuralDrafter(model, target, slots)
 
 
-@pytest.mark.parametrize("kind", ["apply", "suffix", "block", "eagle3"])
-@pytest.mark.parametrize("slots,max_draft", [(1, 1), (3, 4), (4, 7)])
-def test_greedy_matches_engine(model, rng, kind, slots, max_draft):
+def check_greedy_matches_engine(model, rng, spec):
     # prompts with repeats, so the host speculators find continuations to draft
     base = [list(rng.integers(0, CFG.vocab_size, n)) for n in (1, 4, 9, 17, 23, 30)]
     prompts = [b + b[: len(b) // 2] + b for b in base]
     sp = SamplingParams(max_new_tokens=14)
     ref = engine(model, 2).generate(prompts, sp)
-    spec = SpeculativeDecoder(engine(model, slots), make_drafter(kind, slots, max_draft, model))
     out = spec.generate(prompts, sp)
     for r, o in zip(ref, out, strict=True):
         assert o.tokens == r.tokens and o.finish_reason == "length"
@@ -107,11 +104,21 @@ def test_greedy_matches_engine(model, rng, kind, slots, max_draft):
     assert not spec.engine.cache.lengths.any()
 
 
+# (slots, max_draft) = (4, 7) runs in test_warmup_compiles_every_width_and_changes_nothing, on the decoder it warmed
+# up (the same programs: compiling them twice per drafter cost ~10 s a drafter)
+@pytest.mark.parametrize("kind", ["apply", "suffix", "block", "eagle3"])
+@pytest.mark.parametrize("slots,max_draft", [(1, 1), (3, 4)])
+def test_greedy_matches_engine(model, rng, kind, slots, max_draft):
+    check_greedy_matches_engine(model, rng, SpeculativeDecoder(engine(model, slots),
+                                                               make_drafter(kind, slots, max_draft, model)))
+
+
 @pytest.mark.parametrize("kind", ["apply", "suffix", "block", "eagle3"])
 def test_warmup_compiles_every_width_and_changes_nothing(model, rng, kind):
     """After warm-up, a generation compiles no verify step; the warm-up itself leaves the cache as it was (pages
-    but the scratch page, lengths) while a request is in flight."""
-    slots, max_draft = 2, 7
+    but the scratch page, lengths) while a request is in flight. Then test_greedy_matches_engine's check at 4 slots
+    and 7 draft tokens on the warmed-up decoder."""
+    slots, max_draft = 4, 7
     eng = engine(model, slots)
     spec = SpeculativeDecoder(eng, make_drafter(kind, slots, max_draft, model))
     prompt = list(rng.integers(0, CFG.vocab_size, 20))
@@ -126,12 +133,15 @@ def test_warmup_compiles_every_width_and_changes_nothing(model, rng, kind):
     np.testing.assert_array_equal(eng.cache.lengths, lengths)
     eng.cache.release(1)
     step = eng._verify_capture if spec.drafter.capture else eng._verify
-    compiled = step._cache_size()
+    programs = lambda: (step._cache_size(), spec._host_step._cache_size() + spec._device_step._cache_size())
+    compiled = programs()
     base = [list(rng.integers(0, CFG.vocab_size, n)) for n in (5, 11)]
     out = spec.generate([b + b + b for b in base], SamplingParams(max_new_tokens=20))
-    assert step._cache_size() == compiled, "a verify width compiled after warm-up"
+    assert programs() == compiled, "a verify width compiled after warm-up"
     ref = engine(model, 2).generate([b + b + b for b in base], SamplingParams(max_new_tokens=20))
     assert [o.tokens for o in out] == [r.tokens for r in ref]
+    check_greedy_matches_engine(model, rng, spec)
+    assert programs() == compiled, "a verify width compiled after warm-up"
 
 @pytest.mark.parametrize("slots,max_draft", [(1, 5), (4, 6), (5, 16)])
 def test_rows_accept_different_lengths(model, rng, slots, max_draft):
