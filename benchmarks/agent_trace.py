@@ -476,7 +476,9 @@ def start_servers(model, tokenizer, fingerprint: str, shape: Shape, dtype: str, 
                           page_size=shape.page_size, max_slots=shape.max_slots, num_pages=shape.num_pages,
                           prefill_chunk=shape.prefill_chunk, decode_steps=shape.decode_steps, prefix_cache=cache,
                           host_pages=shape.host_pages if cache else 0, remote=redis_url if cache else None,
-                          max_queue=4 * shape.sessions + 16, drain_timeout_s=30)
+                          max_queue=4 * shape.sessions + 16, drain_timeout_s=30,
+                          speculator="none")  # chat requests only: the default apply speculator would compile
+        # its verify widths at start-up (~100 s per server for the 7B shape on the H200) for requests never sent
         app, state = assemble(cfg, model, IdText(tokenizer), fingerprint)
         servers[name] = BackgroundServer(app).start()
         servers[name].state = state

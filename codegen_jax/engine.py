@@ -66,6 +66,74 @@ def bucket(n: int, largest: int) -> int:
     return min(largest, max(16, 1 << (n - 1).bit_length()))
 
 
+_PROGRAMS: dict = {}
+
+
+def _programs(graphdef, treedef, page_size: int, attn_impl: str | None) -> _Programs:
+    """The one _Programs of this model structure, page size and attention implementation in the process (a fresh
+    one when the structure is not hashable)."""
+    key = (graphdef, treedef, page_size, attn_impl)
+    try:
+        hash(key)
+    except TypeError:
+        return _Programs(*key)
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = _Programs(*key)
+    return _PROGRAMS[key]
+
+
+class _Programs:
+    """An engine's jitted device functions. They depend on the model's structure (graphdef, parameter tree), the
+    page size and the attention implementation, never on an engine's arrays or slot counts (shapes come with the
+    arguments): engines alike in one process (the agent benchmark's three servers, a test's reference and
+    candidate) share them, so each shape is traced and compiled once, not once per engine."""
+
+    def __init__(self, graphdef, treedef, page_size: int, attn_impl: str | None):
+        self.graphdef, self.treedef, self.page_size, self.attn_impl = graphdef, treedef, page_size, attn_impl
+        self.prefill = jax.jit(partial(self.forward, last_only=True), donate_argnums=1)
+        self.verify = jax.jit(partial(self.forward, last_only=False), donate_argnums=1)
+        self.decode = jax.jit(self.decode_loop, donate_argnums=1, static_argnames=("n_steps", "greedy"))
+        self.verify_capture = jax.jit(self.forward_capture, donate_argnums=1, static_argnames="capture")
+        self.sample = jax.jit(sample, static_argnames="greedy")
+
+    def forward(self, params: list[jax.Array], kv, tokens, page_table, kv_lens, q_lens, *, last_only: bool):
+        """tokens [B, T] new tokens; kv_lens [B] lengths after them; q_lens [B] valid new tokens.
+        Returns (logits [B, V] of each row's last valid token, or [B, T, V] for all), updated kv."""
+        model = nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, params))
+        B, T = tokens.shape
+        batch = make_batch(page_table, kv_lens, q_lens, T, self.page_size)
+        hidden, kv, _ = model(tokens, kv, batch, attn_impl=self.attn_impl)
+        if last_only:
+            hidden = hidden[jnp.arange(B), jnp.maximum(q_lens - 1, 0)]
+        return model.logits(hidden), kv
+
+    def forward_capture(self, params, kv, tokens, page_table, kv_lens, q_lens, *, capture: tuple[int, ...]):
+        """As forward over all tokens, also returning the residual streams after layers `capture`,
+        concatenated: (logits [B, T, V], kv, features [B, T, len(capture) * D])."""
+        model = nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, params))
+        batch = make_batch(page_table, kv_lens, q_lens, tokens.shape[1], self.page_size)
+        hidden, kv, captured = model(tokens, kv, batch, attn_impl=self.attn_impl, capture=capture)
+        return model.logits(hidden), kv, jnp.concatenate(captured, axis=-1)
+
+    def decode_loop(self, params, kv, tokens, page_table, kv_lens, active, seeds, temperature, top_k, top_p,
+                    *, n_steps: int, greedy: bool):
+        """n_steps decode steps for all slots. tokens [B] last sampled tokens (not yet in the cache);
+        kv_lens [B] cached lengths. Returns (kv, new tokens [B, n_steps])."""
+        q_lens = active.astype(jnp.int32)
+
+        def step(i, carry):
+            kv, tokens, kv_lens, out = carry
+            kv_lens = kv_lens + q_lens
+            logits, kv = self.forward(params, kv, tokens[:, None], page_table, kv_lens, q_lens, last_only=True)
+            nxt = sample(logits, seeds, kv_lens, temperature, top_k, top_p, greedy=greedy)
+            nxt = jnp.where(active, nxt, 0)
+            return kv, nxt, kv_lens, out.at[:, i].set(nxt)
+
+        out = jnp.zeros((tokens.shape[0], n_steps), jnp.int32)
+        kv, _, _, out = jax.lax.fori_loop(0, n_steps, step, (kv, tokens, kv_lens, out))
+        return kv, out
+
+
 class Engine:
     def __init__(self, model: Transformer, cfg: EngineConfig = EngineConfig()):
         self.cfg = cfg
@@ -79,50 +147,11 @@ class Engine:
         self.cache = PagedKVCache(model.cfg, num_slots=cfg.max_slots, page_size=cfg.page_size,
                                   num_pages=cfg.pages, max_seq_len=cfg.max_seq_len + cfg.decode_steps,
                                   dtype=self.dtype)
-        self._prefill = jax.jit(partial(self._forward, last_only=True), donate_argnums=1)
-        self._verify = jax.jit(partial(self._forward, last_only=False), donate_argnums=1)
-        self._decode = jax.jit(self._decode_loop, donate_argnums=1, static_argnames=("n_steps", "greedy"))
-        self._verify_capture = jax.jit(self._forward_capture, donate_argnums=1, static_argnames="capture")
-        self._sample = jax.jit(sample, static_argnames="greedy")
-
-    # ---- device functions (traced) -------------------------------------------------------------------------
-
-    def _forward(self, params: list[jax.Array], kv, tokens, page_table, kv_lens, q_lens, *, last_only: bool):
-        """tokens [B, T] new tokens; kv_lens [B] lengths after them; q_lens [B] valid new tokens.
-        Returns (logits [B, V] of each row's last valid token, or [B, T, V] for all), updated kv."""
-        model = nnx.merge(self.graphdef, jax.tree.unflatten(self._treedef, params))
-        B, T = tokens.shape
-        batch = make_batch(page_table, kv_lens, q_lens, T, self.cfg.page_size)
-        hidden, kv, _ = model(tokens, kv, batch, attn_impl=self.cfg.attn_impl)
-        if last_only:
-            hidden = hidden[jnp.arange(B), jnp.maximum(q_lens - 1, 0)]
-        return model.logits(hidden), kv
-
-    def _forward_capture(self, params, kv, tokens, page_table, kv_lens, q_lens, *, capture: tuple[int, ...]):
-        """As _forward over all tokens, also returning the residual streams after layers `capture`,
-        concatenated: (logits [B, T, V], kv, features [B, T, len(capture) * D])."""
-        model = nnx.merge(self.graphdef, jax.tree.unflatten(self._treedef, params))
-        batch = make_batch(page_table, kv_lens, q_lens, tokens.shape[1], self.cfg.page_size)
-        hidden, kv, captured = model(tokens, kv, batch, attn_impl=self.cfg.attn_impl, capture=capture)
-        return model.logits(hidden), kv, jnp.concatenate(captured, axis=-1)
-
-    def _decode_loop(self, params, kv, tokens, page_table, kv_lens, active, seeds, temperature, top_k, top_p,
-                     *, n_steps: int, greedy: bool):
-        """n_steps decode steps for all slots. tokens [B] last sampled tokens (not yet in the cache);
-        kv_lens [B] cached lengths. Returns (kv, new tokens [B, n_steps])."""
-        q_lens = active.astype(jnp.int32)
-
-        def step(i, carry):
-            kv, tokens, kv_lens, out = carry
-            kv_lens = kv_lens + q_lens
-            logits, kv = self._forward(params, kv, tokens[:, None], page_table, kv_lens, q_lens, last_only=True)
-            nxt = sample(logits, seeds, kv_lens, temperature, top_k, top_p, greedy=greedy)
-            nxt = jnp.where(active, nxt, 0)
-            return kv, nxt, kv_lens, out.at[:, i].set(nxt)
-
-        out = jnp.zeros((tokens.shape[0], n_steps), jnp.int32)
-        kv, _, _, out = jax.lax.fori_loop(0, n_steps, step, (kv, tokens, kv_lens, out))
-        return kv, out
+        programs = _programs(self.graphdef, self._treedef, cfg.page_size, cfg.attn_impl)
+        self._forward, self._forward_capture = programs.forward, programs.forward_capture
+        self._decode_loop = programs.decode_loop
+        self._prefill, self._verify, self._decode = programs.prefill, programs.verify, programs.decode
+        self._verify_capture, self._sample = programs.verify_capture, programs.sample
 
     # ---- host-side building blocks (also used by drafters and the server) -----------------------------------
 

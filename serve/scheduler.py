@@ -432,8 +432,7 @@ class Scheduler:
         for req in self.running:
             if req.fetch is not None and req.pos >= req.fetch_start * self.page_size and req.fetch.done():
                 self._install_fetched(req)
-        prefill = [r for r in self.running if r.phase == "prefill" and not self._stalled(r)][
-            : self.cfg.max_prefill_rows]
+        prefill = self._prefill_rows()
         decode = [r for r in self.running if r.phase == "decode"]
         if not prefill and not decode:
             return False
@@ -471,6 +470,18 @@ class Scheduler:
         if self.radix is not None and self.radix.host is not None:
             self.radix.host.materialize()  # the device is idle here; land evicted pages in host RAM
         return True
+
+    def _prefill_rows(self) -> list[Request]:
+        """The prefilling rows of this call (at most max_prefill_rows): the one that arrived first, so every prompt
+        advances, then those with the fewest prompt tokens left to compute. A cached turn's few new tokens then
+        reach their first token in a call or two instead of queueing behind whole first prompts (shortest remaining
+        work first minimises the mean time to first token)."""
+        rows = [r for r in self.running if r.phase == "prefill" and not self._stalled(r)]
+        if len(rows) <= self.cfg.max_prefill_rows:
+            return rows
+        oldest = min(rows, key=lambda r: r.arrival)
+        rest = sorted((r for r in rows if r is not oldest), key=lambda r: (len(r.tokens) - r.pos, r.arrival))
+        return [oldest, *rest[: self.cfg.max_prefill_rows - 1]]
 
     # ---- admission and pages -----------------------------------------------------------------------------
 

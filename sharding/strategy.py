@@ -5,7 +5,7 @@
 - 'ring', 'bidi': sequence-parallel blocks with the ppermute-ring collective matmuls of `collectives.py`
   (one or both directions). Need the token count divisible by 2*tp ('bidi') or tp ('ring').
 - 'sp': the same sequence-parallel blocks with plain `all_gather` / `psum_scatter` (the rings' unoverlapped twin).
-- 'allreduce': column-parallel local matmuls, row-parallel then `psum` (replicated tokens; decode).
+- 'allreduce': column-parallel local matmuls, row-parallel then `psum` (replicated tokens; decode-sized).
 - 'allreduce_overlap': as 'allreduce' with the chunked one-shot all-reduce of `collectives.matmul_all_reduce`.
 - 'nocomm': the same per-device compute with no communication (wrong results): the benchmark's floor, to measure
   how much of a step is communication.
@@ -26,7 +26,10 @@ def choose(interconnect: str, tokens: int, hidden: int, tp: int, itemsize: int =
         return "xla"
     message = tokens * hidden * itemsize
     if message <= DECODE_BYTES or tokens % tp:
-        return "allreduce"
+        # GSPMD's own all-reduce: a latency-bound message gains nothing from a ring, and on 2 H200s XLA's placement
+        # of it beat our shard_map psum ('allreduce') in the TP=2 decode step in 2 of 3 scenarios
+        # (benchmarks/results/sharding.json, run at 2840fdc)
+        return "xla"
     if tokens % (2 * tp) == 0:
         # Both link directions carry half of each shard: on PCIe the transfer is the bottleneck; on NVLink the
         # halves are still cheaper than one full ring, and equal in compute.

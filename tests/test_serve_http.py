@@ -192,7 +192,8 @@ def test_a_second_server_fetches_the_prefix_from_redis(live, client, redis):
     first = complete(client, prompt, max_tokens=16)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     live.state.scheduler.remote.drain()  # the first server's pages are in redis now
-    app, state = build(ServeConfig(**CFG, remote=redis.url))
+    # (no speculative warm-up: completions do not speculate, and `live` warmed up the same programs at start-up)
+    app, state = build(ServeConfig(**CFG, remote=redis.url, warmup=False))
     with BackgroundServer(app) as other:
         c2 = openai.OpenAI(base_url=f"{other.url}/v1", api_key="unused", max_retries=0, timeout=60)
         second = complete(c2, prompt, max_tokens=16)

@@ -115,6 +115,28 @@ def test_matches_engine_generate(ref_engine, engine, rng):
         assert [r.tokens for r in run_batch(sched, prompts, sps, check_every=1)] == expected  # hits when on
 
 
+def test_short_prefills_pass_long_ones_and_the_oldest_keeps_advancing(ref_engine, engine, rng):
+    """Two prefill rows per call, three prompts: two long (4 chunks each) then a short one. The call's rows are
+    the oldest prompt and the one with least left to compute, so the short one gets its first token before the
+    second long one does, the oldest is never passed over, and the outputs match the plain engine."""
+    prompts = [list(rng.integers(0, VOCAB, n)) for n in (128, 128, 20)]
+    sps = [SamplingParams(max_new_tokens=4)] * 3
+    expected = [c.tokens for c in ref_engine.generate(prompts, sps)]
+    sched = Scheduler(engine, SchedulerConfig(prefix_cache=False, max_prefill_rows=2))
+    reqs = [submit(sched, p, sp) for p, sp in zip(prompts, sps, strict=True)]
+    first_token_step, steps = {}, 0
+    while sched.has_work() or steps == 0:
+        sched.step()
+        steps += 1
+        for i, (req, res) in enumerate(reqs):
+            if res.tokens and i not in first_token_step:
+                first_token_step[i] = steps
+    sched.check()
+    assert [res.tokens for _, res in reqs] == expected
+    assert first_token_step[2] < first_token_step[1], first_token_step  # the short prompt passed the second long
+    assert first_token_step[0] <= first_token_step[1], first_token_step  # the oldest was never passed over
+
+
 def test_identical_with_cache_off_on_flushed_and_from_host(engine, agent_ref):
     ref, ref_cached = agent_ref
     assert all(c == 0 for turn in ref_cached for c in turn)

@@ -68,10 +68,10 @@ def test_topology_and_strategy(monkeypatch):
     with pytest.raises(ValueError, match="CODEGEN_JAX_INTERCONNECT"):
         interconnect()
     interconnect.cache_clear()
-    assert S.choose("pcie", 8, 8192, 2) == "allreduce"  # decode: latency-bound
+    assert S.choose("pcie", 8, 8192, 2) == "xla"  # decode: latency-bound, GSPMD's all-reduce
     assert S.choose("pcie", 2048, 8192, 2) == "bidi"
     assert S.choose("pcie", 2046, 8192, 2) == "ring"
-    assert S.choose("pcie", 2047, 8192, 2) == "allreduce"
+    assert S.choose("pcie", 2047, 8192, 2) == "xla"
     with pytest.raises(ValueError, match="unknown strategy"):
         S.validate("fast")
     with pytest.raises(ValueError, match="device count"):
