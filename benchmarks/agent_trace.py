@@ -365,7 +365,7 @@ def warm_shapes(scheduler, max_tokens: int) -> None:
             n = 1
             while n < 2 * pages:  # gathers and scatters compile once per power-of-two count
                 kv.read_pages([0] * n)
-                kv.write_pages([0] * n, np.zeros((*shape[:3], n, *shape[3:]), dtype))
+                kv.write_pages([0] * n, np.zeros((n, *shape), dtype))
                 n *= 2
         np.asarray(kv.pages[0][0][0, 0, 0])  # wait for it all
 
@@ -479,7 +479,8 @@ def start_servers(model, tokenizer, fingerprint: str, shape: Shape, dtype: str, 
                           max_queue=4 * shape.sessions + 16, drain_timeout_s=30,
                           speculator="none")  # chat requests only: the default apply speculator would compile
         # its verify widths at start-up (~100 s per server for the 7B shape on the H200) for requests never sent
-        app, state = assemble(cfg, model, IdText(tokenizer), fingerprint)
+        # one model, three alike engines: they share compiled programs (each prefill shape is traced once, not 3x)
+        app, state = assemble(cfg, model, IdText(tokenizer), fingerprint, share_programs=True)
         servers[name] = BackgroundServer(app).start()
         servers[name].state = state
     return servers

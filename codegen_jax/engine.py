@@ -39,6 +39,10 @@ class EngineConfig:
     prefill_chunk: int = 512
     decode_steps: int = 8
     attn_impl: str | None = None
+    # Share jitted programs with the alike engines of this process that also share (same model structure, page
+    # size and attn_impl): each shape is then traced and compiled once, not once per engine. Kernel choices made
+    # at trace time (the dispatchers' picks, tuned tables, patches) are then those of the engine that traced first.
+    share_programs: bool = False
 
     def __post_init__(self):
         for name in ("max_slots", "page_size", "max_seq_len", "prefill_chunk", "decode_steps"):
@@ -70,8 +74,8 @@ _PROGRAMS: dict = {}
 
 
 def _programs(graphdef, treedef, page_size: int, attn_impl: str | None) -> _Programs:
-    """The one _Programs of this model structure, page size and attention implementation in the process (a fresh
-    one when the structure is not hashable)."""
+    """The one shared _Programs of this model structure, page size and attention implementation in the process (a
+    fresh one when the structure is not hashable)."""
     key = (graphdef, treedef, page_size, attn_impl)
     try:
         hash(key)
@@ -85,8 +89,8 @@ def _programs(graphdef, treedef, page_size: int, attn_impl: str | None) -> _Prog
 class _Programs:
     """An engine's jitted device functions. They depend on the model's structure (graphdef, parameter tree), the
     page size and the attention implementation, never on an engine's arrays or slot counts (shapes come with the
-    arguments): engines alike in one process (the agent benchmark's three servers, a test's reference and
-    candidate) share them, so each shape is traced and compiled once, not once per engine."""
+    arguments): engines alike in one process (the agent benchmark's three servers) can share them
+    (EngineConfig.share_programs), so each shape is traced and compiled once, not once per engine."""
 
     def __init__(self, graphdef, treedef, page_size: int, attn_impl: str | None):
         self.graphdef, self.treedef, self.page_size, self.attn_impl = graphdef, treedef, page_size, attn_impl
@@ -147,7 +151,8 @@ class Engine:
         self.cache = PagedKVCache(model.cfg, num_slots=cfg.max_slots, page_size=cfg.page_size,
                                   num_pages=cfg.pages, max_seq_len=cfg.max_seq_len + cfg.decode_steps,
                                   dtype=self.dtype)
-        programs = _programs(self.graphdef, self._treedef, cfg.page_size, cfg.attn_impl)
+        key = (self.graphdef, self._treedef, cfg.page_size, cfg.attn_impl)
+        programs = _programs(*key) if cfg.share_programs else _Programs(*key)
         self._forward, self._forward_capture = programs.forward, programs.forward_capture
         self._decode_loop = programs.decode_loop
         self._prefill, self._verify, self._decode = programs.prefill, programs.verify, programs.decode

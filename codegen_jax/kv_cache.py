@@ -26,13 +26,15 @@ def _bucket_ids(ids) -> np.ndarray:
 
 @jax.jit
 def _gather_pages(pages, ids):
-    # pages: L x (k, v) [K, P, S, D]; ids [n] -> [L, 2, K, n, S, D]
-    return jnp.stack([jnp.stack([k[:, ids], v[:, ids]]) for k, v in pages])
+    # pages: L x (k, v) [K, P, S, D]; ids [n] -> [n, L, 2, K, S, D]: page-major, so each page's bytes are one
+    # contiguous run on the host (the tiers copy and checksum whole pages; the transpose is free on the device)
+    return jnp.moveaxis(jnp.stack([jnp.stack([k[:, ids], v[:, ids]]) for k, v in pages]), 3, 0)
 
 
 @partial(jax.jit, donate_argnums=0)
 def _scatter_pages(pages, ids, data):
-    # data [L, 2, K, n, S, D]; padded ids point at the scratch page, so their rows land there
+    # data [n, L, 2, K, S, D]; padded ids point at the scratch page, so their rows land there
+    data = jnp.moveaxis(data, 0, 3)  # [L, 2, K, n, S, D]
     return tuple((k.at[:, ids].set(data[i, 0].astype(k.dtype)), v.at[:, ids].set(data[i, 1].astype(v.dtype)))
                  for i, (k, v) in enumerate(pages))
 
@@ -83,20 +85,20 @@ class PagedKVCache:
     # ---- page copies for the serving tiers (host RAM, remote store) -----------------------------------------
 
     def read_pages(self, ids) -> jax.Array:
-        """Copies pages `ids` [n] of every layer into one device array [L, 2, Hkv, m, S, D], m >= n the power of
+        """Copies pages `ids` [n] of every layer into one device array [m, L, 2, Hkv, S, D], m >= n the power of
         two `n` pads to: the first n follow `ids`, the rest are the scratch page. The caller drops them once on the
         host (a slice on the device would compile once per n). Dispatched, not awaited: a later step that
         reuses the pages is ordered after the copy, so callers may free them at once."""
         return _gather_pages(self.pages, _bucket_ids(ids))
 
     def write_pages(self, ids, data) -> None:
-        """pages[ids] <- data [L, 2, Hkv, n, S, D] (numpy or device) in every layer, in place (pool donated).
+        """pages[ids] <- data [n, L, 2, Hkv, S, D] (numpy or device) in every layer, in place (pool donated).
         data may come padded to the size class already (n rows and then any, written to the scratch page)."""
-        n = data.shape[3]
+        n = data.shape[0]
         padded = _bucket_ids(ids)
         if not len(ids) <= n <= len(padded):
             raise ValueError(f"write_pages: {len(ids)} page ids for {n} pages of data")
         if len(padded) != n:
-            pad = [(0, 0)] * 3 + [(0, len(padded) - n)] + [(0, 0)] * 2
+            pad = [(0, len(padded) - n)] + [(0, 0)] * 5
             data = np.pad(data, pad) if isinstance(data, np.ndarray) else jnp.pad(data, pad)
         self.pages = _scatter_pages(self.pages, padded, data)

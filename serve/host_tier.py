@@ -1,16 +1,22 @@
 """Host-RAM tier: KV pages evicted from the device wait here, in numpy, until a prefix hit brings them back.
 
-Copies out are asynchronous: `store` dispatches the device-side gather and starts the device-to-host transfer
-(JAX async dispatch), so the scheduler goes on while the bytes move; `materialize` lands them in the numpy pool,
-and runs only when the host needs the data (a load, a flush) or after a step's sync, when the device is idle
-anyway. Copies in are a device_put plus an in-place scatter, both dispatched ahead of the prefill that reads
-them.
+Copies out overlap compute: `store` dispatches the device-side gather, starts the device-to-host transfer (JAX
+async dispatch) and hands the array to a lander thread, which waits for the bytes and copies them into the numpy
+pool (each page one contiguous run: the gather is page-major) while the engine thread goes on; a load, a flush or
+a check waits for the copies still on their way (`materialize`). Copies in are a device_put plus an in-place
+scatter, both dispatched ahead of the prefill that reads them.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
+
 import jax
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class HostTier:
@@ -22,7 +28,9 @@ class HostTier:
         self.page_shape = tuple(page_shape)
         self.data = np.zeros((capacity, *page_shape), dtype)  # [N, L, 2, Hkv, S, D]
         self.free: list[int] = list(range(capacity - 1, -1, -1))
-        self._pending: list[tuple[list[int], jax.Array]] = []
+        self._pending: queue.Queue = queue.Queue()  # (slots, device pages) for the lander, oldest first
+        self._lander: threading.Thread | None = None  # started by the first store
+        self._failed: BaseException | None = None
 
     @property
     def num_free(self) -> int:
@@ -40,23 +48,37 @@ class HostTier:
         self.free.extend(slots)
 
     def store(self, slots: list[int], pages: jax.Array) -> None:
-        """slots [n] <- pages [L, 2, Hkv, m, S, D], m >= n (a device array still being computed; rows past n,
-        `read_pages`' padding, are dropped)."""
+        """slots [n] <- pages [m, L, 2, Hkv, S, D], m >= n (a device array still being computed; rows past n,
+        `read_pages`' padding, are dropped). Returns at once: the lander thread lands them."""
         pages.copy_to_host_async()
-        self._pending.append((list(slots), pages))
+        if self._lander is None:
+            self._lander = threading.Thread(target=self._land_loop, name="kv-host-lander", daemon=True)
+            self._lander.start()
+        self._pending.put((list(slots), pages))
+
+    def _land_loop(self) -> None:
+        while True:
+            slots, pages = self._pending.get()
+            try:
+                host = np.asarray(pages)  # waits for the transfer, the GIL released
+                for i, s in enumerate(slots):  # in order: a slot stored twice ends with its newest contents
+                    self.data[s] = host[i]  # one contiguous page: a memcpy without the GIL
+            except Exception as e:  # stale bytes in those slots: the next load or flush raises, never reads them
+                log.exception("host tier: landing %d pages failed", len(slots))
+                self._failed = e
+            finally:
+                self._pending.task_done()
 
     def materialize(self) -> None:
-        """Waits for outstanding copies and writes them into the pool, oldest first (a reused slot ends with
-        its newest contents)."""
-        pending, self._pending = self._pending, []
-        for slots, pages in pending:
-            self.data[slots] = np.moveaxis(np.asarray(pages)[:, :, :, : len(slots)], 3, 0)
+        """Waits until every stored page has landed in the pool."""
+        self._pending.join()
+        if self._failed is not None:
+            raise RuntimeError("the host tier lost pages on their way from the device") from self._failed
 
     def load(self, slots: list[int]) -> np.ndarray:
-        """Pages held in `slots` as [L, 2, Hkv, n, S, D]."""
-        if self._pending:
-            self.materialize()
-        return np.moveaxis(self.data[slots], 0, 3)
+        """Pages held in `slots` as [n, L, 2, Hkv, S, D]."""
+        self.materialize()
+        return self.data[slots]
 
     def check(self, held: set[int]) -> None:
         """Invariant: every slot is either free or held (by a radix-cache node), never both."""

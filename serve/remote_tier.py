@@ -265,7 +265,7 @@ class RemoteTier:
             return []
 
     def put(self, digests: list[bytes], pages) -> bool:
-        """Queues pages [L, 2, Hkv, m, S, D] (device array, copy already started; m >= n = len(digests), rows past
+        """Queues pages [m, L, 2, Hkv, S, D] (device array, copy already started; m >= n = len(digests), rows past
         n are padding) for writing under `digests`."""
         try:
             self._queue.put_nowait((list(digests), pages))
@@ -283,7 +283,7 @@ class RemoteTier:
                 digests, pages = item
                 host = np.asarray(pages)
                 keys = [key(d) for d in digests]
-                self.store.set(keys, [encode(k, host[:, :, :, i]) for i, k in enumerate(keys)])
+                self.store.set(keys, [encode(k, host[i]) for i, k in enumerate(keys)])  # page i: contiguous
                 self._count("pages_written", len(keys))
             except Exception:
                 log.exception("remote write failed; the pages stay local only")

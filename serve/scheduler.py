@@ -384,7 +384,7 @@ class Scheduler:
             self.rates[name] = new if old is None else 0.7 * old + 0.3 * new
 
     def _fetch_staged(self, digests: list[bytes]) -> StagedPages:
-        """On a fetcher thread: the remote pages, stacked [L, 2, Hkv, m, S, D] with m the page count padded to
+        """On a fetcher thread: the remote pages, stacked [m, L, 2, Hkv, S, D] with m the page count padded to
         write_pages' size class, and copied to the device. Placing them then costs the engine thread one scatter,
         not a stack, a pad and a host-to-device copy of every byte (~3 passes over 235 MB for an 8k-token prefix
         of a 1.5B model)."""
@@ -393,10 +393,10 @@ class Scheduler:
         if not pages:
             return StagedPages(0, None, None)
         n, first = len(pages), pages[0]
-        buf = np.zeros((*first.shape[:3], 1 << (n - 1).bit_length(), *first.shape[3:]), first.dtype)
+        buf = np.zeros((1 << (n - 1).bit_length(), *first.shape), first.dtype)  # page-major, as write_pages takes
         raw = buf.view(np.uint8)  # bytes: numpy copies them without the GIL whatever the dtype (bfloat16 too)
         for i, page in enumerate(pages):
-            raw[:, :, :, i] = page.view(np.uint8)
+            raw[i] = page.view(np.uint8)  # one contiguous run per page
         device = jax.device_put(buf)
         device.block_until_ready()
         self._rate("fetch", n * self.page_size, time.perf_counter() - t)
@@ -411,7 +411,7 @@ class Scheduler:
         skip = at - req.fetch_start  # > 0 when the cache grew since the fetch started
         fetched = max(0, staged.n - skip) if skip >= 0 and req.pos % ps == 0 else 0
         if fetched:
-            data = staged.device if skip == 0 else staged.host[:, :, :, skip : staged.n]
+            data = staged.device if skip == 0 else staged.host[skip : staged.n]
             self.kv.write_pages(req.pages[at : at + fetched], data)
             req.known_remote = range(at, at + fetched)
             req.pos = (at + fetched) * ps
@@ -467,8 +467,6 @@ class Scheduler:
             # calls count against the rate): no sync of its own, so chunks still pipeline
             self._rate("recompute", self._prefilled[0], time.perf_counter() - self._prefilled[1])
             self._prefilled = (0, 0.0)
-        if self.radix is not None and self.radix.host is not None:
-            self.radix.host.materialize()  # the device is idle here; land evicted pages in host RAM
         return True
 
     def _prefill_rows(self) -> list[Request]:

@@ -78,9 +78,10 @@ def build(cfg: ServeConfig):
     return assemble(cfg, model, Tokenizer.from_dir(cfg.model), _fingerprint(cfg.model))
 
 
-def assemble(cfg: ServeConfig, model, tokenizer, fingerprint: str):
+def assemble(cfg: ServeConfig, model, tokenizer, fingerprint: str, *, share_programs: bool = False):
     """Wires engine, scheduler, tiers and app around a loaded model (the benchmarks pass a random-weight one).
-    `fingerprint` names the weights in remote keys: servers share KV pages only when it matches."""
+    `fingerprint` names the weights in remote keys: servers share KV pages only when it matches. share_programs:
+    the engine shares compiled programs with the alike engines of this process (EngineConfig.share_programs)."""
     from codegen_jax.engine import EngineConfig
     from codegen_jax.parallel import replica_engine, replica_mesh
     from drafters.factory import build_speculator, neural_kind
@@ -91,7 +92,8 @@ def assemble(cfg: ServeConfig, model, tokenizer, fingerprint: str):
 
     engine = replica_engine(model, EngineConfig(max_slots=cfg.max_slots, page_size=cfg.page_size,
                                                 max_seq_len=cfg.max_seq_len, num_pages=cfg.num_pages,
-                                                prefill_chunk=cfg.prefill_chunk, decode_steps=cfg.decode_steps),
+                                                prefill_chunk=cfg.prefill_chunk, decode_steps=cfg.decode_steps,
+                                                share_programs=share_programs),
                             replica_mesh(cfg.tp, cfg.ep), cfg.tp_strategy)
     # The apply speculator by default, for /v1/apply (an edit's output is mostly its input: long drafts, and
     # lossless, so the choice never changes an output); a drafter checkpoint serves every request.

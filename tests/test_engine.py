@@ -145,6 +145,25 @@ def test_warmup_prefill_compiles_every_bucket_and_changes_nothing(model, rng, mo
     assert eng._prefill._cache_size() == compiled, "a prefill bucket compiled after warm-up"
 
 
+def test_alike_engines_that_share_programs_compile_each_shape_once(model, rng):
+    """Engines with share_programs (same model structure, page size, attention) use one set of jitted programs: a
+    second one's warm-up traces nothing and its outputs are its own (its cache, its slot count); engines without
+    it keep programs of their own. (Shapes still key the programs: a pool of another size compiles anew.)"""
+    cfg = EngineConfig(max_slots=2, page_size=8, max_seq_len=128, num_pages=40, prefill_chunk=32, share_programs=True)
+    a, b = Engine(model, cfg), Engine(model, EngineConfig(**{**cfg.__dict__, "max_slots": 3}))
+    own = Engine(model, EngineConfig(**{**cfg.__dict__, "share_programs": False}))
+    assert a._prefill is b._prefill and a._decode is b._decode and own._prefill is not a._prefill
+    a.warmup_prefill(rows=2)
+    traces = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *_, **__: traces.append(name) if name == "/jax/core/compile/jaxpr_trace_duration" else None)
+    b.warmup_prefill(rows=2)
+    assert traces == [], "the second engine traced its prefill again"
+    prompts = [list(rng.integers(0, 97, n)) for n in (5, 40)]
+    sp = SamplingParams(max_new_tokens=6)
+    assert [c.tokens for c in b.generate(prompts, sp)] == [c.tokens for c in own.generate(prompts, sp)]
+
+
 def test_bad_requests_are_rejected(model):
     eng = Engine(model, EngineConfig(max_slots=1, max_seq_len=32, prefill_chunk=16))
     with pytest.raises(ValueError, match="max_seq_len 32"):
@@ -159,21 +178,26 @@ def test_bad_requests_are_rejected(model):
 
 @pytest.mark.parametrize("n", [1, 3, 4, 5])
 def test_page_copies_round_trip_in_power_of_two_classes(rng, n):
-    """write_pages then read_pages gives the pages back in order, padded to the next power of two with the
-    scratch page; the copies compile once per class, not once per count."""
+    """write_pages then read_pages gives the pages back in order, page-major ([n, L, 2, Hkv, S, D]: page i is
+    pool page ids[i] of every layer), padded to the next power of two with the scratch page; the copies compile
+    once per class, not once per count."""
     from codegen_jax.kv_cache import PagedKVCache, _gather_pages
 
     kv = PagedKVCache(CFG, num_slots=1, page_size=4, num_pages=12, max_seq_len=32, dtype=jnp.float32)
     ids = list(rng.choice(np.arange(1, 12), n, replace=False))
-    shape = (CFG.num_layers, 2, CFG.num_kv_heads, n, 4, CFG.head_dim)
+    shape = (n, CFG.num_layers, 2, CFG.num_kv_heads, 4, CFG.head_dim)
     data = rng.standard_normal(shape).astype(np.float32)
     kv.write_pages(ids, data)
+    for i, p in enumerate(ids):  # where the pool holds them: layer l's K (0) and V (1) at page p
+        for layer, (k, v) in enumerate(kv.pages):
+            np.testing.assert_array_equal(np.asarray(k[:, p]), data[i, layer, 0])
+            np.testing.assert_array_equal(np.asarray(v[:, p]), data[i, layer, 1])
     out = np.asarray(kv.read_pages(ids))
     m = 1 << (n - 1).bit_length()
-    assert out.shape == (*shape[:3], m, *shape[4:])
-    np.testing.assert_array_equal(out[:, :, :, :n], data)
-    scratch = np.asarray(kv.read_pages([0]))[:, :, :, :1]
-    np.testing.assert_array_equal(out[:, :, :, n:], np.broadcast_to(scratch, out[:, :, :, n:].shape))
+    assert out.shape == (m, *shape[1:])
+    np.testing.assert_array_equal(out[:n], data)
+    scratch = np.asarray(kv.read_pages([0]))[:1]
+    np.testing.assert_array_equal(out[n:], np.broadcast_to(scratch, out[n:].shape))
     compiled = _gather_pages._cache_size()
     for k in range(m // 2 + 1, m + 1):  # every count of the class reuses the one program
         kv.read_pages(ids[:1] * k)

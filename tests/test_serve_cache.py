@@ -29,11 +29,11 @@ class FakeKV:
     def __init__(self, num_pages):
         self.data = np.full((num_pages, W), np.nan, np.float32)
 
-    def read_pages(self, ids):  # -> [L=1, 2=1, K=1, n, S=1, W]
-        return jnp.asarray(self.data[list(ids)][None, None, None, :, None, :])
+    def read_pages(self, ids):  # -> [n, L=1, 2=1, K=1, S=1, W]
+        return jnp.asarray(self.data[list(ids)][:, None, None, None, None, :])
 
     def write_pages(self, ids, data):
-        self.data[list(ids)] = np.asarray(data)[0, 0, 0, :, 0, :]
+        self.data[list(ids)] = np.asarray(data)[:, 0, 0, 0, 0, :]
 
 
 def test_allocator_random_operations_keep_counts_exact(rng):
@@ -182,14 +182,14 @@ def test_in_process_store_and_tier():
     store = InProcessStore()
     tier = RemoteTier(store, (1, 1, 1, 2, 2), np.float32)
     digests = [bytes([i]) * 32 for i in range(4)]
-    pages = jnp.arange(4 * 4, dtype=jnp.float32).reshape(1, 1, 1, 4, 2, 2)
-    tier.put(digests[:3], pages[:, :, :, :3])
+    pages = jnp.arange(4 * 4, dtype=jnp.float32).reshape(4, 1, 1, 1, 2, 2)
+    tier.put(digests[:3], pages[:3])
     tier.drain()
     assert store.exists([key(d) for d in digests]) == 3
     assert store.exists([key(digests[1])]) == 1 and store.exists([key(digests[3]), key(digests[0])]) == 0
     got = tier.fetch(digests)
     assert len(got) == 3
-    np.testing.assert_array_equal(got[2], np.asarray(pages[0, 0, 0, 2])[None, None, None])
+    np.testing.assert_array_equal(got[2], np.asarray(pages[2]))
     store.items[key(digests[1])] = b"garbage"
     assert len(tier.fetch(digests)) == 1 and tier.stats["pages_rejected"] == 1
     tier.close()

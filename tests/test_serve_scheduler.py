@@ -128,7 +128,7 @@ def test_short_prefills_pass_long_ones_and_the_oldest_keeps_advancing(ref_engine
     while sched.has_work() or steps == 0:
         sched.step()
         steps += 1
-        for i, (req, res) in enumerate(reqs):
+        for i, (_, res) in enumerate(reqs):
             if res.tokens and i not in first_token_step:
                 first_token_step[i] = steps
     sched.check()
