@@ -379,7 +379,12 @@ class Scheduler:
         return min(n - 1, int(n * share)) if n > 1 else 0
 
     def _rate(self, name: str, tokens: int, seconds: float) -> None:
-        if tokens > 0 and seconds > 0:
+        """Updates a rate (tokens per second) from a window of at least one prefill chunk. Smaller windows are
+        mostly fixed cost: a remote hit recomputes one token in a whole step. Averaged in, they made the H200
+        probe's overlapped 8,192-token hit recompute 1 page of 512 and fetch the rest, where its own recompute
+        and fetch times (269 ms and 1,125 ms: ~30k and ~7k tokens/s) call for ~410 recomputed
+        (benchmarks/results/agent_trace_7b_probe.json)."""
+        if tokens >= self.engine.cfg.prefill_chunk and seconds > 0:
             old, new = self.rates[name], tokens / seconds
             self.rates[name] = new if old is None else 0.7 * old + 0.3 * new
 
@@ -420,8 +425,10 @@ class Scheduler:
             self.metrics.admitted(0, {"remote": fetched * ps})
 
     def _stalled(self, req: Request) -> bool:
-        """A prefilling row whose next pages are still on their way from the remote tier."""
-        return req.fetch is not None and req.pos >= req.fetch_start * self.page_size and not req.fetch.done()
+        """A prefilling row at its first fetched page whose pages are not installed yet: still on their way from the
+        remote tier, or landed after this iteration's installs (the next one installs them). Its prefill piece
+        would be empty: the fetch's done-ness must not be read twice in one iteration."""
+        return req.fetch is not None and req.pos >= req.fetch_start * self.page_size
 
     def _iteration(self) -> bool:
         spec = self.speculator
