@@ -18,7 +18,8 @@ TTFT is reported over all requests and separately for first turns and cached tur
 whose prefix an earlier turn computed): the cache's claim is about a cached turn against its recompute. Before
 anything is timed every server plays the workload once with other text, then compiles every shape the runs can
 use (each prefill/extend row count and length bucket, decode, sampling, the page copies of the host and remote
-tiers); the JSON records how many programs were still traced during each measured run (0 expected).
+tiers); the JSON records how many programs were still traced during each measured run (0 expected)
+and the radix cache's page moves in it (evictions, host-tier spills and loads, remote writes).
 
 GPU (default): a random-weight model with Qwen2.5-Coder-1.5B's shapes, bf16; --model-shape 7b: Qwen2.5-Coder-7B's
 (~57 KB of KV per token vs 28 KB, ~5x the FLOPs per token: recompute costs more per byte fetched). CPU: --tiny,
@@ -221,6 +222,7 @@ class Run:
     wall_s: float = 0.0
     tiers: dict[str, float] = field(default_factory=dict)  # cached tokens per tier / prompt tokens
     traced: int = 0  # programs traced (compiled or loaded from the persistent cache) during the run
+    pages: dict[str, int] = field(default_factory=dict)  # the radix cache's page moves during the run
 
     @property
     def first(self) -> list[Turn]:
@@ -244,7 +246,7 @@ class Run:
                 "ttft_first_p50_ms": ttft_ms(self.first, 50), "ttft_cached_p50_ms": ttft_ms(self.cached, 50),
                 "ttft_cached_p90_ms": ttft_ms(self.cached, 90),
                 "out_tok_s": round(out / self.wall_s, 1), "prompt_tok_s": round(prompt / self.wall_s, 1),
-                "wall_s": round(self.wall_s, 2), "traced": self.traced}
+                "wall_s": round(self.wall_s, 2), "traced": self.traced, **self.pages}
 
 
 def cached_turns(off: Run, runs: list[Run]) -> dict:
@@ -297,8 +299,9 @@ async def play(url: str, w: Workload, model: str, recorded: list[list[list[dict]
 
 
 def measure(name: str, server, w: Workload, model: str, recorded=None) -> tuple[Run, list]:
-    metrics = server.state.scheduler.metrics
+    metrics, radix = server.state.scheduler.metrics, server.state.scheduler.radix
     before, traced = metrics.totals(), TRACES.count
+    moves = dict(radix.stats) if radix is not None else {}
     t = time.perf_counter()
     turns, record = asyncio.run(play(server.url, w, model, recorded))
     run = Run(name, turns, time.perf_counter() - t)
@@ -306,6 +309,8 @@ def measure(name: str, server, w: Workload, model: str, recorded=None) -> tuple[
     run.traced = TRACES.count - traced
     prompt = after["prompt"] - before["prompt"]
     run.tiers = {tier: (after[tier] - before[tier]) / max(1, prompt) for tier in ("device", "host", "remote")}
+    if radix is not None:  # evictions, host spills and loads, remote writes: where the run's host time may go
+        run.pages = {k: v - moves.get(k, 0) for k, v in sorted(radix.stats.items())}
     log(f"{name}: {len(turns)} requests in {run.wall_s:.1f}s, {run.traced} programs traced")
     return run, record
 
@@ -562,7 +567,7 @@ def main(argv: list[str] | None = None) -> dict:
             redis.kill()
 
     rows = [r.row() for r in runs]
-    print(table(rows, list(rows[0])))
+    print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))  # `off` has no page moves
     cached = cached_turns(off, [on, second])
     on_c, second_c = cached["cache on"], cached["second server (redis)"]
     print(f"\ncached turns (>= 2 of a session, {cached['requests']} requests), TTFT p50: off "
