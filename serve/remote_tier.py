@@ -233,6 +233,14 @@ class RemoteTier:
             pages.append(page)
         return pages
 
+    def present(self, digests: list[bytes]) -> int:
+        """How many of `digests`, from the first, the store holds (0 when it cannot say)."""
+        try:
+            return self.store.exists([key(d) for d in digests])
+        except Exception:  # a remote problem is a miss
+            log.exception("remote exists failed; recomputing")
+            return 0
+
     def fetch(self, digests: list[bytes]) -> list[np.ndarray]:
         """Pages for the leading run of `digests` that the store holds intact, each [L, 2, Hkv, S, D]
         (read-only views of the received bytes)."""

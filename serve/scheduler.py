@@ -361,13 +361,20 @@ class Scheduler:
             self._start_fetch(req)
 
     def _start_fetch(self, req: Request) -> None:
-        """Looks up, in the background, the remote pages that follow the prompt's cached prefix."""
+        """Looks up, in the background, the remote pages that follow the prompt's cached prefix. With
+        remote_overlap the split is of the pages the store holds, which one EXISTS on this thread counts first: a
+        split of every missing page would give the recompute the pages the store has and the fetch those it lacks."""
         path = self.radix.match(req.tokens, touch=False)
         limit = (len(req.tokens) - 1) // self.page_size
         if limit > len(path):
             ps = self.page_size
             digests = page_digests(self.radix.digest_after(path), req.tokens[len(path) * ps : limit * ps], ps)
-            head = self._split(len(digests)) if self.remote_overlap else 0
+            head = 0
+            if self.remote_overlap:
+                digests = digests[: self.remote.present(digests)]
+                if not digests:
+                    return
+                head = self._split(len(digests))
             req.fetch_start, req.fetch_head = len(path) + head, head
             req.fetch = self._fetcher.submit(self._fetch_staged, digests[head:])
 
