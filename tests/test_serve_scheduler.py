@@ -234,6 +234,27 @@ def test_remote_overlap_recomputes_the_head_while_the_tail_is_fetched(engine, ag
     reader.stop()
 
 
+def test_overlap_splits_the_pages_the_store_holds(ref_engine, engine, rng):
+    """remote_overlap on a prompt whose first pages the store holds and whose longer rest it does not: the split
+    is of the held pages (half recomputed, half fetched at equal rates), not of every missing page, which would
+    give the recompute all the held pages and the fetch only pages the store lacks."""
+    store = InProcessStore()
+    held = list(rng.integers(0, VOCAB, 5 * ECFG.page_size))
+    writer = Scheduler(engine, remote=store)
+    run_batch(writer, [held], [SamplingParams(max_new_tokens=1)])
+    writer.remote.drain()
+    writer.stop()
+    prompt = held + list(rng.integers(0, VOCAB, 9 * ECFG.page_size))  # 5 pages held, 9 more the store lacks
+    reader = Scheduler(engine, SchedulerConfig(remote_overlap=True), remote=store)
+    reader.rates = {"recompute": 1.0, "fetch": 1.0}
+    sp = SamplingParams(max_new_tokens=4)
+    res = run_batch(reader, [prompt], [sp])[0]
+    assert res.tokens == ref_engine.generate([prompt], sp)[0].tokens
+    assert res.cached == 3 * ECFG.page_size  # 5 held: 2 recomputed, 3 fetched
+    assert reader.remote.stats["pages_fetched"] == 3
+    reader.stop()
+
+
 def test_a_row_at_its_fetched_pages_waits_for_their_install(engine):
     """A row that recomputed its head up to the first fetched page is not prefilled until the fetch is installed,
     even once the fetch is done: done after this iteration's installs, it would be sent an empty piece (the engine
