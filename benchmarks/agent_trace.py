@@ -74,6 +74,7 @@ class Shape:
     decode_steps: int
     probe_lengths: tuple[int, ...]  # prefix lengths for the fetch-vs-recompute crossover
     probe_reps: int
+    prefill_decode_steps: int = 1  # decode steps of a server call that also prefills (ServeConfig)
 
 
 # ~8k-token first prompts growing ~700 a turn, 128-token answers: an agent's prompts run 37x to 2,494x its outputs
@@ -335,9 +336,9 @@ TRACES = TraceCounter()
 def warm_shapes(scheduler, max_tokens: int) -> None:
     """Compiles, on the engine thread (between iterations, while the server is idle), every program a run of
     requests up to `max_tokens` long (prompt + output) can use: prefill/extend for each padded row count and length
-    bucket, the first-token sampler, the fused decode, and the page copies of the host and remote tiers (a gather and a
-    scatter per power-of-two count). Free slots' page tables point
-    at the scratch page: nothing cached changes."""
+    bucket, the first-token sampler, the fused decode (each step count), and the page copies of the host and remote
+    tiers (a gather and a scatter per power-of-two count). Free slots' page tables point at the scratch page:
+    nothing cached changes."""
     import numpy as np
 
     from codegen_jax.engine import bucket
@@ -360,8 +361,9 @@ def warm_shapes(scheduler, max_tokens: int) -> None:
                                   scheduler.top_k[idx], scheduler.top_p[idx], greedy=True)  # requests: greedy
         kv.lengths[free] = 0
         active = np.zeros(ecfg.max_slots, bool)
-        engine.decode(scheduler.last, active, scheduler.seeds, scheduler.temperature, scheduler.top_k,
-                      scheduler.top_p, greedy=True)
+        for n_steps in scheduler.decode_step_counts():  # with and without a prefill in the same call
+            engine.decode(scheduler.last, active, scheduler.seeds, scheduler.temperature, scheduler.top_k,
+                          scheduler.top_p, greedy=True, n_steps=n_steps)
         if scheduler.radix is not None:  # page copies: host tier spills and loads, remote writes and fetches
             from serve.radix_cache import dtype_of, page_array_shape
 
@@ -479,7 +481,8 @@ def start_servers(model, tokenizer, fingerprint: str, shape: Shape, dtype: str, 
     for name, cache in (("on", True), ("off", False), ("second", True)):
         cfg = ServeConfig(model=str(FIXTURE), served_model_name="agent", dtype=dtype, max_seq_len=shape.max_seq_len,
                           page_size=shape.page_size, max_slots=shape.max_slots, num_pages=shape.num_pages,
-                          prefill_chunk=shape.prefill_chunk, decode_steps=shape.decode_steps, prefix_cache=cache,
+                          prefill_chunk=shape.prefill_chunk, decode_steps=shape.decode_steps,
+                          prefill_decode_steps=shape.prefill_decode_steps, prefix_cache=cache,
                           host_pages=shape.host_pages if cache else 0, remote=redis_url if cache else None,
                           max_queue=4 * shape.sessions + 16, drain_timeout_s=30,
                           speculator="none")  # chat requests only: the default apply speculator would compile
@@ -500,6 +503,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--turns", type=int, default=None, help="turns per session (default: per mode)")
     p.add_argument("--redis", default=None, help="redis://HOST:PORT to use (default: start a redis-server here)")
     p.add_argument("--no-probe", action="store_true", help="skip the fetch-vs-recompute crossover")
+    p.add_argument("--prefill-decode-steps", type=int, default=None,
+                   help="decode steps of a server call that also prefills (default: the servers' default, 1)")
     p.add_argument("--results-dir", default=None, help="write the JSON here instead of benchmarks/results (tests)")
     args = p.parse_args(argv)
 
@@ -517,7 +522,8 @@ def main(argv: list[str] | None = None) -> dict:
     from serve.redis_process import RedisProcess
 
     shape = TINY if args.tiny else GPU
-    shape = dataclasses.replace(shape, **{k: v for k, v in (("sessions", args.sessions), ("turns", args.turns))
+    shape = dataclasses.replace(shape, **{k: v for k, v in (("sessions", args.sessions), ("turns", args.turns),
+                                                             ("prefill_decode_steps", args.prefill_decode_steps))
                                           if v is not None})
     model, tokenizer, fingerprint = build_model(args.tiny, args.model_shape)
     dtype = "float32" if args.tiny else "bfloat16"

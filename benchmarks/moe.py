@@ -14,7 +14,8 @@ is checked against ragged_dot first (max |diff| / max |ref| <= 2e-2, int8 4e-2, 
 --tune runs the search loop over Triton configs for the Qwen3-30B-A3B shapes first and writes the winners to
 pallas_kernels/tuned/moe.json (and $OUT), which `ours` then uses. At T <= 8 it also tries the GEMV mode (no dot;
 block_m = rows per pass over a weight tile) over block_f/block_d, block_k, warps and stages, and fused_combine
-(the weighted combine inside the down kernel, routing in XLA or in Pallas: 3-4 launches at T=1).
+(the weighted combine inside the down kernel, routing in XLA or in Pallas: 3-4 launches at T=1), and at T=1
+fused_route="inline" (each gate/up program routes the token itself: 4 launches with the per-slot down kernel).
 
 The result JSON is rewritten after every tuned T and every benchmarked shape, so a run cut off by a time limit
 keeps what it measured.
@@ -143,9 +144,23 @@ def fused_configs(T: int, *, quick: bool) -> list:
     return out
 
 
+def inline_configs(*, quick: bool) -> list:
+    """fused_route="inline" candidates (T=1: the gate/up kernel takes the top-k of XLA's logits itself, 4 launches
+    in all): the dot mode at column blocks 32 and 64 and the GEMV mode's two best block pairs of the last H200
+    tune; unless quick, each dot block also at 4 stages. 4 candidates (6 when not quick)."""
+    from pallas_kernels.moe import TritonMoEConfig
+
+    out = [TritonMoEConfig(block_m=16, block_f=bf, block_d=bf, fused_route="inline") for bf in (32, 64)]
+    if not quick:
+        out += [TritonMoEConfig(block_m=16, block_f=bf, block_d=bf, num_stages=4, fused_route="inline")
+                for bf in (32, 64)]
+    return out + [TritonMoEConfig(block_m=1, block_f=64, block_d=64, block_k=128, block_kf=128, fused_route="inline"),
+                  TritonMoEConfig(block_m=1, block_f=32, block_d=32, block_k=256, block_kf=256, fused_route="inline")]
+
+
 def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool) -> list:
     """The Triton kernel's candidates at T tokens: plan's choice, the dot mode over column blocks and stages,
-    wider row tiles at T >= 64, the GEMV mode and fused_combine at decode sizes."""
+    wider row tiles at T >= 64, the GEMV mode and fused_combine at decode sizes, inline routing at T=1."""
     from pallas_kernels.moe import TritonMoEConfig
     from pallas_kernels.moe.triton_moe import gemv_expected
 
@@ -160,6 +175,8 @@ def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool) -> list:
         configs += gemv_configs(T, F, quick=quick)
     if T <= FUSED_MAX_T:
         configs += fused_configs(T, quick=quick)
+    if T == 1:
+        configs += inline_configs(quick=quick)
     return list(dict.fromkeys(configs))
 
 

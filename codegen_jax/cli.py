@@ -89,6 +89,9 @@ def _add_serve(sub) -> None:
     s.add_argument("--num-pages", type=int, default=0, help="device KV pages (default 0: max-slots full sequences)")
     s.add_argument("--prefill-chunk", type=_positive, default=512, help="longest prefill call, a power of two")
     s.add_argument("--decode-steps", type=_positive, default=8, help="decode steps fused per device call")
+    s.add_argument("--prefill-decode-steps", type=_positive, default=1,
+                   help="decode steps of a call that also prefills (default 1: a waiting prompt's first token "
+                   "comes sooner; up to --decode-steps)")
     _add_parallel(s)
     s.add_argument("--remote-overlap", action="store_true",
                    help="on a remote hit, recompute the prefix's head while its tail is fetched (split by the "
@@ -203,7 +206,8 @@ def _serve(args) -> int:
                           served_model_name=args.served_model_name, dtype=args.dtype, max_seq_len=args.max_seq_len,
                           page_size=args.page_size, max_slots=args.max_slots, num_pages=args.num_pages,
                           prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
-                          prefix_cache=not args.no_prefix_cache, host_pages=args.host_pages,
+                          prefill_decode_steps=args.prefill_decode_steps, prefix_cache=not args.no_prefix_cache,
+                          host_pages=args.host_pages,
                           remote_overlap=args.remote_overlap, tp=args.tp, ep=args.ep,
                           tp_strategy=_strategy(args.tp_strategy),
                           max_queue=args.max_queue, drain_timeout_s=args.drain_timeout,

@@ -226,17 +226,19 @@ class Engine:
         return buckets
 
     def decode(self, last: np.ndarray, active: np.ndarray, seeds, temperature, top_k, top_p, *,
-               greedy: bool) -> jax.Array:
-        """decode_steps fused steps for the `active` [max_slots] slots; last [max_slots] holds each slot's newest
-        token (sampled, not yet cached), the sampling arrays are per slot. Advances active slots' lengths by
-        decode_steps (their pages must cover that); returns tokens [max_slots, decode_steps], not awaited."""
+               greedy: bool, n_steps: int | None = None) -> jax.Array:
+        """n_steps (default decode_steps, at most that) fused steps for the `active` [max_slots] slots; last
+        [max_slots] holds each slot's newest token (sampled, not yet cached), the sampling arrays are per slot.
+        Advances active slots' lengths by n_steps (their pages must cover that); returns tokens [max_slots,
+        n_steps], not awaited. Each step count is its own program."""
+        steps = n_steps or self.cfg.decode_steps
+        assert 1 <= steps <= self.cfg.decode_steps, (steps, self.cfg.decode_steps)
         cache = self.cache
         # Copies: on the CPU a numpy argument may be aliased, not copied, and the host edits these arrays while
         # the step is still in flight.
         host = [np.array(a) for a in (last, cache.page_table, cache.lengths, active, seeds, temperature, top_k, top_p)]
-        cache.pages, out = self._decode(self.params, cache.pages, *host, n_steps=self.cfg.decode_steps,
-                                        greedy=greedy)
-        cache.lengths[active] += self.cfg.decode_steps
+        cache.pages, out = self._decode(self.params, cache.pages, *host, n_steps=steps, greedy=greedy)
+        cache.lengths[active] += steps
         return out
 
     def verify(self, tokens: np.ndarray, q_lens: np.ndarray) -> jax.Array:

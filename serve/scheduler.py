@@ -61,7 +61,10 @@ class SchedulerConfig:
     requests before `submit` refuses; max_prefill_rows: slots prefilled in one call; lpm_max_waiting: queue
     length above which admission is FCFS instead of longest-prefix-first; remote_overlap: recompute the head of a
     remote hit while its tail is fetched (off: fetch all of it, then compute what follows; it stays off by default
-    until a GPU run of benchmarks/agent_trace.py shows the split paying)."""
+    until a GPU run of benchmarks/agent_trace.py shows the split paying); prefill_decode_steps: decode steps of a
+    call that also prefills (capped at the engine's decode_steps, which calls without prefill run): while a
+    prompt waits for its first token, decoding rows advance one token a call, as vLLM's chunked prefill does, so
+    a cached turn's few new tokens do not wait behind several fused decode steps per chunk."""
 
     prefix_cache: bool = True
     host_pages: int = 0
@@ -69,9 +72,10 @@ class SchedulerConfig:
     max_queue: int = 256
     max_prefill_rows: int = 4
     lpm_max_waiting: int = 32
+    prefill_decode_steps: int = 1
 
     def __post_init__(self):
-        for name in ("max_queue", "max_prefill_rows"):
+        for name in ("max_queue", "max_prefill_rows", "prefill_decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("host_pages", "lpm_max_waiting"):
@@ -459,7 +463,7 @@ class Scheduler:
         # run on the same pool one after the other, and each leaves the other's rows untouched (q_len 0, inactive).
         drafted = [r for r in decode if r.speculate] if spec is not None else []
         plain = [r for r in decode if r not in drafted] if drafted else decode
-        out = self._dispatch_decode(plain) if plain else None
+        out = self._dispatch_decode(plain, self.cfg.prefill_decode_steps if prefill else None) if plain else None
         if drafted:
             rows = [SpecRow(r.slot, r.tokens, r.params) for r in drafted]
             new = spec(self.engine, rows)
@@ -636,11 +640,18 @@ class Scheduler:
                              self.top_p[idx], greedy=greedy)
         return first, done
 
-    def _dispatch_decode(self, rows: list[Request]):
+    def _dispatch_decode(self, rows: list[Request], n_steps: int | None = None):
+        """The fused decode call for rows: n_steps (capped at the engine's decode_steps; None: those) each."""
         active = np.zeros(len(self.slots), bool)
         active[[r.slot for r in rows]] = True
+        steps = min(n_steps or self.engine.cfg.decode_steps, self.engine.cfg.decode_steps)
         return self.engine.decode(self.last, active, self.seeds, self.temperature, self.top_k, self.top_p,
-                                  greedy=bool((self.temperature[active] == 0).all()))
+                                  greedy=bool((self.temperature[active] == 0).all()), n_steps=steps)
+
+    def decode_step_counts(self) -> list[int]:
+        """The step counts of the fused decode calls this scheduler makes (one program each, for warm-ups)."""
+        ecfg = self.engine.cfg
+        return sorted({ecfg.decode_steps, min(self.cfg.prefill_decode_steps, ecfg.decode_steps)})
 
     def _prefill_done(self, req: Request, token: int) -> None:
         if self.radix is not None:

@@ -250,6 +250,32 @@ def test_fused_combine_int8(rng, E, top_k, D, F, T, config):
     assert T == 1 or (experts[:, 0] == hot).all()
 
 
+# fused_route="inline" (T=1, per-slot down): every gate/up program takes the softmax and top-k of the XLA logits
+# itself and its first F tile writes the slot table and pair weight the down kernel reads; a row it failed to
+# write leaves the down kernel a NaN weight or garbage expert id (interpreter), which fails the comparison
+INLINE_CONFIGS = {
+    "gemv1": TritonMoEConfig(block_m=1, block_f=16, block_d=16, block_k=32, block_kf=16, fused_route="inline"),
+    "dot16": TritonMoEConfig(block_m=16, fused_route="inline"),
+}
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["renorm", "softmax"])
+@pytest.mark.parametrize("config", list(INLINE_CONFIGS))
+@pytest.mark.parametrize("E,top_k,D,F", CONFIGS, ids=["qwen3-30b-a3b", "small"])
+def test_inline_route(rng, E, top_k, D, F, config, norm):
+    check(rng, 1, E, D, F, top_k, norm_topk_prob=norm, config=INLINE_CONFIGS[config])
+
+
+@pytest.mark.parametrize("config", list(INLINE_CONFIGS))
+def test_inline_route_int8(rng, config):
+    check_int8(rng, 1, 128, 64, 32, 8, config=INLINE_CONFIGS[config])
+
+
+def test_inline_route_skips_dead_experts(rng):
+    experts = check(rng, 1, 8, 32, 48, 2, bias=dead_experts_bias, config=INLINE_CONFIGS["dot16"])
+    assert not np.isin(experts, DEAD).any()
+
+
 def test_fused_combine_is_a_tuner_candidate():
     # benchmarks/moe.py --tune tries fused_combine (each routing, both modes) beside the other configs at decode
     # sizes, and every candidate plans at the Qwen3-30B-A3B shape (Triton block rules)
@@ -268,6 +294,10 @@ def test_fused_combine_is_a_tuner_candidate():
         for c in configs:
             plan(T, D, F, E, K, c, sms=132)
     assert not any(c.fused_combine for c in triton_configs(64, E, K, F, quick=False))
+    # the inline routing at T=1 only, both modes
+    inline = [c for c in triton_configs(1, E, K, F, quick=True) if c.fused_route == "inline"]
+    assert {c.block_m < 16 for c in inline} == {True, False}
+    assert not any(c.fused_route == "inline" for c in triton_configs(8, E, K, F, quick=False))
     assert not TritonMoEConfig().fused_combine  # the default stays unfused until the tuned table picks it
 
 
@@ -315,6 +345,7 @@ def test_plan_defaults():
     (dict(D=40), jnp.bfloat16, (False, False, False)),
     (dict(config=TritonMoEConfig(block_f=64)), jnp.bfloat16, (False, False, False)),
     (dict(E=6, config=TritonMoEConfig(fused_combine=True, fused_route="topk")), jnp.bfloat16, (False,) * 3),
+    (dict(config=TritonMoEConfig(fused_route="inline")), jnp.bfloat16, (False,) * 3),  # inline is T=1 only
 ])
 def test_unsupported_raise_not_implemented(kw, x_dtype, quant):
     T, D, E, F = kw.get("T", 4), kw.get("D", 64), kw.get("E", 8), 48
@@ -334,7 +365,7 @@ def test_unsupported_raise_not_implemented(kw, x_dtype, quant):
 def test_config_validates_itself():
     for kw in (dict(block_m=24), dict(block_m=3), dict(block_m=0), dict(block_f=8), dict(block_m=256),
                dict(block_k=1024), dict(num_warps=3), dict(num_stages=0), dict(fused_route="all"),
-               dict(fused_combine=True, fused_route="yes")):
+               dict(fused_combine=True, fused_route="yes"), dict(fused_combine=True, fused_route="inline")):
         with pytest.raises(ValueError):
             TritonMoEConfig(**kw)
     for bm in (1, 2, 4, 8, 16, 128):  # GEMV rows per pass, dot rows
@@ -394,10 +425,13 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
                TritonMoEConfig(fused_combine=True),
                TritonMoEConfig(block_m=16, block_d=32, block_kf=256, fused_combine=True, fused_route="topk"),
                TritonMoEConfig(block_m=1, fused_combine=True, fused_route="all", num_warps=8)]
+    if T == 1:  # the gate/up kernel routes, both modes
+        configs += [TritonMoEConfig(block_m=16, block_f=32, block_d=32, fused_route="inline"),
+                    TritonMoEConfig(block_m=1, fused_route="inline")]
     a100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA A100-SXM4-80GB", 108, "gpu"))
     with jax.sharding.use_abstract_mesh(a100):
         for config in configs:
             fn = jax.jit(lambda *a, c=config: moe_triton(*a, top_k=top_k, norm_topk_prob=True, config=c))
             text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-            routed = config is not None and config.fused_route != "none"
+            routed = config is not None and config.fused_route in ("topk", "all")
             assert text.count("__gpu$xla.gpu.triton") == 2 + routed

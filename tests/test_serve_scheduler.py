@@ -137,6 +137,35 @@ def test_short_prefills_pass_long_ones_and_the_oldest_keeps_advancing(ref_engine
     assert first_token_step[0] <= first_token_step[1], first_token_step  # the oldest was never passed over
 
 
+@pytest.mark.parametrize("prefill_decode_steps", [1, 2, ECFG.decode_steps])
+def test_decode_rows_take_fewer_steps_while_a_prompt_prefills(ref_engine, engine, rng, prefill_decode_steps):
+    """A calls that also prefill B's 100-token prompt (4 chunks of 32) decode prefill_decode_steps tokens for A;
+    the calls without a prefill decode_steps; the outputs match the plain engine either way."""
+    prompts = [list(rng.integers(0, VOCAB, n)) for n in (10, 100)]
+    sps = [SamplingParams(max_new_tokens=40), SamplingParams(temperature=0.8, seed=7, max_new_tokens=6)]
+    expected = [c.tokens for c in ref_engine.generate(prompts, sps)]
+    sched = Scheduler(engine, SchedulerConfig(prefix_cache=False, prefill_decode_steps=prefill_decode_steps))
+    assert sched.decode_step_counts() == sorted({prefill_decode_steps, ECFG.decode_steps})
+    (_, a), growth = submit(sched, prompts[0], sps[0]), []
+
+    def step():
+        n = len(a.tokens)
+        sched.step()
+        growth.append(len(a.tokens) - n)
+
+    step()  # A's prefill: its first token
+    step()  # A decodes alone
+    _, b = submit(sched, prompts[1], sps[1])
+    for _ in range(4):  # B's 4 chunks beside A's decode
+        step()
+    assert len(b.tokens) == 1  # B's first token came with its last chunk
+    step()  # both decode
+    assert growth == [1, ECFG.decode_steps] + [prefill_decode_steps] * 4 + [ECFG.decode_steps], growth
+    sched.run_until_idle()
+    sched.check()
+    assert [a.tokens, b.tokens] == expected
+
+
 def test_identical_with_cache_off_on_flushed_and_from_host(engine, agent_ref):
     ref, ref_cached = agent_ref
     assert all(c == 0 for turn in ref_cached for c in turn)

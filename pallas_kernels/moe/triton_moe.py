@@ -66,7 +66,8 @@ GEMV_ROWS = (1, 2, 4, 8)  # block_m values selecting GEMV mode: rows one pass ov
 # The tuned table overrides this per shape.
 GEMV_MAX_MEAN_ROWS = 1.1
 GEMV_ACC2D_MAX = 16384  # float32 accumulator values per GEMV program (128 registers a thread at 4 warps)
-FUSED_ROUTES = ("none", "topk", "all")  # TritonMoEConfig.fused_route
+FUSED_ROUTES = ("none", "topk", "all")  # TritonMoEConfig.fused_route with fused_combine
+ROUTES = FUSED_ROUTES + ("inline",)  # "inline": T=1 without fused_combine
 # fused_route="all": one program per token streams the whole router (512 KB at Qwen3-30B), so it wants many
 # loads in flight: [E, block_k] tiles of up to this many float32 products, 8 warps, 4 stages (not yet timed)
 ROUTE_ACC_MAX = 16384
@@ -112,6 +113,10 @@ class TritonMoEConfig:
       program per token (`_route_kernel`; E a power of two), which at T=1 also writes the slot table: the whole
       op is 3 launches, but one program streams the [E, D] router. "topk": logits by XLA's matmul (all SMs),
       the rest in that kernel: 4 launches. "none": routing in XLA as `reference.route` does.
+      "inline" (T=1, fused_combine False): XLA's matmul gives the [1, E] logits and every gate/up program takes
+      the softmax and top-k of those E floats itself (K rounds of max; redundant, and far cheaper than a
+      launch), runs its slot's expert (slot k: the k-th choice) and, in its first F tile, writes the slot table
+      and routing weight the down kernel reads: logits, gate/up, down, sum = 4 launches in all.
     """
 
     block_m: int | None = None
@@ -136,10 +141,12 @@ class TritonMoEConfig:
             raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
         if not 1 <= self.num_stages <= 8:
             raise ValueError(f"num_stages={self.num_stages} must be in [1, 8]")
-        if self.fused_route not in FUSED_ROUTES:
-            raise ValueError(f"fused_route={self.fused_route!r} must be one of {', '.join(FUSED_ROUTES)}")
-        if self.fused_route != "none" and not self.fused_combine:
+        if self.fused_route not in ROUTES:
+            raise ValueError(f"fused_route={self.fused_route!r} must be one of {', '.join(ROUTES)}")
+        if self.fused_route in ("topk", "all") and not self.fused_combine:
             raise ValueError(f"fused_route={self.fused_route!r} needs fused_combine=True (it feeds the fused down)")
+        if self.fused_route == "inline" and self.fused_combine:
+            raise ValueError("fused_route='inline' feeds the per-slot down kernel: it needs fused_combine=False")
 
 
 class Plan(NamedTuple):
@@ -216,6 +223,8 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
         if not b or n % b:
             raise NotImplementedError(f"{name}={b} does not divide {n} (power-of-two blocks >= {MIN_DOT})")
     rbk = 0
+    if config.fused_route == "inline" and T != 1:
+        raise NotImplementedError(f"fused_route='inline' is the one-token path, got T={T}")
     if config.fused_route != "none" and not _pow2(E):
         raise NotImplementedError(f"fused_route needs a power-of-two expert count (Triton blocks), got E={E}")
     if config.fused_route == "all":
@@ -497,6 +506,56 @@ def _down_combine_kernel(
     o_ref[t, pl.ds(d0, block_d)] = o.astype(o_ref.dtype)
 
 
+def _topk(logits, top_k: int, norm_topk_prob: bool):
+    """One token's routing in a kernel, as `reference.route`: logits [E] float32 -> (K expert ids, best first,
+    lowest id among equals as lax.top_k; K float32 weights: softmax probabilities, renormalised over the K with
+    norm_topk_prob). K rounds of a max over E values."""
+    E = logits.shape[0]
+    ids = jnp.arange(E, dtype=jnp.int32)
+    top = jnp.max(logits)
+    left, chosen, probs = logits, [], []
+    for _ in range(top_k):
+        m = jnp.max(left)
+        e = jnp.min(jnp.where(left == m, ids, E))
+        chosen.append(e)
+        probs.append(jnp.exp(m - top))  # unnormalised softmax probability
+        left = jnp.where(ids == e, -jnp.inf, left)
+    total = sum(probs[1:], probs[0]) if norm_topk_prob else jnp.sum(jnp.exp(logits - top))
+    return chosen, [p / total for p in probs]
+
+
+def _inline_routed(
+    kernel,  # _gate_up_kernel or _gate_up_gemv_kernel
+    logits_ref,  # [1, E] float32 router logits of the one token
+    x_ref,  # [1, D]
+    wg_ref,  # [E, D, F]
+    wu_ref,  # [E, D, F]
+    *rest,  # (sg_ref, su_ref when quantised), h_ref [Ppad, F], meta_ref out [K, 4] int32, pw_ref out [Ppad] f32
+    top_k: int,
+    norm_topk_prob: bool,
+    **kw,
+):
+    """fused_route="inline": program (k, j) routes the token itself (`_topk` of its E logits) and runs the gate/up
+    kernel for its k-th expert, F tile j; the j=0 programs write slot k's table row (expert, pair k, 1 pair)
+    and routing weight for the down kernel."""
+    *inner, meta_ref, pw_ref = rest
+    E = logits_ref.shape[1]
+    k = pl.program_id(0)
+    chosen, weights = _topk(logits_ref[0, pl.ds(0, E)], top_k, norm_topk_prob)
+    e = sum(jnp.where(k == i, c, 0) for i, c in enumerate(chosen))  # the k-th choice: a select, no indexing
+    w = sum(jnp.where(k == i, c, 0.0) for i, c in enumerate(weights))
+
+    @pl.when(pl.program_id(1) == 0)
+    def _():
+        meta_ref[k, 0] = e
+        meta_ref[k, 1] = k
+        meta_ref[k, 2] = jnp.int32(1)
+        meta_ref[k, 3] = jnp.int32(0)
+        pw_ref[k] = w
+
+    kernel((e, k, jnp.int32(1)), x_ref, wg_ref, wu_ref, *inner, one_token=True, **kw)
+
+
 def _route_kernel(
     *refs,  # block_k 0: logits_ref [T, E] float32; else x_ref [T, D], r_ref [E, D] (the router)
     #         then w_ref out [T, K] float32 routing weights, ex_ref out [T, K] int32 expert ids (best first),
@@ -525,18 +584,9 @@ def _route_kernel(
         logits_ref, w_ref, ex_ref, *meta = refs
         E = logits_ref.shape[1]
         logits = logits_ref[t, pl.ds(0, E)]
-    ids = jnp.arange(E, dtype=jnp.int32)
-    top = jnp.max(logits)
-    left, chosen, probs = logits, [], []
-    for _ in range(top_k):
-        m = jnp.max(left)
-        e = jnp.min(jnp.where(left == m, ids, E))
-        chosen.append(e)
-        probs.append(jnp.exp(m - top))  # unnormalised softmax probability
-        left = jnp.where(ids == e, -jnp.inf, left)
-    total = sum(probs[1:], probs[0]) if norm_topk_prob else jnp.sum(jnp.exp(logits - top))
-    for k, (e, p) in enumerate(zip(chosen, probs, strict=True)):
-        w_ref[t, k] = p / total
+    chosen, weights = _topk(logits, top_k, norm_topk_prob)
+    for k, (e, w) in enumerate(zip(chosen, weights, strict=True)):
+        w_ref[t, k] = w
         ex_ref[t, k] = e
         if meta:  # one token: slot k holds pair k (as group_by_expert's one-token case)
             meta[0][k, 0] = e
@@ -633,17 +683,21 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
     fused = plan.fused_combine
     one_token = fused and T == 1  # the gate/up kernel reads x [1, D] itself
 
-    if plan.fused_route != "none":
+    inline = plan.fused_route == "inline"  # T=1: the gate/up kernel routes (see TritonMoEConfig)
+    if plan.fused_route in ("topk", "all"):
         weights, experts, *meta = _route_fused(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob,
                                                block_k=plan.route_block_k, interpret=interpret)
+    elif inline:
+        logits = jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32)  # [1, E]
+        meta = [None]
     else:
         weights, experts = route(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob)  # [T, K]
         meta = []
-    if meta:  # the route kernel wrote the one-token slot table
+    if meta:  # the route kernel wrote the one-token slot table (inline: the gate/up kernel will)
         order, meta = None, meta[0]
     else:
         order, meta = group_by_expert(experts, E, S)
-    if one_token:
+    if one_token or inline:
         xs, pw = x, None
     elif T == 1:  # pairs in token order already (group_by_expert's one-token case): no gathers
         xs = jnp.pad(jnp.broadcast_to(x, (P, D)), ((0, bm), (0, 0)))  # [Ppad, D]
@@ -666,17 +720,31 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
 
     gate_up, down = (_gate_up_gemv_kernel, _down_gemv_kernel) if plan.gemv else (_gate_up_kernel, _down_kernel)
     mode = "gemv" if plan.gemv else "bm"
-    gu_kw = dict(one_token=True) if one_token else {}
-    h = pl.pallas_call(
-        functools.partial(gate_up, block_m=bm, block_f=bf, block_k=bk, quantized=quantized, **gu_kw),
-        grid=(S, F // bf),
-        in_specs=[meta_spec, full(xs.shape), full((E, D, F)), full((E, D, F))] + [full((E, F))] * len(gu_scales),
-        out_specs=full((Ppad, F)),
-        out_shape=jax.ShapeDtypeStruct((Ppad, F), x.dtype),
-        compiler_params=params,
-        interpret=interpret,
-        name=f"moe_gate_up_{mode}{bm}_bf{bf}_bk{bk}",
-    )(meta, xs, wg, wu, *gu_scales)
+    gu_kw = dict(block_m=bm, block_f=bf, block_k=bk, quantized=quantized)
+    gu_specs = [full(xs.shape), full((E, D, F)), full((E, D, F))] + [full((E, F))] * len(gu_scales)
+    h_shape = jax.ShapeDtypeStruct((Ppad, F), x.dtype)
+    if inline:  # the kernel also writes the slot table and the pair weights (its j=0 programs)
+        h, meta, pw = pl.pallas_call(
+            functools.partial(_inline_routed, gate_up, top_k=top_k, norm_topk_prob=norm_topk_prob, **gu_kw),
+            grid=(S, F // bf),
+            in_specs=[full((1, E))] + gu_specs,
+            out_specs=[full((Ppad, F)), full((S, 4)), full((Ppad,))],
+            out_shape=[h_shape, jax.ShapeDtypeStruct((S, 4), jnp.int32), jax.ShapeDtypeStruct((Ppad,), jnp.float32)],
+            compiler_params=params,
+            interpret=interpret,
+            name=f"moe_route_gate_up_{mode}{bm}_bf{bf}_bk{bk}",
+        )(logits, xs, wg, wu, *gu_scales)
+    else:
+        h = pl.pallas_call(
+            functools.partial(gate_up, **gu_kw, **(dict(one_token=True) if one_token else {})),
+            grid=(S, F // bf),
+            in_specs=[meta_spec] + gu_specs,
+            out_specs=full((Ppad, F)),
+            out_shape=h_shape,
+            compiler_params=params,
+            interpret=interpret,
+            name=f"moe_gate_up_{mode}{bm}_bf{bf}_bk{bk}",
+        )(meta, xs, wg, wu, *gu_scales)
 
     if fused:
         # h row of each pair in token order: pair t*K + k sits at sorted position inv[t*K + k]
