@@ -75,6 +75,7 @@ class Shape:
     probe_lengths: tuple[int, ...]  # prefix lengths for the fetch-vs-recompute crossover
     probe_reps: int
     prefill_decode_steps: int = 1  # decode steps of a server call that also prefills (ServeConfig)
+    max_prefill_rows: int = 4  # prompts a server prefills in one call (ServeConfig)
 
 
 # ~8k-token first prompts growing ~700 a turn, 128-token answers: an agent's prompts run 37x to 2,494x its outputs
@@ -482,7 +483,8 @@ def start_servers(model, tokenizer, fingerprint: str, shape: Shape, dtype: str, 
         cfg = ServeConfig(model=str(FIXTURE), served_model_name="agent", dtype=dtype, max_seq_len=shape.max_seq_len,
                           page_size=shape.page_size, max_slots=shape.max_slots, num_pages=shape.num_pages,
                           prefill_chunk=shape.prefill_chunk, decode_steps=shape.decode_steps,
-                          prefill_decode_steps=shape.prefill_decode_steps, prefix_cache=cache,
+                          prefill_decode_steps=shape.prefill_decode_steps, max_prefill_rows=shape.max_prefill_rows,
+                          prefix_cache=cache,
                           host_pages=shape.host_pages if cache else 0, remote=redis_url if cache else None,
                           max_queue=4 * shape.sessions + 16, drain_timeout_s=30,
                           speculator="none")  # chat requests only: the default apply speculator would compile
@@ -505,6 +507,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-probe", action="store_true", help="skip the fetch-vs-recompute crossover")
     p.add_argument("--prefill-decode-steps", type=int, default=None,
                    help="decode steps of a server call that also prefills (default: the servers' default, 1)")
+    p.add_argument("--max-prefill-rows", type=int, default=None,
+                   help="prompts a server prefills in one call (default: the servers' default, 4)")
     p.add_argument("--results-dir", default=None, help="write the JSON here instead of benchmarks/results (tests)")
     args = p.parse_args(argv)
 
@@ -523,7 +527,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     shape = TINY if args.tiny else GPU
     shape = dataclasses.replace(shape, **{k: v for k, v in (("sessions", args.sessions), ("turns", args.turns),
-                                                             ("prefill_decode_steps", args.prefill_decode_steps))
+                                                             ("prefill_decode_steps", args.prefill_decode_steps),
+                                                             ("max_prefill_rows", args.max_prefill_rows))
                                           if v is not None})
     model, tokenizer, fingerprint = build_model(args.tiny, args.model_shape)
     dtype = "float32" if args.tiny else "bfloat16"

@@ -92,6 +92,8 @@ def _add_serve(sub) -> None:
     s.add_argument("--prefill-decode-steps", type=_positive, default=1,
                    help="decode steps of a call that also prefills (default 1: a waiting prompt's first token "
                    "comes sooner; up to --decode-steps)")
+    s.add_argument("--max-prefill-rows", type=_positive, default=4,
+                   help="prompts prefilled in one call, a chunk each: the oldest and those with least left (default 4)")
     _add_parallel(s)
     s.add_argument("--remote-overlap", action="store_true",
                    help="on a remote hit, recompute the prefix's head while its tail is fetched (split by the "
@@ -206,7 +208,8 @@ def _serve(args) -> int:
                           served_model_name=args.served_model_name, dtype=args.dtype, max_seq_len=args.max_seq_len,
                           page_size=args.page_size, max_slots=args.max_slots, num_pages=args.num_pages,
                           prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
-                          prefill_decode_steps=args.prefill_decode_steps, prefix_cache=not args.no_prefix_cache,
+                          prefill_decode_steps=args.prefill_decode_steps, max_prefill_rows=args.max_prefill_rows,
+                          prefix_cache=not args.no_prefix_cache,
                           host_pages=args.host_pages,
                           remote_overlap=args.remote_overlap, tp=args.tp, ep=args.ep,
                           tp_strategy=_strategy(args.tp_strategy),

@@ -35,6 +35,7 @@ class ServeConfig:
     prefill_chunk: int = 512
     decode_steps: int = 8
     prefill_decode_steps: int = 1  # decode steps of a call that also prefills (SchedulerConfig)
+    max_prefill_rows: int = 4  # prompts prefilled in one call, a chunk each (SchedulerConfig)
     prefix_cache: bool = True
     host_pages: int = 0
     remote_overlap: bool = False  # recompute a remote hit's head while its tail is fetched
@@ -106,7 +107,8 @@ def assemble(cfg: ServeConfig, model, tokenizer, fingerprint: str, *, share_prog
     speculate_all = (cfg.speculate or ("all" if cfg.drafter else "apply")) == "all"
     scheduler = Scheduler(engine, SchedulerConfig(prefix_cache=cfg.prefix_cache, host_pages=cfg.host_pages,
                                                   remote_overlap=cfg.remote_overlap, max_queue=cfg.max_queue,
-                                                  prefill_decode_steps=cfg.prefill_decode_steps),
+                                                  prefill_decode_steps=cfg.prefill_decode_steps,
+                                                  max_prefill_rows=cfg.max_prefill_rows),
                           remote=open_store(cfg.remote), model_id=f"{cfg.model_id}:{fingerprint}",
                           speculator=speculator)
     stop = {*model.cfg.eos_token_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
