@@ -182,6 +182,9 @@ class Turn:
     completion_tokens: int
     session: int = -1
     turn: int = -1  # 0: the session's first turn; >= 1: a cached turn (an earlier turn computed its prefix)
+    id: str = ""  # the server's request id (the response's, less its prefix)
+    queue_s: float = float("nan")  # the server's split of TTFT: submission to a slot, then slot to first token
+    prefill_s: float = float("nan")
 
 
 async def chat(client, url: str, messages: list[dict], max_tokens: int, model: str) -> Turn:
@@ -189,7 +192,7 @@ async def chat(client, url: str, messages: list[dict], max_tokens: int, model: s
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    ttft, text, usage = None, [], None
+    ttft, text, usage, rid = None, [], None, ""
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
@@ -200,6 +203,7 @@ async def chat(client, url: str, messages: list[dict], max_tokens: int, model: s
             if "error" in obj:
                 raise RuntimeError(f"{url}: {obj['error']}")
             usage = obj.get("usage") or usage
+            rid = obj.get("id", rid)
             for ch in obj["choices"]:
                 content = ch["delta"].get("content")
                 if ttft is None and (content or ch.get("finish_reason")):
@@ -208,7 +212,15 @@ async def chat(client, url: str, messages: list[dict], max_tokens: int, model: s
                     text.append(content)
     assert usage is not None and ttft is not None, "the stream ended without usage or tokens"
     return Turn(ttft, time.perf_counter() - t0, "".join(text), usage["prompt_tokens"],
-                usage["prompt_tokens_details"]["cached_tokens"], usage["completion_tokens"])
+                usage["prompt_tokens_details"]["cached_tokens"], usage["completion_tokens"],
+                id=rid.removeprefix("chatcmpl-"))
+
+
+def p50_ms(seconds) -> float:
+    import numpy as np
+
+    v = [x for x in seconds if x == x]  # NaN: the server kept no record of it
+    return round(float(np.median(v)) * 1e3, 1) if v else float("nan")
 
 
 def ttft_ms(turns: list[Turn], q: float) -> float:
@@ -247,6 +259,8 @@ class Run:
                 "ttft_p90_ms": round(float(np.percentile(ttft, 90)), 1),
                 "ttft_first_p50_ms": ttft_ms(self.first, 50), "ttft_cached_p50_ms": ttft_ms(self.cached, 50),
                 "ttft_cached_p90_ms": ttft_ms(self.cached, 90),
+                "cached_queue_p50_ms": p50_ms(t.queue_s for t in self.cached),
+                "cached_prefill_p50_ms": p50_ms(t.prefill_s for t in self.cached),
                 "out_tok_s": round(out / self.wall_s, 1), "prompt_tok_s": round(prompt / self.wall_s, 1),
                 "wall_s": round(self.wall_s, 2), "traced": self.traced, **self.pages}
 
@@ -308,6 +322,8 @@ def measure(name: str, server, w: Workload, model: str, recorded=None) -> tuple[
     turns, record = asyncio.run(play(server.url, w, model, recorded))
     run = Run(name, turns, time.perf_counter() - t)
     after = metrics.totals()
+    for turn in turns:  # the server's split of each TTFT (same process)
+        turn.queue_s, turn.prefill_s = metrics.first_tokens.get(turn.id, (float("nan"),) * 2)
     run.traced = TRACES.count - traced
     prompt = after["prompt"] - before["prompt"]
     run.tiers = {tier: (after[tier] - before[tier]) / max(1, prompt) for tier in ("device", "host", "remote")}

@@ -130,7 +130,8 @@ def create_app(state: ServeState) -> FastAPI:
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
 
-        req = EngineRequest(job.prompt_ids, job.sampling, emit, speculate=state.speculate_all or job.kind == "apply")
+        req = EngineRequest(job.prompt_ids, job.sampling, emit, id=job.id,  # the response's id names it too
+                            speculate=state.speculate_all or job.kind == "apply")
         try:
             sched.submit(req)
         except QueueFull as e:

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one server: queue, running, tokens/s, prefix-cache hit rate per tier, acceptance length.
+"""Prometheus metrics of one server: queue, running, tokens/s, prefix-cache hit rate per tier, acceptance length,
+time to first token split into queue time (to a slot) and prefill time (slot to first token).
 
 Each server owns its registry (tests and the benchmark run several in one process). Hit rates are exported both
 as counters (cached tokens per tier, prompt tokens: rate them in Prometheus) and as a ready-made ratio gauge.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -32,6 +33,13 @@ class ServeMetrics:
                                   registry=r)
         self.ttft = Histogram("codegen_time_to_first_token_seconds", "submission to first token", registry=r,
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.queue_time = Histogram("codegen_queue_time_seconds", "submission to the first admission to a slot",
+                                    registry=r, buckets=(0.001, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.prefill_time = Histogram("codegen_prefill_time_seconds", "first admission to a slot to the first token",
+                                      registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        # per request id, the last `keep` first tokens: (queue s, prefill s), for benchmarks that split TTFT
+        self.first_tokens: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._keep = 4096
         self.acceptance = Histogram("codegen_acceptance_length", "tokens kept per speculative step and request",
                                     registry=r, buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32))
         self.preemptions = Counter("codegen_preemptions", "requests preempted for pages", registry=r)
@@ -53,6 +61,17 @@ class ServeMetrics:
                 self._cached_total[tier] += cached.get(tier, 0)
                 self.cached_tokens.labels(tier).inc(cached.get(tier, 0))
                 self.hit_rate.labels(tier).set(self._cached_total[tier] / max(1, self._prompt_total))
+
+    def first_token(self, request_id: str, now: float, arrival: float, placed: float) -> None:
+        """A request's first token at `now` (time.monotonic()), submitted at `arrival`, first admitted at `placed`."""
+        queue_s, prefill_s = placed - arrival, now - placed
+        self.ttft.observe(now - arrival)
+        self.queue_time.observe(queue_s)
+        self.prefill_time.observe(prefill_s)
+        with self._lock:
+            self.first_tokens[request_id] = (queue_s, prefill_s)
+            while len(self.first_tokens) > self._keep:
+                self.first_tokens.popitem(last=False)
 
     def tokens(self, n: int) -> None:
         now = time.monotonic()

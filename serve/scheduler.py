@@ -146,6 +146,7 @@ class Request:
     known_remote: range = range(0)
     cached: dict[str, int] | None = None  # prompt tokens per tier, from the first admission
     admitted_at: int = 0
+    placed: float = 0.0  # time.monotonic() of its first admission to a slot
 
     @property
     def cached_tokens(self) -> int:
@@ -554,6 +555,7 @@ class Scheduler:
         if req.cached is None:
             req.cached = {"device": n_dev * ps, "host": (len(path) - n_dev) * ps, "remote": 0}
             self.metrics.admitted(len(req.prompt), req.cached)
+            req.placed = time.monotonic()
         self.waiting.remove(req)
         with self._lock:
             self._queued -= 1
@@ -663,7 +665,7 @@ class Scheduler:
             req.nodes = path
         req.phase = "decode"
         if not req.output:
-            self.metrics.ttft.observe(time.monotonic() - req.arrival)
+            self.metrics.first_token(req.id, time.monotonic(), req.arrival, req.placed)
         self._advance(req, [token])
 
     def _advance(self, req: Request, tokens: list[int]) -> None:

@@ -280,8 +280,14 @@ def test_metrics_names_and_counts_move(live, client):
     dev = ("codegen_cached_prompt_tokens_total", (("tier", "device"),))
     assert after[dev] - before[dev] == r2.usage.prompt_tokens_details.cached_tokens > 0
     assert after[("codegen_cache_hit_rate", (("tier", "device"),))] > 0
-    ttft = ("codegen_time_to_first_token_seconds_count", ())
-    assert after[ttft] - before[ttft] == 2
+    for name in ("codegen_time_to_first_token_seconds", "codegen_queue_time_seconds", "codegen_prefill_time_seconds"):
+        assert after[(f"{name}_count", ())] - before[(f"{name}_count", ())] == 2, name
+    # TTFT splits into queue (to a slot) and prefill (slot to first token) time, per request too (by response id)
+    ttft, queue_s, prefill_s = (after[(f"{n}_sum", ())] - before[(f"{n}_sum", ())] for n in (
+        "codegen_time_to_first_token_seconds", "codegen_queue_time_seconds", "codegen_prefill_time_seconds"))
+    assert 0 <= queue_s and 0 < prefill_s and abs(queue_s + prefill_s - ttft) < 1e-6
+    first = live.state.scheduler.metrics.first_tokens
+    assert r1.id.removeprefix("cmpl-") in first and r2.id.removeprefix("cmpl-") in first
     assert after[("codegen_tokens_per_second", ())] > 0
     assert after[("codegen_running_requests", ())] == 0 and after[("codegen_queue_requests", ())] == 0
 
