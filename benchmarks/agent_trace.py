@@ -523,6 +523,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-probe", action="store_true", help="skip the fetch-vs-recompute crossover")
     p.add_argument("--prefill-decode-steps", type=int, default=None,
                    help="decode steps of a server call that also prefills (default: the servers' default, 1)")
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="device KV pages per server (default: per mode; the GPU shape's 5120 make admission wait "
+                   "for pages and evict to the host tier)")
     p.add_argument("--max-prefill-rows", type=int, default=None,
                    help="prompts a server prefills in one call (default: the servers' default, 4)")
     p.add_argument("--results-dir", default=None, help="write the JSON here instead of benchmarks/results (tests)")
@@ -544,7 +547,8 @@ def main(argv: list[str] | None = None) -> dict:
     shape = TINY if args.tiny else GPU
     shape = dataclasses.replace(shape, **{k: v for k, v in (("sessions", args.sessions), ("turns", args.turns),
                                                              ("prefill_decode_steps", args.prefill_decode_steps),
-                                                             ("max_prefill_rows", args.max_prefill_rows))
+                                                             ("max_prefill_rows", args.max_prefill_rows),
+                                                             ("num_pages", args.num_pages))
                                           if v is not None})
     model, tokenizer, fingerprint = build_model(args.tiny, args.model_shape)
     dtype = "float32" if args.tiny else "bfloat16"
