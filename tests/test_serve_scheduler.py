@@ -4,6 +4,7 @@ with corrupt remote pages), and no page leaked after hundreds of random requests
 preemptions (allocator and radix invariants checked as it runs)."""
 
 import time
+from collections import Counter
 
 import jax.numpy as jnp
 import numpy as np
@@ -281,6 +282,44 @@ def test_overlap_splits_the_pages_the_store_holds(ref_engine, engine, rng):
     assert res.tokens == ref_engine.generate([prompt], sp)[0].tokens
     assert res.cached == 3 * ECFG.page_size  # 5 held: 2 recomputed, 3 fetched
     assert reader.remote.stats["pages_fetched"] == 3
+    reader.stop()
+
+
+class CountingStore(InProcessStore):
+    def __init__(self, exists_s: float = 0.0):
+        super().__init__()
+        self.calls, self.exists_s = Counter(), exists_s
+
+    def exists(self, keys):
+        self.calls["exists"] += 1
+        time.sleep(self.exists_s)  # a network round trip
+        return super().exists(keys)
+
+    def get(self, keys):
+        self.calls["get"] += 1
+        return super().get(keys)
+
+
+def test_a_remote_miss_is_admitted_at_once_and_a_hit_counted_once(ref_engine, engine, rng):
+    """The remote pages after the cached prefix are counted by one EXISTS when the request arrives: with none, it
+    takes a slot and its first chunk in the step it arrived in (a background count left it waiting a step); with
+    some, the background fetch gets them without a second EXISTS."""
+    store = CountingStore(exists_s=0.05)
+    prompt, sp = list(rng.integers(0, VOCAB, 5 * ECFG.page_size + 3)), SamplingParams(max_new_tokens=3)
+    writer = Scheduler(engine, remote=store)
+    req, res = submit(writer, prompt, sp)
+    writer.step()
+    assert req.fetch is None and req.phase in ("prefill", "decode") and req.pos > 0, (req.phase, req.pos)
+    assert store.calls == {"exists": 1}
+    writer.run_until_idle()
+    writer.remote.drain()
+    writer.stop()
+    store.calls.clear()
+    reader = Scheduler(engine, remote=store)  # a second server: empty tree, same store
+    got = run_batch(reader, [prompt], [sp])[0]
+    assert got.tokens == res.tokens == ref_engine.generate([prompt], sp)[0].tokens
+    assert got.cached == 5 * ECFG.page_size and reader.remote.stats["pages_fetched"] == 5
+    assert store.calls["exists"] == 1 and store.calls["get"] >= 1
     reader.stop()
 
 
