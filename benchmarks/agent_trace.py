@@ -526,6 +526,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-pages", type=int, default=None,
                    help="device KV pages per server (default: per mode; the GPU shape's 5120 make admission wait "
                    "for pages and evict to the host tier)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="longest prefill piece per prompt and call, a power of two (default: per mode)")
     p.add_argument("--max-prefill-rows", type=int, default=None,
                    help="prompts a server prefills in one call (default: the servers' default, 4)")
     p.add_argument("--results-dir", default=None, help="write the JSON here instead of benchmarks/results (tests)")
@@ -548,7 +550,8 @@ def main(argv: list[str] | None = None) -> dict:
     shape = dataclasses.replace(shape, **{k: v for k, v in (("sessions", args.sessions), ("turns", args.turns),
                                                              ("prefill_decode_steps", args.prefill_decode_steps),
                                                              ("max_prefill_rows", args.max_prefill_rows),
-                                                             ("num_pages", args.num_pages))
+                                                             ("num_pages", args.num_pages),
+                                                             ("prefill_chunk", args.prefill_chunk))
                                           if v is not None})
     model, tokenizer, fingerprint = build_model(args.tiny, args.model_shape)
     dtype = "float32" if args.tiny else "bfloat16"

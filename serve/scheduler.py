@@ -207,6 +207,7 @@ class Scheduler:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._admissions = 0
+        self._passed_oldest = False  # the last prefill call left the oldest prefilling row out
         self._ahead = max(ecfg.decode_steps, speculator.lookahead if speculator else 0)  # tokens a step appends
         self.stats = Counter()
         # a remote hit's split: recomputed and fetched tokens per second (EMAs; None until measured)
@@ -449,7 +450,7 @@ class Scheduler:
                 self._reserve(req, int(self.kv.lengths[req.slot]) + self._ahead)
         self._admit()
         for req in self.running:
-            if req.fetch is not None and req.pos >= req.fetch_start * self.page_size and req.fetch.done():
+            if self._stalled(req) and req.fetch.done():
                 self._install_fetched(req)
         prefill = self._prefill_rows()
         decode = [r for r in self.running if r.phase == "decode"]
@@ -492,13 +493,26 @@ class Scheduler:
         """The prefilling rows of this call (at most max_prefill_rows): the one that arrived first, so every prompt
         advances, then those with the fewest prompt tokens left to compute. A cached turn's few new tokens then
         reach their first token in a call or two instead of queueing behind whole first prompts (shortest remaining
-        work first minimises the mean time to first token)."""
+        work first minimises the mean time to first token).
+
+        A call whose other rows all take their last piece leaves the oldest out, never two calls running: the
+        rows pad to the longest piece, so a cached turn's tail of a few hundred tokens beside the oldest's full
+        chunk cost a call of full chunks; alone it costs a call of its own length."""
         rows = [r for r in self.running if r.phase == "prefill" and not self._stalled(r)]
-        if len(rows) <= self.cfg.max_prefill_rows:
-            return rows
+        if not rows:
+            return []
         oldest = min(rows, key=lambda r: r.arrival)
         rest = sorted((r for r in rows if r is not oldest), key=lambda r: (len(r.tokens) - r.pos, r.arrival))
-        return [oldest, *rest[: self.cfg.max_prefill_rows - 1]]
+        rest = rest[: self.cfg.max_prefill_rows - 1]
+        if rest and not self._passed_oldest and not self._finishes(oldest) and all(map(self._finishes, rest)):
+            self._passed_oldest = True
+            return rest
+        self._passed_oldest = False
+        return [oldest, *rest]
+
+    def _finishes(self, req: Request) -> bool:
+        """req's next prefill piece is its last (a row with a fetch in flight stops short of the fetched pages)."""
+        return req.fetch is None and len(req.tokens) - req.pos <= self.engine.cfg.prefill_chunk
 
     # ---- admission and pages -----------------------------------------------------------------------------
 
@@ -567,7 +581,7 @@ class Scheduler:
         self.kv.page_table[slot] = 0
         self.kv.page_table[slot, : len(req.pages)] = req.pages
         self.kv.lengths[slot] = req.pos
-        if req.fetch is not None and req.pos >= req.fetch_start * ps and req.fetch.done():
+        if self._stalled(req) and req.fetch.done():
             self._install_fetched(req)  # a fetch with no head to recompute (or one the cache covered)
         sp = req.params
         self.seeds[slot], self.temperature[slot], self.top_k[slot], self.top_p[slot] = (

@@ -138,6 +138,33 @@ def test_short_prefills_pass_long_ones_and_the_oldest_keeps_advancing(ref_engine
     assert first_token_step[0] <= first_token_step[1], first_token_step  # the oldest was never passed over
 
 
+def test_a_call_of_finishing_rows_leaves_the_oldest_out_never_twice_running(ref_engine, engine, rng, monkeypatch):
+    """A long prompt A (150 tokens: 5 chunks of 32) and, after its first chunk, short prompts B and C: the next
+    call holds B and C alone (both finish; beside A's full chunk they would pad to it). D arrives next: the call
+    after takes A again, with D. The outputs match the plain engine."""
+    calls = []
+    prefill_rows = engine.prefill_rows
+
+    def spy(slots, chunks, starts):
+        calls.append([len(c) for c in chunks])
+        return prefill_rows(slots, chunks, starts)
+
+    monkeypatch.setattr(engine, "prefill_rows", spy)
+    prompts = [list(rng.integers(0, VOCAB, n)) for n in (150, 20, 9, 5)]
+    sps = [SamplingParams(max_new_tokens=3)] * 4
+    expected = [c.tokens for c in ref_engine.generate(prompts, sps)]
+    sched = Scheduler(engine, SchedulerConfig(prefix_cache=False))
+    reqs = [submit(sched, prompts[0], sps[0])]
+    sched.step()
+    reqs += [submit(sched, p, sp) for p, sp in zip(prompts[1:3], sps[1:3], strict=True)]
+    sched.step()
+    reqs.append(submit(sched, prompts[3], sps[3]))
+    sched.run_until_idle()
+    sched.check()
+    assert calls == [[32], [9, 20], [32, 5], [32], [32], [22]], calls
+    assert [res.tokens for _, res in reqs] == expected
+
+
 @pytest.mark.parametrize("prefill_decode_steps", [1, 2, ECFG.decode_steps])
 def test_decode_rows_take_fewer_steps_while_a_prompt_prefills(ref_engine, engine, rng, prefill_decode_steps):
     """A calls that also prefill B's 100-token prompt (4 chunks of 32) decode prefill_decode_steps tokens for A;
