@@ -20,9 +20,17 @@ STRATEGIES = ("xla", "ring", "bidi", "sp", "allreduce", "allreduce_overlap", "no
 DECODE_BYTES = 1 << 20
 
 
+# Interconnects where a GPU run of benchmarks/sharding.py showed the overlapped rings beating XLA's own collectives
+# in the TP=2 prefill step. None yet: with 20 ms timing chains on 2 H200s, 'bidi' (the rings' best) took 8,286 us to
+# XLA's 7,270 over NVLink (sharding_nvlink.json, 5738fbc) and 13,033 to 12,328 with peer access off, the
+# host-staged path of a PCIe box (sharding.json, 7de1cf2). 'auto' picks the rings only where they have won.
+RINGS_WIN: frozenset[str] = frozenset()
+
+
 def choose(interconnect: str, tokens: int, hidden: int, tp: int, itemsize: int = 2) -> str:
-    """Strategy for a block over `tokens` tokens of width `hidden` on `tp` devices linked by `interconnect`."""
-    if tp == 1:
+    """Strategy for a block over `tokens` tokens of width `hidden` on `tp` devices linked by `interconnect`:
+    'xla' unless the interconnect is in RINGS_WIN and the block is prefill-sized."""
+    if tp == 1 or interconnect not in RINGS_WIN:
         return "xla"
     message = tokens * hidden * itemsize
     if message <= DECODE_BYTES or tokens % tp:
@@ -31,8 +39,7 @@ def choose(interconnect: str, tokens: int, hidden: int, tp: int, itemsize: int =
         # (benchmarks/results/sharding.json, run at 2840fdc)
         return "xla"
     if tokens % (2 * tp) == 0:
-        # Both link directions carry half of each shard: on PCIe the transfer is the bottleneck; on NVLink the
-        # halves are still cheaper than one full ring, and equal in compute.
+        # Both link directions carry half of each shard: halves are cheaper than one full ring, equal in compute.
         return "bidi"
     return "ring"
 

@@ -1,6 +1,9 @@
 """sharding/: rules, topology and strategy choice in this process (1 CPU device); the 8-device equality suite,
 the 2-process multi-host start-up and the benchmark's --tiny mode in subprocesses (device count and distributed
-runtime are fixed when JAX initialises, so they cannot share this process)."""
+runtime are fixed when JAX initialises, so they cannot share this process). The 8-device suite (in two parts) and
+the benchmark start together and run side by side: each spends most of its time compiling on one core, so on the
+2-core CI machine they overlap instead of queueing (one after another they took ~250 s of the suite's
+~1,200 s)."""
 
 import os
 import subprocess
@@ -68,10 +71,15 @@ def test_topology_and_strategy(monkeypatch):
     with pytest.raises(ValueError, match="CODEGEN_JAX_INTERCONNECT"):
         interconnect()
     interconnect.cache_clear()
+    # 'auto' is XLA's collectives wherever the rings have not won a GPU run (none so far: RINGS_WIN)
+    for link in ("pcie", "nvlink"):
+        assert [S.choose(link, n, 8192, 2) for n in (8, 2048, 2046, 2047)] == ["xla"] * 4
+    monkeypatch.setattr(S, "RINGS_WIN", frozenset({"pcie"}))  # where they win: prefill-sized blocks take a ring
     assert S.choose("pcie", 8, 8192, 2) == "xla"  # decode: latency-bound, GSPMD's all-reduce
     assert S.choose("pcie", 2048, 8192, 2) == "bidi"
     assert S.choose("pcie", 2046, 8192, 2) == "ring"
     assert S.choose("pcie", 2047, 8192, 2) == "xla"
+    assert S.choose("nvlink", 2048, 8192, 2) == "xla"
     with pytest.raises(ValueError, match="unknown strategy"):
         S.validate("fast")
     with pytest.raises(ValueError, match="device count"):
@@ -86,13 +94,67 @@ def test_single_process_initialize_is_a_no_op(monkeypatch):
         distributed.initialize("localhost:1", 2)
 
 
-def test_eight_device_suite():
+DEVICES_SUITE = "tests/test_sharding_devices.py"
+# The 8-device suite in two processes of about equal compile time: the training, CLI and collective tests, and every
+# other test of the file (the engines). Node-id arguments and --deselect prefixes, so the two run each test exactly
+# once between them, and a renamed test fails the first part (its node id is not found).
+FIRST_PART = ["test_sharded_training_equals_one_device", "test_train_drafter_cli_with_tp",
+              "test_generate_and_serve_with_tp", "test_collective_matmuls_equal_plain_matmuls",
+              "test_expert_parallel_moe_equals_reference"]
+EIGHT_DEVICE_PARTS = {
+    "training-cli-collectives": [f"{DEVICES_SUITE}::{name}" for name in FIRST_PART],
+    "engines": [DEVICES_SUITE, *(arg for name in FIRST_PART for arg in ("--deselect", f"{DEVICES_SUITE}::{name}"))],
+}
+
+
+class Launched:
+    """A subprocess writing its stdout and stderr to files (pipes left unread while it runs side by side with the
+    others could fill and stall it)."""
+
+    def __init__(self, cmd: list[str], env: dict, out: Path):
+        self.stdout_path, self.stderr_path = out / "stdout", out / "stderr"
+        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=stderr)
+
+    def wait(self, timeout: float) -> tuple[int, str, str]:
+        """(return code, stdout, stderr) once it exits, killed if that takes longer than `timeout` s."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return self.proc.returncode, self.stdout_path.read_text(), self.stderr_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def launched(request, tmp_path_factory):
+    """The module's long subprocesses, all started when the first test that waits on one runs: those of the
+    selected tests only (a `-k` run of one of them starts nothing else)."""
+    selected = [item for item in request.session.items if item.module is request.module]
+    eight = cpu_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    commands = {}
+    for item in selected:
+        if item.originalname == "test_eight_device_suite":
+            part = item.callspec.params["part"]
+            commands[part] = [sys.executable, "-m", "pytest", "-rA", "-p", "no:cacheprovider",
+                              *EIGHT_DEVICE_PARTS[part]], eight
+    if any(item.originalname == "test_benchmark_tiny" for item in selected):
+        commands["benchmark"] = ([sys.executable, "-m", "benchmarks.sharding", "--tiny", "--no-write", "--scenarios",
+                                  "nvlink"], cpu_env())
+    procs = {name: Launched(cmd, env, tmp_path_factory.mktemp(name)) for name, (cmd, env) in commands.items()}
+    yield procs
+    for p in procs.values():  # a failed test's siblings still running
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+
+
+@pytest.mark.parametrize("part", list(EIGHT_DEVICE_PARTS))
+def test_eight_device_suite(launched, part):
     """Every strategy's output equals the single-device output (tests/test_sharding_devices.py)."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-rA", "-p", "no:cacheprovider",
-                           str(ROOT / "tests/test_sharding_devices.py")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900, env=cpu_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "PASSED" in proc.stdout and "SKIPPED" not in proc.stdout, proc.stdout[-2000:]
+    rc, stdout, stderr = launched[part].wait(timeout=900)
+    assert rc == 0, stdout[-4000:] + stderr[-2000:]
+    assert "PASSED" in stdout and "SKIPPED" not in stdout, stdout[-2000:]
 
 
 def test_two_processes_on_localhost(tmp_path):
@@ -112,9 +174,7 @@ def test_two_processes_on_localhost(tmp_path):
         assert f"process {i} ok over 4 devices" in out
 
 
-def test_benchmark_tiny():
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.sharding", "--tiny", "--no-write",
-                           "--scenarios", "nvlink"], cwd=ROOT, capture_output=True, text=True, timeout=400,
-                          env=cpu_env())
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "prefill_comm_share" in proc.stdout and "matmul_rs_bidi" in proc.stdout
+def test_benchmark_tiny(launched):
+    rc, stdout, stderr = launched["benchmark"].wait(timeout=400)
+    assert rc == 0, stdout[-3000:] + stderr[-3000:]
+    assert "prefill_comm_share" in stdout and "matmul_rs_bidi" in stdout
