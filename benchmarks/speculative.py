@@ -57,8 +57,8 @@ def edit_merge(path: Path, max_lines: int) -> tuple[list[int], list[int]]:
 
 
 def warm_forced(engine, max_draft: int) -> None:
-    """Compiles what `forced_apply` calls outside the serving step (`Engine.verify` and `verify_tokens`, greedy
-    and sampling) at every verify width, with q_len 0 rows (only the scratch page is written)."""
+    """Compiles what `forced_apply` calls (`Engine.verify` and greedy `verify_tokens`; it never samples and never
+    runs the serving step) at every verify width, with q_len 0 rows (only the scratch page is written)."""
     import numpy as np
 
     from drafters.speculative import _width
@@ -69,9 +69,8 @@ def warm_forced(engine, max_draft: int) -> None:
     for T in sorted({_width(k, max_draft) for k in range(max_draft + 1)}):
         tokens = np.zeros((S, T), np.int32)
         logits = engine.verify(tokens, zeros_i)
-        for greedy in (True, False):
-            verify_tokens(logits, tokens[:, 1:], zeros_i, None, zeros_i.astype(np.uint32), zeros_i, zeros_f,
-                          zeros_i, ones_f, greedy=greedy)
+        verify_tokens(logits, tokens[:, 1:], zeros_i, None, zeros_i.astype(np.uint32), zeros_i, zeros_f, zeros_i,
+                      ones_f, greedy=True)
 
 
 def forced_apply(engine, drafter, prompt: list[int], truth: list[int]) -> tuple[int, float]:
@@ -198,23 +197,27 @@ def main() -> None:
     D = cfg.hidden_size
     small = dict(head_dim=16, intermediate_size=128, context=32) if args.tiny else dict(
         num_heads=16, head_dim=128, intermediate_size=8960, context=256)
+    # longest drafts: tiny ones of 7 take verify widths 2, 4, 8 (the full draft's width included); each width is
+    # two step programs a drafter compiles (greedy, sampling), ~2 s apiece on the CPU
+    block_size, draft_len = (8, 7) if args.tiny else (16, 8)
 
     def drafter_for(kind):
         if kind == "suffix":
             return SuffixTreeSpeculator(1)
         if kind == "block":
             m = (load_drafter(args.block_drafter) if args.block_drafter else
-                 BlockDrafter(BlockDrafterConfig(D, layers, block_size=16, dtype=jnp.dtype(dtype).name, **small),
-                              rngs=nnx.Rngs(0)))
+                 BlockDrafter(BlockDrafterConfig(D, layers, block_size=block_size, dtype=jnp.dtype(dtype).name,
+                                                 **small), rngs=nnx.Rngs(0)))
         else:
             m = (load_drafter(args.eagle3_drafter) if args.eagle3_drafter else
-                 Eagle3Drafter(Eagle3Config(D, layers, cfg.vocab_size, min(cfg.vocab_size, 32000), draft_len=8,
-                                            dtype=jnp.dtype(dtype).name, **small), rngs=nnx.Rngs(0)))
+                 Eagle3Drafter(Eagle3Config(D, layers, cfg.vocab_size, min(cfg.vocab_size, 32000),
+                                            draft_len=draft_len, dtype=jnp.dtype(dtype).name, **small),
+                               rngs=nnx.Rngs(0)))
         return NeuralDrafter(m, target, 1)
 
     if "apply" in args.drafters:
-        # the draft length adapts up and down: every verify width and the accept rule compile here
-        SpeculativeDecoder(engine, ApplySpeculator(1)).warmup()
+        # the draft length adapts up and down: every verify width and the accept rule compile here (the forced loop
+        # calls them directly: a SpeculativeDecoder's warm-up of its serving step compiled 14 programs no row ran)
         warm_forced(engine, ApplySpeculator(1).max_draft)
         for (prompt, merged), name in zip(workloads, FILES, strict=False):
             compiled = compiles()

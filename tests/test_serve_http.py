@@ -492,7 +492,13 @@ def _env():
     return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.mark.parametrize("args,words", [
+def _selected_params(request, test: str, name: str) -> list:
+    """The values of parameter `name` of this module's selected `test` items."""
+    return [item.callspec.params[name] for item in request.session.items
+            if item.module is request.module and item.originalname == test]
+
+
+BAD_FLAGS = [
     (["--model", "/no/such/dir"], ["/no/such/dir"]),
     (["--model", str(FIXTURES / "qwen2"), "--remote", "http://127.0.0.1:6379"], ["--remote", "redis://"]),
     (["--model", str(FIXTURES / "qwen2"), "--port", "70000"], ["port", "70000"]),
@@ -501,23 +507,59 @@ def _env():
     (["--model", str(FIXTURES / "qwen2"), "--remote", "redis://127.0.0.1:1", "--no-prefix-cache"], ["prefix"]),
     (["--model", str(FIXTURES / "qwen2"), "--remote-overlap"], ["--remote-overlap", "--remote"]),
     (["--model", str(FIXTURES / "qwen2"), "--tp", "2"], ["--tp 2", "devices"]),  # one device in this process
-])
-def test_serve_bad_flags_exit_2_with_one_line(args, words):
-    p = subprocess.run([str(CODEGEN_JAX), "serve", *args], capture_output=True, text=True, timeout=60, env=_env())
-    assert p.returncode == 2, p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1, p.stderr
+]
+
+
+@pytest.fixture(scope="module")
+def bad_flag_runs(request):
+    """`codegen-jax serve` with each selected test's bad flags, all started at once: each process spends its ~3 s
+    importing JAX on one core (one after another they took ~22 s)."""
+    procs = {tuple(args): subprocess.Popen([str(CODEGEN_JAX), "serve", *args], stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True, env=_env())
+             for args in _selected_params(request, "test_serve_bad_flags_exit_2_with_one_line", "args")}
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.parametrize("args,words", BAD_FLAGS)
+def test_serve_bad_flags_exit_2_with_one_line(bad_flag_runs, args, words):
+    proc = bad_flag_runs[tuple(args)]
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
     for w in words:
         assert w in lines[0]
 
 
+@pytest.fixture(scope="module")
+def draining_servers(request):
+    """A `codegen-jax serve` process per selected drain timeout, {drain: (process, port)}, all started at once:
+    the second one starts up while the first one's test runs."""
+    servers = {}
+    for drain in _selected_params(request, "test_sigterm_finishes_or_cleanly_ends_in_flight_requests_and_exits_0",
+                                  "drain"):
+        port = free_port()
+        while port in [p for _, p in servers.values()]:
+            port = free_port()
+        servers[drain] = subprocess.Popen(
+            [str(CODEGEN_JAX), "serve", "--model", str(FIXTURES / "qwen2"), "--dtype", "float32", "--port", str(port),
+             "--max-seq-len", "512", "--page-size", "8", "--decode-steps", "2", "--prefill-chunk", "64",
+             "--max-slots", "2", "--drain-timeout", str(drain)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()), port
+    yield servers
+    for proc, _ in servers.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 @pytest.mark.parametrize("drain", [30, 0], ids=["finishes", "ends-cleanly"])
-def test_sigterm_finishes_or_cleanly_ends_in_flight_requests_and_exits_0(drain):
-    port = free_port()
-    proc = subprocess.Popen([str(CODEGEN_JAX), "serve", "--model", str(FIXTURES / "qwen2"), "--dtype", "float32",
-                             "--port", str(port), "--max-seq-len", "512", "--page-size", "8", "--decode-steps", "2",
-                             "--prefill-chunk", "64", "--max-slots", "2", "--drain-timeout", str(drain)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+def test_sigterm_finishes_or_cleanly_ends_in_flight_requests_and_exits_0(draining_servers, drain):
+    proc, port = draining_servers[drain]
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

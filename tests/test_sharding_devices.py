@@ -1,5 +1,6 @@
 """Sharded == single-device, on 8 simulated CPU devices. Runs only in a process started with
-XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_sharding.py launches one); skipped otherwise."""
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_sharding.py launches two, each with part of the
+tests); skipped otherwise."""
 
 import jax
 import jax.numpy as jnp
