@@ -208,6 +208,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._admissions = 0
         self._passed_oldest = False  # the last prefill call left the oldest prefilling row out
+        # decode steps of a call that also prefills (the engine's decode_steps at most)
+        self._prefill_steps = min(cfg.prefill_decode_steps, ecfg.decode_steps)
         self._ahead = max(ecfg.decode_steps, speculator.lookahead if speculator else 0)  # tokens a step appends
         self.stats = Counter()
         # a remote hit's split: recomputed and fetched tokens per second (EMAs; None until measured)
@@ -465,7 +467,7 @@ class Scheduler:
         # run on the same pool one after the other, and each leaves the other's rows untouched (q_len 0, inactive).
         drafted = [r for r in decode if r.speculate] if spec is not None else []
         plain = [r for r in decode if r not in drafted] if drafted else decode
-        out = self._dispatch_decode(plain, self.cfg.prefill_decode_steps if prefill else None) if plain else None
+        out = self._dispatch_decode(plain, self._prefill_steps if prefill else None) if plain else None
         if drafted:
             rows = [SpecRow(r.slot, r.tokens, r.params) for r in drafted]
             new = spec(self.engine, rows)
@@ -657,17 +659,15 @@ class Scheduler:
         return first, done
 
     def _dispatch_decode(self, rows: list[Request], n_steps: int | None = None):
-        """The fused decode call for rows: n_steps (capped at the engine's decode_steps; None: those) each."""
+        """The fused decode call for rows: n_steps each (None: the engine's decode_steps)."""
         active = np.zeros(len(self.slots), bool)
         active[[r.slot for r in rows]] = True
-        steps = min(n_steps or self.engine.cfg.decode_steps, self.engine.cfg.decode_steps)
         return self.engine.decode(self.last, active, self.seeds, self.temperature, self.top_k, self.top_p,
-                                  greedy=bool((self.temperature[active] == 0).all()), n_steps=steps)
+                                  greedy=bool((self.temperature[active] == 0).all()), n_steps=n_steps)
 
     def decode_step_counts(self) -> list[int]:
         """The step counts of the fused decode calls this scheduler makes (one program each, for warm-ups)."""
-        ecfg = self.engine.cfg
-        return sorted({ecfg.decode_steps, min(self.cfg.prefill_decode_steps, ecfg.decode_steps)})
+        return sorted({self.engine.cfg.decode_steps, self._prefill_steps})
 
     def _prefill_done(self, req: Request, token: int) -> None:
         if self.radix is not None:

@@ -687,15 +687,13 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
     if plan.fused_route in ("topk", "all"):
         weights, experts, *meta = _route_fused(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob,
                                                block_k=plan.route_block_k, interpret=interpret)
-    elif inline:
+        # at T=1 the route kernel wrote the slot table
+        order, meta = (None, meta[0]) if meta else group_by_expert(experts, E, S)
+    elif inline:  # the gate/up kernel routes and writes the slot table and pair weights
         logits = jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32)  # [1, E]
-        meta = [None]
+        order = meta = None
     else:
         weights, experts = route(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob)  # [T, K]
-        meta = []
-    if meta:  # the route kernel wrote the one-token slot table (inline: the gate/up kernel will)
-        order, meta = None, meta[0]
-    else:
         order, meta = group_by_expert(experts, E, S)
     if one_token or inline:
         xs, pw = x, None
