@@ -2,21 +2,23 @@
 CRC-32 checksum), in MB/s. Runs on any machine (no GPU): the serving host's CPU side of a remote-tier hit, which
 must beat recomputing the prefix for fetching to pay.
 
-Rows: `serial`, one MGET of every page then the checks one by one in one thread (the tier before it fetched in
-parallel; also split into its MGET and check rates); then `RemoteTier.fetch` itself (EXISTS, then chunks of pages
-got over `threads` connections and checked as they arrive) for several thread counts and chunk sizes.
+Rows: `serial`, one redis-py MGET of every page then the checks one by one in one thread (the tier before it
+fetched in parallel; also split into its MGET and check rates); then `RemoteTier.fetch` itself (EXISTS, then chunks
+of pages read by raw RESP connections straight into one buffer over `threads` connections and checked as they
+arrive) for several thread counts and chunk sizes.
 
 Page shape: one 16-token page of Qwen2.5-Coder-1.5B's KV (28 layers, K and V, 2 KV heads, 128 dims, 2 bytes),
 ~458 KB; --model-shape 7b: Qwen2.5-Coder-7B's (4 KV heads), ~918 KB. Reports whether redis-py's C parser
 (hiredis) is in use and how many CPU cores the client had (the rates scale with them).
 
-Run:  python benchmarks/redis_fetch.py [--pages 256] [--repeats 5] [--model-shape 1.5b]
+Run:  python benchmarks/redis_fetch.py [--pages 256] [--repeats 5] [--model-shape 1.5b] [--tag h200]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import os
 import sys
 import time
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import table, versions, write_result  # noqa: E402
 
 KV_HEADS = {"1.5b": 2, "7b": 4}
-CONFIGS = [(1, 8), (2, 8), (4, 4), (4, 8), (4, 16), (8, 4), (8, 8), (16, 8)]  # (threads, chunk_pages)
+CONFIGS = [(1, 16), (2, 8), (2, 16), (2, 32), (4, 8), (4, 16), (8, 8), (8, 16)]  # (threads, chunk_pages)
 
 
 def main() -> None:
@@ -35,6 +37,7 @@ def main() -> None:
     p.add_argument("--pages", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--model-shape", choices=list(KV_HEADS), default="1.5b")
+    p.add_argument("--tag", default="", help="suffix of the result file's name (e.g. the machine: h200)")
     args = p.parse_args()
     import numpy as np
     import redis
@@ -82,10 +85,12 @@ def main() -> None:
             tier.close()
         assert store.errors == 0
     print(table(rows, ["path", "threads", "chunk_pages", "fetch_MB_s", "mget_MB_s", "check_MB_s"]))
-    default_threads = rt.default_fetch_threads()  # this machine's
-    default = next((r for r in rows if (r["threads"], r["chunk_pages"]) == (default_threads, 8)
+    default_threads = rt.default_fetch_threads()
+    default_chunk = inspect.signature(rt.RemoteTier).parameters["chunk_pages"].default
+    default = next((r for r in rows if (r["threads"], r["chunk_pages"]) == (default_threads, default_chunk)
                     and r["path"] != "serial"), None)
-    path = write_result("redis_fetch" if args.model_shape == "1.5b" else f"redis_fetch_{args.model_shape}", {
+    name = "redis_fetch" if args.model_shape == "1.5b" else f"redis_fetch_{args.model_shape}"
+    path = write_result(name + (f"_{args.tag}" if args.tag else ""), {
         "device": "cpu (host side of the remote tier)", "cpu_cores": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),  # other processes on a shared machine lower the rates
         "versions": versions("redis", "numpy"), "hiredis": redis.utils.HIREDIS_AVAILABLE,

@@ -12,21 +12,24 @@ Nothing here raises into the scheduler; a dead store is retried after `retry_s`,
 comes back.
 
 A fetch of many pages is split into chunks that worker threads get over their own connections and verify as they
-arrive: socket reads and CRC-32 over large buffers release the GIL, so network, checksums and the server's sends
-overlap, and a page is a numpy view of the bytes received (no copy until the scheduler stacks the pages).
+arrive, each page straight into its row of the caller's buffer: `RedisStore.get_into` speaks RESP on a raw socket
+and `recv_into`s every value where it goes (redis-py builds a fresh ~1 MB bytes object per page, which the
+scheduler then copied into its staging buffer). Socket reads and CRC-32 over large buffers release the GIL, so
+network, checksums and the server's sends overlap.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import queue
+import socket
 import threading
 import time
 import zlib
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Protocol
 
 import numpy as np
@@ -126,6 +129,116 @@ class InProcessStore:
                 self.items.popitem(last=False)
 
 
+Sink = Callable[[int, int], "list[memoryview] | None"]
+
+
+class RespError(Exception):
+    """An error reply from the server, or a reply that is not what RESP allows here."""
+
+
+class RespConnection:
+    """One raw RESP connection that reads MGET replies straight into the caller's buffers (`mget_into`). The
+    framing (`*n`, `$len`, `$-1`, `-ERR`) is parsed from a small buffer; a value's bytes go by `recv_into`
+    to where the sink says, so a page is never a Python object of its own."""
+
+    def __init__(self, host: str, port: int, *, timeout_s: float, password: str | None = None,
+                 username: str | None = None, db: int = 0):
+        self.sock = socket.create_connection((host, port), timeout=timeout_s)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buf = bytearray(1 << 16)
+        self._lo = self._hi = 0
+        try:
+            if password:
+                self._simple(["AUTH", *([username] if username else []), password])
+            if db:
+                self._simple(["SELECT", str(db)])
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _send(self, args: list[str]) -> None:
+        parts = [b"*%d\r\n" % len(args)]
+        for a in args:
+            b = a.encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        self.sock.sendall(b"".join(parts))
+
+    def _recv(self) -> None:
+        if self._lo == self._hi:
+            self._lo = self._hi = 0
+        elif self._hi == len(self._buf):  # a line longer than what is left: move it to the front
+            n = self._hi - self._lo
+            self._buf[:n] = self._buf[self._lo : self._hi]
+            self._lo, self._hi = 0, n
+        got = self.sock.recv_into(memoryview(self._buf)[self._hi :])
+        if not got:
+            raise ConnectionError("redis closed the connection")
+        self._hi += got
+
+    def _line(self) -> bytes:
+        while True:
+            end = self._buf.find(b"\r\n", self._lo, self._hi)
+            if end >= 0:
+                line = bytes(self._buf[self._lo : end])
+                self._lo = end + 2
+                if line.startswith(b"-"):
+                    raise RespError(line[1:].decode(errors="replace"))
+                return line
+            if self._hi - self._lo > 4096:
+                raise RespError("reply line too long")
+            self._recv()
+
+    def _read(self, view: memoryview) -> None:
+        n = min(self._hi - self._lo, len(view))
+        view[:n] = self._buf[self._lo : self._lo + n]
+        self._lo += n
+        while n < len(view):
+            got = self.sock.recv_into(view[n:])
+            if not got:
+                raise ConnectionError("redis closed the connection")
+            n += got
+
+    def _skip(self, n: int) -> None:
+        scratch = memoryview(bytearray(min(n, 1 << 16)))
+        while n:
+            k = min(n, len(scratch))
+            self._read(scratch[:k])
+            n -= k
+
+    def _simple(self, args: list[str]) -> bytes:
+        self._send(args)
+        return self._line()
+
+    def mget_into(self, keys: list[str], sink: Sink) -> list[bool]:
+        """MGET keys; value i (of `length` bytes) is read into the views sink(i, length) gives, whose sizes add up
+        to it, or skipped when it gives None. Returns which keys had a value."""
+        self._send(["MGET", *keys])
+        head = self._line()
+        if not head.startswith(b"*") or int(head[1:]) != len(keys):
+            raise RespError(f"unexpected MGET reply {head[:40]!r}")
+        present = []
+        crlf = memoryview(bytearray(2))
+        for i in range(len(keys)):
+            head = self._line()
+            if not head.startswith(b"$"):
+                raise RespError(f"unexpected MGET value {head[:40]!r}")
+            length = int(head[1:])
+            present.append(length >= 0)
+            if length < 0:
+                continue
+            views = sink(i, length)
+            if views is None or sum(len(v) for v in views) != length:
+                self._skip(length)
+            else:
+                for v in views:
+                    self._read(v)
+            self._read(crlf)
+        return present
+
+
 class RedisStore:
     """Redis over TCP. Every call is bounded by `timeout_s`; after a failure the store counts as down for
     `retry_s` (calls answer "nothing there" at once), then the next call tries again. Thread-safe: concurrent
@@ -143,7 +256,14 @@ class RedisStore:
         self.errors = 0
         self._down_until = 0.0
         self._lock = threading.Lock()
-        self._errors = (redis.exceptions.RedisError, OSError)
+        self._errors = (redis.exceptions.RedisError, OSError, RespError, ValueError)
+        # get_into's raw connections (one per thread) for plain TCP; TLS and unix sockets read through redis-py
+        pool = self.client.connection_pool
+        kw = pool.connection_kwargs
+        self._raw_args = (dict(host=kw["host"], port=kw["port"], timeout_s=timeout_s, password=kw.get("password"),
+                               username=kw.get("username"), db=int(kw.get("db") or 0))
+                          if pool.connection_class is redis.connection.Connection else None)
+        self._local = threading.local()
 
     @property
     def up(self) -> bool:
@@ -180,6 +300,20 @@ class RedisStore:
     def get(self, keys: list[str]) -> list[bytes | None]:
         return self._call(lambda: self.client.mget(keys), [None] * len(keys)) if keys else []
 
+    def get_into(self, keys: list[str], sink: Sink) -> list[bool]:
+        """`get`, each value read into the views sink(i, length) gives (see RespConnection.mget_into); which keys
+        had a value (none when the store is down)."""
+        def run():
+            if self._raw_args is None:
+                return [_copy_into(sink, i, v) for i, v in enumerate(self.client.mget(keys))]
+            conn = getattr(self._local, "conn", None) or RespConnection(**self._raw_args)
+            self._local.conn = None  # a connection that fails mid-reply is in an unknown state: never reused
+            present = conn.mget_into(keys, sink)
+            self._local.conn = conn
+            return present
+
+        return self._call(run, [False] * len(keys)) if keys else []
+
     def set(self, keys: list[str], values: list[bytes]) -> None:
         def run():
             pipe = self.client.pipeline(transaction=False)
@@ -191,20 +325,32 @@ class RedisStore:
             self._call(run, None)
 
 
+def _copy_into(sink: Sink, i: int, value: bytes | None) -> bool:
+    """A got value into the views sink(i, len(value)) gives: `get_into` for a store that only has `get`."""
+    if value is not None:
+        views, at = sink(i, len(value)) or [], 0
+        if sum(len(v) for v in views) == len(value):
+            for v in views:
+                v[:] = memoryview(value)[at : at + len(v)]
+                at += len(v)
+    return value is not None
+
+
 def default_fetch_threads() -> int:
-    """Half the cores, 2 to 8: the fetch's reads and checks run in parallel without starving the engine thread."""
-    return max(2, min(8, (os.cpu_count() or 1) // 2))
+    """2, whatever the cores: more connections contend for the GIL between their reads, and on the H200 box (16
+    cores, redis-server with 4 I/O threads) 2 fetched fastest (benchmarks/results/redis_fetch_7b_h200.json)."""
+    return 2
 
 
 class RemoteTier:
-    """Pages in and out of a RemoteStore: `fetch` (blocking; the scheduler calls it from a worker thread) and
+    """Pages in and out of a RemoteStore: `fetch_into` (blocking; the scheduler calls it from a worker thread) and
     `put` (queued to a writer thread; a full queue drops the write, since the tier is only a cache).
 
     fetch_threads: workers that get and verify chunks of at most `chunk_pages` pages at once (each on its own
     connection of the store's pool; default: `default_fetch_threads()`); 1 gets and verifies in the calling thread."""
 
     def __init__(self, store: RemoteStore, page_shape: tuple[int, ...], dtype, *, max_queue: int = 64,
-                 fetch_threads: int | None = None, chunk_pages: int = 8):
+                 fetch_threads: int | None = None, chunk_pages: int = 16):
         fetch_threads = fetch_threads or default_fetch_threads()
         if fetch_threads < 1 or chunk_pages < 1:
             raise ValueError(f"fetch_threads and chunk_pages must be >= 1, got {fetch_threads} and {chunk_pages}")
@@ -222,16 +368,30 @@ class RemoteTier:
         with self._stats_lock:
             self.stats[name] += n
 
-    def _get_chunk(self, keys: list[str]) -> list[np.ndarray | None]:
-        """The pages under `keys`, verified; None for each one missing or rejected."""
-        pages = []
-        for k, value in zip(keys, self.store.get(keys), strict=True):
-            page = decode(k, value, self.page_shape, self.dtype)
-            if page is None and value is not None:
-                self._count("pages_rejected", 1)
-                log.warning("remote page %s failed its checksum; recomputing", k)
-            pages.append(page)
-        return pages
+    def _read_chunk(self, keys: list[str], out: np.ndarray, frames: np.ndarray) -> int:
+        """Reads the pages under `keys` into the rows of out [n, page bytes] (uint8), each value's magic and checksum
+        into frames [n, 12]; returns how many pages, from the first, arrived intact."""
+        size = len(_MAGIC) + out.shape[1] + _DIGEST
+
+        def sink(i: int, length: int) -> list[memoryview] | None:
+            if length != size:  # truncated or of another format: skipped, and rejected below
+                return None
+            return [memoryview(frames[i, : len(_MAGIC)]), memoryview(out[i]), memoryview(frames[i, len(_MAGIC) :])]
+
+        frames[:] = 0  # a skipped value leaves no magic behind
+        get_into = getattr(self.store, "get_into", None)
+        if get_into is not None:
+            present = get_into(keys, sink)
+        else:  # a store with only `get`: the values are copied in
+            present = [_copy_into(sink, i, v) for i, v in enumerate(self.store.get(keys))]
+        for i, k in enumerate(keys):
+            frame = frames[i].tobytes()
+            if not (present[i] and frame.startswith(_MAGIC) and _checksum(k, out[i]) == frame[len(_MAGIC) :]):
+                if present[i]:
+                    self._count("pages_rejected", 1)
+                    log.warning("remote page %s failed its checksum; recomputing", k)
+                return i
+        return len(keys)
 
     def present(self, digests: list[bytes]) -> int:
         """How many of `digests`, from the first, the store holds (0 when it cannot say)."""
@@ -241,37 +401,55 @@ class RemoteTier:
             log.exception("remote exists failed; recomputing")
             return 0
 
-    def fetch(self, digests: list[bytes], *, counted: bool = False) -> list[np.ndarray]:
-        """Pages for the leading run of `digests` that the store holds intact, each [L, 2, Hkv, S, D]
-        (read-only views of the received bytes). counted: `present` said the store holds all of them, so no
-        EXISTS first (a page gone since then is a miss, as any)."""
+    def fetch_into(self, digests: list[bytes], out: np.ndarray, *, counted: bool = False,
+                   landed: Callable[[int], None] | None = None) -> int:
+        """Reads the leading run of `digests` that the store holds intact into out [>= len(digests), L, 2, Hkv,
+        S, D] (C-contiguous, of the tier's dtype) and returns its length n. landed(k) is called (on this thread,
+        k growing) each time the first k pages are in place, so a caller can start copying them on. No reader
+        writes into `out` once this returns. counted: `present` said the store holds all of them, so no EXISTS
+        first (a page gone since then is a miss, as any)."""
+        futures = []
         try:
             keys = [key(d) for d in digests]
             n = len(keys) if counted else self.store.exists(keys)
             if n == 0:
-                return []
+                return 0
+            rows = out.reshape(out.shape[0], -1).view(np.uint8)  # a page's bytes, whatever the dtype
+            frames = np.empty((n, len(_MAGIC) + _DIGEST), np.uint8)
             # chunks small enough that every worker gets one, and that a chunk's checksums overlap the next's reads
             step = max(1, min(self.chunk_pages, -(-n // self.fetch_threads)))
-            chunks = [keys[lo : lo + step] for lo in range(0, n, step)]
-            futures = [self._getters.submit(self._get_chunk, c) for c in chunks] if (
-                self._getters is not None and len(chunks) > 1) else []
-            # in order; serially, lazily: the first miss stops the getting
-            results = (f.result() for f in futures) if futures else map(self._get_chunk, chunks)
-            pages: list[np.ndarray] = []
-            try:
-                for chunk in results:
-                    run = next((i for i, p in enumerate(chunk) if p is None), len(chunk))
-                    pages.extend(chunk[:run])
-                    if run < len(chunk):  # a miss ends the usable prefix: the pages after it are not needed
-                        break
-            finally:
-                for f in futures:  # those not started yet
-                    f.cancel()
-            self._count("pages_fetched", len(pages))
-            return pages
+            spans = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+            def read(span):
+                lo, hi = span
+                return self._read_chunk(keys[lo:hi], rows[lo:hi], frames[lo:hi])
+
+            if self._getters is not None and len(spans) > 1:
+                futures = [self._getters.submit(read, sp) for sp in spans]
+                results = (f.result() for f in futures)
+            else:
+                results = map(read, spans)  # serially, lazily: the first miss stops the reading
+            got = 0
+            for (lo, hi), k in zip(spans, results, strict=False):
+                got += k
+                if landed is not None and k:
+                    landed(got)
+                if lo + k < hi:  # a miss ends the usable prefix: the pages after it are not needed
+                    break
+            self._count("pages_fetched", got)
+            return got
         except Exception:  # a remote problem is a cache miss, never a failed request
             log.exception("remote fetch failed; recomputing")
-            return []
+            return 0
+        finally:
+            for f in futures:  # those not started yet; the running ones finish (bounded by the store's timeout)
+                f.cancel()
+            wait(futures)
+
+    def fetch(self, digests: list[bytes], *, counted: bool = False) -> list[np.ndarray]:
+        """Pages for the leading run of `digests` that the store holds intact, each [L, 2, Hkv, S, D]."""
+        out = np.empty((len(digests), *self.page_shape), self.dtype)
+        return list(out[: self.fetch_into(digests, out, counted=counted)])
 
     def put(self, digests: list[bytes], pages) -> bool:
         """Queues pages [m, L, 2, Hkv, S, D] (device array, copy already started; m >= n = len(digests), rows past

@@ -13,7 +13,18 @@ from serve.host_tier import HostTier
 from serve.page_allocator import PageAllocator
 from serve.radix_cache import RadixCache
 from serve.redis_process import RedisProcess, redis_server_binary
-from serve.remote_tier import InProcessStore, RedisStore, RemoteTier, chain, decode, encode, key, page_digests, salt
+from serve.remote_tier import (
+    InProcessStore,
+    RedisStore,
+    RemoteTier,
+    RespConnection,
+    chain,
+    decode,
+    encode,
+    key,
+    page_digests,
+    salt,
+)
 
 W = 4  # floats per fake page
 
@@ -292,14 +303,14 @@ def test_parallel_fetch_from_a_store_that_fails_midway_gives_misses(failure):
 
         at: str | None = None
 
-        def get(self, keys):
+        def get_into(self, keys, sink):  # the tier's read (raw RESP into the caller's buffer)
             if keys and keys[0] == self.at:
                 self.at = None
                 if failure == "killed":
                     server.kill()
                 else:
                     os.kill(server.proc.pid, signal.SIGSTOP)
-            return super().get(keys)
+            return super().get_into(keys, sink)
 
     with RedisProcess() as server:
         store = FailingStore(server.url, timeout_s=0.3, retry_s=0.3)
@@ -324,4 +335,79 @@ def test_parallel_fetch_from_a_store_that_fails_midway_gives_misses(failure):
             got = tier.fetch(digests)
         assert len(got) == 24
         assert_prefix(got, pages)
+        tier.close()
+
+
+# ---- the raw RESP read: values straight into the caller's buffers --------------------------------------------
+
+
+def into_rows(rows: np.ndarray):
+    """A sink that reads value i into rows[i] when it has that row's size (else skips it)."""
+    return lambda i, length: [memoryview(rows[i])] if length == rows.shape[1] else None
+
+
+def test_resp_mget_into_reads_values_of_every_size_where_they_go():
+    need_redis()
+    import redis
+
+    rng = np.random.default_rng(1)
+    with RedisProcess() as server:
+        client = redis.Redis.from_url(server.url)
+        sizes = [1, 7, 65_535, 65_536, 200_001, 3]  # around the 64 KB read buffer, and far past it
+        values = {f"v{i}": rng.integers(0, 256, n, dtype=np.uint8).tobytes() for i, n in enumerate(sizes)}
+        client.mset(values)
+        conn = RespConnection("127.0.0.1", server.port, timeout_s=2.0)
+        for size in sizes:  # one size class at a time: the others (and the missing key) are skipped in stride
+            keys = [*values, "absent"]
+            rows = np.full((len(keys), size), 0xAB, np.uint8)
+            present = conn.mget_into(keys, into_rows(rows))
+            assert present == [True] * len(sizes) + [False]
+            for i, v in enumerate(values.values()):
+                if len(v) == size:
+                    assert rows[i].tobytes() == v
+                else:
+                    assert (rows[i] == 0xAB).all()  # skipped: nothing written
+        many = [f"m{i}" for i in range(3000)]  # a reply whose framing alone spans many reads
+        client.mset({k: k.encode() * 3 for k in many})
+        got = {}
+        conn.mget_into(many, lambda i, n: [memoryview(got.setdefault(i, bytearray(n)))])
+        assert [bytes(got[i]) for i in range(len(many))] == [k.encode() * 3 for k in many]
+        conn.close()
+
+
+def test_redis_get_into_with_a_password_and_a_database_and_a_wrong_password():
+    need_redis()
+    import redis
+
+    with RedisProcess() as server:
+        admin = redis.Redis.from_url(server.url)
+        redis.Redis.from_url(server.url + "/3").set("k", b"in db 3")
+        admin.config_set("requirepass", "s3cret")
+        base = f"redis://:s3cret@127.0.0.1:{server.port}"
+        row = np.zeros((1, 7), np.uint8)
+        assert RedisStore(base + "/3").get_into(["k"], into_rows(row)) == [True] and row.tobytes() == b"in db 3"
+        assert RedisStore(base + "/0").get_into(["k"], into_rows(row)) == [False]
+        wrong = RedisStore(f"redis://:nope@127.0.0.1:{server.port}/3", retry_s=0.2)
+        assert wrong.get_into(["k"], into_rows(row)) == [False] and wrong.errors == 1 and not wrong.up  # a miss
+
+
+def test_redis_fetch_skips_a_truncated_page_and_the_connection_stays_in_step():
+    """A value of the wrong length is read past (not into the page buffer) and rejected; the same connection then
+    serves the next fetch correctly, so the reply framing stayed in step."""
+    need_redis()
+    with RedisProcess() as server:
+        store = RedisStore(server.url, timeout_s=2.0)
+        digests, pages = stored_pages(store, 6)
+        k = key(digests[3])
+        value = store.client.get(k)
+        store.client.set(k, value[:-9])
+        tier = RemoteTier(store, PAGE, np.float32, fetch_threads=1)
+        got = tier.fetch(digests)
+        assert len(got) == 3 and tier.stats["pages_rejected"] == 1
+        assert_prefix(got, pages)
+        store.client.set(k, value)
+        got = tier.fetch(digests)
+        assert len(got) == 6
+        assert_prefix(got, pages)
+        assert sum(c["cmd"] == "mget" for c in store.client.client_list()) == 1  # one raw connection, reused
         tier.close()

@@ -12,6 +12,7 @@ import pytest
 from conftest import FIXTURES
 from test_serve_cache import need_redis
 
+import serve.scheduler as scheduler_mod
 from codegen_jax import Engine, EngineConfig, SamplingParams, load_model
 from serve.redis_process import RedisProcess
 from serve.remote_tier import InProcessStore, RedisStore
@@ -220,9 +221,10 @@ def test_identical_with_cache_off_on_flushed_and_from_host(engine, agent_ref):
     sched.check()
 
 
-def test_identical_from_redis_and_with_corrupt_pages(engine, agent_ref):
+def test_identical_from_redis_and_with_corrupt_pages(engine, agent_ref, monkeypatch):
     need_redis()
     ref, _ = agent_ref
+    monkeypatch.setattr(scheduler_mod, "FETCH_PIECE", 2)  # fetched pages go to the device in several pieces
     with RedisProcess() as server:
         writer = Scheduler(engine, remote=RedisStore(server.url))
         assert agent_turns(writer)[0] == ref
