@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 from benchmarks.common import device, table, versions, write_result  # noqa: E402
 from benchmarks.decode import QWEN25_CODER_1_5B, QWEN25_CODER_7B  # noqa: E402
+from serve.server import ServeConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "qwen2"
@@ -76,6 +77,8 @@ class Shape:
     probe_reps: int
     prefill_decode_steps: int = 1  # decode steps of a server call that also prefills (ServeConfig)
     max_prefill_rows: int = 4  # prompts a server prefills in one call (ServeConfig)
+    switch_interval_ms: float = ServeConfig.switch_interval_ms  # the process's GIL switch interval (ServeConfig)
+    remote_overlap: bool = False  # the second server recomputes a remote hit's head while fetching its tail
 
 
 # ~8k-token first prompts growing ~700 a turn, 128-token answers: an agent's prompts run 37x to 2,494x its outputs
@@ -434,6 +437,7 @@ def crossover(servers: dict, shape: Shape, vocab: int, model: str, kv_bytes_per_
             servers["on"].state.scheduler.remote.drain()
             dev, dev_cached = ttft(servers["on"], ids)
             red, red_cached = ttft(servers["second"], ids)
+            phases = second.metrics.fetches[-1][1:] if second.metrics.fetches else (0.0, 0.0, 0.0)
             second.remote_overlap = True  # read on the engine thread when the request arrives
             try:
                 ovl, ovl_cached = ttft(servers["second"], ids2)
@@ -448,6 +452,8 @@ def crossover(servers: dict, shape: Shape, vocab: int, model: str, kv_bytes_per_
                 times["overlap"].append(ovl)
                 times["recompute"].append(rec)
                 fetched.append(ovl_cached)
+                for name, t in zip(("queued", "read", "device"), phases, strict=True):
+                    times.setdefault(f"fetch_{name}", []).append(t)
         med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
         mb = L * kv_bytes_per_token / 1e6
         extra_ms = med["redis"] - med["device"]
@@ -456,6 +462,8 @@ def crossover(servers: dict, shape: Shape, vocab: int, model: str, kv_bytes_per_
                      "fetch_speedup": round(med["recompute"] / med["redis"], 2),
                      "overlap_ms": round(med["overlap"], 2), "overlap_fetched_tokens": int(np.median(fetched)),
                      "overlap_speedup": round(med["recompute"] / med["overlap"], 2), "kv_MB": round(mb, 2),
+                     # the Redis hit's fetch by phase: waiting for a fetcher, reading + checking, device copy after
+                     **{f"{k}_ms": round(med[k], 2) for k in ("fetch_queued", "fetch_read", "fetch_device")},
                      "redis_MB_s": round(mb / med["redis"] * 1e3, 1),
                      "fetch_MB_s": round(mb / extra_ms * 1e3, 1) if extra_ms > 0 else None})
         log(f"probe L={L}: recompute {med['recompute']:.1f} ms, redis {med['redis']:.1f} ms ({mb:.1f} MB), "
@@ -503,6 +511,8 @@ def start_servers(model, tokenizer, fingerprint: str, shape: Shape, dtype: str, 
                           prefix_cache=cache,
                           host_pages=shape.host_pages if cache else 0, remote=redis_url if cache else None,
                           max_queue=4 * shape.sessions + 16, drain_timeout_s=30,
+                          switch_interval_ms=shape.switch_interval_ms,
+                          remote_overlap=shape.remote_overlap and name == "second",
                           speculator="none")  # chat requests only: the default apply speculator would compile
         # its verify widths at start-up (~100 s per server for the 7B shape on the H200) for requests never sent
         # one model, three alike engines: they share compiled programs (each prefill shape is traced once, not 3x)
@@ -530,6 +540,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="longest prefill piece per prompt and call, a power of two (default: per mode)")
     p.add_argument("--max-prefill-rows", type=int, default=None,
                    help="prompts a server prefills in one call (default: the servers' default, 4)")
+    p.add_argument("--switch-interval-ms", type=float, default=None,
+                   help="the servers' GIL switch interval (default: ServeConfig's)")
+    p.add_argument("--remote-overlap", action="store_true",
+                   help="the second server recomputes each remote hit's head while its tail is fetched")
     p.add_argument("--results-dir", default=None, help="write the JSON here instead of benchmarks/results (tests)")
     args = p.parse_args(argv)
 
@@ -551,7 +565,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                              ("prefill_decode_steps", args.prefill_decode_steps),
                                                              ("max_prefill_rows", args.max_prefill_rows),
                                                              ("num_pages", args.num_pages),
-                                                             ("prefill_chunk", args.prefill_chunk))
+                                                             ("prefill_chunk", args.prefill_chunk),
+                                                             ("switch_interval_ms", args.switch_interval_ms),
+                                                             ("remote_overlap", args.remote_overlap or None))
                                           if v is not None})
     model, tokenizer, fingerprint = build_model(args.tiny, args.model_shape)
     dtype = "float32" if args.tiny else "bfloat16"

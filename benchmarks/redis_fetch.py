@@ -5,7 +5,8 @@ must beat recomputing the prefix for fetching to pay.
 Rows: `serial`, one redis-py MGET of every page then the checks one by one in one thread (the tier before it
 fetched in parallel; also split into its MGET and check rates); then `RemoteTier.fetch` itself (EXISTS, then chunks
 of pages read by raw RESP connections straight into one buffer over `threads` connections and checked as they
-arrive) for several thread counts and chunk sizes.
+arrive) for several thread counts and chunk sizes; last, the default fetch beside a Python thread that never blocks,
+under CPython's GIL switch interval (5 ms) and the server's (`--switch-interval-ms`).
 
 Page shape: one 16-token page of Qwen2.5-Coder-1.5B's KV (28 layers, K and V, 2 KV heads, 128 dims, 2 bytes),
 ~458 KB; --model-shape 7b: Qwen2.5-Coder-7B's (4 KV heads), ~918 KB. Reports whether redis-py's C parser
@@ -21,6 +22,7 @@ import hashlib
 import inspect
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +46,7 @@ def main() -> None:
 
     from serve import remote_tier as rt
     from serve.redis_process import RedisProcess
+    from serve.server import ServeConfig
 
     page = np.random.default_rng(0).standard_normal((28, 2, KV_HEADS[args.model_shape], 16, 128)).astype(np.float16)
     digests = [hashlib.sha256(str(i).encode()).digest() for i in range(args.pages)]
@@ -83,6 +86,29 @@ def main() -> None:
             rows.append({"path": "RemoteTier.fetch", "threads": threads, "chunk_pages": chunk,
                          "fetch_MB_s": round(mb / median_s(fetch), 1)})
             tier.close()
+        # the same fetch beside a Python thread that never blocks (the engine thread between device calls, at
+        # worst), under CPython's default GIL switch interval and under the server's (ServeConfig)
+        default_tier = rt.RemoteTier(store, page.shape, page.dtype)
+        stop = threading.Event()
+
+        def busy():
+            while not stop.is_set():
+                sum(range(1000))
+
+        spinner = threading.Thread(target=busy, daemon=True)
+        spinner.start()
+        before = sys.getswitchinterval()
+        try:
+            for ms in (5.0, ServeConfig.switch_interval_ms):
+                sys.setswitchinterval(ms / 1e3)
+                rows.append({"path": f"fetch, busy thread, switch {ms:g} ms", "threads": default_tier.fetch_threads,
+                             "chunk_pages": default_tier.chunk_pages,
+                             "fetch_MB_s": round(mb / median_s(lambda: default_tier.fetch(digests)), 1)})
+        finally:
+            sys.setswitchinterval(before)
+            stop.set()
+            spinner.join()
+            default_tier.close()
         assert store.errors == 0
     print(table(rows, ["path", "threads", "chunk_pages", "fetch_MB_s", "mget_MB_s", "check_MB_s"]))
     default_threads = rt.default_fetch_threads()

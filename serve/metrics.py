@@ -42,6 +42,11 @@ class ServeMetrics:
         self._keep = 4096
         self.acceptance = Histogram("codegen_acceptance_length", "tokens kept per speculative step and request",
                                     registry=r, buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32))
+        self.remote_fetch = Histogram("codegen_remote_fetch_seconds", "a remote-tier fetch by phase: queued for a "
+                                      "fetcher, reading and checking the pages, the last copy to the device",
+                                      ["phase"], registry=r, buckets=(0.001, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        # the last `keep` fetches: (pages, queued s, read s, device s), for benchmarks that split a remote hit
+        self.fetches: deque[tuple[int, float, float, float]] = deque(maxlen=4096)
         self.preemptions = Counter("codegen_preemptions", "requests preempted for pages", registry=r)
         for tier in TIERS:  # every series from the start, so a scrape before the first request sees them at 0
             self.cached_tokens.labels(tier)
@@ -72,6 +77,12 @@ class ServeMetrics:
             self.first_tokens[request_id] = (queue_s, prefill_s)
             while len(self.first_tokens) > self._keep:
                 self.first_tokens.popitem(last=False)
+
+    def fetched(self, pages: int, queued_s: float, read_s: float, device_s: float) -> None:
+        for phase, t in (("queued", queued_s), ("read", read_s), ("device", device_s)):
+            self.remote_fetch.labels(phase).observe(t)
+        with self._lock:
+            self.fetches.append((pages, queued_s, read_s, device_s))
 
     def tokens(self, n: int) -> None:
         now = time.monotonic()

@@ -24,6 +24,7 @@ import hashlib
 import logging
 import queue
 import socket
+import struct
 import threading
 import time
 import zlib
@@ -145,6 +146,12 @@ class RespConnection:
                  username: str | None = None, db: int = 0):
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # blocking at the OS level with the timeout in the kernel (a Python timeout makes the socket non-blocking,
+        # and MSG_WAITALL then returns what is there): a value then arrives in one recv with one wait for the GIL
+        self.sock.settimeout(None)
+        tv = struct.pack("ll", int(timeout_s), int(timeout_s % 1 * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._buf = bytearray(1 << 16)
         self._lo = self._hi = 0
         try:
@@ -191,15 +198,27 @@ class RespConnection:
                 raise RespError("reply line too long")
             self._recv()
 
-    def _read(self, view: memoryview) -> None:
-        n = min(self._hi - self._lo, len(view))
-        view[:n] = self._buf[self._lo : self._lo + n]
-        self._lo += n
-        while n < len(view):
-            got = self.sock.recv_into(view[n:])
+    def _read(self, *views: memoryview) -> None:
+        """Fills views in order: first from what the line reads buffered, then straight from the socket, all that is
+        left in one recvmsg_into(MSG_WAITALL) (again after a signal or the kernel's timeout cut it short: a
+        timeout with nothing read raises)."""
+        rest = []
+        for view in views:
+            n = min(self._hi - self._lo, len(view))
+            view[:n] = self._buf[self._lo : self._lo + n]
+            self._lo += n
+            if n < len(view):
+                rest.append(view[n:])
+        while rest:
+            got = self.sock.recvmsg_into(rest, 0, socket.MSG_WAITALL)[0]
             if not got:
                 raise ConnectionError("redis closed the connection")
-            n += got
+            while got:
+                k = min(got, len(rest[0]))
+                got -= k
+                rest[0] = rest[0][k:]
+                if not len(rest[0]):
+                    rest.pop(0)
 
     def _skip(self, n: int) -> None:
         scratch = memoryview(bytearray(min(n, 1 << 16)))
@@ -232,10 +251,9 @@ class RespConnection:
             views = sink(i, length)
             if views is None or sum(len(v) for v in views) != length:
                 self._skip(length)
+                self._read(crlf)
             else:
-                for v in views:
-                    self._read(v)
-            self._read(crlf)
+                self._read(*views, crlf)
         return present
 
 

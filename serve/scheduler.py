@@ -389,7 +389,7 @@ class Scheduler:
                 return
             head = self._split(len(digests)) if self.remote_overlap else 0
             req.fetch_start, req.fetch_head = len(path) + head, head
-            req.fetch = self._fetcher.submit(self._fetch_staged, digests[head:])
+            req.fetch = self._fetcher.submit(self._fetch_staged, digests[head:], time.perf_counter())
 
     def _split(self, n: int) -> int:
         """Pages (of n missing) to recompute while the rest is fetched: both finish together when
@@ -408,7 +408,7 @@ class Scheduler:
             old, new = self.rates[name], tokens / seconds
             self.rates[name] = new if old is None else 0.7 * old + 0.3 * new
 
-    def _fetch_staged(self, digests: list[bytes]) -> StagedPages:
+    def _fetch_staged(self, digests: list[bytes], submitted: float) -> StagedPages:
         """On a fetcher thread: the remote pages read into one host buffer [m, L, 2, Hkv, S, D] (m: the count padded
         to write_pages' size class), and copied to the device in pieces of FETCH_PIECE pages as they land, the copy
         of one piece overlapping the reading of the next. Placing them then costs the engine thread one scatter per
@@ -425,6 +425,7 @@ class Scheduler:
                 pieces.append(jax.device_put(buf[lo : lo + piece]))
 
         got = self.remote.fetch_into(digests, buf, counted=True, landed=landed)  # _start_fetch's EXISTS counted
+        read = time.perf_counter()
         if not got:
             return StagedPages(0, None, ())
         lo = len(pieces) * piece
@@ -434,7 +435,9 @@ class Scheduler:
             pieces.append(jax.device_put(buf[lo:hi]))
         for p in pieces:
             p.block_until_ready()
-        self._rate("fetch", got * self.page_size, time.perf_counter() - t)
+        done = time.perf_counter()
+        self.metrics.fetched(got, t - submitted, read - t, done - read)
+        self._rate("fetch", got * self.page_size, done - t)
         return StagedPages(got, buf, tuple(pieces))
 
     def _install_fetched(self, req: Request) -> None:

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,10 @@ class ServeConfig:
     max_queue: int = 256
     max_body_bytes: int = 8 << 20
     drain_timeout_s: float = 30.0
+    # the process's GIL switch interval: threads that wait on sockets (remote fetches, HTTP) get the GIL back within
+    # this of their data arriving while the engine thread runs Python (CPython's default, 5 ms, cut a remote fetch
+    # under a busy Python thread to ~1/10 of its idle rate: benchmarks/redis_fetch.py's "busy" rows)
+    switch_interval_ms: float = 0.2
     warmup: bool = True  # compile the speculative step's verify widths before serving
 
     def __post_init__(self):
@@ -60,6 +65,8 @@ class ServeConfig:
             raise ValueError(f"drain timeout must be >= 0 seconds, got {self.drain_timeout_s}")
         if self.tp < 1 or self.ep < 1:
             raise ValueError(f"--tp and --ep must be >= 1, got {self.tp} and {self.ep}")
+        if not self.switch_interval_ms > 0:
+            raise ValueError(f"switch interval must be > 0 ms, got {self.switch_interval_ms}")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
 
@@ -92,6 +99,7 @@ def assemble(cfg: ServeConfig, model, tokenizer, fingerprint: str, *, share_prog
     from serve.remote_tier import open_store
     from serve.scheduler import Scheduler, SchedulerConfig
 
+    sys.setswitchinterval(cfg.switch_interval_ms / 1e3)
     engine = replica_engine(model, EngineConfig(max_slots=cfg.max_slots, page_size=cfg.page_size,
                                                 max_seq_len=cfg.max_seq_len, num_pages=cfg.num_pages,
                                                 prefill_chunk=cfg.prefill_chunk, decode_steps=cfg.decode_steps,

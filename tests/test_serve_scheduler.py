@@ -236,6 +236,10 @@ def test_identical_from_redis_and_with_corrupt_pages(engine, agent_ref, monkeypa
         out, cached = agent_turns(reader)
         assert out == ref
         assert cached[0][0] >= 64 and tier_tokens(reader)["remote"] >= 64
+        fetches = list(reader.metrics.fetches)  # each fetch timed by phase, and exported
+        assert sum(f[0] for f in fetches) * ECFG.page_size >= tier_tokens(reader)["remote"]
+        assert all(min(f[1:]) >= 0 for f in fetches)
+        assert b'codegen_remote_fetch_seconds_count{phase="read"} %d' % len(fetches) in reader.metrics.render()
         reader.stop()
 
         import redis
@@ -389,11 +393,11 @@ def test_remote_pages_placed_after_the_cache_grew(engine, rng):
     reader = Scheduler(engine, remote=store)
     gate, calls, fetch = threading.Event(), [], reader._fetch_staged
 
-    def held_second(digests):
+    def held_second(digests, submitted):
         calls.append(len(digests))
         if len(calls) == 2:
             assert gate.wait(60)
-        return fetch(digests)
+        return fetch(digests, submitted)
 
     reader._fetch_staged = held_second
     ra, res_a = submit(reader, a, sp)
