@@ -319,7 +319,7 @@ async def play(url: str, w: Workload, model: str, recorded: list[list[list[dict]
 
 def measure(name: str, server, w: Workload, model: str, recorded=None) -> tuple[Run, list]:
     metrics, radix = server.state.scheduler.metrics, server.state.scheduler.radix
-    before, traced = metrics.totals(), TRACES.count
+    before, traced, n_fetches = metrics.totals(), TRACES.count, len(metrics.fetches)
     moves = dict(radix.stats) if radix is not None else {}
     t = time.perf_counter()
     turns, record = asyncio.run(play(server.url, w, model, recorded))
@@ -328,6 +328,14 @@ def measure(name: str, server, w: Workload, model: str, recorded=None) -> tuple[
     for turn in turns:  # the server's split of each TTFT (same process)
         turn.queue_s, turn.prefill_s = metrics.first_tokens.get(turn.id, (float("nan"),) * 2)
     run.traced = TRACES.count - traced
+    fetches = list(metrics.fetches)[n_fetches:]  # the run's remote fetches: pages and time by phase
+    if fetches:
+        import numpy as np
+
+        run.pages["fetches"] = len(fetches)
+        for i, phase in enumerate(("queued", "read", "device"), start=1):
+            run.pages[f"fetch_{phase}_p50_ms"] = round(float(np.median([f[i] for f in fetches])) * 1e3, 1)
+        run.pages["fetch_pages_p50"] = int(np.median([f[0] for f in fetches]))
     prompt = after["prompt"] - before["prompt"]
     run.tiers = {tier: (after[tier] - before[tier]) / max(1, prompt) for tier in ("device", "host", "remote")}
     if radix is not None:  # evictions, host spills and loads, remote writes: where the run's host time may go
@@ -416,12 +424,16 @@ def crossover(servers: dict, shape: Shape, vocab: int, model: str, kv_bytes_per_
     rng = np.random.default_rng(0)
     http = httpx.Client(timeout=600)  # one client: a fresh one per request costs more than a small prefill
 
+    split = {}  # the last request's (queue s, prefill s) on each server: the scheduler's side of its TTFT
+
     def ttft(server, ids) -> tuple[float, int]:
         t = time.perf_counter()  # one token out: the latency is the time to first token
         r = http.post(f"{server.url}/v1/completions", json={"model": model, "prompt": ids, "max_tokens": 1,
                                                             "temperature": 0})
         dt = time.perf_counter() - t
         assert r.status_code == 200, r.text
+        rid = r.json()["id"].removeprefix("cmpl-")
+        split[id(server)] = server.state.scheduler.metrics.first_tokens.get(rid, (float("nan"),) * 2)
         return dt, r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
 
     rows = []
@@ -437,7 +449,8 @@ def crossover(servers: dict, shape: Shape, vocab: int, model: str, kv_bytes_per_
             servers["on"].state.scheduler.remote.drain()
             dev, dev_cached = ttft(servers["on"], ids)
             red, red_cached = ttft(servers["second"], ids)
-            phases = second.metrics.fetches[-1][1:] if second.metrics.fetches else (0.0, 0.0, 0.0)
+            phases = (*(second.metrics.fetches[-1][1:] if second.metrics.fetches else (0.0,) * 3),
+                      *split[id(servers["second"])])
             second.remote_overlap = True  # read on the engine thread when the request arrives
             try:
                 ovl, ovl_cached = ttft(servers["second"], ids2)
@@ -452,8 +465,9 @@ def crossover(servers: dict, shape: Shape, vocab: int, model: str, kv_bytes_per_
                 times["overlap"].append(ovl)
                 times["recompute"].append(rec)
                 fetched.append(ovl_cached)
-                for name, t in zip(("queued", "read", "device"), phases, strict=True):
-                    times.setdefault(f"fetch_{name}", []).append(t)
+                for name, t in zip(("fetch_queued", "fetch_read", "fetch_device", "redis_queue", "redis_prefill"),
+                                   phases, strict=True):
+                    times.setdefault(name, []).append(t)
         med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
         mb = L * kv_bytes_per_token / 1e6
         extra_ms = med["redis"] - med["device"]
@@ -464,6 +478,8 @@ def crossover(servers: dict, shape: Shape, vocab: int, model: str, kv_bytes_per_
                      "overlap_speedup": round(med["recompute"] / med["overlap"], 2), "kv_MB": round(mb, 2),
                      # the Redis hit's fetch by phase: waiting for a fetcher, reading + checking, device copy after
                      **{f"{k}_ms": round(med[k], 2) for k in ("fetch_queued", "fetch_read", "fetch_device")},
+                     # and the scheduler's split of its TTFT: arrival to a slot (the fetch within), slot to token
+                     **{f"{k}_ms": round(med[k], 2) for k in ("redis_queue", "redis_prefill")},
                      "redis_MB_s": round(mb / med["redis"] * 1e3, 1),
                      "fetch_MB_s": round(mb / extra_ms * 1e3, 1) if extra_ms > 0 else None})
         log(f"probe L={L}: recompute {med['recompute']:.1f} ms, redis {med['redis']:.1f} ms ({mb:.1f} MB), "

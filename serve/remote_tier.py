@@ -231,6 +231,15 @@ class RespConnection:
         self._send(args)
         return self._line()
 
+    def exists_run(self, keys: list[str]) -> int:
+        """How many keys, from the first, exist: one EXISTS per key, all sent at once (a multi-key EXISTS only
+        counts them)."""
+        self.sock.sendall(b"".join(b"*2\r\n$6\r\nEXISTS\r\n$%d\r\n%s\r\n" % (len(k), k.encode()) for k in keys))
+        replies = [self._line() for _ in keys]  # every reply read, so the connection stays in step
+        if any(r not in (b":0", b":1") for r in replies):
+            raise RespError(f"unexpected EXISTS reply {next(r for r in replies if r not in (b':0', b':1'))[:40]!r}")
+        return next((i for i, r in enumerate(replies) if r == b":0"), len(keys))
+
     def mget_into(self, keys: list[str], sink: Sink) -> list[bool]:
         """MGET keys; value i (of `length` bytes) is read into the views sink(i, length) gives, whose sizes add up
         to it, or skipped when it gives None. Returns which keys had a value."""
@@ -303,6 +312,8 @@ class RedisStore:
 
     def exists(self, keys: list[str]) -> int:
         def run():
+            if self._raw_args is not None:  # ~10x faster than redis-py's pipeline for the ~800 keys of 12k tokens
+                return self._raw(lambda conn: conn.exists_run(keys))
             pipe = self.client.pipeline(transaction=False)
             for k in keys:
                 pipe.exists(k)
@@ -324,13 +335,21 @@ class RedisStore:
         def run():
             if self._raw_args is None:
                 return [_copy_into(sink, i, v) for i, v in enumerate(self.client.mget(keys))]
-            conn = getattr(self._local, "conn", None) or RespConnection(**self._raw_args)
-            self._local.conn = None  # a connection that fails mid-reply is in an unknown state: never reused
-            present = conn.mget_into(keys, sink)
-            self._local.conn = conn
-            return present
+            return self._raw(lambda conn: conn.mget_into(keys, sink))
 
         return self._call(run, [False] * len(keys)) if keys else []
+
+    def _raw(self, fn):
+        """fn(this thread's raw connection); a connection that fails mid-reply is in an unknown state: dropped."""
+        conn = getattr(self._local, "conn", None) or RespConnection(**self._raw_args)
+        self._local.conn = None
+        try:
+            out = fn(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._local.conn = conn
+        return out
 
     def set(self, keys: list[str], values: list[bytes]) -> None:
         def run():

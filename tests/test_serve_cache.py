@@ -387,8 +387,11 @@ def test_redis_get_into_with_a_password_and_a_database_and_a_wrong_password():
         row = np.zeros((1, 7), np.uint8)
         assert RedisStore(base + "/3").get_into(["k"], into_rows(row)) == [True] and row.tobytes() == b"in db 3"
         assert RedisStore(base + "/0").get_into(["k"], into_rows(row)) == [False]
+        assert RedisStore(base + "/3").exists(["k", "k", "j", "k"]) == 2 and RedisStore(base + "/0").exists(["k"]) == 0
         wrong = RedisStore(f"redis://:nope@127.0.0.1:{server.port}/3", retry_s=0.2)
         assert wrong.get_into(["k"], into_rows(row)) == [False] and wrong.errors == 1 and not wrong.up  # a miss
+        time.sleep(0.25)
+        assert wrong.exists(["k"]) == 0 and wrong.errors == 2
 
 
 def test_redis_fetch_skips_a_truncated_page_and_the_connection_stays_in_step():
