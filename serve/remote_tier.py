@@ -340,16 +340,24 @@ class RedisStore:
         return self._call(run, [False] * len(keys)) if keys else []
 
     def _raw(self, fn):
-        """fn(this thread's raw connection); a connection that fails mid-reply is in an unknown state: dropped."""
-        conn = getattr(self._local, "conn", None) or RespConnection(**self._raw_args)
-        self._local.conn = None
-        try:
-            out = fn(conn)
-        except BaseException:
-            conn.close()
-            raise
-        self._local.conn = conn
-        return out
+        """fn(this thread's raw connection); a connection that fails mid-reply is in an unknown state: dropped. A
+        kept one may have died with a server that came back since: its failure is retried once on a new one (the
+        reads are idempotent)."""
+        conn, self._local.conn = getattr(self._local, "conn", None), None
+        for fresh in ((False, True) if conn is not None else (True,)):
+            conn = RespConnection(**self._raw_args) if fresh else conn
+            try:
+                out = fn(conn)
+            except ConnectionError:  # closed or reset (a timeout is not retried: the store is slow, not gone)
+                conn.close()
+                if fresh:
+                    raise
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            self._local.conn = conn
+            return out
 
     def set(self, keys: list[str], values: list[bytes]) -> None:
         def run():
