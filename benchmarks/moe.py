@@ -11,7 +11,7 @@ norm_topk_prob, bf16, T in {1, 8, 64, 256} tokens. Timing (pallas_kernels.tuning
 one jitted function over 4 rotating token sets (different experts per set), median of 7 runs / calls. Each output
 is checked against ragged_dot first (max |diff| / max |ref| <= 2e-2, int8 4e-2, NaN-free).
 
---tune runs the search loop over Triton configs for the Qwen3-30B-A3B shapes first and writes the winners to
+--tune runs the search loop over Triton configs for each of --shapes first and writes the winners to
 pallas_kernels/tuned/moe.json (and $OUT), which `ours` then uses. At T <= 8 it also tries the GEMV mode (no dot;
 block_m = rows per pass over a weight tile) over block_f/block_d, block_k, warps and stages, and fused_combine
 (the weighted combine inside the down kernel, routing in XLA or in Pallas: 3-4 launches at T=1), and at T=1
@@ -307,7 +307,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
-    p.add_argument("--tune", action="store_true", help="search Triton configs for the 30b shapes first")
+    p.add_argument("--tune", action="store_true", help="search Triton configs for --shapes first")
     p.add_argument("--quick-tune", action="store_true", help="fewer configs in --tune")
     p.add_argument("--tiny", action="store_true", help="tiny shapes in the Pallas interpreter: a CPU smoke test")
     args = p.parse_args()
@@ -325,9 +325,10 @@ def main() -> None:
         })
 
     if args.tune and not args.tiny:
-        for T in args.tokens:
-            tuned_rows += tune("30b", [T], quick=args.quick_tune)
-            save()
+        for name in args.shapes:
+            for T in args.tokens:
+                tuned_rows += tune(name, [T], quick=args.quick_tune)
+                save()
     for shape in shapes:
         for T in (TINY_TOKENS if args.tiny else args.tokens):
             rows += bench(shape, T, tiny=args.tiny)
