@@ -328,6 +328,10 @@ def measure(name: str, server, w: Workload, model: str, recorded=None) -> tuple[
     for turn in turns:  # the server's split of each TTFT (same process)
         turn.queue_s, turn.prefill_s = metrics.first_tokens.get(turn.id, (float("nan"),) * 2)
     run.traced = TRACES.count - traced
+    prompt = after["prompt"] - before["prompt"]
+    run.tiers = {tier: (after[tier] - before[tier]) / max(1, prompt) for tier in ("device", "host", "remote")}
+    if radix is not None:  # evictions, host spills and loads, remote writes: where the run's host time may go
+        run.pages = {k: v - moves.get(k, 0) for k, v in sorted(radix.stats.items())}
     fetches = list(metrics.fetches)[n_fetches:]  # the run's remote fetches: pages and time by phase
     if fetches:
         import numpy as np
@@ -336,10 +340,6 @@ def measure(name: str, server, w: Workload, model: str, recorded=None) -> tuple[
         for i, phase in enumerate(("queued", "read", "device"), start=1):
             run.pages[f"fetch_{phase}_p50_ms"] = round(float(np.median([f[i] for f in fetches])) * 1e3, 1)
         run.pages["fetch_pages_p50"] = int(np.median([f[0] for f in fetches]))
-    prompt = after["prompt"] - before["prompt"]
-    run.tiers = {tier: (after[tier] - before[tier]) / max(1, prompt) for tier in ("device", "host", "remote")}
-    if radix is not None:  # evictions, host spills and loads, remote writes: where the run's host time may go
-        run.pages = {k: v - moves.get(k, 0) for k, v in sorted(radix.stats.items())}
     log(f"{name}: {len(turns)} requests in {run.wall_s:.1f}s, {run.traced} programs traced")
     return run, record
 

@@ -382,9 +382,9 @@ def _copy_into(sink: Sink, i: int, value: bytes | None) -> bool:
 
 
 def default_fetch_threads() -> int:
-    """2, whatever the cores: more connections contend for the GIL between their reads, and on the H200 box (16
-    cores, redis-server with 4 I/O threads) 2 fetched fastest (benchmarks/results/redis_fetch_7b_h200.json)."""
-    return 2
+    """4, whatever the cores: on the H200 box (16 cores, redis-server with 4 I/O threads) 4 connections of 8-page
+    chunks fetched fastest, 8 slower (they contend for the GIL between their reads; redis_fetch_7b_h200.json)."""
+    return 4
 
 
 class RemoteTier:
@@ -395,7 +395,7 @@ class RemoteTier:
     connection of the store's pool; default: `default_fetch_threads()`); 1 gets and verifies in the calling thread."""
 
     def __init__(self, store: RemoteStore, page_shape: tuple[int, ...], dtype, *, max_queue: int = 64,
-                 fetch_threads: int | None = None, chunk_pages: int = 16):
+                 fetch_threads: int | None = None, chunk_pages: int = 8):
         fetch_threads = fetch_threads or default_fetch_threads()
         if fetch_threads < 1 or chunk_pages < 1:
             raise ValueError(f"fetch_threads and chunk_pages must be >= 1, got {fetch_threads} and {chunk_pages}")
