@@ -76,9 +76,10 @@ class Shape:
     probe_lengths: tuple[int, ...]  # prefix lengths for the fetch-vs-recompute crossover
     probe_reps: int
     prefill_decode_steps: int = 1  # decode steps of a server call that also prefills (ServeConfig)
-    max_prefill_rows: int = 4  # prompts a server prefills in one call (ServeConfig)
+    max_prefill_rows: int = ServeConfig.max_prefill_rows  # prompts a server prefills in one call
     switch_interval_ms: float = ServeConfig.switch_interval_ms  # the process's GIL switch interval (ServeConfig)
     remote_overlap: bool = False  # the second server recomputes a remote hit's head while fetching its tail
+    remote_min_tokens: int = ServeConfig.remote_min_tokens  # the second server recomputes shorter remote hits
 
 
 # ~8k-token first prompts growing ~700 a turn, 128-token answers: an agent's prompts run 37x to 2,494x its outputs
@@ -441,6 +442,7 @@ def crossover(servers: dict, shape: Shape, vocab: int, model: str, kv_bytes_per_
         times = {"recompute": [], "redis": [], "device": [], "overlap": []}
         fetched = []
         second = servers["second"].state.scheduler
+        second.remote_min_tokens = 0  # every probed length is fetched (read on the engine thread at arrival)
         for rep in range(shape.probe_reps + 1):  # rep 0 compiles this length's shapes: not counted
             # L cached tokens: every full page before the last token; a second prompt for the overlapped hit
             ids, ids2 = (rng.integers(0, vocab, L + 1).tolist() for _ in range(2))
@@ -529,6 +531,7 @@ def start_servers(model, tokenizer, fingerprint: str, shape: Shape, dtype: str, 
                           max_queue=4 * shape.sessions + 16, drain_timeout_s=30,
                           switch_interval_ms=shape.switch_interval_ms,
                           remote_overlap=shape.remote_overlap and name == "second",
+                          remote_min_tokens=shape.remote_min_tokens,
                           speculator="none")  # chat requests only: the default apply speculator would compile
         # its verify widths at start-up (~100 s per server for the 7B shape on the H200) for requests never sent
         # one model, three alike engines: they share compiled programs (each prefill shape is traced once, not 3x)
@@ -555,11 +558,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="longest prefill piece per prompt and call, a power of two (default: per mode)")
     p.add_argument("--max-prefill-rows", type=int, default=None,
-                   help="prompts a server prefills in one call (default: the servers' default, 4)")
+                   help="prompts a server prefills in one call (default: the servers' default, 2)")
     p.add_argument("--switch-interval-ms", type=float, default=None,
                    help="the servers' GIL switch interval (default: ServeConfig's)")
     p.add_argument("--remote-overlap", action="store_true",
                    help="the second server recomputes each remote hit's head while its tail is fetched")
+    p.add_argument("--remote-min-tokens", type=int, default=None,
+                   help="the servers recompute remote hits shorter than this (default: ServeConfig's; the probe "
+                   "fetches every length)")
     p.add_argument("--results-dir", default=None, help="write the JSON here instead of benchmarks/results (tests)")
     args = p.parse_args(argv)
 
@@ -583,7 +589,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                              ("num_pages", args.num_pages),
                                                              ("prefill_chunk", args.prefill_chunk),
                                                              ("switch_interval_ms", args.switch_interval_ms),
-                                                             ("remote_overlap", args.remote_overlap or None))
+                                                             ("remote_overlap", args.remote_overlap or None),
+                                                             ("remote_min_tokens", args.remote_min_tokens))
                                           if v is not None})
     model, tokenizer, fingerprint = build_model(args.tiny, args.model_shape)
     dtype = "float32" if args.tiny else "bfloat16"

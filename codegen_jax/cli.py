@@ -92,12 +92,14 @@ def _add_serve(sub) -> None:
     s.add_argument("--prefill-decode-steps", type=_positive, default=1,
                    help="decode steps of a call that also prefills (default 1: a waiting prompt's first token "
                    "comes sooner; up to --decode-steps)")
-    s.add_argument("--max-prefill-rows", type=_positive, default=4,
-                   help="prompts prefilled in one call, a chunk each: the oldest and those with least left (default 4)")
+    s.add_argument("--max-prefill-rows", type=_positive, default=2,
+                   help="prompts prefilled in one call, a chunk each: the oldest and those with least left (default 2)")
     _add_parallel(s)
     s.add_argument("--remote-overlap", action="store_true",
                    help="on a remote hit, recompute the prefix's head while its tail is fetched (split by the "
                    "measured rates)")
+    s.add_argument("--remote-min-tokens", type=int, default=0,
+                   help="recompute remote hits shorter than this many tokens instead of fetching them (default 0)")
     s.add_argument("--host-pages", type=int, default=0, help="host-RAM tier size in KV pages (default 0: off)")
     s.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt (for comparisons)")
     s.add_argument("--no-warmup", action="store_true",
@@ -213,7 +215,8 @@ def _serve(args) -> int:
                           prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
                           prefill_decode_steps=args.prefill_decode_steps, max_prefill_rows=args.max_prefill_rows,
                           prefix_cache=not args.no_prefix_cache, host_pages=args.host_pages,
-                          remote_overlap=args.remote_overlap, tp=args.tp, ep=args.ep,
+                          remote_overlap=args.remote_overlap, remote_min_tokens=args.remote_min_tokens,
+                          tp=args.tp, ep=args.ep,
                           tp_strategy=_strategy(args.tp_strategy),
                           max_queue=args.max_queue, drain_timeout_s=args.drain_timeout,
                           switch_interval_ms=args.switch_interval_ms,

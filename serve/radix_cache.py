@@ -155,8 +155,7 @@ class RadixCache:
         return path
 
     def _write_remote(self, nodes: list[Node]) -> None:
-        data = self.kv.read_pages([n.page for n in nodes])
-        data.copy_to_host_async()
+        data = self.kv.read_pages([n.page for n in nodes])  # the writer thread copies it out (see HostTier)
         if self.remote.put([n.digest for n in nodes], data):
             for n in nodes:
                 n.in_remote = True

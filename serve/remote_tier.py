@@ -497,8 +497,8 @@ class RemoteTier:
         return list(out[: self.fetch_into(digests, out, counted=counted)])
 
     def put(self, digests: list[bytes], pages) -> bool:
-        """Queues pages [m, L, 2, Hkv, S, D] (device array, copy already started; m >= n = len(digests), rows past
-        n are padding) for writing under `digests`."""
+        """Queues pages [m, L, 2, Hkv, S, D] (a device array, maybe still being computed; m >= n = len(digests),
+        rows past n are padding) for writing under `digests`: the writer thread copies them to the host."""
         try:
             self._queue.put_nowait((list(digests), pages))
             return True

@@ -36,10 +36,11 @@ class ServeConfig:
     prefill_chunk: int = 512
     decode_steps: int = 8
     prefill_decode_steps: int = 1  # decode steps of a call that also prefills (SchedulerConfig)
-    max_prefill_rows: int = 4  # prompts prefilled in one call, a chunk each (SchedulerConfig)
+    max_prefill_rows: int = 2  # prompts prefilled in one call, a chunk each (SchedulerConfig)
     prefix_cache: bool = True
     host_pages: int = 0
     remote_overlap: bool = False  # recompute a remote hit's head while its tail is fetched
+    remote_min_tokens: int = 0  # recompute remote hits shorter than this (SchedulerConfig)
     tp: int = 1  # devices the model is split over (tensor parallel), times ep (experts) for MoE models
     ep: int = 1
     tp_strategy: str = "auto"
@@ -65,6 +66,8 @@ class ServeConfig:
             raise ValueError(f"drain timeout must be >= 0 seconds, got {self.drain_timeout_s}")
         if self.tp < 1 or self.ep < 1:
             raise ValueError(f"--tp and --ep must be >= 1, got {self.tp} and {self.ep}")
+        if self.remote_min_tokens < 0:
+            raise ValueError(f"remote min tokens must be >= 0, got {self.remote_min_tokens}")
         if not self.switch_interval_ms > 0:
             raise ValueError(f"switch interval must be > 0 ms, got {self.switch_interval_ms}")
         if self.dtype not in ("bfloat16", "float32"):
@@ -115,6 +118,7 @@ def assemble(cfg: ServeConfig, model, tokenizer, fingerprint: str, *, share_prog
     speculate_all = (cfg.speculate or ("all" if cfg.drafter else "apply")) == "all"
     scheduler = Scheduler(engine, SchedulerConfig(prefix_cache=cfg.prefix_cache, host_pages=cfg.host_pages,
                                                   remote_overlap=cfg.remote_overlap, max_queue=cfg.max_queue,
+                                                  remote_min_tokens=cfg.remote_min_tokens,
                                                   prefill_decode_steps=cfg.prefill_decode_steps,
                                                   max_prefill_rows=cfg.max_prefill_rows),
                           remote=open_store(cfg.remote), model_id=f"{cfg.model_id}:{fingerprint}",

@@ -67,3 +67,23 @@ def test_model_shapes_kv_bytes_per_token():
     state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
     n = sum(x.size for x in jax.tree.leaves(state))
     assert 7.5e9 < n < 7.7e9, n
+
+
+def test_trace_timers_count_only_while_counting():
+    """benchmarks/trace_timers.py's wrapper: calls pass through unchanged, and are counted only during the probe."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import trace_timers
+
+    class Thing:
+        def work(self, x, scale=1):
+            return x * scale
+
+    trace_timers.timed(Thing, "work")
+    assert Thing().work(3, scale=2) == 6 and "Thing.work" not in trace_timers.totals
+    trace_timers.counting = True
+    try:
+        assert Thing().work(2) == 2 and Thing().work(5) == 5
+    finally:
+        trace_timers.counting = False
+    seconds, calls = trace_timers.totals.pop("Thing.work")
+    assert calls == 2 and seconds >= 0

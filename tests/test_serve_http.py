@@ -505,6 +505,7 @@ BAD_FLAGS = [
     (["--model", str(FIXTURES / "qwen2"), "--max-slots", "0"], ["--max-slots"]),
     (["--model", str(FIXTURES / "qwen2"), "--drain-timeout", "-1"], ["drain", "-1"]),
     (["--model", str(FIXTURES / "qwen2"), "--switch-interval-ms", "0"], ["switch interval", "0"]),
+    (["--model", str(FIXTURES / "qwen2"), "--remote-min-tokens", "-1"], ["remote min tokens", "-1"]),
     (["--model", str(FIXTURES / "qwen2"), "--remote", "redis://127.0.0.1:1", "--no-prefix-cache"], ["prefix"]),
     (["--model", str(FIXTURES / "qwen2"), "--remote-overlap"], ["--remote-overlap", "--remote"]),
     (["--model", str(FIXTURES / "qwen2"), "--tp", "2"], ["--tp 2", "devices"]),  # one device in this process

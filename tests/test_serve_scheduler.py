@@ -154,7 +154,7 @@ def test_a_call_of_finishing_rows_leaves_the_oldest_out_never_twice_running(ref_
     prompts = [list(rng.integers(0, VOCAB, n)) for n in (150, 20, 9, 5)]
     sps = [SamplingParams(max_new_tokens=3)] * 4
     expected = [c.tokens for c in ref_engine.generate(prompts, sps)]
-    sched = Scheduler(engine, SchedulerConfig(prefix_cache=False))
+    sched = Scheduler(engine, SchedulerConfig(prefix_cache=False, max_prefill_rows=4))  # A, B and C fit one call
     reqs = [submit(sched, prompts[0], sps[0])]
     sched.step()
     reqs += [submit(sched, p, sp) for p, sp in zip(prompts[1:3], sps[1:3], strict=True)]
@@ -354,6 +354,21 @@ def test_a_remote_miss_is_admitted_at_once_and_a_hit_counted_once(ref_engine, en
     assert got.cached == 5 * ECFG.page_size and reader.remote.stats["pages_fetched"] == 5
     assert store.calls["exists"] == 1 and store.calls["get"] >= 1
     reader.stop()
+
+    # remote_min_tokens, on a prompt of 7 full pages whose first 5 the store holds: fetched at a threshold of 5
+    # pages, recomputed at 6 (the EXISTS tells), and at 8 the store is not asked (fewer pages are missing)
+    ps = ECFG.page_size
+    longer = prompt[: 5 * ps] + list(rng.integers(0, VOCAB, 2 * ps + 3))
+    expected = ref_engine.generate([longer], sp)[0].tokens
+    held = dict(store.items)  # the prompt's 5 pages only: each case starts from them
+    for least, fetched, exists in ((5, 5, 1), (6, 0, 1), (8, 0, 0)):
+        case = CountingStore()
+        case.items.update(held)
+        reader = Scheduler(engine, SchedulerConfig(remote_min_tokens=least * ps), remote=case)
+        got = run_batch(reader, [longer], [sp])[0]
+        assert got.tokens == expected and got.cached == fetched * ps, (least, got.cached)
+        assert reader.remote.stats["pages_fetched"] == fetched and case.calls["exists"] == exists, least
+        reader.stop()
 
 
 def test_a_row_at_its_fetched_pages_waits_for_their_install(engine):

@@ -1,0 +1,73 @@
+"""benchmarks/agent_trace.py with wall-clock timers around the serving methods that run on the engine thread (and
+the host tier's), counted during the fetch-vs-recompute probe only: where a remote hit's time goes beyond the
+fetch itself. Prints one `TIMER name total_ms calls` line per method, most time first; the totals are over every
+server of the process (the probe's requests go to all three).
+
+Run on the GPU machine:  python benchmarks/trace_timers.py --model-shape 7b [agent_trace.py's flags]
+(the 2026-11-30 run: `--max-prefill-rows 2 --sessions 2 --turns 2`, logs/agent_trace_7b_probe_timers_h200_499ee4c.log)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import benchmarks.agent_trace as agent_trace  # noqa: E402
+from codegen_jax.kv_cache import PagedKVCache  # noqa: E402
+from serve.host_tier import HostTier  # noqa: E402
+from serve.radix_cache import RadixCache  # noqa: E402
+from serve.scheduler import Scheduler  # noqa: E402
+
+TIMED = {
+    Scheduler: ("step", "_drain_inbox", "_intake", "_start_fetch", "_iteration", "_admit", "_place",
+                "_install_fetched", "_dispatch_prefill", "_dispatch_decode", "_prefill_done", "_finish", "_release"),
+    RadixCache: ("match", "insert", "load", "lock", "unlock", "evict", "_make_host_room"),
+    PagedKVCache: ("read_pages", "write_pages"),
+    HostTier: ("store", "materialize", "load"),
+}
+totals: dict[str, list[float]] = {}  # name -> [seconds, calls]
+counting = False
+
+
+def timed(cls, name: str) -> None:
+    method, key = getattr(cls, name), f"{cls.__name__}.{name}"
+
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            if counting:
+                entry = totals.setdefault(key, [0.0, 0])
+                entry[0] += time.perf_counter() - t
+                entry[1] += 1
+
+    setattr(cls, name, wrapper)
+
+
+def main(argv: list[str] | None = None) -> None:
+    for cls, names in TIMED.items():
+        for name in names:
+            timed(cls, name)
+    crossover = agent_trace.crossover
+
+    def counted_crossover(*args, **kwargs):
+        global counting
+        totals.clear()
+        counting = True
+        try:
+            return crossover(*args, **kwargs)
+        finally:
+            counting = False
+            for key, (seconds, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
+                print(f"TIMER {key:40s} {seconds * 1e3:10.1f} ms {calls:7d} calls", flush=True)
+
+    agent_trace.crossover = counted_crossover
+    agent_trace.main(argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
