@@ -21,6 +21,7 @@ network, checksums and the server's sends overlap.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import queue
 import socket
@@ -470,8 +471,7 @@ class RemoteTier:
                 return self._read_chunk(keys[lo:hi], rows[lo:hi], frames[lo:hi])
 
             if self._getters is not None and len(spans) > 1:
-                futures = [self._getters.submit(read, sp) for sp in spans]
-                results = (f.result() for f in futures)
+                results = self._windowed(read, spans, futures)
             else:
                 results = map(read, spans)  # serially, lazily: the first miss stops the reading
             got = 0
@@ -490,6 +490,21 @@ class RemoteTier:
             for f in futures:  # those not started yet; the running ones finish (bounded by the store's timeout)
                 f.cancel()
             wait(futures)
+
+    def _windowed(self, read, spans: list[tuple[int, int]], futures: list):
+        """read(span) of each span on the getter threads, yielded in order, with at most 2 x fetch_threads of this
+        fetch's chunks queued or running at once: fetches running together take turns in the pool, so a cached
+        turn's few pages do not wait behind every chunk of a long prefix fetched before them. `futures` collects
+        the submitted ones (the caller cancels what is left)."""
+        pending = iter(spans)
+        for span in itertools.islice(pending, 2 * self.fetch_threads):
+            futures.append(self._getters.submit(read, span))
+        for i in range(len(spans)):
+            result = futures[i].result()
+            span = next(pending, None)
+            if span is not None:
+                futures.append(self._getters.submit(read, span))
+            yield result
 
     def fetch(self, digests: list[bytes], *, counted: bool = False) -> list[np.ndarray]:
         """Pages for the leading run of `digests` that the store holds intact, each [L, 2, Hkv, S, D]."""

@@ -414,3 +414,35 @@ def test_redis_fetch_skips_a_truncated_page_and_the_connection_stays_in_step():
         assert_prefix(got, pages)
         assert sum(c["cmd"] == "mget" for c in store.client.client_list()) == 1  # one raw connection, reused
         tier.close()
+
+
+def test_concurrent_fetches_take_turns_in_the_getter_pool():
+    """A short fetch started while a long one runs on the same tier finishes long before it: each fetch keeps at
+    most 2 x fetch_threads chunks queued, so the short one's chunks do not wait behind all of the long one's."""
+    import threading
+
+    class SlowStore(InProcessStore):
+        def get(self, keys):
+            time.sleep(0.02)  # a round trip per chunk
+            return super().get(keys)
+
+    store = SlowStore()
+    digests, pages = stored_pages(store, 64)
+    tier = RemoteTier(store, PAGE, np.float32, fetch_threads=2, chunk_pages=1)  # 64 chunks, ~0.64 s on 2 threads
+    done = {}
+
+    def long_fetch():
+        done["long_pages"] = tier.fetch(digests, counted=True)
+        done["long"] = time.monotonic()
+
+    t = threading.Thread(target=long_fetch)
+    t.start()
+    time.sleep(0.06)
+    start = time.monotonic()
+    short = tier.fetch(digests[:2], counted=True)
+    done["short"] = time.monotonic()
+    t.join()
+    assert len(short) == 2 and len(done["long_pages"]) == 64
+    assert_prefix(done["long_pages"], pages)
+    assert done["short"] < done["long"] and done["short"] - start < 0.3, (done["short"] - start, done["long"] - start)
+    tier.close()
