@@ -9,8 +9,9 @@ full KV length, page ids shuffled over the pool.
   xla_reference `paged_attention_reference` compiled by XLA (gather the pages, then attend)
   jax_paged     `jax.experimental.pallas.ops.gpu.paged_attention` (Triton; decode only)
   jax_gqa       `jax.experimental.pallas.ops.gpu.decode_attention.gqa` over a contiguous cache (decode only)
-Timing (pallas_kernels.tuning.time_us): many calls inside one jitted function over rotating input sets that
-together exceed L2, median of 7 runs / calls: device time per call, as the op runs inside the decode loop.
+Timing (pallas_kernels.tuning.time_interleaved): many calls inside one jitted function over rotating input sets
+that together exceed L2, median of 9 runs / calls, the runs going round-robin over the implementations of a shape
+(so a drift of the device lands on all alike): device time per call, as the op runs inside the decode loop.
 Each output is checked against the XLA reference (L2 relative error <= 2e-2, NaN-free) before it is timed.
 
 --tune runs the search loop first on the shapes of --tune-shapes (default: the issue's bar shapes): every
@@ -198,7 +199,7 @@ def run_shape(shape, args) -> list[dict]:
     scale = Dh**-0.5
     impls = implementations(T, S, N, scale, interpret=args.tiny)
     want = None
-    rows = []
+    rows, timed = [], {}  # every implementation checked first; those that pass are then timed round-robin
     for name, fn in impls.items():
         row = {"B": B, "L": L, "page": S, "T": T, "impl": name}
         try:
@@ -210,16 +211,23 @@ def run_shape(shape, args) -> list[dict]:
             row["rel_err"] = err
             row["ok"] = bool(np.isfinite(got).all() and err <= TOL)
             if row["ok"] and not args.tiny:
-                us = tuning.time_us(fn, my_sets)
-                row["us"], row["GB/s"] = round(us, 2), round(kv_bytes / us / 1e3, 1)
-            del my_sets
+                timed[name] = (fn, my_sets)
         except Exception as e:  # noqa: BLE001 (recorded, not fatal: e.g. a baseline that cannot lower)
             row["ok"] = False
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             row["traceback"] = traceback.format_exc()[-2000:]
-        log(f"{shape} {name}: ok={row.get('ok')} us={row.get('us')} GB/s={row.get('GB/s')} {row.get('error', '')}")
         rows.append(row)
-    del sets
+    errors: dict[str, str] = {}
+    times = tuning.time_interleaved(timed, errors=errors) if timed else {}
+    for row in rows:
+        name = row["impl"]
+        if name in times:
+            us = times[name]["us"]
+            row["us"], row["GB/s"] = round(us, 2), round(kv_bytes / us / 1e3, 1)
+        elif name in errors:
+            row["ok"], row["error"] = False, errors[name]
+        log(f"{shape} {name}: ok={row.get('ok')} us={row.get('us')} GB/s={row.get('GB/s')} {row.get('error', '')}")
+    del sets, timed
     jax.clear_caches()
     return rows
 
@@ -277,8 +285,10 @@ def main() -> None:
         return
     path = write_result("attention", {
         "device": device(), "versions": versions("jax", "jaxlib"), "backend": jax.default_backend(),
-        "heads": {"q": HQ, "kv": HKV, "head_dim": D}, "dtype": "bfloat16", "timing": "tuning.time_us: in-jit, "
-        "rotating inputs > L2, median of 7", "summary": summary, "rows": rows, "tuning": tuning_rows})
+        "heads": {"q": HQ, "kv": HKV, "head_dim": D}, "dtype": "bfloat16",
+        "timing": "tuning.time_interleaved: in-jit, rotating inputs > L2, median of 9, round-robin over the "
+                  "implementations",
+        "summary": summary, "rows": rows, "tuning": tuning_rows})
     print(f"wrote {path}")
 
 

@@ -7,9 +7,10 @@ storage width; int8 adds its scales), each counted once: the least any implement
   ragged_dot    `moe_reference`: routing, sort, three `jax.lax.ragged_dot`s, scatter-add
   gather_einsum routing, then each (token, expert) pair's weights gathered and contracted with einsum
 Shapes: Qwen3-30B-A3B (hidden 2048, expert FFN 768) and Qwen3-235B-A22B (4096, 1536), 128 experts, top-8,
-norm_topk_prob, bf16, T in {1, 8, 64, 256} tokens. Timing (pallas_kernels.tuning.time_us): many chained calls in
-one jitted function over 4 rotating token sets (different experts per set), median of 7 runs / calls. Each output
-is checked against ragged_dot first (max |diff| / max |ref| <= 2e-2, int8 4e-2, NaN-free).
+norm_topk_prob, bf16, T in {1, 8, 64, 256} tokens. Timing (pallas_kernels.tuning.time_interleaved): many chained
+calls in one jitted function over 4 rotating token sets (different experts per set), median of 9 runs / calls, the
+runs round-robin over the implementations of a shape. Each output is checked against ragged_dot first
+(max |diff| / max |ref| <= 2e-2, int8 4e-2, NaN-free).
 
 --tune runs the search loop over Triton configs for each of --shapes first and writes the winners to
 pallas_kernels/tuned/moe.json (and $OUT), which `ours` then uses. At T <= 8 it also tries the GEMV mode (no dot;
@@ -259,6 +260,7 @@ def bench(shape_name, T, *, tiny) -> list[dict]:
         impls["ours"] = functools.partial(moe_triton, **kw, interpret=True)
     ref = jax.jit(impls["ragged_dot"])(*sets[0])
     rows = []
+    timed = {}  # name -> (fn, input sets, touched bytes) of those that passed their check
     for name in ["ours", "ours_int8", "ragged_dot", "gather_einsum", "mosaic"]:
         bytes_per_expert = 3 * D * F * 2
         if name == "ours_int8":
@@ -289,16 +291,24 @@ def bench(shape_name, T, *, tiny) -> list[dict]:
             row["max_rel_err"] = f"{err:.2e}"
             if not err <= tol:
                 raise AssertionError(f"max rel err {err:.3g} > {tol}")
-            us = tuning.time_us(fn, args, repeats=3 if tiny else 7)
-            row["us"] = round(us, 1)
-            row["GB/s"] = round(n_touched * bytes_per_expert / (us * 1e-6) / 1e9, 1)
+            timed[name] = (fn, args, n_touched * bytes_per_expert)  # timed below, round-robin with the others
         except Exception as e:  # one failing implementation is recorded, the others still run
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             log(traceback.format_exc(limit=3))
+        rows.append(row)
+    errors: dict[str, str] = {}
+    times = tuning.time_interleaved({k: v[:2] for k, v in timed.items()}, repeats=3 if tiny else 9, errors=errors)
+    for row in rows:
+        name = row["impl"]
+        if name in times:
+            us = times[name]["us"]
+            row["us"] = round(us, 1)
+            row["GB/s"] = round(timed[name][2] / (us * 1e-6) / 1e9, 1)
+        elif name in errors:
+            row["error"] = errors[name]
         log(f"{shape_name} T={T} {name}: {row.get('us', '-')} us, {row.get('GB/s', '-')} GB/s "
             f"{row.get('error', '')}")
-        rows.append(row)
-    del sets, qsets
+    del sets, qsets, timed
     jax.clear_caches()
     return rows
 

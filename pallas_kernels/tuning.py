@@ -1,10 +1,11 @@
 """The kernel search loop and the table of its winners.
 
 For each op, device and shape, `search` runs every candidate (an implementation with one tuning config), checks
-its output against the op's reference on the same random inputs (NaN never passes), times the ones that pass and
-keeps the fastest. Winners live in `pallas_kernels/tuned/<op>.json`, keyed by the device kind (as JAX reports it)
-and a shape key the op defines; dispatchers read them through `lookup`, and fall back to their defaults (and the
-reference on platforms without kernels) for shapes the table does not hold.
+its output against the op's reference on the same random inputs (NaN never passes), times the ones that pass
+(round-robin, so a drift of the device between candidates does not pick the winner) and keeps the fastest.
+Winners live in `pallas_kernels/tuned/<op>.json`, keyed by the device kind (as JAX reports it) and a shape key the
+op defines; dispatchers read them through `lookup`, and fall back to their defaults (and the reference on
+platforms without kernels) for shapes the table does not hold.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -129,12 +130,22 @@ def time_us(fn: Callable, inputs: tuple | Sequence[tuple], *, repeats: int = 7, 
 
 
 def time_interleaved(cases: dict[str, tuple[Callable, tuple | Sequence[tuple]]], *, repeats: int = 9,
-                     target_ms: float = 2.0, max_calls: int = 64) -> dict[str, dict[str, float]]:
+                     target_ms: float = 2.0, max_calls: int = 64,
+                     errors: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
     """`time_us` for several variants compared with each other: every chain is compiled first, then the repeats
     go round-robin over the variants, so a drift of the device (clocks, a neighbour's load) lands on all of them
-    alike instead of on whichever ran last. Returns {name: {"us": median, "lo": min, "hi": max}} per call."""
-    chains = {name: _chain(fn, inputs, target_ms, max_calls) for name, (fn, inputs) in cases.items()}
-    times: dict[str, list[float]] = {name: [] for name in cases}
+    alike instead of on whichever ran last. Returns {name: {"us": median, "lo": min, "hi": max}} per call.
+    errors: where given, a variant whose chain fails to compile or run is left out and its error put here
+    (else the failure raises)."""
+    chains = {}
+    for name, (fn, inputs) in cases.items():
+        try:
+            chains[name] = _chain(fn, inputs, target_ms, max_calls)
+        except Exception as e:
+            if errors is None:
+                raise
+            errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
+    times: dict[str, list[float]] = {name: [] for name in chains}
     for _ in range(repeats):
         for name, (run, n) in chains.items():
             t = time.perf_counter()
@@ -149,16 +160,22 @@ def search(candidates: Sequence[Candidate], reference: Callable, inputs: tuple |
     sets, rotating), returns (best, all trials)."""
     sets = [inputs] if isinstance(inputs, tuple) else list(inputs)
     ref = np.asarray(jax.block_until_ready(jax.jit(reference)(*sets[0])))
-    trials = []
-    for c in candidates:
+    trials, verified = [], {}
+    for i, c in enumerate(candidates):
         try:
             err = max_rel_err(jax.block_until_ready(jax.jit(c.fn)(*sets[0])), ref)
-            ok = err <= tol
-            us = time_us(c.fn, sets, repeats=repeats) if ok else math.inf
-            trials.append(Trial(c.impl, _config_dict(c.config), ok, err, us))
+            trials.append(Trial(c.impl, _config_dict(c.config), err <= tol, err, math.inf))
+            if err <= tol:
+                verified[i] = (c.fn, sets)
         except Exception as e:  # a candidate that fails to compile or run is recorded, not fatal
             trials.append(Trial(c.impl, _config_dict(c.config), False, math.inf, math.inf,
                                 f"{type(e).__name__}: {str(e)[:300]}"))
+    # the verified ones timed round-robin: one timed after another, a drift of the device picked the winner
+    errors: dict[int, str] = {}
+    for i, t in time_interleaved(verified, repeats=repeats, errors=errors).items():
+        trials[i] = replace(trials[i], us=t["us"])
+    for i, error in errors.items():
+        trials[i] = replace(trials[i], ok=False, error=error)
     passed = [t for t in trials if t.ok]
     return (min(passed, key=lambda t: t.us) if passed else None), trials
 

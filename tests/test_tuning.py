@@ -90,3 +90,33 @@ def test_time_interleaved_times_every_variant_round_robin(rng):
     assert set(out) == {"a", "b"} and set(calls) == {1.0, 2.0}
     for t in out.values():
         assert 0 < t["lo"] <= t["us"] <= t["hi"] < float("inf")
+
+
+def test_search_times_the_verified_round_robin_and_records_a_chain_that_fails(rng, monkeypatch):
+    """search times every verified candidate in one time_interleaved call (not one after another), and a
+    candidate whose timing chain fails is recorded as failed, not fatal."""
+    x = jnp.asarray(rng.standard_normal((16, 16)), jnp.float32)
+    seen = []
+    interleaved = tuning.time_interleaved
+
+    def spy(cases, **kw):
+        seen.append(sorted(cases))
+        return interleaved(cases, **kw)
+
+    monkeypatch.setattr(tuning, "time_interleaved", spy)
+    chained = []
+
+    def flaky(x):  # right once, then fails inside the timing chain (its second and later traces)
+        chained.append(1)
+        if len(chained) > 1:
+            raise RuntimeError("chain does not lower")
+        return _ref(x)
+
+    candidates = [tuning.Candidate("a", None, _ref), tuning.Candidate("b", None, lambda x: _ref(x) + 0.0),
+                  tuning.Candidate("flaky", None, flaky), tuning.Candidate("wrong", None, lambda x: x)]
+    best, trials = tuning.search(candidates, _ref, (x,), tol=1e-6, repeats=2)
+    assert seen == [[0, 1, 2]]  # the verified three, together
+    assert best is not None and best.impl in ("a", "b") and np.isfinite(best.us)
+    flaky_trial = trials[2]
+    assert not flaky_trial.ok and "chain does not lower" in flaky_trial.error and flaky_trial.max_rel_err == 0.0
+    assert not trials[3].ok and trials[3].us == float("inf")
