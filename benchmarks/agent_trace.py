@@ -592,6 +592,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                              ("remote_overlap", args.remote_overlap or None),
                                                              ("remote_min_tokens", args.remote_min_tokens))
                                           if v is not None})
+    sys.setswitchinterval(shape.switch_interval_ms / 1e3)  # as `codegen-jax serve` sets it for its process
     model, tokenizer, fingerprint = build_model(args.tiny, args.model_shape)
     dtype = "float32" if args.tiny else "bfloat16"
     kv_bytes = kv_bytes_per_token(model.cfg, dtype)

@@ -102,7 +102,6 @@ def assemble(cfg: ServeConfig, model, tokenizer, fingerprint: str, *, share_prog
     from serve.remote_tier import open_store
     from serve.scheduler import Scheduler, SchedulerConfig
 
-    sys.setswitchinterval(cfg.switch_interval_ms / 1e3)
     engine = replica_engine(model, EngineConfig(max_slots=cfg.max_slots, page_size=cfg.page_size,
                                                 max_seq_len=cfg.max_seq_len, num_pages=cfg.num_pages,
                                                 prefill_chunk=cfg.prefill_chunk, decode_steps=cfg.decode_steps,
@@ -152,6 +151,7 @@ def run(cfg: ServeConfig) -> int:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/codegen-jax/jax"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing ("no TPU") is not the server's news
+    sys.setswitchinterval(cfg.switch_interval_ms / 1e3)  # the whole process's: set here, not by build/assemble
     app, state = build(cfg)
 
     drain: list[threading.Thread] = []
