@@ -81,12 +81,17 @@ def decode(k: str, value: bytes | None, shape: tuple[int, ...], dtype) -> np.nda
     """The page under key k (a read-only view of `value`), or None when it is missing, truncated, of another
     format or fails its checksum."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if value is None or len(value) != len(_MAGIC) + nbytes + _DIGEST or not value.startswith(_MAGIC):
+    if value is None or len(value) != len(_MAGIC) + nbytes + _DIGEST:
         return None
     payload = memoryview(value)[len(_MAGIC) : -_DIGEST]
-    if _checksum(k, payload) != value[-_DIGEST:]:
+    if not _intact(k, value[: len(_MAGIC)], payload, value[-_DIGEST:]):
         return None
     return np.frombuffer(payload, dtype).reshape(shape)
+
+
+def _intact(k: str, magic: bytes, payload, digest: bytes) -> bool:
+    """A value's parts (as `encode` framed them) are of this format and pass the checksum for key k."""
+    return magic == _MAGIC and _checksum(k, payload) == digest
 
 
 class RemoteStore(Protocol):
@@ -237,8 +242,9 @@ class RespConnection:
         counts them)."""
         self.sock.sendall(b"".join(b"*2\r\n$6\r\nEXISTS\r\n$%d\r\n%s\r\n" % (len(k), k.encode()) for k in keys))
         replies = [self._line() for _ in keys]  # every reply read, so the connection stays in step
-        if any(r not in (b":0", b":1") for r in replies):
-            raise RespError(f"unexpected EXISTS reply {next(r for r in replies if r not in (b':0', b':1'))[:40]!r}")
+        bad = next((r for r in replies if r not in (b":0", b":1")), None)
+        if bad is not None:
+            raise RespError(f"unexpected EXISTS reply {bad[:40]!r}")
         return next((i for i, r in enumerate(replies) if r == b":0"), len(keys))
 
     def mget_into(self, keys: list[str], sink: Sink) -> list[bool]:
@@ -432,7 +438,7 @@ class RemoteTier:
             present = [_copy_into(sink, i, v) for i, v in enumerate(self.store.get(keys))]
         for i, k in enumerate(keys):
             frame = frames[i].tobytes()
-            if not (present[i] and frame.startswith(_MAGIC) and _checksum(k, out[i]) == frame[len(_MAGIC) :]):
+            if not (present[i] and _intact(k, frame[: len(_MAGIC)], out[i], frame[len(_MAGIC) :])):
                 if present[i]:
                     self._count("pages_rejected", 1)
                     log.warning("remote page %s failed its checksum; recomputing", k)
