@@ -1,11 +1,13 @@
 """Host-RAM tier: KV pages evicted from the device wait here, in numpy, until a prefix hit brings them back.
 
 Copies out overlap compute: `store` takes the device-side gather (dispatched, not awaited) and hands it to a
-lander thread, which copies it to the host and into the numpy pool (each page one contiguous run: the gather is
-page-major) while the engine thread goes on. The engine thread never starts the transfer itself: on the H200,
-`copy_to_host_async()` there blocked until the gather had run (405 ms a call on average over the 7B agent trace
-probe's 36 evictions). A load, a flush or a check waits for the copies still on their way (`materialize`). Copies
-in are a device_put plus an in-place scatter, both dispatched ahead of the prefill that reads them.
+lander thread, which copies it to the host (through pinned memory: `to_host`) and into the numpy pool (each page
+one contiguous run: the gather is page-major) while the engine thread goes on. No copy out may hold the GIL: on
+the H200, `copy_to_host_async()` on the engine thread blocked until the gather had run (405 ms a call on average
+over the 7B agent trace probe's 36 evictions), and np.asarray on the lander held the GIL as long, stopping the
+engine thread all the same (464 ms in a 12,288-token eviction). A load, a flush or a check waits for the copies
+still on their way (`materialize`). Copies in are a device_put plus an in-place scatter, both dispatched ahead of
+the prefill that reads them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import threading
 
 import jax
 import numpy as np
+
+from codegen_jax.kv_cache import to_host
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,7 @@ class HostTier:
         while True:
             slots, pages = self._pending.get()
             try:
-                host = np.asarray(pages)  # waits for the gather and the transfer, the GIL released
+                host = to_host(pages)  # waits for the gather and the transfer, the GIL released
                 for i, s in enumerate(slots):  # in order: a slot stored twice ends with its newest contents
                     self.data[s] = host[i]  # one contiguous page: a memcpy without the GIL
             except Exception as e:  # stale bytes in those slots: the next load or flush raises, never reads them

@@ -36,6 +36,8 @@ from typing import Protocol
 
 import numpy as np
 
+from codegen_jax.kv_cache import to_host
+
 log = logging.getLogger("codegen_jax.serve.remote")
 
 _MAGIC = b"CGJKV\x00\x00\x02"  # 2: CRC-32 checksums (1 had SHA-256)
@@ -534,7 +536,7 @@ class RemoteTier:
                 if item is None:
                     return
                 digests, pages = item
-                host = np.asarray(pages)
+                host = to_host(pages)
                 keys = [key(d) for d in digests]
                 self.store.set(keys, [encode(k, host[i]) for i, k in enumerate(keys)])  # page i: contiguous
                 self._count("pages_written", len(keys))

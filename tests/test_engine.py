@@ -202,3 +202,19 @@ def test_page_copies_round_trip_in_power_of_two_classes(rng, n):
     for k in range(m // 2 + 1, m + 1):  # every count of the class reuses the one program
         kv.read_pages(ids[:1] * k)
     assert _gather_pages._cache_size() == compiled
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pages_come_to_the_host_exactly_through_pinned_memory(rng, dtype):
+    """to_host (the tiers' copy off the device) and its pinned-memory path, which the CPU skips: the same bytes as
+    np.asarray, in a fresh array each call."""
+    from codegen_jax.kv_cache import PagedKVCache, to_host, via_pinned_host
+
+    kv = PagedKVCache(CFG, num_slots=1, page_size=4, num_pages=12, max_seq_len=32, dtype=dtype)
+    data = rng.standard_normal((3, CFG.num_layers, 2, CFG.num_kv_heads, 4, CFG.head_dim)).astype(np.float32)
+    kv.write_pages([5, 2, 9], data)
+    want = np.asarray(kv.read_pages([5, 2, 9]))
+    for copy in (to_host, via_pinned_host):
+        got = copy(kv.read_pages([5, 2, 9]))
+        assert isinstance(got, np.ndarray) and got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))

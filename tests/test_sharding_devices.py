@@ -83,6 +83,22 @@ def test_tp_attention_attends_each_devices_own_heads(monkeypatch):
     assert seen and set(seen) == {(WIDE.num_heads // 4, WIDE.num_kv_heads // 4)}
 
 
+def test_pages_of_a_tp_engine_come_to_the_host_whole(rng):
+    """The tiers' copy off the device through pinned host memory takes every device's heads of a tp-sharded pool:
+    the same bytes as np.asarray of the gathered pages."""
+    from codegen_jax.kv_cache import via_pinned_host
+
+    engine = sharded_engine(model_for("wide"), ECFG, mesh_of(4, 1), strategy="ring")
+    kv = engine.cache
+    shape = (3, WIDE.num_layers, 2, WIDE.num_kv_heads, ECFG.page_size, WIDE.head_dim)
+    kv.write_pages([4, 1, 7], rng.standard_normal(shape).astype(np.float32))
+    pages = kv.read_pages([4, 1, 7])
+    assert len(pages.sharding.device_set) > 1
+    got, want = via_pinned_host(pages), np.asarray(pages)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
 @pytest.mark.parametrize("ep,tokens", [(2, 13), (4, 1), (8, 32)])
 def test_expert_parallel_moe_equals_reference(rng, ep, tokens):
     mesh = mesh_of(1, ep)
