@@ -85,7 +85,7 @@ class Shape:
 # ~8k-token first prompts growing ~700 a turn, 128-token answers: an agent's prompts run 37x to 2,494x its outputs
 GPU = Shape(sessions=8, turns=4, system_tokens=3072, files=3, file_tokens=1536, reread_tokens=512, max_tokens=128,
             max_slots=8, page_size=16, max_seq_len=16384, num_pages=5120, host_pages=8192, prefill_chunk=512,
-            decode_steps=8, probe_lengths=(1024, 2048, 4096, 8192, 12288), probe_reps=3)
+            decode_steps=8, probe_lengths=(1024, 2048, 4096, 8192, 12288, 15360), probe_reps=3)
 TINY = Shape(sessions=6, turns=3, system_tokens=64, files=1, file_tokens=24, reread_tokens=16, max_tokens=8,
              max_slots=4, page_size=8, max_seq_len=512, num_pages=200, host_pages=512, prefill_chunk=64,
              decode_steps=4, probe_lengths=(32, 64, 128, 256), probe_reps=2)

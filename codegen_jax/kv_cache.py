@@ -26,12 +26,12 @@ def _bucket_ids(ids) -> np.ndarray:
 
 def to_host(x: jax.Array) -> np.ndarray:
     """x's contents in a (read-only) numpy array, copied through the device's pinned host memory. np.asarray of
-    a device array holds the GIL for the whole copy: on the H200, 704 MB (12,288 tokens of the 7B's KV) took 463 ms
-    at 1.3 GB/s with every other Python thread of the server stopped (the engine thread too: an eviction that
-    spilled them to the host tier stalled a Redis hit's admission that long). A device_put into pinned host memory
-    is a DMA that waits with the GIL released (15 ms, 47 GB/s; `.gil` probe in benchmarks/results/logs/README.md),
-    and numpy then reads that memory. On the CPU np.asarray is the copy (none at all, usually); so it is where
-    pinned host memory is not offered."""
+    a device array holds the GIL for the whole copy, stopping every other Python thread of the server (the engine
+    thread too: a 12,288-token spill to the host tier stalled a Redis hit's admission 464 ms). A device_put into
+    pinned host memory is a DMA that waits with the GIL released, and numpy then reads that memory. H200, 704 MB
+    (`python benchmarks/host_copy.py`, benchmarks/results/host_copy.json): np.asarray 474 ms at 1.5 GB/s with a
+    407 ms stall of another thread; this 14.5 ms at 48.6 GB/s. On the CPU np.asarray is the copy (usually none at
+    all); so it is where pinned host memory is not offered."""
     return np.asarray(x) if next(iter(x.devices())).platform == "cpu" else via_pinned_host(x)
 
 
