@@ -443,6 +443,7 @@ def crossover(servers: dict, shape: Shape, vocab: int, model: str, kv_bytes_per_
         fetched = []
         second = servers["second"].state.scheduler
         second.remote_min_tokens = 0  # every probed length is fetched (read on the engine thread at arrival)
+        second.remote_overlap = False  # the plain fetch first, whatever the server runs with (--remote-overlap)
         for rep in range(shape.probe_reps + 1):  # rep 0 compiles this length's shapes: not counted
             # L cached tokens: every full page before the last token; a second prompt for the overlapped hit
             ids, ids2 = (rng.integers(0, vocab, L + 1).tolist() for _ in range(2))
