@@ -78,7 +78,7 @@ class Shape:
     prefill_decode_steps: int = 1  # decode steps of a server call that also prefills (ServeConfig)
     max_prefill_rows: int = ServeConfig.max_prefill_rows  # prompts a server prefills in one call
     switch_interval_ms: float = ServeConfig.switch_interval_ms  # the process's GIL switch interval (ServeConfig)
-    remote_overlap: bool = False  # the second server recomputes a remote hit's head while fetching its tail
+    remote_overlap: bool = ServeConfig.remote_overlap  # the second server recomputes a remote hit's head meanwhile
     remote_min_tokens: int = ServeConfig.remote_min_tokens  # the second server recomputes shorter remote hits
 
 
@@ -88,7 +88,8 @@ GPU = Shape(sessions=8, turns=4, system_tokens=3072, files=3, file_tokens=1536, 
             decode_steps=8, probe_lengths=(1024, 2048, 4096, 8192, 12288, 15360), probe_reps=3)
 TINY = Shape(sessions=6, turns=3, system_tokens=64, files=1, file_tokens=24, reread_tokens=16, max_tokens=8,
              max_slots=4, page_size=8, max_seq_len=512, num_pages=200, host_pages=512, prefill_chunk=64,
-             decode_steps=4, probe_lengths=(32, 64, 128, 256), probe_reps=2)
+             decode_steps=4, probe_lengths=(32, 64, 128, 256), probe_reps=2,
+             remote_overlap=False, remote_min_tokens=0)  # every remote hit fetched whole: the tests count them
 
 TOOLS = [
     ("read_file", "Read a file of the repository", {"path": "string", "start_line": "integer", "end_line": "integer"}),
@@ -562,8 +563,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="prompts a server prefills in one call (default: the servers' default, 2)")
     p.add_argument("--switch-interval-ms", type=float, default=None,
                    help="the servers' GIL switch interval (default: ServeConfig's)")
-    p.add_argument("--remote-overlap", action="store_true",
-                   help="the second server recomputes each remote hit's head while its tail is fetched")
+    p.add_argument("--remote-overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="the second server recomputes each remote hit's head while its tail is fetched (default: "
+                   "ServeConfig's, on)")
     p.add_argument("--remote-min-tokens", type=int, default=None,
                    help="the servers recompute remote hits shorter than this (default: ServeConfig's; the probe "
                    "fetches every length)")
@@ -590,7 +592,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                              ("num_pages", args.num_pages),
                                                              ("prefill_chunk", args.prefill_chunk),
                                                              ("switch_interval_ms", args.switch_interval_ms),
-                                                             ("remote_overlap", args.remote_overlap or None),
+                                                             ("remote_overlap", args.remote_overlap),
                                                              ("remote_min_tokens", args.remote_min_tokens))
                                           if v is not None})
     sys.setswitchinterval(shape.switch_interval_ms / 1e3)  # as `codegen-jax serve` sets it for its process

@@ -95,11 +95,11 @@ def _add_serve(sub) -> None:
     s.add_argument("--max-prefill-rows", type=_positive, default=2,
                    help="prompts prefilled in one call, a chunk each: the oldest and those with least left (default 2)")
     _add_parallel(s)
-    s.add_argument("--remote-overlap", action="store_true",
+    s.add_argument("--remote-overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="on a remote hit, recompute the prefix's head while its tail is fetched (split by the "
-                   "measured rates)")
-    s.add_argument("--remote-min-tokens", type=int, default=0,
-                   help="recompute remote hits shorter than this many tokens instead of fetching them (default 0)")
+                   "measured rates; default on)")
+    s.add_argument("--remote-min-tokens", type=int, default=None,
+                   help="recompute remote hits shorter than this many tokens instead of fetching them (default 2048)")
     s.add_argument("--host-pages", type=int, default=0, help="host-RAM tier size in KV pages (default 0: off)")
     s.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt (for comparisons)")
     s.add_argument("--no-warmup", action="store_true",
@@ -215,7 +215,8 @@ def _serve(args) -> int:
                           prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
                           prefill_decode_steps=args.prefill_decode_steps, max_prefill_rows=args.max_prefill_rows,
                           prefix_cache=not args.no_prefix_cache, host_pages=args.host_pages,
-                          remote_overlap=args.remote_overlap, remote_min_tokens=args.remote_min_tokens,
+                          **{k: v for k, v in (("remote_overlap", args.remote_overlap),
+                                               ("remote_min_tokens", args.remote_min_tokens)) if v is not None},
                           tp=args.tp, ep=args.ep,
                           tp_strategy=_strategy(args.tp_strategy),
                           max_queue=args.max_queue, drain_timeout_s=args.drain_timeout,
@@ -225,7 +226,7 @@ def _serve(args) -> int:
             raise ValueError(f"--remote must look like redis://HOST:PORT or memory://, got {cfg.remote!r}")
         if cfg.remote and not cfg.prefix_cache:
             raise ValueError("--remote needs the prefix cache (drop --no-prefix-cache)")
-        if cfg.remote_overlap and not cfg.remote:
+        if args.remote_overlap and not cfg.remote:
             raise ValueError("--remote-overlap needs --remote")
         return run(cfg)
     except ValueError as e:  # bad flags, CheckpointError / ConfigError

@@ -60,10 +60,10 @@ class SchedulerConfig:
     """prefix_cache: radix cache on; host_pages: host-RAM tier size in pages (0: none); max_queue: waiting
     requests before `submit` refuses; max_prefill_rows: slots prefilled in one call; lpm_max_waiting: queue
     length above which admission is FCFS instead of longest-prefix-first; remote_overlap: recompute the head of a
-    remote hit while its tail is fetched (off: fetch all of it, then compute what follows; it stays off by default
-    until a GPU run of benchmarks/agent_trace.py shows the split paying); remote_min_tokens: a remote hit shorter
-    than this is recomputed instead (SGLang's HiCache has such a prefetch threshold; 0, the default, fetches every
-    hit until a GPU run picks the crossover); prefill_decode_steps: decode steps of a
+    remote hit while its tail is fetched (off: fetch all of it, then compute what follows); remote_min_tokens: a
+    remote hit shorter than this is recomputed instead (SGLang's HiCache has such a prefetch threshold). Both
+    default to the plain mechanism here (every hit fetched whole); the server's ServeConfig turns the split on and
+    sets 2,048 tokens, from the H200 agent trace's crossover; prefill_decode_steps: decode steps of a
     call that also prefills (capped at the engine's decode_steps, which calls without prefill run): while a
     prompt waits for its first token, decoding rows advance one token a call, as vLLM's chunked prefill does, so
     a cached turn's few new tokens do not wait behind several fused decode steps per chunk."""

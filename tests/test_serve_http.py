@@ -29,6 +29,9 @@ CODEGEN_JAX = Path(sys.executable).with_name("codegen-jax")
 # small limits so that the over-long, too-large and full-queue paths are cheap to reach
 CFG = dict(model=str(FIXTURES / "qwen2"), dtype="float32", max_seq_len=512, page_size=8, max_slots=4,
            prefill_chunk=64, decode_steps=4, max_queue=4, max_body_bytes=1 << 16, drain_timeout_s=10)
+# a remote hit of the fixture's short prompts is fetched whole (ServeConfig's defaults recompute hits under 2,048
+# tokens and the head of longer ones): the tests count the fetched tokens
+REMOTE = dict(remote_overlap=False, remote_min_tokens=0)
 # ~110 tokens of code: many full pages to cache
 LONG_PROMPT = "".join(f"def f{i}(x):\n    return x * {i} + {i * i}\n\n" for i in range(8))
 
@@ -43,7 +46,7 @@ def redis():
 @pytest.fixture(scope="module")
 def live(redis):
     """The server most tests talk to: prefix cache on, writing through to the shared redis-server."""
-    app, state = build(ServeConfig(**CFG, remote=redis.url))
+    app, state = build(ServeConfig(**CFG, **REMOTE, remote=redis.url))
     with BackgroundServer(app) as server:
         server.state = state
         yield server
@@ -193,7 +196,7 @@ def test_a_second_server_fetches_the_prefix_from_redis(live, client, redis):
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     live.state.scheduler.remote.drain()  # the first server's pages are in redis now
     # (no speculative warm-up: completions do not speculate, and `live` warmed up the same programs at start-up)
-    app, state = build(ServeConfig(**CFG, remote=redis.url, warmup=False))
+    app, state = build(ServeConfig(**CFG, **REMOTE, remote=redis.url, warmup=False))
     with BackgroundServer(app) as other:
         c2 = openai.OpenAI(base_url=f"{other.url}/v1", api_key="unused", max_retries=0, timeout=60)
         second = complete(c2, prompt, max_tokens=16)
