@@ -94,3 +94,16 @@ def test_bad_values_exit_2(extra, needle, capsys):
 def test_missing_directory_exits_2(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "--quiet"]) == 2
     assert "not a directory" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("flags,overlap,least", [([], True, 2048), (["--no-remote-overlap"], False, 2048),
+                                                  (["--remote-overlap", "--remote-min-tokens", "0"], True, 0)])
+def test_serve_remote_hit_flags_reach_the_config(monkeypatch, flags, overlap, least):
+    """`serve`'s remote-hit defaults are ServeConfig's (the head recomputed while the tail is fetched, hits under
+    2,048 tokens recomputed) and each flag overrides its own."""
+    import serve.server
+
+    seen = []
+    monkeypatch.setattr(serve.server, "run", lambda cfg: seen.append(cfg) or 0)
+    assert main(["serve", "--model", str(FIXTURES / "qwen2"), "--remote", "memory://", *flags]) == 0
+    assert (seen[0].remote_overlap, seen[0].remote_min_tokens) == (overlap, least)
