@@ -159,25 +159,50 @@ def inline_configs(*, quick: bool) -> list:
                   TritonMoEConfig(block_m=1, block_f=32, block_d=32, block_k=256, block_kf=256, fused_route="inline")]
 
 
-def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool) -> list:
-    """The Triton kernel's candidates at T tokens: plan's choice, the dot mode over column blocks and stages,
-    wider row tiles at T >= 64, the GEMV mode and fused_combine at decode sizes, inline routing at T=1."""
+def single_configs(D: int, *, quick: bool) -> list:
+    """fused_route="single" candidates (T=1, one kernel: gate/up and the down projection's partial sums per
+    (expert, F tile), added atomically): column blocks 16..64 (8 experts x F / block_f programs), gate/up k-steps
+    128 and 256 and down column steps 128..512, each tile at most 16K float32 values, 4 warps (and 8 unless
+    quick). 10 candidates (20 when not quick)."""
+    from pallas_kernels.moe import TritonMoEConfig
+
+    out = []
+    for bf, bk, bd in ((16, 256, 512), (16, 256, 256), (32, 128, 256), (32, 256, 256), (32, 256, 512),
+                       (64, 128, 128), (64, 128, 256), (64, 256, 128), (16, 128, 512), (32, 128, 512)):
+        if D % bd:
+            continue
+        for warps in (4,) if quick else (4, 8):
+            out.append(TritonMoEConfig(block_f=bf, block_k=bk, block_d=bd, num_warps=warps, fused_route="single"))
+    return out
+
+
+FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "mosaic")  # --families
+
+
+def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048,
+                   families: tuple[str, ...] = FAMILIES) -> list:
+    """The Triton kernel's candidates at T tokens: plan's choice ("default"), the dot mode over column blocks and
+    stages, wider row tiles at T >= 64 ("dot"), the GEMV mode and fused_combine at decode sizes ("gemv",
+    "fused"), inline routing and the one-kernel path at T=1 ("inline", "single"); `families` picks among them."""
     from pallas_kernels.moe import TritonMoEConfig
     from pallas_kernels.moe.triton_moe import gemv_expected
 
-    configs = [TritonMoEConfig()]  # plan's choice: the GEMV mode at small T, else the dot
+    configs = [TritonMoEConfig()] if "default" in families else []  # the GEMV mode at small T, else the dot
     dot_bm = 16 if gemv_expected(T, E, K) else None  # these stay dot candidates where plan picks GEMV
-    for bf in (16, 32, 64):
-        for stages in ((3,) if quick else (2, 4)):
-            configs.append(TritonMoEConfig(block_m=dot_bm, block_f=bf, block_d=bf, num_stages=stages))
-    if T >= 64:
-        configs += [TritonMoEConfig(block_m=bm) for bm in (16, 64)]
-    if T <= GEMV_MAX_T:
+    if "dot" in families:
+        for bf in (16, 32, 64):
+            for stages in ((3,) if quick else (2, 4)):
+                configs.append(TritonMoEConfig(block_m=dot_bm, block_f=bf, block_d=bf, num_stages=stages))
+        if T >= 64:
+            configs += [TritonMoEConfig(block_m=bm) for bm in (16, 64)]
+    if T <= GEMV_MAX_T and "gemv" in families:
         configs += gemv_configs(T, F, quick=quick)
-    if T <= FUSED_MAX_T:
+    if T <= FUSED_MAX_T and "fused" in families:
         configs += fused_configs(T, quick=quick)
-    if T == 1:
+    if T == 1 and "inline" in families:
         configs += inline_configs(quick=quick)
+    if T == 1 and "single" in families:
+        configs += single_configs(D, quick=quick)
     return list(dict.fromkeys(configs))
 
 
@@ -197,7 +222,7 @@ def mosaic_configs(T: int) -> list:
 INT8_TUNE_T = (1, 8)  # decode sizes, where int8's halved bytes should show; larger T keeps plan's choice
 
 
-def tune(shape_name, tokens, *, quick) -> list[dict]:
+def tune(shape_name, tokens, *, quick, families=FAMILIES) -> list[dict]:
     """The search loop over Triton (and Mosaic) configs for each T, bf16 weights and, at decode sizes, int8;
     winners go to pallas_kernels/tuned/moe.json."""
     import functools
@@ -213,10 +238,10 @@ def tune(shape_name, tokens, *, quick) -> list[dict]:
         if fmt == "int8":
             q = [quantize_int8(w) for w in sets[0][2:]]
             sets = [(x, r, *q) for x, r, *_ in sets]
-        configs = triton_configs(T, E, K, F, quick=quick)
+        configs = triton_configs(T, E, K, F, quick=quick, D=D, families=families)
         cands = [tuning.Candidate("triton", c, functools.partial(moe_triton, top_k=K, norm_topk_prob=True,
                                                                  config=c)) for c in configs]
-        if T <= MAX_TOKENS and fmt == "bf16":  # the Mosaic kernel has no int8 path
+        if T <= MAX_TOKENS and fmt == "bf16" and "mosaic" in families:  # the Mosaic kernel has no int8 path
             cands += [tuning.Candidate("mosaic", c, functools.partial(moe_mosaic, top_k=K, norm_topk_prob=True,
                                                                       config=c)) for c in mosaic_configs(T)]
         ref = functools.partial(moe_reference, top_k=K, norm_topk_prob=True)
@@ -319,8 +344,13 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     p.add_argument("--tune", action="store_true", help="search Triton configs for --shapes first")
     p.add_argument("--quick-tune", action="store_true", help="fewer configs in --tune")
+    p.add_argument("--families", default=",".join(FAMILIES),
+                   help=f"config families --tune searches, comma-separated (default: all of {','.join(FAMILIES)})")
     p.add_argument("--tiny", action="store_true", help="tiny shapes in the Pallas interpreter: a CPU smoke test")
     args = p.parse_args()
+    families = tuple(f for f in args.families.split(",") if f)
+    if not families or set(families) - set(FAMILIES):
+        p.error(f"--families: comma-separated names among {', '.join(FAMILIES)}, got {args.families!r}")
     import jax
 
     shapes = list(TINY) if args.tiny else args.shapes
@@ -337,7 +367,7 @@ def main() -> None:
     if args.tune and not args.tiny:
         for name in args.shapes:
             for T in args.tokens:
-                tuned_rows += tune(name, [T], quick=args.quick_tune)
+                tuned_rows += tune(name, [T], quick=args.quick_tune, families=families)
                 save()
     for shape in shapes:
         for T in (TINY_TOKENS if args.tiny else args.tokens):

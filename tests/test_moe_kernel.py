@@ -276,6 +276,33 @@ def test_inline_route_skips_dead_experts(rng):
     assert not np.isin(experts, DEAD).any()
 
 
+# fused_route="single" (T=1, one kernel): each program routes, runs its expert's F tile through gate/up and adds its
+# share of the down projection into the float32 output atomically; a program that added nothing, or twice, or
+# read a dead expert fails the comparison or leaks NaN. Down steps as wide as the column block and wider, gate/up
+# k-steps of one and several per D.
+SINGLE_CONFIGS = {
+    "bf16-bd16": TritonMoEConfig(block_f=16, block_d=16, block_k=32, fused_route="single"),
+    "bf16-bd32": TritonMoEConfig(block_f=16, block_d=32, block_k=16, num_warps=8, fused_route="single"),
+}
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["renorm", "softmax"])
+@pytest.mark.parametrize("config", list(SINGLE_CONFIGS))
+@pytest.mark.parametrize("E,top_k,D,F", CONFIGS, ids=["qwen3-30b-a3b", "small"])
+def test_single_kernel(rng, E, top_k, D, F, config, norm):
+    check(rng, 1, E, D, F, top_k, norm_topk_prob=norm, config=SINGLE_CONFIGS[config])
+
+
+@pytest.mark.parametrize("config", list(SINGLE_CONFIGS))
+def test_single_kernel_int8(rng, config):
+    check_int8(rng, 1, 128, 64, 32, 8, config=SINGLE_CONFIGS[config])
+
+
+def test_single_kernel_skips_dead_experts(rng):
+    experts = check(rng, 1, 8, 32, 48, 2, bias=dead_experts_bias, config=SINGLE_CONFIGS["bf16-bd16"])
+    assert not np.isin(experts, DEAD).any()
+
+
 def test_fused_combine_is_a_tuner_candidate():
     # benchmarks/moe.py --tune tries fused_combine (each routing, both modes) beside the other configs at decode
     # sizes, and every candidate plans at the Qwen3-30B-A3B shape (Triton block rules)
@@ -298,6 +325,9 @@ def test_fused_combine_is_a_tuner_candidate():
     inline = [c for c in triton_configs(1, E, K, F, quick=True) if c.fused_route == "inline"]
     assert {c.block_m < 16 for c in inline} == {True, False}
     assert not any(c.fused_route == "inline" for c in triton_configs(8, E, K, F, quick=False))
+    # and the one-kernel path, at T=1 only
+    assert any(c.fused_route == "single" for c in triton_configs(1, E, K, F, quick=True))
+    assert not any(c.fused_route == "single" for c in triton_configs(8, E, K, F, quick=False))
     assert not TritonMoEConfig().fused_combine  # the default stays unfused until the tuned table picks it
 
 
@@ -346,6 +376,7 @@ def test_plan_defaults():
     (dict(config=TritonMoEConfig(block_f=64)), jnp.bfloat16, (False, False, False)),
     (dict(E=6, config=TritonMoEConfig(fused_combine=True, fused_route="topk")), jnp.bfloat16, (False,) * 3),
     (dict(config=TritonMoEConfig(fused_route="inline")), jnp.bfloat16, (False,) * 3),  # inline is T=1 only
+    (dict(config=TritonMoEConfig(fused_route="single")), jnp.bfloat16, (False,) * 3),  # so is single
 ])
 def test_unsupported_raise_not_implemented(kw, x_dtype, quant):
     T, D, E, F = kw.get("T", 4), kw.get("D", 64), kw.get("E", 8), 48
@@ -365,7 +396,8 @@ def test_unsupported_raise_not_implemented(kw, x_dtype, quant):
 def test_config_validates_itself():
     for kw in (dict(block_m=24), dict(block_m=3), dict(block_m=0), dict(block_f=8), dict(block_m=256),
                dict(block_k=1024), dict(num_warps=3), dict(num_stages=0), dict(fused_route="all"),
-               dict(fused_combine=True, fused_route="yes"), dict(fused_combine=True, fused_route="inline")):
+               dict(fused_combine=True, fused_route="yes"), dict(fused_combine=True, fused_route="inline"),
+               dict(fused_combine=True, fused_route="single"), dict(block_m=16, fused_route="single")):
         with pytest.raises(ValueError):
             TritonMoEConfig(**kw)
     for bm in (1, 2, 4, 8, 16, 128):  # GEMV rows per pass, dot rows
@@ -427,11 +459,13 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
                TritonMoEConfig(block_m=1, fused_combine=True, fused_route="all", num_warps=8)]
     if T == 1:  # the gate/up kernel routes, both modes
         configs += [TritonMoEConfig(block_m=16, block_f=32, block_d=32, fused_route="inline"),
-                    TritonMoEConfig(block_m=1, fused_route="inline")]
+                    TritonMoEConfig(block_m=1, fused_route="inline"),
+                    TritonMoEConfig(block_f=32, block_d=256, block_k=256, fused_route="single")]
     a100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA A100-SXM4-80GB", 108, "gpu"))
     with jax.sharding.use_abstract_mesh(a100):
         for config in configs:
             fn = jax.jit(lambda *a, c=config: moe_triton(*a, top_k=top_k, norm_topk_prob=True, config=c))
             text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
             routed = config is not None and config.fused_route in ("topk", "all")
-            assert text.count("__gpu$xla.gpu.triton") == 2 + routed
+            single = config is not None and config.fused_route == "single"
+            assert text.count("__gpu$xla.gpu.triton") == (1 if single else 2 + routed)

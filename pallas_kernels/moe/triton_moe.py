@@ -67,7 +67,7 @@ GEMV_ROWS = (1, 2, 4, 8)  # block_m values selecting GEMV mode: rows one pass ov
 GEMV_MAX_MEAN_ROWS = 1.1
 GEMV_ACC2D_MAX = 16384  # float32 accumulator values per GEMV program (128 registers a thread at 4 warps)
 FUSED_ROUTES = ("none", "topk", "all")  # TritonMoEConfig.fused_route with fused_combine
-ROUTES = FUSED_ROUTES + ("inline",)  # "inline": T=1 without fused_combine
+ROUTES = FUSED_ROUTES + ("inline", "single")  # T=1 without fused_combine: "inline" 4 launches, "single" 1 kernel
 # fused_route="all": one program per token streams the whole router (512 KB at Qwen3-30B), so it wants many
 # loads in flight: [E, block_k] tiles of up to this many float32 products, 8 warps, 4 stages (not yet timed)
 ROUTE_ACC_MAX = 16384
@@ -117,6 +117,12 @@ class TritonMoEConfig:
       the softmax and top-k of those E floats itself (K rounds of max; redundant, and far cheaper than a
       launch), runs its slot's expert (slot k: the k-th choice) and, in its first F tile, writes the slot table
       and routing weight the down kernel reads: logits, gate/up, down, sum = 4 launches in all.
+      "single" (T=1, GEMV mode, fused_combine False): one kernel, grid (K, F / block_f). Program (k, j) takes the
+      top-k of XLA's logits as "inline" does, computes its expert's h columns [f0, f0 + block_f) (gate and up
+      over all of D) and at once their share of the down projection, w_k * h[f0:f0 + block_f] @ Wd[e_k, f0:, :]
+      in block_d column steps, added atomically into a float32 [1, D] output: every touched weight is read once,
+      no h goes through memory and no kernel waits for another (logits, the kernel and the cast to x's dtype are
+      the launches). The partial sums land in any order: float32 rounding may differ from run to run.
     """
 
     block_m: int | None = None
@@ -145,8 +151,11 @@ class TritonMoEConfig:
             raise ValueError(f"fused_route={self.fused_route!r} must be one of {', '.join(ROUTES)}")
         if self.fused_route in ("topk", "all") and not self.fused_combine:
             raise ValueError(f"fused_route={self.fused_route!r} needs fused_combine=True (it feeds the fused down)")
-        if self.fused_route == "inline" and self.fused_combine:
-            raise ValueError("fused_route='inline' feeds the per-slot down kernel: it needs fused_combine=False")
+        if self.fused_route in ("inline", "single") and self.fused_combine:
+            raise ValueError(f"fused_route={self.fused_route!r} does its own down projection: it needs "
+                             "fused_combine=False")
+        if self.fused_route == "single" and bm is not None and bm != 1:
+            raise ValueError(f"fused_route='single' is GEMV-only: block_m must be 1 or None, got {bm}")
 
 
 class Plan(NamedTuple):
@@ -223,8 +232,10 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
         if not b or n % b:
             raise NotImplementedError(f"{name}={b} does not divide {n} (power-of-two blocks >= {MIN_DOT})")
     rbk = 0
-    if config.fused_route == "inline" and T != 1:
-        raise NotImplementedError(f"fused_route='inline' is the one-token path, got T={T}")
+    if config.fused_route in ("inline", "single") and T != 1:
+        raise NotImplementedError(f"fused_route={config.fused_route!r} is the one-token path, got T={T}")
+    if config.fused_route == "single":
+        bm = 1
     if config.fused_route != "none" and not _pow2(E):
         raise NotImplementedError(f"fused_route needs a power-of-two expert count (Triton blocks), got E={E}")
     if config.fused_route == "all":
@@ -556,6 +567,48 @@ def _inline_routed(
     kernel((e, k, jnp.int32(1)), x_ref, wg_ref, wu_ref, *inner, one_token=True, **kw)
 
 
+def _single_kernel(
+    logits_ref,  # [1, E] float32 router logits of the one token
+    x_ref,  # [1, D]
+    wg_ref,  # [E, D, F] (int8 when quantised)
+    wu_ref,  # [E, D, F]
+    wd_ref,  # [E, F, D]
+    *rest,  # (sg_ref [E, F], su_ref [E, F], sd_ref [E, D] float32 when quantised), o_in (aliased), o_ref [1, D] f32
+    top_k: int,
+    norm_topk_prob: bool,
+    block_f: int,
+    block_k: int,
+    block_d: int,
+    quantized: bool,
+):
+    """fused_route="single" (see TritonMoEConfig): program (k, j) routes the token, computes h for its k-th expert's
+    F columns [f0, f0 + block_f) and adds w_k * h @ Wd[e_k, f0:f0 + block_f, :] into out, block_d columns a step."""
+    o_ref = rest[-1]
+    E, D = logits_ref.shape[1], x_ref.shape[1]
+    k = pl.program_id(0)
+    f0 = pl.multiple_of(pl.program_id(1) * block_f, block_f)
+    chosen, weights = _topk(logits_ref[0, pl.ds(0, E)], top_k, norm_topk_prob)
+    e = sum(jnp.where(k == i, c, 0) for i, c in enumerate(chosen))  # the k-th choice: a select, no indexing
+    w = sum(jnp.where(k == i, c, 0.0) for i, c in enumerate(weights))
+    ((g, u),) = _gemv_pass(x_ref, (wg_ref, wu_ref), e, 0, 1, f0, rows=1, block_c=block_f, block_k=block_k,
+                           one_token=True)
+    if quantized:
+        g = g * rest[0][e, pl.ds(f0, block_f)]
+        u = u * rest[1][e, pl.ds(f0, block_f)]
+    h = (_silu(g) * u).astype(x_ref.dtype).astype(jnp.float32) * w  # [BF], rounded as the reference's h
+
+    def d_step(jd, carry):
+        d0 = pl.multiple_of(jd * block_d, block_d)
+        wd = wd_ref[e, pl.ds(f0, block_f), pl.ds(d0, block_d)].astype(jnp.float32)  # [BF, BD]
+        y = jnp.sum(h[:, None] * wd, axis=0)  # [BD]
+        if quantized:
+            y = y * rest[2][e, pl.ds(d0, block_d)]
+        pltriton.atomic_add(o_ref, (jnp.int32(0), pl.ds(d0, block_d)), y)
+        return carry
+
+    lax.fori_loop(0, D // block_d, d_step, 0)
+
+
 def _route_kernel(
     *refs,  # block_k 0: logits_ref [T, E] float32; else x_ref [T, D], r_ref [E, D] (the router)
     #         then w_ref out [T, K] float32 routing weights, ex_ref out [T, K] int32 expert ids (best first),
@@ -683,6 +736,9 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
     fused = plan.fused_combine
     one_token = fused and T == 1  # the gate/up kernel reads x [1, D] itself
 
+    if plan.fused_route == "single":
+        return _moe_single(x, router, w_gate, w_up, w_down, top_k=top_k, norm_topk_prob=norm_topk_prob, plan=plan,
+                           interpret=interpret)
     inline = plan.fused_route == "inline"  # T=1: the gate/up kernel routes (see TritonMoEConfig)
     if plan.fused_route in ("topk", "all"):
         weights, experts, *meta = _route_fused(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob,
@@ -776,3 +832,32 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
     # back to token order: flat pair t * K + k sits at sorted position inv[t * K + k]
     inv = jnp.zeros((P,), jnp.int32).at[order].set(jnp.arange(P, dtype=jnp.int32))
     return out[inv].reshape(T, top_k, D).sum(axis=1).astype(x.dtype)
+
+
+def _moe_single(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interpret):
+    """fused_route="single": the one-token MoE as XLA's logits, `_single_kernel` and a cast."""
+    _, D = x.shape
+    E, _, F = w_gate.shape
+    bf, bk, bd = plan.block_f, plan.block_k, plan.block_d
+    quantized = isinstance(w_gate, QuantizedWeight)
+    ws = [w.values if quantized else w for w in (w_gate, w_up, w_down)]
+    scales = [w.scale for w in (w_gate, w_up, w_down)] if quantized else []
+    logits = jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32)  # [1, E]
+
+    def full(shape):
+        return pl.BlockSpec(shape, lambda k, j: (0,) * len(shape))
+
+    args = (logits, x, *ws, *scales, jnp.zeros((1, D), jnp.float32))
+    out = pl.pallas_call(
+        functools.partial(_single_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_f=bf, block_k=bk,
+                          block_d=bd, quantized=quantized),
+        grid=(top_k, F // bf),
+        in_specs=[full(a.shape) for a in args],
+        out_specs=full((1, D)),
+        out_shape=jax.ShapeDtypeStruct((1, D), jnp.float32),
+        input_output_aliases={len(args) - 1: 0},
+        compiler_params=pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
+        interpret=interpret,
+        name=f"moe_single_bf{bf}_bk{bk}_bd{bd}",
+    )(*args)
+    return out.astype(x.dtype)
