@@ -13,7 +13,7 @@ runs round-robin over the implementations of a shape. Each output is checked aga
 (max |diff| / max |ref| <= 2e-2, int8 4e-2, NaN-free).
 
 --tune runs the search loop over Triton configs for each of --shapes first and writes the winners to
-pallas_kernels/tuned/moe.json (and $OUT), which `ours` then uses. At T <= 8 it also tries the GEMV mode (no dot;
+pallas_kernels/tuned/moe.json (and $OUT/tuned_moe.json), which `ours` then uses. At T <= 8 it also tries the GEMV mode (no dot;
 block_m = rows per pass over a weight tile) over block_f/block_d, block_k, warps and stages, and fused_combine
 (the weighted combine inside the down kernel, routing in XLA or in Pallas: 3-4 launches at T=1), and at T=1
 fused_route="inline" (each gate/up program routes the token itself: 4 launches with the per-slot down kernel).
@@ -253,7 +253,8 @@ def tune(shape_name, tokens, *, quick, families=FAMILIES) -> list[dict]:
             key = dispatch.shape_key((T, D), sets[0][2], K, sets[0][0].dtype)
             path = tuning.record(dispatch.OP, key, best)
             if os.environ.get("OUT"):
-                shutil.copy(path, Path(os.environ["OUT"], path.name))
+                # named apart from the benchmark's own moe.json, which write_result also puts under $OUT
+                shutil.copy(path, Path(os.environ["OUT"], f"tuned_{path.name}"))
             log(f"tune {shape_name} T={T} {fmt}: best {best.impl} {best.config} {best.us:.1f} us (of {len(trials)})")
             rows.append({"shape": shape_name, "T": T, "weights": fmt, "impl": best.impl, "best": best.config,
                          "us": round(best.us, 1),
