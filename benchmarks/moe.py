@@ -13,10 +13,12 @@ runs round-robin over the implementations of a shape. Each output is checked aga
 (max |diff| / max |ref| <= 2e-2, int8 4e-2, NaN-free).
 
 --tune runs the search loop over Triton configs for each of --shapes first and writes the winners to
-pallas_kernels/tuned/moe.json (and $OUT/tuned_moe.json), which `ours` then uses. At T <= 8 it also tries the GEMV mode (no dot;
-block_m = rows per pass over a weight tile) over block_f/block_d, block_k, warps and stages, and fused_combine
-(the weighted combine inside the down kernel, routing in XLA or in Pallas: 3-4 launches at T=1), and at T=1
-fused_route="inline" (each gate/up program routes the token itself: 4 launches with the per-slot down kernel).
+pallas_kernels/tuned/moe.json (and $OUT/tuned_moe.json), which `ours` then uses. At T <= 8 it also tries the
+GEMV mode (no dot; block_m = rows per pass over a weight tile) over block_f/block_d, block_k, warps and stages, and
+fused_combine (the weighted combine inside the down kernel, routing in XLA or in Pallas: 3-4 launches at T=1),
+and at T=1 fused_route="inline" (each gate/up program routes the token itself: 4 launches with the per-slot down
+kernel) and fused_route="single" (one kernel: gate/up and the down projection's partial sums, added atomically).
+--families limits the search to some of these (e.g. `--families dot,inline,single`).
 
 The result JSON is rewritten after every tuned T and every benchmarked shape, so a run cut off by a time limit
 keeps what it measured.
