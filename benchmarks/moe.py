@@ -17,8 +17,9 @@ pallas_kernels/tuned/moe.json (and $OUT/tuned_moe.json), which `ours` then uses.
 GEMV mode (no dot; block_m = rows per pass over a weight tile) over block_f/block_d, block_k, warps and stages, and
 fused_combine (the weighted combine inside the down kernel, routing in XLA or in Pallas: 3-4 launches at T=1),
 and at T=1 fused_route="inline" (each gate/up program routes the token itself: 4 launches with the per-slot down
-kernel) and fused_route="single" (one kernel: gate/up and the down projection's partial sums, added atomically).
---families limits the search to some of these (e.g. `--families dot,inline,single`).
+kernel) and fused_route="single" (one kernel: gate/up and the down projection's partial sums, added atomically);
+with int8 weights also w8a8 (int8 activations: int8 x int8 dots). --families limits the search to some of these
+(e.g. `--families dot,inline,single`), --formats to bf16 or int8 weights.
 
 The result JSON is rewritten after every tuned T and every benchmarked shape, so a run cut off by a time limit
 keeps what it measured.
@@ -178,7 +179,21 @@ def single_configs(D: int, *, quick: bool) -> list:
     return out
 
 
-FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "mosaic")  # --families
+def w8a8_configs(T: int, *, quick: bool) -> list:
+    """w8a8 candidates (int8 weights only: token rows and h go to int8 x int8 dots too): the dot mode's per-slot
+    kernels at column blocks 32 and 64 (the down k-step is the column block), routing in XLA and, at T=1, inline;
+    unless quick, each also at 4 stages. 2-4 candidates (4-8 when not quick)."""
+    from pallas_kernels.moe import TritonMoEConfig
+
+    out = []
+    for route in ("none", "inline") if T == 1 else ("none",):
+        for bf in (32, 64):
+            for stages in (3,) if quick else (3, 4):
+                out.append(TritonMoEConfig(w8a8=True, block_f=bf, block_d=bf, num_stages=stages, fused_route=route))
+    return out
+
+
+FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "w8a8", "mosaic")  # --families
 
 
 def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048,
@@ -224,7 +239,7 @@ def mosaic_configs(T: int) -> list:
 INT8_TUNE_T = (1, 8)  # decode sizes, where int8's halved bytes should show; larger T keeps plan's choice
 
 
-def tune(shape_name, tokens, *, quick, families=FAMILIES) -> list[dict]:
+def tune(shape_name, tokens, *, quick, families=FAMILIES, formats=("bf16", "int8")) -> list[dict]:
     """The search loop over Triton (and Mosaic) configs for each T, bf16 weights and, at decode sizes, int8;
     winners go to pallas_kernels/tuned/moe.json."""
     import functools
@@ -235,12 +250,15 @@ def tune(shape_name, tokens, *, quick, families=FAMILIES) -> list[dict]:
 
     D, F, E, K = SHAPES[shape_name]
     rows = []
-    for T, fmt in [(T, "bf16") for T in tokens] + [(T, "int8") for T in tokens if T in INT8_TUNE_T]:
+    for T, fmt in [(T, "bf16") for T in tokens if "bf16" in formats] + [
+            (T, "int8") for T in tokens if T in INT8_TUNE_T and "int8" in formats]:
         sets = make_sets(T, D, F, E, K)
         if fmt == "int8":
             q = [quantize_int8(w) for w in sets[0][2:]]
             sets = [(x, r, *q) for x, r, *_ in sets]
         configs = triton_configs(T, E, K, F, quick=quick, D=D, families=families)
+        if fmt == "int8" and "w8a8" in families:
+            configs += w8a8_configs(T, quick=quick)
         cands = [tuning.Candidate("triton", c, functools.partial(moe_triton, top_k=K, norm_topk_prob=True,
                                                                  config=c)) for c in configs]
         if T <= MAX_TOKENS and fmt == "bf16" and "mosaic" in families:  # the Mosaic kernel has no int8 path
@@ -347,6 +365,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     p.add_argument("--tune", action="store_true", help="search Triton configs for --shapes first")
     p.add_argument("--quick-tune", action="store_true", help="fewer configs in --tune")
+    p.add_argument("--formats", default="bf16,int8", help="weight formats --tune searches (default: bf16,int8)")
     p.add_argument("--families", default=",".join(FAMILIES),
                    help=f"config families --tune searches, comma-separated (default: all of {','.join(FAMILIES)})")
     p.add_argument("--tiny", action="store_true", help="tiny shapes in the Pallas interpreter: a CPU smoke test")
@@ -370,7 +389,8 @@ def main() -> None:
     if args.tune and not args.tiny:
         for name in args.shapes:
             for T in args.tokens:
-                tuned_rows += tune(name, [T], quick=args.quick_tune, families=families)
+                tuned_rows += tune(name, [T], quick=args.quick_tune, families=families,
+                                   formats=tuple(args.formats.split(",")))
                 save()
     for shape in shapes:
         for T in (TINY_TOKENS if args.tiny else args.tokens):

@@ -35,6 +35,7 @@ ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
 TOL = 1e-2  # bf16 inputs, h and output rounded to bf16 as in the reference
 TOL_INT8 = 3e-2  # int8 per-channel weights against the bf16 weights they were made from
+TOL_W8A8 = 4e-2  # w8a8: token rows and h rounded to int8 too (per row, per row and F tile)
 BF16 = ml_dtypes.bfloat16
 
 
@@ -136,7 +137,7 @@ def test_configs(rng, config):
     check(rng, 64, 128, 64, 32, 8, config=config)
 
 
-def check_int8(rng, T, E, D, F, top_k, *, bias=None, config=None):
+def check_int8(rng, T, E, D, F, top_k, *, bias=None, config=None, tol_deq=TOL, tol=TOL_INT8):
     """The quantised format: against the dequantised weights it is the same computation (scale after the dot
     instead of before), against the bf16 weights it was made from the quantisation error is bounded."""
     x, router, wg, wu, wd = bf16_inputs(rng, T, E, D, F, top_k, bias)
@@ -148,9 +149,10 @@ def check_int8(rng, T, E, D, F, top_k, *, bias=None, config=None):
     # the unused experts' scales are NaN: reading them would poison the output
     q = [QuantizedWeight(w.values, jnp.asarray(poison_unused(experts, np.asarray(w.scale))[0])) for w in q]
     got = run(x, router, *q, top_k=top_k, config=config)
-    assert rel_err(got, want_deq) <= TOL
+    err_deq = rel_err(got, want_deq)
+    assert err_deq <= tol_deq, f"int8 vs its dequantised weights: rel err {err_deq:.3g} > {tol_deq}"
     err = rel_err(got, want)
-    assert err <= TOL_INT8, f"int8 vs bf16 weights: rel err {err:.3g} > {TOL_INT8}"
+    assert err <= tol, f"int8 vs bf16 weights: rel err {err:.3g} > {tol}"
     return x, router, wg, wu, wd, want, experts
 
 
@@ -303,6 +305,30 @@ def test_single_kernel_skips_dead_experts(rng):
     assert not np.isin(experts, DEAD).any()
 
 
+# w8a8 (int8 weights, the dot mode): token rows and h go to the dots as int8 too. Its own bound against both the
+# dequantised and the bf16 weights; a hot expert (several row tiles of one slot at T=64) and dead experts
+W8A8_CONFIGS = {
+    "none": TritonMoEConfig(w8a8=True, block_f=32, block_k=32, block_d=32),
+    "inline": TritonMoEConfig(w8a8=True, block_f=32, block_k=32, block_d=16, fused_route="inline"),
+}
+
+
+@pytest.mark.parametrize("config,T", [("none", 1), ("inline", 1), ("none", 7), ("none", 64)])
+def test_w8a8(rng, config, T):
+    E, top_k, D, F = 128, 8, 64, 32
+    hot = int(rng.integers(E))
+    *_, experts = check_int8(rng, T, E, D, F, top_k, bias=hot_expert(hot) if T == 64 else None,
+                             config=W8A8_CONFIGS[config], tol_deq=TOL_W8A8, tol=TOL_W8A8)
+    assert T != 64 or (experts[:, 0] == hot).all()
+
+
+def test_w8a8_skips_dead_experts(rng):
+    # int8 in every expert, NaN in the scales of those no token chose (check_int8 poisons them)
+    *_, experts = check_int8(rng, 8, 8, 32, 64, 2, bias=dead_experts_bias, config=W8A8_CONFIGS["none"],
+                             tol_deq=TOL_W8A8, tol=TOL_W8A8)
+    assert not np.isin(experts, DEAD).any()
+
+
 def test_fused_combine_is_a_tuner_candidate():
     # benchmarks/moe.py --tune tries fused_combine (each routing, both modes) beside the other configs at decode
     # sizes, and every candidate plans at the Qwen3-30B-A3B shape (Triton block rules)
@@ -377,6 +403,8 @@ def test_plan_defaults():
     (dict(E=6, config=TritonMoEConfig(fused_combine=True, fused_route="topk")), jnp.bfloat16, (False,) * 3),
     (dict(config=TritonMoEConfig(fused_route="inline")), jnp.bfloat16, (False,) * 3),  # inline is T=1 only
     (dict(config=TritonMoEConfig(fused_route="single")), jnp.bfloat16, (False,) * 3),  # so is single
+    (dict(config=TritonMoEConfig(w8a8=True)), jnp.bfloat16, (False,) * 3),  # w8a8 needs int8 weights
+    (dict(config=TritonMoEConfig(w8a8=True, block_f=16)), jnp.bfloat16, (True,) * 3),  # int8 dots: K >= 32
 ])
 def test_unsupported_raise_not_implemented(kw, x_dtype, quant):
     T, D, E, F = kw.get("T", 4), kw.get("D", 64), kw.get("E", 8), 48
@@ -397,7 +425,8 @@ def test_config_validates_itself():
     for kw in (dict(block_m=24), dict(block_m=3), dict(block_m=0), dict(block_f=8), dict(block_m=256),
                dict(block_k=1024), dict(num_warps=3), dict(num_stages=0), dict(fused_route="all"),
                dict(fused_combine=True, fused_route="yes"), dict(fused_combine=True, fused_route="inline"),
-               dict(fused_combine=True, fused_route="single"), dict(block_m=16, fused_route="single")):
+               dict(fused_combine=True, fused_route="single"), dict(block_m=16, fused_route="single"),
+               dict(w8a8=True, block_m=1), dict(w8a8=True, fused_combine=True), dict(w8a8=True, fused_route="single")):
         with pytest.raises(ValueError):
             TritonMoEConfig(**kw)
     for bm in (1, 2, 4, 8, 16, 128):  # GEMV rows per pass, dot rows
@@ -461,6 +490,9 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
         configs += [TritonMoEConfig(block_m=16, block_f=32, block_d=32, fused_route="inline"),
                     TritonMoEConfig(block_m=1, fused_route="inline"),
                     TritonMoEConfig(block_f=32, block_d=256, block_k=256, fused_route="single")]
+    if int8:  # int8 x int8 dots, both routings at T=1
+        configs += [TritonMoEConfig(w8a8=True)] + ([TritonMoEConfig(w8a8=True, block_f=64, block_d=64,
+                                                                    fused_route="inline")] if T == 1 else [])
     a100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA A100-SXM4-80GB", 108, "gpu"))
     with jax.sharding.use_abstract_mesh(a100):
         for config in configs:

@@ -123,6 +123,11 @@ class TritonMoEConfig:
       in block_d column steps, added atomically into a float32 [1, D] output: every touched weight is read once,
       no h goes through memory and no kernel waits for another (logits, the kernel and the cast to x's dtype are
       the launches). The partial sums land in any order: float32 rounding may differ from run to run.
+    w8a8: (int8 weights, the dot mode, fused_route "none" or "inline") the activations go to the tensor cores as
+      int8 too: token rows quantised per row (max |x| / 127) before the gate/up kernel, h per (row, F tile) inside
+      it, so both kernels run int8 x int8 -> int32 dots with no conversion of the weight tiles, and the scales
+      apply to the int32 sums. The down kernel's k-step is then block_f (one h scale a step). A looser accuracy
+      bound than int8 weights alone (the activations are rounded too).
     """
 
     block_m: int | None = None
@@ -134,6 +139,7 @@ class TritonMoEConfig:
     num_stages: int = 3
     fused_combine: bool = False
     fused_route: str = "none"
+    w8a8: bool = False
 
     def __post_init__(self):
         for name in ("block_f", "block_k", "block_d", "block_kf"):
@@ -156,6 +162,10 @@ class TritonMoEConfig:
                              "fused_combine=False")
         if self.fused_route == "single" and bm is not None and bm != 1:
             raise ValueError(f"fused_route='single' is GEMV-only: block_m must be 1 or None, got {bm}")
+        if self.w8a8 and (self.fused_combine or self.fused_route not in ("none", "inline")
+                          or (bm is not None and bm < MIN_DOT)):
+            raise ValueError("w8a8 runs the dot mode's per-slot kernels: block_m >= 16 or None, no fused_combine, "
+                             "fused_route 'none' or 'inline'")
 
 
 class Plan(NamedTuple):
@@ -170,6 +180,7 @@ class Plan(NamedTuple):
     fused_combine: bool = False
     fused_route: str = "none"
     route_block_k: int = 0  # D columns per `_route_kernel` step with fused_route="all"
+    w8a8: bool = False
 
     @property
     def gemv(self) -> bool:
@@ -210,7 +221,7 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
     slots = min(E, T * top_k)
     want = 2 * (sms or _sm_count())
     bm = config.block_m
-    if bm is None and gemv_expected(T, E, top_k):
+    if bm is None and gemv_expected(T, E, top_k) and not config.w8a8:
         bm = min(GEMV_ROWS[-1], _next_pow2(T))  # a slot holds at most T rows: T <= 8 takes one pass
     elif bm is None:
         mean_rows = -(-T * top_k // E)
@@ -228,6 +239,12 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
             raise NotImplementedError(f"D={D} has no power-of-two block >= {MIN_DOT} (Triton block sizes)")
     bk = config.block_k or _largest_block(D, 128)
     bkf = config.block_kf or _largest_block(F, 128)
+    if config.w8a8:  # one h scale per down k-step; int8 dots want K >= 32
+        if config.block_kf not in (None, bf):
+            raise NotImplementedError(f"w8a8: the down k-step is block_f ({bf}), got block_kf={config.block_kf}")
+        bkf = bf
+        if min(bf, bk) < 32:
+            raise NotImplementedError(f"w8a8: int8 dots need block_f and block_k >= 32, got {bf} and {bk}")
     for name, b, n in (("block_k", bk, D), ("block_kf", bkf, F)):
         if not b or n % b:
             raise NotImplementedError(f"{name}={b} does not divide {n} (power-of-two blocks >= {MIN_DOT})")
@@ -243,7 +260,7 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
         while D % rbk:
             rbk //= 2
     return Plan(bm, bf, bk, bd, bkf, slots, config.num_warps, config.num_stages, config.fused_combine,
-                config.fused_route, rbk)
+                config.fused_route, rbk, config.w8a8)
 
 
 def gemv_expected(T: int, E: int, top_k: int) -> bool:
@@ -354,6 +371,113 @@ def _down_kernel(
         acc = lax.fori_loop(0, F // block_kf, k_step, jnp.zeros((block_m, block_d), jnp.float32))
         if quantized:
             acc = acc * rest[0][e, pl.ds(d0, block_d)][None, :]
+        w = pltriton.load(pw_ref.at[pl.ds(r0, block_m)], mask=live, other=0.0)  # [BM]
+        live_o = jnp.broadcast_to(live[:, None], (block_m, block_d))
+        pltriton.store(o_ref.at[pl.ds(r0, block_m), pl.ds(d0, block_d)], acc * w[:, None], mask=live_o)
+        return carry
+
+    lax.fori_loop(0, lax.div(count + (block_m - 1), block_m), row_tile, 0)
+
+
+def _quantize_rows(v):
+    """[R, C] float32 -> (int8 values, [R] float32 scales): symmetric, max |v| of each row / 127 (1 for a row of
+    zeros), rounded half away from zero by floor (Triton has no round)."""
+    amax = jnp.max(jnp.abs(v), axis=1)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    y = v / scale[:, None]
+    q = jnp.where(y >= 0, jnp.floor(y + 0.5), -jnp.floor(0.5 - y))
+    return jnp.clip(q, -127.0, 127.0).astype(jnp.int32).astype(jnp.int8), scale
+
+
+def _gate_up_w8a8_kernel(
+    meta_ref,  # [4] int32: expert, first sorted pair, pair count, unused
+    xq_ref,  # [Ppad, D] int8 token rows in sorted pair order ([1, D] with one_token)
+    wg_ref,  # [E, D, F] int8
+    wu_ref,  # [E, D, F] int8
+    sg_ref,  # [E, F] float32
+    su_ref,  # [E, F] float32
+    xs_ref,  # [Ppad] float32 scale of each xq row ([1] with one_token)
+    h_ref,  # out [Ppad, F] int8
+    hs_ref,  # out [Ppad, F / block_f] float32 scale of each h row's F tile
+    *,
+    block_m: int,
+    block_f: int,
+    block_k: int,
+    one_token: bool = False,
+):
+    """w8a8's gate/up (dot mode): int8 x int8 -> int32 dots over D, scaled by the row's and the column's scales,
+    then h = silu(g) * u quantised per (row, F tile) for the down kernel."""
+    D = xq_ref.shape[1]
+    e, start, count = meta_ref[0], meta_ref[1], meta_ref[2]
+    j = pl.program_id(1)
+    f0 = pl.multiple_of(j * block_f, block_f)
+    rows = jnp.arange(block_m, dtype=jnp.int32)
+
+    def row_tile(r, carry):
+        r0 = start + r * block_m
+        live_r = rows < count - r * block_m
+        live = jnp.broadcast_to(live_r[:, None], (block_m, block_f))
+
+        def k_step(kk, acc):
+            g, u = acc
+            k0 = pl.multiple_of(kk * block_k, block_k)
+            if one_token:
+                xt = jnp.broadcast_to(xq_ref[0, pl.ds(k0, block_k)][None, :], (block_m, block_k))
+            else:
+                xt = xq_ref[pl.ds(r0, block_m), pl.ds(k0, block_k)]  # [BM, BK] int8
+            wg = wg_ref[e, pl.ds(k0, block_k), pl.ds(f0, block_f)]  # [BK, BF] int8
+            wu = wu_ref[e, pl.ds(k0, block_k), pl.ds(f0, block_f)]
+            return g + pltriton.dot(xt, wg), u + pltriton.dot(xt, wu)  # int32
+
+        zero = jnp.zeros((block_m, block_f), jnp.int32)
+        g, u = lax.fori_loop(0, D // block_k, k_step, (zero, zero))
+        if one_token:
+            xs = jnp.broadcast_to(xs_ref[0], (block_m,))
+        else:
+            xs = pltriton.load(xs_ref.at[pl.ds(r0, block_m)], mask=live_r, other=0.0)  # [BM]
+        g = g.astype(jnp.float32) * xs[:, None] * sg_ref[e, pl.ds(f0, block_f)][None, :]
+        u = u.astype(jnp.float32) * xs[:, None] * su_ref[e, pl.ds(f0, block_f)][None, :]
+        hq, hs = _quantize_rows(_silu(g) * u)
+        pltriton.store(h_ref.at[pl.ds(r0, block_m), pl.ds(f0, block_f)], hq, mask=live)
+        pltriton.store(hs_ref.at[pl.ds(r0, block_m), j], hs, mask=live_r)
+        return carry
+
+    lax.fori_loop(0, lax.div(count + (block_m - 1), block_m), row_tile, 0)
+
+
+def _down_w8a8_kernel(
+    meta_ref,  # [4] int32
+    h_ref,  # [Ppad, F] int8, sorted pair order
+    hs_ref,  # [Ppad, F / block_kf] float32
+    pw_ref,  # [Ppad] float32 routing weight of each sorted pair
+    wd_ref,  # [E, F, D] int8
+    sd_ref,  # [E, D] float32
+    o_ref,  # out [Ppad, D] float32
+    *,
+    block_m: int,
+    block_d: int,
+    block_kf: int,
+):
+    """w8a8's down projection: int8 h tiles x int8 weight tiles -> int32, each k-step scaled by its h scales."""
+    F = h_ref.shape[1]
+    e, start, count = meta_ref[0], meta_ref[1], meta_ref[2]
+    d0 = pl.multiple_of(pl.program_id(1) * block_d, block_d)
+    rows = jnp.arange(block_m, dtype=jnp.int32)
+
+    def row_tile(r, carry):
+        r0 = start + r * block_m
+        live = rows < count - r * block_m  # [BM]
+        live_h = jnp.broadcast_to(live[:, None], (block_m, block_kf))  # rows past the slot: the next's, or unwritten
+
+        def k_step(kk, acc):
+            k0 = pl.multiple_of(kk * block_kf, block_kf)
+            ht = pltriton.load(h_ref.at[pl.ds(r0, block_m), pl.ds(k0, block_kf)], mask=live_h, other=0)
+            hs = pltriton.load(hs_ref.at[pl.ds(r0, block_m), kk], mask=live, other=0.0)  # [BM]
+            wd = wd_ref[e, pl.ds(k0, block_kf), pl.ds(d0, block_d)]  # [BKF, BD] int8
+            return acc + pltriton.dot(ht, wd).astype(jnp.float32) * hs[:, None]
+
+        acc = lax.fori_loop(0, F // block_kf, k_step, jnp.zeros((block_m, block_d), jnp.float32))
+        acc = acc * sd_ref[e, pl.ds(d0, block_d)][None, :]
         w = pltriton.load(pw_ref.at[pl.ds(r0, block_m)], mask=live, other=0.0)  # [BM]
         live_o = jnp.broadcast_to(live[:, None], (block_m, block_d))
         pltriton.store(o_ref.at[pl.ds(r0, block_m), pl.ds(d0, block_d)], acc * w[:, None], mask=live_o)
@@ -536,12 +660,13 @@ def _topk(logits, top_k: int, norm_topk_prob: bool):
 
 
 def _inline_routed(
-    kernel,  # _gate_up_kernel or _gate_up_gemv_kernel
+    kernel,  # _gate_up_kernel, _gate_up_gemv_kernel or _gate_up_w8a8_kernel
     logits_ref,  # [1, E] float32 router logits of the one token
-    x_ref,  # [1, D]
+    x_ref,  # [1, D] (int8 with w8a8)
     wg_ref,  # [E, D, F]
     wu_ref,  # [E, D, F]
-    *rest,  # (sg_ref, su_ref when quantised), h_ref [Ppad, F], meta_ref out [K, 4] int32, pw_ref out [Ppad] f32
+    *rest,  # (sg_ref, su_ref when quantised), (xs_ref with w8a8), h_ref [Ppad, F], (hs_ref with w8a8),
+    #         meta_ref out [K, 4] int32, pw_ref out [Ppad] f32
     top_k: int,
     norm_topk_prob: bool,
     **kw,
@@ -697,6 +822,8 @@ def moe_triton(
     """
     config = TritonMoEConfig(**config) if isinstance(config, dict) else config or TritonMoEConfig()
     check_supported(x.shape, x.dtype, w_gate, w_up, w_down)
+    if config.w8a8 and not isinstance(w_gate, QuantizedWeight):
+        raise NotImplementedError("w8a8 needs int8 (QuantizedWeight) expert weights")
     T, D = x.shape
     E, _, F = w_gate.shape
     p = plan(T, D, F, E, top_k, config, sms=DEFAULT_SMS if interpret else None)
@@ -775,30 +902,40 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
     gate_up, down = (_gate_up_gemv_kernel, _down_gemv_kernel) if plan.gemv else (_gate_up_kernel, _down_kernel)
     mode = "gemv" if plan.gemv else "bm"
     gu_kw = dict(block_m=bm, block_f=bf, block_k=bk, quantized=quantized)
-    gu_specs = [full(xs.shape), full((E, D, F)), full((E, D, F))] + [full((E, F))] * len(gu_scales)
-    h_shape = jax.ShapeDtypeStruct((Ppad, F), x.dtype)
+    gu_in = (xs, wg, wu, *gu_scales)
+    h_shapes = [jax.ShapeDtypeStruct((Ppad, F), x.dtype)]
+    if plan.w8a8:  # the token rows go in as int8 with a scale each; h comes out as int8 with a scale per F tile
+        xq, xscale = _quantize_rows(xs.astype(jnp.float32))
+        gate_up, down, mode = _gate_up_w8a8_kernel, _down_w8a8_kernel, "w8a8_bm"
+        gu_kw = dict(block_m=bm, block_f=bf, block_k=bk)
+        gu_in = (xq, wg, wu, *gu_scales, xscale)
+        h_shapes = [jax.ShapeDtypeStruct((Ppad, F), jnp.int8), jax.ShapeDtypeStruct((Ppad, F // bf), jnp.float32)]
+    gu_specs = [full(a.shape) for a in gu_in]
+    h_specs = [full(s.shape) for s in h_shapes]
     if inline:  # the kernel also writes the slot table and the pair weights (its j=0 programs)
-        h, meta, pw = pl.pallas_call(
+        *hh, meta, pw = pl.pallas_call(
             functools.partial(_inline_routed, gate_up, top_k=top_k, norm_topk_prob=norm_topk_prob, **gu_kw),
             grid=(S, F // bf),
             in_specs=[full((1, E))] + gu_specs,
-            out_specs=[full((Ppad, F)), full((S, 4)), full((Ppad,))],
-            out_shape=[h_shape, jax.ShapeDtypeStruct((S, 4), jnp.int32), jax.ShapeDtypeStruct((Ppad,), jnp.float32)],
+            out_specs=[*h_specs, full((S, 4)), full((Ppad,))],
+            out_shape=[*h_shapes, jax.ShapeDtypeStruct((S, 4), jnp.int32),
+                       jax.ShapeDtypeStruct((Ppad,), jnp.float32)],
             compiler_params=params,
             interpret=interpret,
             name=f"moe_route_gate_up_{mode}{bm}_bf{bf}_bk{bk}",
-        )(logits, xs, wg, wu, *gu_scales)
+        )(logits, *gu_in)
     else:
-        h = pl.pallas_call(
+        hh = pl.pallas_call(
             functools.partial(gate_up, **gu_kw, **(dict(one_token=True) if one_token else {})),
             grid=(S, F // bf),
             in_specs=[meta_spec] + gu_specs,
-            out_specs=full((Ppad, F)),
-            out_shape=h_shape,
+            out_specs=h_specs,
+            out_shape=h_shapes,
             compiler_params=params,
             interpret=interpret,
             name=f"moe_gate_up_{mode}{bm}_bf{bf}_bk{bk}",
-        )(meta, xs, wg, wu, *gu_scales)
+        )(meta, *gu_in)
+    h = hh[0]
 
     if fused:
         # h row of each pair in token order: pair t*K + k sits at sorted position inv[t*K + k]
@@ -816,16 +953,18 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
             name=f"moe_down_combine_{mode}_bd{bd}_bk{bkf}",
         )(experts.reshape(-1), weights.reshape(-1), h, wd, *pos, *d_scales)
 
+    down_in = (h, *hh[1:], pw, wd, *d_scales)  # w8a8: h's scales after h
     out = pl.pallas_call(
-        functools.partial(down, block_m=bm, block_d=bd, block_kf=bkf, quantized=quantized),
+        functools.partial(down, block_m=bm, block_d=bd, block_kf=bkf,
+                          **({} if plan.w8a8 else dict(quantized=quantized))),
         grid=(S, D // bd),
-        in_specs=[meta_spec, full((Ppad, F)), full((Ppad,)), full((E, F, D))] + [full((E, D))] * len(d_scales),
+        in_specs=[meta_spec] + [full(a.shape) for a in down_in],
         out_specs=full((Ppad, D)),
         out_shape=jax.ShapeDtypeStruct((Ppad, D), jnp.float32),
         compiler_params=params,
         interpret=interpret,
         name=f"moe_down_{mode}{bm}_bd{bd}_bk{bkf}",
-    )(meta, h, pw, wd, *d_scales)
+    )(meta, *down_in)
 
     if T == 1:
         return out[:P].sum(axis=0, keepdims=True).astype(x.dtype)
