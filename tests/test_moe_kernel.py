@@ -313,9 +313,11 @@ W8A8_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("config,T", [("none", 1), ("inline", 1), ("none", 7), ("none", 64)])
-def test_w8a8(rng, config, T):
-    E, top_k, D, F = 128, 8, 64, 32
+@pytest.mark.parametrize("config,T,D", [("none", 1, 64), ("inline", 1, 64), ("inline", 1, 96), ("none", 7, 64),
+                                        ("none", 64, 64)])
+def test_w8a8(rng, config, T, D):
+    # inline at D=64: the gate/up kernel rounds the token's row itself; at D=96 (not a power of two) XLA does
+    E, top_k, F = 128, 8, 32
     hot = int(rng.integers(E))
     *_, experts = check_int8(rng, T, E, D, F, top_k, bias=hot_expert(hot) if T == 64 else None,
                              config=W8A8_CONFIGS[config], tol_deq=TOL_W8A8, tol=TOL_W8A8)

@@ -384,30 +384,39 @@ def _quantize_rows(v):
     zeros), rounded half away from zero by floor (Triton has no round)."""
     amax = jnp.max(jnp.abs(v), axis=1)
     scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    y = v / scale[:, None]
+    return _to_int8(v / scale[:, None]), scale
+
+
+def _to_int8(y):
+    """float32 values already divided by their scale -> int8, rounded half away from zero, clipped to +-127."""
     q = jnp.where(y >= 0, jnp.floor(y + 0.5), -jnp.floor(0.5 - y))
-    return jnp.clip(q, -127.0, 127.0).astype(jnp.int32).astype(jnp.int8), scale
+    return jnp.clip(q, -127.0, 127.0).astype(jnp.int32).astype(jnp.int8)
 
 
 def _gate_up_w8a8_kernel(
     meta_ref,  # [4] int32: expert, first sorted pair, pair count, unused
-    xq_ref,  # [Ppad, D] int8 token rows in sorted pair order ([1, D] with one_token)
+    xq_ref,  # [Ppad, D] int8 token rows in sorted pair order ([1, D] with one_token; x itself with quantize_x)
     wg_ref,  # [E, D, F] int8
     wu_ref,  # [E, D, F] int8
     sg_ref,  # [E, F] float32
     su_ref,  # [E, F] float32
-    xs_ref,  # [Ppad] float32 scale of each xq row ([1] with one_token)
-    h_ref,  # out [Ppad, F] int8
-    hs_ref,  # out [Ppad, F / block_f] float32 scale of each h row's F tile
-    *,
+    *rest,  # xs_ref [Ppad] float32 scale of each xq row ([1] with one_token; none with quantize_x),
+    #         h_ref out [Ppad, F] int8, hs_ref out [Ppad, F / block_f] float32 scale of each h row's F tile
     block_m: int,
     block_f: int,
     block_k: int,
     one_token: bool = False,
+    quantize_x: bool = False,  # one token: x comes in its own dtype, rounded to int8 here (D a power of two)
 ):
     """w8a8's gate/up (dot mode): int8 x int8 -> int32 dots over D, scaled by the row's and the column's scales,
-    then h = silu(g) * u quantised per (row, F tile) for the down kernel."""
+    then h = silu(g) * u quantised per (row, F tile) for the down kernel. quantize_x saves the XLA launches that
+    would round the one token's row: every program takes its max over D (a few KB from L2) and rounds each
+    k-step's slice as it goes."""
+    *xs_in, h_ref, hs_ref = rest
     D = xq_ref.shape[1]
+    if quantize_x:
+        amax = jnp.max(jnp.abs(xq_ref[0, pl.ds(0, D)].astype(jnp.float32)))
+        x_scale = jnp.where(amax > 0, amax / 127.0, 1.0)
     e, start, count = meta_ref[0], meta_ref[1], meta_ref[2]
     j = pl.program_id(1)
     f0 = pl.multiple_of(j * block_f, block_f)
@@ -421,7 +430,10 @@ def _gate_up_w8a8_kernel(
         def k_step(kk, acc):
             g, u = acc
             k0 = pl.multiple_of(kk * block_k, block_k)
-            if one_token:
+            if quantize_x:
+                xrow = _to_int8(xq_ref[0, pl.ds(k0, block_k)].astype(jnp.float32) / x_scale)
+                xt = jnp.broadcast_to(xrow[None, :], (block_m, block_k))
+            elif one_token:
                 xt = jnp.broadcast_to(xq_ref[0, pl.ds(k0, block_k)][None, :], (block_m, block_k))
             else:
                 xt = xq_ref[pl.ds(r0, block_m), pl.ds(k0, block_k)]  # [BM, BK] int8
@@ -431,10 +443,12 @@ def _gate_up_w8a8_kernel(
 
         zero = jnp.zeros((block_m, block_f), jnp.int32)
         g, u = lax.fori_loop(0, D // block_k, k_step, (zero, zero))
-        if one_token:
-            xs = jnp.broadcast_to(xs_ref[0], (block_m,))
+        if quantize_x:
+            xs = jnp.broadcast_to(x_scale, (block_m,))
+        elif one_token:
+            xs = jnp.broadcast_to(xs_in[0][0], (block_m,))
         else:
-            xs = pltriton.load(xs_ref.at[pl.ds(r0, block_m)], mask=live_r, other=0.0)  # [BM]
+            xs = pltriton.load(xs_in[0].at[pl.ds(r0, block_m)], mask=live_r, other=0.0)  # [BM]
         g = g.astype(jnp.float32) * xs[:, None] * sg_ref[e, pl.ds(f0, block_f)][None, :]
         u = u.astype(jnp.float32) * xs[:, None] * su_ref[e, pl.ds(f0, block_f)][None, :]
         hq, hs = _quantize_rows(_silu(g) * u)
@@ -905,10 +919,14 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
     gu_in = (xs, wg, wu, *gu_scales)
     h_shapes = [jax.ShapeDtypeStruct((Ppad, F), x.dtype)]
     if plan.w8a8:  # the token rows go in as int8 with a scale each; h comes out as int8 with a scale per F tile
-        xq, xscale = _quantize_rows(xs.astype(jnp.float32))
         gate_up, down, mode = _gate_up_w8a8_kernel, _down_w8a8_kernel, "w8a8_bm"
-        gu_kw = dict(block_m=bm, block_f=bf, block_k=bk)
-        gu_in = (xq, wg, wu, *gu_scales, xscale)
+        in_kernel = inline and _pow2(D)  # the one token's row is rounded by the gate/up kernel itself
+        gu_kw = dict(block_m=bm, block_f=bf, block_k=bk, quantize_x=in_kernel)
+        if in_kernel:
+            gu_in = (xs, wg, wu, *gu_scales)
+        else:
+            xq, xscale = _quantize_rows(xs.astype(jnp.float32))
+            gu_in = (xq, wg, wu, *gu_scales, xscale)
         h_shapes = [jax.ShapeDtypeStruct((Ppad, F), jnp.int8), jax.ShapeDtypeStruct((Ppad, F // bf), jnp.float32)]
     gu_specs = [full(a.shape) for a in gu_in]
     h_specs = [full(s.shape) for s in h_shapes]
