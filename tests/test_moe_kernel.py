@@ -252,56 +252,36 @@ def test_fused_combine_int8(rng, E, top_k, D, F, T, config):
     assert T == 1 or (experts[:, 0] == hot).all()
 
 
-# fused_route="inline" (T=1, per-slot down): every gate/up program takes the softmax and top-k of the XLA logits
-# itself and its first F tile writes the slot table and pair weight the down kernel reads; a row it failed to
-# write leaves the down kernel a NaN weight or garbage expert id (interpreter), which fails the comparison
-INLINE_CONFIGS = {
-    "gemv1": TritonMoEConfig(block_m=1, block_f=16, block_d=16, block_k=32, block_kf=16, fused_route="inline"),
-    "dot16": TritonMoEConfig(block_m=16, fused_route="inline"),
+# The one-token paths. fused_route="inline" (per-slot down): every gate/up program takes the softmax and top-k of the
+# XLA logits itself and its first F tile writes the slot table and pair weight the down kernel reads; a row it
+# failed to write leaves the down kernel a NaN weight or garbage expert id (interpreter), which fails the
+# comparison. fused_route="single" (one kernel): each program routes, runs its expert's F tile through gate/up and
+# adds its share of the down projection into the float32 output atomically; a program that added nothing, or
+# twice, or read a dead expert fails the comparison or leaks NaN (down steps as wide as the column block and
+# wider, gate/up k-steps of one and several per D).
+ONE_TOKEN_CONFIGS = {
+    "inline-gemv1": TritonMoEConfig(block_m=1, block_f=16, block_d=16, block_k=32, block_kf=16, fused_route="inline"),
+    "inline-dot16": TritonMoEConfig(block_m=16, fused_route="inline"),
+    "single-bd16": TritonMoEConfig(block_f=16, block_d=16, block_k=32, fused_route="single"),
+    "single-bd32": TritonMoEConfig(block_f=16, block_d=32, block_k=16, num_warps=8, fused_route="single"),
 }
 
 
 @pytest.mark.parametrize("norm", [True, False], ids=["renorm", "softmax"])
-@pytest.mark.parametrize("config", list(INLINE_CONFIGS))
+@pytest.mark.parametrize("config", list(ONE_TOKEN_CONFIGS))
 @pytest.mark.parametrize("E,top_k,D,F", CONFIGS, ids=["qwen3-30b-a3b", "small"])
-def test_inline_route(rng, E, top_k, D, F, config, norm):
-    check(rng, 1, E, D, F, top_k, norm_topk_prob=norm, config=INLINE_CONFIGS[config])
+def test_one_token_paths(rng, E, top_k, D, F, config, norm):
+    check(rng, 1, E, D, F, top_k, norm_topk_prob=norm, config=ONE_TOKEN_CONFIGS[config])
 
 
-@pytest.mark.parametrize("config", list(INLINE_CONFIGS))
-def test_inline_route_int8(rng, config):
-    check_int8(rng, 1, 128, 64, 32, 8, config=INLINE_CONFIGS[config])
+@pytest.mark.parametrize("config", list(ONE_TOKEN_CONFIGS))
+def test_one_token_paths_int8(rng, config):
+    check_int8(rng, 1, 128, 64, 32, 8, config=ONE_TOKEN_CONFIGS[config])
 
 
-def test_inline_route_skips_dead_experts(rng):
-    experts = check(rng, 1, 8, 32, 48, 2, bias=dead_experts_bias, config=INLINE_CONFIGS["dot16"])
-    assert not np.isin(experts, DEAD).any()
-
-
-# fused_route="single" (T=1, one kernel): each program routes, runs its expert's F tile through gate/up and adds its
-# share of the down projection into the float32 output atomically; a program that added nothing, or twice, or
-# read a dead expert fails the comparison or leaks NaN. Down steps as wide as the column block and wider, gate/up
-# k-steps of one and several per D.
-SINGLE_CONFIGS = {
-    "bf16-bd16": TritonMoEConfig(block_f=16, block_d=16, block_k=32, fused_route="single"),
-    "bf16-bd32": TritonMoEConfig(block_f=16, block_d=32, block_k=16, num_warps=8, fused_route="single"),
-}
-
-
-@pytest.mark.parametrize("norm", [True, False], ids=["renorm", "softmax"])
-@pytest.mark.parametrize("config", list(SINGLE_CONFIGS))
-@pytest.mark.parametrize("E,top_k,D,F", CONFIGS, ids=["qwen3-30b-a3b", "small"])
-def test_single_kernel(rng, E, top_k, D, F, config, norm):
-    check(rng, 1, E, D, F, top_k, norm_topk_prob=norm, config=SINGLE_CONFIGS[config])
-
-
-@pytest.mark.parametrize("config", list(SINGLE_CONFIGS))
-def test_single_kernel_int8(rng, config):
-    check_int8(rng, 1, 128, 64, 32, 8, config=SINGLE_CONFIGS[config])
-
-
-def test_single_kernel_skips_dead_experts(rng):
-    experts = check(rng, 1, 8, 32, 48, 2, bias=dead_experts_bias, config=SINGLE_CONFIGS["bf16-bd16"])
+@pytest.mark.parametrize("config", ["inline-dot16", "single-bd16"])
+def test_one_token_paths_skip_dead_experts(rng, config):
+    experts = check(rng, 1, 8, 32, 48, 2, bias=dead_experts_bias, config=ONE_TOKEN_CONFIGS[config])
     assert not np.isin(experts, DEAD).any()
 
 

@@ -289,47 +289,74 @@ def _silu(g):
 
 def _gate_up_kernel(
     meta_ref,  # [4] int32: expert, first sorted pair, pair count, unused
-    xs_ref,  # [Ppad, D] token rows in sorted pair order
+    xs_ref,  # [Ppad, D] token rows in sorted pair order (int8 with w8a8, unless quantize_x)
     wg_ref,  # [E, D, F] (int8 when quantised)
     wu_ref,  # [E, D, F]
-    *rest,  # (sg_ref [E, F], su_ref [E, F] float32 when quantised), h_ref [Ppad, F]
+    *rest,  # (sg_ref [E, F], su_ref [E, F] float32 when quantised), (xsc_ref [Ppad] float32 scale of each int8
+    #         row with w8a8, unless quantize_x), h_ref [Ppad, F] (int8 with w8a8), (hs_ref [Ppad, F / block_f]
+    #         float32 scale of each h row's F tile with w8a8)
     block_m: int,
     block_f: int,
     block_k: int,
     quantized: bool,
     one_token: bool = False,  # xs_ref is x [1, D]: every row is token 0's
+    w8a8: bool = False,  # int8 x int8 -> int32 dots; h leaves as int8 with a scale per (row, F tile)
+    quantize_x: bool = False,  # w8a8, one token: x comes in its own dtype and is rounded to int8 here
 ):
-    h_ref = rest[-1]
+    """The dot mode's gate/up: h = silu(x @ Wg) * (x @ Wu) for one slot's rows, F columns [f0, f0 + block_f).
+    quantize_x saves the XLA launches that would round the one token's row: every program takes its max over D (a
+    few KB from L2) and rounds each k-step's slice as it goes."""
+    h_ref, hs_ref = (rest[-2], rest[-1]) if w8a8 else (rest[-1], None)
+    xsc_ref = rest[2] if w8a8 and not quantize_x else None
     D = xs_ref.shape[1]
     e, start, count = meta_ref[0], meta_ref[1], meta_ref[2]
-    f0 = pl.multiple_of(pl.program_id(1) * block_f, block_f)
+    j = pl.program_id(1)
+    f0 = pl.multiple_of(j * block_f, block_f)
     rows = jnp.arange(block_m, dtype=jnp.int32)
+    if quantize_x:
+        amax = jnp.max(jnp.abs(xs_ref[0, pl.ds(0, D)].astype(jnp.float32)))
+        x_scale = jnp.where(amax > 0, amax / 127.0, 1.0)
 
     def row_tile(r, carry):
         r0 = start + r * block_m
-        live = jnp.broadcast_to((rows < count - r * block_m)[:, None], (block_m, block_f))
+        live_r = rows < count - r * block_m
+        live = jnp.broadcast_to(live_r[:, None], (block_m, block_f))
 
         def k_step(kk, acc):
             g, u = acc
             k0 = pl.multiple_of(kk * block_k, block_k)
             if one_token:
-                xt = jnp.broadcast_to(xs_ref[0, pl.ds(k0, block_k)][None, :], (block_m, block_k))
+                xrow = xs_ref[0, pl.ds(k0, block_k)]
+                if quantize_x:
+                    xrow = _to_int8(xrow.astype(jnp.float32) / x_scale)
+                xt = jnp.broadcast_to(xrow[None, :], (block_m, block_k))
             else:
                 xt = xs_ref[pl.ds(r0, block_m), pl.ds(k0, block_k)]  # [BM, BK]
             wg = wg_ref[e, pl.ds(k0, block_k), pl.ds(f0, block_f)]  # [BK, BF]
             wu = wu_ref[e, pl.ds(k0, block_k), pl.ds(f0, block_f)]
-            if quantized:
+            if quantized and not w8a8:
                 wg, wu = wg.astype(xt.dtype), wu.astype(xt.dtype)
-            return g + pltriton.dot(xt, wg), u + pltriton.dot(xt, wu)
+            return g + pltriton.dot(xt, wg), u + pltriton.dot(xt, wu)  # int32 with w8a8, else float32
 
-        zero = jnp.zeros((block_m, block_f), jnp.float32)
+        zero = jnp.zeros((block_m, block_f), jnp.int32 if w8a8 else jnp.float32)
         g, u = lax.fori_loop(0, D // block_k, k_step, (zero, zero))
+        if w8a8:  # the int32 sums times each row's scale
+            if quantize_x:
+                xsc = jnp.broadcast_to(x_scale, (block_m,))
+            elif one_token:
+                xsc = jnp.broadcast_to(xsc_ref[0], (block_m,))
+            else:
+                xsc = pltriton.load(xsc_ref.at[pl.ds(r0, block_m)], mask=live_r, other=0.0)  # [BM]
+            g, u = g.astype(jnp.float32) * xsc[:, None], u.astype(jnp.float32) * xsc[:, None]
         if quantized:
             sg_ref, su_ref = rest[0], rest[1]
             g = g * sg_ref[e, pl.ds(f0, block_f)][None, :]
             u = u * su_ref[e, pl.ds(f0, block_f)][None, :]
-        h = (_silu(g) * u).astype(h_ref.dtype)
-        pltriton.store(h_ref.at[pl.ds(r0, block_m), pl.ds(f0, block_f)], h, mask=live)
+        h = _silu(g) * u
+        if w8a8:
+            h, hs = _quantize_rows(h)
+            pltriton.store(hs_ref.at[pl.ds(r0, block_m), j], hs, mask=live_r)
+        pltriton.store(h_ref.at[pl.ds(r0, block_m), pl.ds(f0, block_f)], h.astype(h_ref.dtype), mask=live)
         return carry
 
     # an empty slot (count 0) runs no tile and reads no weights
@@ -338,14 +365,16 @@ def _gate_up_kernel(
 
 def _down_kernel(
     meta_ref,  # [4] int32
-    h_ref,  # [Ppad, F] sorted pair order
+    h_ref,  # [Ppad, F] sorted pair order (int8 with w8a8)
     pw_ref,  # [Ppad] float32 routing weight of each sorted pair
     wd_ref,  # [E, F, D] (int8 when quantised)
-    *rest,  # (sd_ref [E, D] float32 when quantised), o_ref [Ppad, D] float32
+    *rest,  # (sd_ref [E, D] float32 when quantised), (hs_ref [Ppad, F / block_kf] float32 with w8a8),
+    #         o_ref [Ppad, D] float32
     block_m: int,
     block_d: int,
     block_kf: int,
     quantized: bool,
+    w8a8: bool = False,  # int8 h x int8 weights -> int32, each k-step scaled by its h scales
 ):
     o_ref = rest[-1]
     F = h_ref.shape[1]
@@ -364,6 +393,9 @@ def _down_kernel(
             k0 = pl.multiple_of(kk * block_kf, block_kf)
             ht = pltriton.load(h_ref.at[pl.ds(r0, block_m), pl.ds(k0, block_kf)], mask=live_h, other=0)
             wd = wd_ref[e, pl.ds(k0, block_kf), pl.ds(d0, block_d)]  # [BKF, BD]
+            if w8a8:
+                hs = pltriton.load(rest[1].at[pl.ds(r0, block_m), kk], mask=live, other=0.0)  # [BM]
+                return acc + pltriton.dot(ht, wd).astype(jnp.float32) * hs[:, None]
             if quantized:
                 wd = wd.astype(ht.dtype)
             return acc + pltriton.dot(ht, wd)
@@ -391,113 +423,6 @@ def _to_int8(y):
     """float32 values already divided by their scale -> int8, rounded half away from zero, clipped to +-127."""
     q = jnp.where(y >= 0, jnp.floor(y + 0.5), -jnp.floor(0.5 - y))
     return jnp.clip(q, -127.0, 127.0).astype(jnp.int32).astype(jnp.int8)
-
-
-def _gate_up_w8a8_kernel(
-    meta_ref,  # [4] int32: expert, first sorted pair, pair count, unused
-    xq_ref,  # [Ppad, D] int8 token rows in sorted pair order ([1, D] with one_token; x itself with quantize_x)
-    wg_ref,  # [E, D, F] int8
-    wu_ref,  # [E, D, F] int8
-    sg_ref,  # [E, F] float32
-    su_ref,  # [E, F] float32
-    *rest,  # xs_ref [Ppad] float32 scale of each xq row ([1] with one_token; none with quantize_x),
-    #         h_ref out [Ppad, F] int8, hs_ref out [Ppad, F / block_f] float32 scale of each h row's F tile
-    block_m: int,
-    block_f: int,
-    block_k: int,
-    one_token: bool = False,
-    quantize_x: bool = False,  # one token: x comes in its own dtype, rounded to int8 here (D a power of two)
-):
-    """w8a8's gate/up (dot mode): int8 x int8 -> int32 dots over D, scaled by the row's and the column's scales,
-    then h = silu(g) * u quantised per (row, F tile) for the down kernel. quantize_x saves the XLA launches that
-    would round the one token's row: every program takes its max over D (a few KB from L2) and rounds each
-    k-step's slice as it goes."""
-    *xs_in, h_ref, hs_ref = rest
-    D = xq_ref.shape[1]
-    if quantize_x:
-        amax = jnp.max(jnp.abs(xq_ref[0, pl.ds(0, D)].astype(jnp.float32)))
-        x_scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    e, start, count = meta_ref[0], meta_ref[1], meta_ref[2]
-    j = pl.program_id(1)
-    f0 = pl.multiple_of(j * block_f, block_f)
-    rows = jnp.arange(block_m, dtype=jnp.int32)
-
-    def row_tile(r, carry):
-        r0 = start + r * block_m
-        live_r = rows < count - r * block_m
-        live = jnp.broadcast_to(live_r[:, None], (block_m, block_f))
-
-        def k_step(kk, acc):
-            g, u = acc
-            k0 = pl.multiple_of(kk * block_k, block_k)
-            if quantize_x:
-                xrow = _to_int8(xq_ref[0, pl.ds(k0, block_k)].astype(jnp.float32) / x_scale)
-                xt = jnp.broadcast_to(xrow[None, :], (block_m, block_k))
-            elif one_token:
-                xt = jnp.broadcast_to(xq_ref[0, pl.ds(k0, block_k)][None, :], (block_m, block_k))
-            else:
-                xt = xq_ref[pl.ds(r0, block_m), pl.ds(k0, block_k)]  # [BM, BK] int8
-            wg = wg_ref[e, pl.ds(k0, block_k), pl.ds(f0, block_f)]  # [BK, BF] int8
-            wu = wu_ref[e, pl.ds(k0, block_k), pl.ds(f0, block_f)]
-            return g + pltriton.dot(xt, wg), u + pltriton.dot(xt, wu)  # int32
-
-        zero = jnp.zeros((block_m, block_f), jnp.int32)
-        g, u = lax.fori_loop(0, D // block_k, k_step, (zero, zero))
-        if quantize_x:
-            xs = jnp.broadcast_to(x_scale, (block_m,))
-        elif one_token:
-            xs = jnp.broadcast_to(xs_in[0][0], (block_m,))
-        else:
-            xs = pltriton.load(xs_in[0].at[pl.ds(r0, block_m)], mask=live_r, other=0.0)  # [BM]
-        g = g.astype(jnp.float32) * xs[:, None] * sg_ref[e, pl.ds(f0, block_f)][None, :]
-        u = u.astype(jnp.float32) * xs[:, None] * su_ref[e, pl.ds(f0, block_f)][None, :]
-        hq, hs = _quantize_rows(_silu(g) * u)
-        pltriton.store(h_ref.at[pl.ds(r0, block_m), pl.ds(f0, block_f)], hq, mask=live)
-        pltriton.store(hs_ref.at[pl.ds(r0, block_m), j], hs, mask=live_r)
-        return carry
-
-    lax.fori_loop(0, lax.div(count + (block_m - 1), block_m), row_tile, 0)
-
-
-def _down_w8a8_kernel(
-    meta_ref,  # [4] int32
-    h_ref,  # [Ppad, F] int8, sorted pair order
-    hs_ref,  # [Ppad, F / block_kf] float32
-    pw_ref,  # [Ppad] float32 routing weight of each sorted pair
-    wd_ref,  # [E, F, D] int8
-    sd_ref,  # [E, D] float32
-    o_ref,  # out [Ppad, D] float32
-    *,
-    block_m: int,
-    block_d: int,
-    block_kf: int,
-):
-    """w8a8's down projection: int8 h tiles x int8 weight tiles -> int32, each k-step scaled by its h scales."""
-    F = h_ref.shape[1]
-    e, start, count = meta_ref[0], meta_ref[1], meta_ref[2]
-    d0 = pl.multiple_of(pl.program_id(1) * block_d, block_d)
-    rows = jnp.arange(block_m, dtype=jnp.int32)
-
-    def row_tile(r, carry):
-        r0 = start + r * block_m
-        live = rows < count - r * block_m  # [BM]
-        live_h = jnp.broadcast_to(live[:, None], (block_m, block_kf))  # rows past the slot: the next's, or unwritten
-
-        def k_step(kk, acc):
-            k0 = pl.multiple_of(kk * block_kf, block_kf)
-            ht = pltriton.load(h_ref.at[pl.ds(r0, block_m), pl.ds(k0, block_kf)], mask=live_h, other=0)
-            hs = pltriton.load(hs_ref.at[pl.ds(r0, block_m), kk], mask=live, other=0.0)  # [BM]
-            wd = wd_ref[e, pl.ds(k0, block_kf), pl.ds(d0, block_d)]  # [BKF, BD] int8
-            return acc + pltriton.dot(ht, wd).astype(jnp.float32) * hs[:, None]
-
-        acc = lax.fori_loop(0, F // block_kf, k_step, jnp.zeros((block_m, block_d), jnp.float32))
-        acc = acc * sd_ref[e, pl.ds(d0, block_d)][None, :]
-        w = pltriton.load(pw_ref.at[pl.ds(r0, block_m)], mask=live, other=0.0)  # [BM]
-        live_o = jnp.broadcast_to(live[:, None], (block_m, block_d))
-        pltriton.store(o_ref.at[pl.ds(r0, block_m), pl.ds(d0, block_d)], acc * w[:, None], mask=live_o)
-        return carry
-
-    lax.fori_loop(0, lax.div(count + (block_m - 1), block_m), row_tile, 0)
 
 
 def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block_k: int, one_token: bool = False):
@@ -674,12 +599,12 @@ def _topk(logits, top_k: int, norm_topk_prob: bool):
 
 
 def _inline_routed(
-    kernel,  # _gate_up_kernel, _gate_up_gemv_kernel or _gate_up_w8a8_kernel
+    kernel,  # _gate_up_kernel or _gate_up_gemv_kernel
     logits_ref,  # [1, E] float32 router logits of the one token
     x_ref,  # [1, D] (int8 with w8a8)
     wg_ref,  # [E, D, F]
     wu_ref,  # [E, D, F]
-    *rest,  # (sg_ref, su_ref when quantised), (xs_ref with w8a8), h_ref [Ppad, F], (hs_ref with w8a8),
+    *rest,  # (sg_ref, su_ref when quantised), (row scales with w8a8, unless quantize_x), h_ref, (hs_ref: w8a8),
     #         meta_ref out [K, 4] int32, pw_ref out [Ppad] f32
     top_k: int,
     norm_topk_prob: bool,
@@ -919,12 +844,10 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
     gu_in = (xs, wg, wu, *gu_scales)
     h_shapes = [jax.ShapeDtypeStruct((Ppad, F), x.dtype)]
     if plan.w8a8:  # the token rows go in as int8 with a scale each; h comes out as int8 with a scale per F tile
-        gate_up, down, mode = _gate_up_w8a8_kernel, _down_w8a8_kernel, "w8a8_bm"
+        mode = "w8a8_bm"
         in_kernel = inline and _pow2(D)  # the one token's row is rounded by the gate/up kernel itself
-        gu_kw = dict(block_m=bm, block_f=bf, block_k=bk, quantize_x=in_kernel)
-        if in_kernel:
-            gu_in = (xs, wg, wu, *gu_scales)
-        else:
+        gu_kw.update(w8a8=True, quantize_x=in_kernel)
+        if not in_kernel:
             xq, xscale = _quantize_rows(xs.astype(jnp.float32))
             gu_in = (xq, wg, wu, *gu_scales, xscale)
         h_shapes = [jax.ShapeDtypeStruct((Ppad, F), jnp.int8), jax.ShapeDtypeStruct((Ppad, F // bf), jnp.float32)]
@@ -971,10 +894,10 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
             name=f"moe_down_combine_{mode}_bd{bd}_bk{bkf}",
         )(experts.reshape(-1), weights.reshape(-1), h, wd, *pos, *d_scales)
 
-    down_in = (h, *hh[1:], pw, wd, *d_scales)  # w8a8: h's scales after h
+    down_in = (h, pw, wd, *d_scales, *hh[1:])  # w8a8: h's scales last
     out = pl.pallas_call(
-        functools.partial(down, block_m=bm, block_d=bd, block_kf=bkf,
-                          **({} if plan.w8a8 else dict(quantized=quantized))),
+        functools.partial(down, block_m=bm, block_d=bd, block_kf=bkf, quantized=quantized,
+                          **(dict(w8a8=True) if plan.w8a8 else {})),
         grid=(S, D // bd),
         in_specs=[meta_spec] + [full(a.shape) for a in down_in],
         out_specs=full((Ppad, D)),
