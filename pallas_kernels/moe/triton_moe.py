@@ -598,10 +598,19 @@ def _topk(logits, top_k: int, norm_topk_prob: bool):
     return chosen, [p / total for p in probs]
 
 
+def _kth_choice(logits_ref, k, top_k: int, norm_topk_prob: bool):
+    """The one token's k-th expert and its routing weight (`_topk` of its [1, E] logits; k traced): a select per
+    choice, no indexing."""
+    chosen, weights = _topk(logits_ref[0, pl.ds(0, logits_ref.shape[1])], top_k, norm_topk_prob)
+    e = sum(jnp.where(k == i, c, 0) for i, c in enumerate(chosen))
+    w = sum(jnp.where(k == i, c, 0.0) for i, c in enumerate(weights))
+    return e, w
+
+
 def _inline_routed(
     kernel,  # _gate_up_kernel or _gate_up_gemv_kernel
     logits_ref,  # [1, E] float32 router logits of the one token
-    x_ref,  # [1, D] (int8 with w8a8)
+    x_ref,  # [1, D] (int8 with w8a8 where D is not a power of two: see quantize_x)
     wg_ref,  # [E, D, F]
     wu_ref,  # [E, D, F]
     *rest,  # (sg_ref, su_ref when quantised), (row scales with w8a8, unless quantize_x), h_ref, (hs_ref: w8a8),
@@ -614,11 +623,8 @@ def _inline_routed(
     kernel for its k-th expert, F tile j; the j=0 programs write slot k's table row (expert, pair k, 1 pair)
     and routing weight for the down kernel."""
     *inner, meta_ref, pw_ref = rest
-    E = logits_ref.shape[1]
     k = pl.program_id(0)
-    chosen, weights = _topk(logits_ref[0, pl.ds(0, E)], top_k, norm_topk_prob)
-    e = sum(jnp.where(k == i, c, 0) for i, c in enumerate(chosen))  # the k-th choice: a select, no indexing
-    w = sum(jnp.where(k == i, c, 0.0) for i, c in enumerate(weights))
+    e, w = _kth_choice(logits_ref, k, top_k, norm_topk_prob)
 
     @pl.when(pl.program_id(1) == 0)
     def _():
@@ -648,12 +654,10 @@ def _single_kernel(
     """fused_route="single" (see TritonMoEConfig): program (k, j) routes the token, computes h for its k-th expert's
     F columns [f0, f0 + block_f) and adds w_k * h @ Wd[e_k, f0:f0 + block_f, :] into out, block_d columns a step."""
     o_ref = rest[-1]
-    E, D = logits_ref.shape[1], x_ref.shape[1]
+    D = x_ref.shape[1]
     k = pl.program_id(0)
     f0 = pl.multiple_of(pl.program_id(1) * block_f, block_f)
-    chosen, weights = _topk(logits_ref[0, pl.ds(0, E)], top_k, norm_topk_prob)
-    e = sum(jnp.where(k == i, c, 0) for i, c in enumerate(chosen))  # the k-th choice: a select, no indexing
-    w = sum(jnp.where(k == i, c, 0.0) for i, c in enumerate(weights))
+    e, w = _kth_choice(logits_ref, k, top_k, norm_topk_prob)
     ((g, u),) = _gemv_pass(x_ref, (wg_ref, wu_ref), e, 0, 1, f0, rows=1, block_c=block_f, block_k=block_k,
                            one_token=True)
     if quantized:
