@@ -373,6 +373,9 @@ def main() -> None:
     families = tuple(f for f in args.families.split(",") if f)
     if not families or set(families) - set(FAMILIES):
         p.error(f"--families: comma-separated names among {', '.join(FAMILIES)}, got {args.families!r}")
+    formats = tuple(f for f in args.formats.split(",") if f)
+    if not formats or set(formats) - {"bf16", "int8"}:
+        p.error(f"--formats: bf16, int8 or both (comma-separated), got {args.formats!r}")
     import jax
 
     shapes = list(TINY) if args.tiny else args.shapes
@@ -389,8 +392,7 @@ def main() -> None:
     if args.tune and not args.tiny:
         for name in args.shapes:
             for T in args.tokens:
-                tuned_rows += tune(name, [T], quick=args.quick_tune, families=families,
-                                   formats=tuple(args.formats.split(",")))
+                tuned_rows += tune(name, [T], quick=args.quick_tune, families=families, formats=formats)
                 save()
     for shape in shapes:
         for T in (TINY_TOKENS if args.tiny else args.tokens):

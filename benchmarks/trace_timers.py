@@ -63,11 +63,10 @@ def print_timeline() -> None:
     """One `EVENT` line per timed call, in start order, for the stretches from each fetched request's arrival to
     its first token: milliseconds from that arrival, start and duration (of the last 60 requests, those of a
     server that fetched)."""
-    fetching = {e[4]: e[0] for e in events if e[2] == "Request.arrival"}
-    starts = [(t0, rid) for rid, t0 in fetching.items()]
+    starts = sorted((e[0], e[4]) for e in events if e[2] == "Request.arrival")
     ends = {e[4]: e[1] for e in events if e[2] == "Scheduler._prefill_done"}
     fetch_objs = {e[3] for e in events if e[2] == "Scheduler._fetch_staged"}
-    for t0, rid in sorted(starts)[-60:]:
+    for t0, rid in starts[-60:]:
         if rid not in ends or not any(e[3] in fetch_objs and e[4] == rid for e in events):
             continue
         t1 = ends[rid]
