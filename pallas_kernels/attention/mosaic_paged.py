@@ -142,13 +142,16 @@ def plan(q_shape, k_shape, num_pages: int, itemsize: int, config: MosaicAttentio
     def smem(stages, pts):
         return _smem_bytes(rows, BKV, D, stages, pts, itemsize)
 
-    # float32 registers per thread: accumulator + logits (+ deferred sums) + ~48 of everything else
+    # float32 registers per thread: accumulator + logits (+ deferred sums) + ~48 of everything else; the
+    # verify layout adds a warpgroup that fetches KV (40 registers), and two compute warpgroups that take
+    # turns claim the whole register file
     threads = 128 * max(nwg, 1)
     regs = (D * rows + BKV * rows * (2 if rows <= 32 else 1)) // threads + 48
+    reg_file = 65536 if nwg == 2 else threads * regs + (128 * 40 if nwg else 0)
 
     def ctas_per_sm(stages, pts):
         by_smem = SMEM_PER_SM // (smem(stages, pts) + 1024)
-        return max(1, min(by_smem, 65536 // (threads * regs), 2048 // threads))
+        return max(1, min(by_smem, 65536 // reg_file, 2048 // (threads + (128 if nwg else 0))))
 
     if config.num_stages is not None:
         stages = config.num_stages
@@ -224,20 +227,39 @@ def _kv_stream(meta_ref, pt_ref, k_ref, v_ref, k_smem, v_smem, pt_smem, pt_bar, 
     return _KVStream(hi, first, nsteps, load_page_table, issue)
 
 
-def _softmax_step(s, kpos, qpos, m, *, kv_axis, scale, sliding_window, soft_cap):
-    """Masked logits -> (p, new running max, rescale of the old state); log2 domain, float32."""
+def _softmax_step(s, m, valid, *, kv_axis, scale, sliding_window, soft_cap):
+    """Logits -> (p, new running max, rescale of the old state); log2 domain, float32. `valid` is the mask,
+    or None for a block every query row sees whole (no comparisons, no selects)."""
+    del sliding_window  # in `valid`
     if soft_cap is None:
         s = s * (scale * LOG2E)
     else:
         s = jnp.tanh(s * (scale / soft_cap)) * (soft_cap * LOG2E)
+    if valid is not None:
+        s = jnp.where(valid, s, NEG)  # also drops logits of NaN keys past the sequence
+    m_new = jnp.maximum(m, s.max(axis=kv_axis))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1 - kv_axis]))
+    if valid is not None:
+        p = jnp.where(valid, p, 0.0)
+    return p, m_new, alpha
+
+
+def _mask(kpos, qpos, sliding_window):
     valid = kpos <= qpos
     if sliding_window is not None:
         valid = valid & (kpos > qpos - sliding_window)
-    s = jnp.where(valid, s, NEG)  # also drops logits of NaN keys past the sequence
-    m_new = jnp.maximum(m, s.max(axis=kv_axis))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.where(valid, jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1 - kv_axis])), 0.0)
-    return p, m_new, alpha
+    return valid
+
+
+def _full_steps(kv, meta_ref, b, block_kv, sliding_window):
+    """How many of this split's KV blocks every query row of the sequence sees whole: those end at or before the
+    first new token and before the sequence's end. They skip the mask; the rest (the new tokens' own block, the
+    tail, a sliding window's edge) take it."""
+    if sliding_window is not None:
+        return jnp.int32(0)
+    ends = lax.div(jnp.minimum(meta_ref[b, 2] + 1, kv.hi), block_kv)  # blocks wholly at or below both bounds
+    return jnp.clip(ends - kv.first, 0, kv.nsteps)
 
 
 def _zero_v_tail(v_tile, blk, hi):
@@ -248,7 +270,7 @@ def _zero_v_tail(v_tile, blk, hi):
 
 
 def _decode_kernel(
-    meta_ref,  # [B, 2] int32: first and one-past-last KV token any query of the row may see
+    meta_ref,  # [B, 3] int32: first and one-past-last KV token any query of the row may see, first new token
     pt_ref,  # [B, Npad] int32 page table, zero padded so that every CTA's slice is in bounds
     qpos_ref,  # [B, nqt, R] int32 position of each query row, -1 for padding rows
     q_ref,  # [B, Hkv, nqt, R, D]
@@ -271,6 +293,7 @@ def _decode_kernel(
     splits: int,
     stages: int,
     num_pages: int,
+    sliding_window: int | None,
     **softmax_kw,
 ):
     qt, sh, b = lax.axis_index("q"), lax.axis_index("sh"), lax.axis_index("b")
@@ -290,7 +313,7 @@ def _decode_kernel(
     plgpu.barrier_wait(q_bar)
     qpos = lax.broadcast_in_dim(plgpu.load(qpos_smem, layout=plgpu.Layout.WGMMA.reduce(0)), (BKV, R), [1])
 
-    def body(step, carry):
+    def body(step, carry, *, masked):
         acc, m, l_part = carry
         slot = lax.rem(step, stages)
         blk = kv.first + step
@@ -301,15 +324,19 @@ def _decode_kernel(
             return acc_ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC((BKV, R), jnp.float32))  # [BKV, R]
-        kpos = blk * BKV + plgpu.broadcasted_iota(jnp.int32, (BKV, R), 0, layout=plgpu.Layout.WGMMA)
-        p, m_new, alpha = _softmax_step(s, kpos, qpos, m, kv_axis=0, **softmax_kw)
+        valid = None
+        if masked:
+            kpos = blk * BKV + plgpu.broadcasted_iota(jnp.int32, (BKV, R), 0, layout=plgpu.Layout.WGMMA)
+            valid = _mask(kpos, qpos, sliding_window)
+        p, m_new, alpha = _softmax_step(s, m, valid, kv_axis=0, sliding_window=sliding_window, **softmax_kw)
         if defer_sum:  # per-thread partial sums: one cross-warp reduction after the loop, not one per step
             l_part = l_part * lax.broadcast_in_dim(alpha, (BKV, R), [1]) + p
         else:  # saves registers for wide query tiles
             l_part = l_part * alpha + p.sum(axis=0)
 
         plgpu.barrier_wait(v_bars.at[slot])
-        pl.when((blk + 1) * BKV > kv.hi)(lambda: _zero_v_tail(v_smem.at[slot], blk, kv.hi))
+        if masked:
+            pl.when((blk + 1) * BKV > kv.hi)(lambda: _zero_v_tail(v_smem.at[slot], blk, kv.hi))
         p_smem.T[...] = p.astype(p_smem.dtype)
         plgpu.commit_smem()
 
@@ -329,7 +356,9 @@ def _decode_kernel(
         l_part = plgpu.layout_cast(jnp.zeros((BKV, R), jnp.float32), plgpu.Layout.WGMMA)
     else:
         l_part = plgpu.layout_cast(jnp.zeros((R,), jnp.float32), plgpu.Layout.WGMMA.reduce(0))
-    acc, m, l_part = lax.fori_loop(0, kv.nsteps, body, (acc, m, l_part))
+    full = _full_steps(kv, meta_ref, b, BKV, sliding_window)
+    carry = lax.fori_loop(0, full, functools.partial(body, masked=False), (acc, m, l_part))
+    acc, m, l_part = lax.fori_loop(full, kv.nsteps, functools.partial(body, masked=True), carry)
 
     # straight from registers: partial outputs are tiny next to the KV stream, and SMEM is better spent on it
     o_ref.at[b, h, qt, split][...] = acc
@@ -338,7 +367,7 @@ def _decode_kernel(
 
 
 def _verify_kernel(
-    meta_ref,  # [B, 2] int32
+    meta_ref,  # [B, 3] int32
     pt_ref,  # [B, Npad] int32
     qpos_ref,  # [B, nqt, R] int32, R = 64 * warpgroups
     q_ref,  # [B, Hkv, nqt, R, D]
@@ -350,100 +379,145 @@ def _verify_kernel(
     q_smem,  # [warpgroups, 64, D]
     k_smem,  # [stages, BKV, D], shared by the warpgroups
     v_smem,  # [stages, BKV, D]
-    p_smem,  # [warpgroups, 64, BKV] probabilities
+    p_smem,  # [warpgroups, 64, BKV] probabilities (interpreter only)
     qpos_smem,  # [warpgroups, 64] int32
     pt_smem,  # [PTS] int32
     q_bars,  # one per warpgroup
     pt_bar,
     k_bars,
     v_bars,
-    consumed_bars,  # per slot: every warpgroup is done with it
+    consumed_bars,  # per slot: every compute warpgroup is done with it
     tail_bar,  # warpgroup 0 has zeroed the V tail
+    sched_bar,  # two compute warpgroups take turns on the tensor cores
     *,
     splits: int,
     stages: int,
     num_pages: int,
+    sliding_window: int | None,
+    native: bool,
     **softmax_kw,
 ):
+    """`warpgroups` compute warpgroups of 64 query rows each, and one more that only fetches KV. Natively P goes
+    to the PV wgmma from registers and the accumulator is updated in place, and two compute warpgroups take
+    turns (one's softmax runs while the other's matmuls hold the tensor cores, FlashAttention-3's ping-pong);
+    the interpreter, which takes neither register operands nor pl.run_state, passes P through SMEM."""
     qt, sh, b = lax.axis_index("q"), lax.axis_index("sh"), lax.axis_index("b")
     wg = lax.axis_index("wg")
     split, h = lax.rem(sh, splits), lax.div(sh, splits)
-    _, W, D = q_smem.shape
+    nwg, W, D = q_smem.shape
     _, BKV, _ = k_smem.shape
-    rows = pl.ds(wg * W, W)
+    pingpong = native and nwg == 2
 
     kv = _kv_stream(meta_ref, pt_ref, k_ref, v_ref, k_smem, v_smem, pt_smem, pt_bar, k_bars, v_bars, b=b, h=h,
                     split=split, splits=splits, num_pages=num_pages)
-    plgpu.copy_gmem_to_smem(q_ref.at[b, h, qt, rows], q_smem.at[wg], q_bars.at[wg])
-    plgpu.copy_gmem_to_smem(qpos_ref.at[b, qt, rows], qpos_smem.at[wg], q_bars.at[wg])
 
-    @pl.when(wg == 0)  # warpgroup 0 also fetches KV for everyone
-    def _prologue():
+    @pl.when(wg == nwg)
+    def _fetch():
+        if pingpong:
+            plgpu.set_max_registers(40, action="decrease")
         kv.load_page_table()
         for i in range(stages):
             pl.when(i < kv.nsteps)(functools.partial(kv.issue, i, i))
 
-    plgpu.barrier_wait(q_bars.at[wg])
-    qpos = lax.broadcast_in_dim(plgpu.load(qpos_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)), (W, BKV), [0])
-
-    def body(step, carry):
-        acc, m, l = carry
-        slot = lax.rem(step, stages)
-        blk = kv.first + step
-        plgpu.barrier_wait(k_bars.at[slot])
-
-        def qk(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].T)
-            return acc_ref[...]
-
-        s = pl.run_scoped(qk, plgpu.ACC((W, BKV), jnp.float32))  # [W, BKV]
-        kpos = blk * BKV + plgpu.broadcasted_iota(jnp.int32, (W, BKV), 1, layout=plgpu.Layout.WGMMA)
-        p, m_new, alpha = _softmax_step(s, kpos, qpos, m, kv_axis=1, **softmax_kw)
-        l = l * alpha + p.sum(axis=1)
-
-        plgpu.barrier_wait(v_bars.at[slot])
-        tail = (blk + 1) * BKV > kv.hi
-
-        @pl.when(tail & (wg == 0))
-        def _zero():
-            _zero_v_tail(v_smem.at[slot], blk, kv.hi)
-            plgpu.commit_smem()
-            plgpu.barrier_arrive(tail_bar)  # happens at most once per CTA: the row's last block
-
-        pl.when(tail & (wg != 0))(lambda: plgpu.barrier_wait(tail_bar))
-
-        # P through SMEM rather than registers: the interpreter only takes refs, and SMEM bandwidth is spare
-        p_smem.at[wg][...] = p.astype(p_smem.dtype)
-        plgpu.commit_smem()
-
-        def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
-            return acc_ref[...]
-
-        acc = acc * lax.broadcast_in_dim(alpha, (W, D), [0]) + pl.run_scoped(pv, plgpu.ACC((W, D), jnp.float32))
-        plgpu.barrier_arrive(consumed_bars.at[slot])
-
-        @pl.when((wg == 0) & (step + stages < kv.nsteps))
-        def _refill():
+        @pl.loop(0, jnp.maximum(kv.nsteps - stages, 0))
+        def _refill(step):
+            slot = lax.rem(step, stages)
             plgpu.barrier_wait(consumed_bars.at[slot])
             kv.issue(step + stages, slot)
 
-        return acc, m_new, l
-
-    acc = plgpu.layout_cast(jnp.zeros((W, D), jnp.float32), plgpu.Layout.WGMMA)
-    m = plgpu.layout_cast(jnp.full((W,), NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    l = plgpu.layout_cast(jnp.zeros((W,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    acc, m, l = lax.fori_loop(0, kv.nsteps, body, (acc, m, l))
-
-    @pl.when(wg == 0)
-    def _drain():  # observe the last uses of every slot too: a barrier phase must not pass unobserved
+        # observe the last uses of every slot too: a barrier phase must not pass unobserved
         @pl.loop(jnp.maximum(kv.nsteps - stages, 0), kv.nsteps)
-        def _(step):
+        def _drain(step):
             plgpu.barrier_wait(consumed_bars.at[lax.rem(step, stages)])
 
-    o_ref.at[b, h, qt, split, rows][...] = acc
-    m_ref.at[b, h, qt, split, rows][...] = m
-    l_ref.at[b, h, qt, split, rows][...] = l
+    def take_turn():
+        if pingpong:
+            plgpu.barrier_arrive(sched_bar)
+            plgpu.barrier_wait(sched_bar)
+
+    @pl.when(wg < nwg)
+    def _compute():
+        if pingpong:
+            plgpu.set_max_registers(232, action="increase")
+        rows = pl.ds(wg * W, W)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, h, qt, rows], q_smem.at[wg], q_bars.at[wg])
+        plgpu.copy_gmem_to_smem(qpos_ref.at[b, qt, rows], qpos_smem.at[wg], q_bars.at[wg])
+        plgpu.barrier_wait(q_bars.at[wg])
+        qpos = lax.broadcast_in_dim(plgpu.load(qpos_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)), (W, BKV),
+                                    [0])
+
+        def body(step, carry, *, masked):
+            acc, m, l = carry
+            slot = lax.rem(step, stages)
+            blk = kv.first + step
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].T)
+                take_turn()
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((W, BKV), jnp.float32))  # [W, BKV]
+            valid = None
+            if masked:
+                kpos = blk * BKV + plgpu.broadcasted_iota(jnp.int32, (W, BKV), 1, layout=plgpu.Layout.WGMMA)
+                valid = _mask(kpos, qpos, sliding_window)
+            p, m_new, alpha = _softmax_step(s, m, valid, kv_axis=1, sliding_window=sliding_window, **softmax_kw)
+            l = l * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, (W, D), [0])
+            p16 = p.astype(k_smem.dtype)
+            if pingpong:
+                plgpu.barrier_arrive(sched_bar)  # softmax done
+            plgpu.barrier_wait(v_bars.at[slot])
+            if masked:
+                tail = (blk + 1) * BKV > kv.hi
+
+                @pl.when(tail & (wg == 0))
+                def _zero():
+                    _zero_v_tail(v_smem.at[slot], blk, kv.hi)
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(tail_bar)  # happens at most once per CTA: the row's last block
+
+                pl.when(tail & (wg != 0))(lambda: plgpu.barrier_wait(tail_bar))
+            if pingpong:
+                plgpu.barrier_wait(sched_bar)  # the other warpgroup's matmuls are issued
+
+            def wait_next_k():  # while the PV wgmma runs
+                nxt = step + 1
+                pl.when(nxt < kv.nsteps)(lambda: plgpu.barrier_wait(k_bars.at[lax.rem(nxt, stages)]))
+
+            if native:
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    wait_next_k()
+
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            else:
+                p_smem.at[wg][...] = p16
+                plgpu.commit_smem()
+
+                def pv_smem(acc_ref):
+                    plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
+                    wait_next_k()
+                    return acc_ref[...]
+
+                acc = acc + pl.run_scoped(pv_smem, plgpu.ACC((W, D), jnp.float32))
+            plgpu.barrier_arrive(consumed_bars.at[slot])
+            return acc, m_new, l
+
+        acc = plgpu.layout_cast(jnp.zeros((W, D), jnp.float32), plgpu.Layout.WGMMA)
+        m = plgpu.layout_cast(jnp.full((W,), NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l = plgpu.layout_cast(jnp.zeros((W,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        pl.when(kv.nsteps > 0)(lambda: plgpu.barrier_wait(k_bars.at[0]))
+        if pingpong:
+            pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
+        full = _full_steps(kv, meta_ref, b, BKV, sliding_window)
+        carry = lax.fori_loop(0, full, functools.partial(body, masked=False), (acc, m, l))
+        acc, m, l = lax.fori_loop(full, kv.nsteps, functools.partial(body, masked=True), carry)
+        if pingpong:
+            pl.when(wg == 0)(take_turn)
+        o_ref.at[b, h, qt, split, rows][...] = acc
+        m_ref.at[b, h, qt, split, rows][...] = m
+        l_ref.at[b, h, qt, split, rows][...] = l
 
 
 def _combine(o, m, l):
@@ -516,7 +590,7 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
     lo = jnp.zeros_like(hi)
     if sliding_window is not None:
         lo = jnp.clip(kv_lens - q_lens - sliding_window + 1, 0, hi)
-    meta = jnp.stack([lo, hi], axis=1).astype(jnp.int32)
+    meta = jnp.stack([lo, hi, kv_lens - q_lens], axis=1).astype(jnp.int32)
     n_pad = -(-N // 4) * 4 + pts
     page_table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, n_pad - N)))
 
@@ -541,14 +615,15 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
             compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
     else:
         kernel = plgpu.kernel(
-            functools.partial(_verify_kernel, **kw),
+            functools.partial(_verify_kernel, native=interpret is None, **kw),
             out_type=(jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R, D), f32), ml_type, ml_type),
             scratch_types=(plgpu.SMEM((nwg, WG_ROWS, D), q.dtype, transforms=tiled), *kv_scratch,
                            plgpu.SMEM((nwg, WG_ROWS, BKV), q.dtype, transforms=tiled),
                            plgpu.SMEM((nwg, WG_ROWS), jnp.int32), plgpu.SMEM((pts,), jnp.int32),
                            plgpu.Barrier(num_arrivals=2, num_barriers=nwg), plgpu.Barrier(), *kv_bars,
-                           plgpu.Barrier(num_arrivals=nwg, num_barriers=stages), plgpu.Barrier()),
-            grid=(nqt, Hkv * splits, B), grid_names=("q", "sh", "b"), num_threads=nwg, thread_name="wg",
+                           plgpu.Barrier(num_arrivals=nwg, num_barriers=stages), plgpu.Barrier(),
+                           plgpu.Barrier(num_arrivals=2)),
+            grid=(nqt, Hkv * splits, B), grid_names=("q", "sh", "b"), num_threads=nwg + 1, thread_name="wg",
             compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
     o, m, l = kernel(meta, page_table, qpos, qt, k_pages, v_pages)
     if nwg == 0:
