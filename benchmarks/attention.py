@@ -146,6 +146,21 @@ def mosaic_candidates(shape, N: int) -> list[dict]:
 TRITON_CANDIDATES = [{}, {"num_warps": 8}, {"num_stages": 3}, {"num_warps": 4, "num_stages": 3}]
 
 
+def triton_candidates(shape, N: int) -> list[dict]:
+    """TRITON_CANDIDATES, and for decode the split count halved and doubled and 128-token KV blocks."""
+    from pallas_kernels.attention.triton_paged import TritonAttentionConfig, plan
+
+    B, L, S, T = shape
+    out = list(TRITON_CANDIDATES)
+    if T == 1:
+        base = plan((B, T, HQ, D), (HKV, B * N + 1, S, D), N, TritonAttentionConfig())
+        for splits in sorted({max(1, base.num_splits // 2), base.num_splits * 2} - {base.num_splits}):
+            out += [{"num_splits": splits}, {"num_splits": splits, "num_stages": 3}]
+        if 128 // S >= 1 and 128 % S == 0:
+            out += [{"pages_per_block": 128 // S, "num_warps": 8}, {"pages_per_block": 128 // S, "num_stages": 3}]
+    return out
+
+
 def tune(shapes, args) -> list[dict]:
     import jax
     from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: F401 (fail early if unavailable)
@@ -167,7 +182,7 @@ def tune(shapes, args) -> list[dict]:
                  for cfg in mosaic_candidates(shape, N)]
         cands += [tuning.Candidate("triton", cfg, lambda *a, c=cfg: paged_attention_triton(*a, scale=scale,
                                                                                           config=c or None))
-                  for cfg in TRITON_CANDIDATES]
+                  for cfg in triton_candidates(shape, N)]
         best, trials = tuning.search(cands, lambda *a: paged_attention_reference(*a, scale=scale), sets, tol=TOL)
         key = shape_key(sets[0][0].shape, sets[0][1].shape, N, sets[0][0].dtype)
         for t in trials:

@@ -117,6 +117,23 @@ def test_configs(rng, config):
           config=config)
 
 
+VERIFY_CONFIGS = [
+    MosaicAttentionConfig(q_warpgroups=2, num_splits=1),  # two warpgroups taking turns, normalised in the kernel
+    MosaicAttentionConfig(q_warpgroups=1, num_splits=1, block_kv=128, num_stages=2),
+    MosaicAttentionConfig(q_warpgroups=2, num_splits=3, num_stages=4),  # several splits: the combine step
+    MosaicAttentionConfig(q_warpgroups=3, num_splits=2),
+]
+
+
+@pytest.mark.parametrize("config", VERIFY_CONFIGS, ids=lambda c: f"wg{c.q_warpgroups}-bkv{c.block_kv}"
+                                                                 f"-s{c.num_splits}-st{c.num_stages}")
+def test_verify_layout_configs(rng, config):
+    # 80 query rows per KV head (20 tokens x 4 heads): the verify layout; long prefixes (whole blocks that skip
+    # the mask), a prefix ending mid-block, a single new token, an empty slot
+    check(rng, T=20, Hq=8, Hkv=2, D=128, S=16, kv_lens=[300, 45, 20, 0, 161], q_lens=[20, 13, 20, 0, 1],
+          config=config)
+
+
 def test_page_larger_than_block(rng):
     # 128-token pages copied in two 64-token slices per page
     check(rng, T=2, Hq=4, Hkv=2, D=128, S=128, kv_lens=[127, 128, 129, 300, 2], q_lens=[1, 2, 1, 2, 2])

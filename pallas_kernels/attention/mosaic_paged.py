@@ -13,7 +13,8 @@ layouts of the two matmuls, both with float32 online softmax:
   per CTA sharing one KV stream (FlashAttention-3 style):
       S[n, kv] = Q[n, :] @ K^T[:, kv]            O[n, d] += P[n, kv] @ V[kv, d]
 
-Each split writes its unnormalised output with its running max and sum; `_combine` merges the splits in XLA.
+Each split writes its unnormalised output with its running max and sum; `_combine` merges the splits in XLA
+(a verify call with one split normalises in the kernel and writes q's dtype: no combine step).
 Masks come from per-row query positions computed in the wrapper (-1 marks a padding row), so causality,
 ragged `q_lens`, empty slots and the sliding window are one comparison each. Pages past a sequence are
 replaced by the scratch page 0, and V rows past `kv_lens` are zeroed in SMEM before the PV matmul, so NaN
@@ -373,7 +374,8 @@ def _verify_kernel(
     q_ref,  # [B, Hkv, nqt, R, D]
     k_ref,  # [Hkv, P, S, D]
     v_ref,  # [Hkv, P, S, D]
-    o_ref,  # [B, Hkv, nqt, splits, R, D] float32, unnormalised
+    o_ref,  # [B, Hkv, nqt, splits, R, D] float32, unnormalised; one split: [B, Hkv, nqt, 1, R, D] in q's dtype,
+    # normalised (no combine step)
     m_ref,  # [B, Hkv, nqt, splits, R] float32
     l_ref,  # [B, Hkv, nqt, splits, R] float32
     q_smem,  # [warpgroups, 64, D]
@@ -515,7 +517,9 @@ def _verify_kernel(
         acc, m, l = lax.fori_loop(full, kv.nsteps, functools.partial(body, masked=True), carry)
         if pingpong:
             pl.when(wg == 0)(take_turn)
-        o_ref.at[b, h, qt, split, rows][...] = acc
+        if splits == 1:
+            acc = acc / lax.broadcast_in_dim(jnp.where(l == 0, 1.0, l), (W, D), [0])
+        o_ref.at[b, h, qt, split, rows][...] = acc.astype(o_ref.dtype)
         m_ref.at[b, h, qt, split, rows][...] = m
         l_ref.at[b, h, qt, split, rows][...] = l
 
@@ -616,7 +620,8 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
     else:
         kernel = plgpu.kernel(
             functools.partial(_verify_kernel, native=interpret is None, **kw),
-            out_type=(jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R, D), f32), ml_type, ml_type),
+            out_type=(jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R, D), f32 if splits > 1 else q.dtype), ml_type,
+                      ml_type),
             scratch_types=(plgpu.SMEM((nwg, WG_ROWS, D), q.dtype, transforms=tiled), *kv_scratch,
                            plgpu.SMEM((nwg, WG_ROWS, BKV), q.dtype, transforms=tiled),
                            plgpu.SMEM((nwg, WG_ROWS), jnp.int32), plgpu.SMEM((pts,), jnp.int32),
@@ -628,6 +633,7 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
     o, m, l = kernel(meta, page_table, qpos, qt, k_pages, v_pages)
     if nwg == 0:
         o = o.swapaxes(-1, -2)  # O^T -> O
-    out = _combine(o, m, l).reshape(B, Hkv, nqt * R, D)[:, :, :n_rows]  # [B, Hkv, T * G, D]
+    out = _combine(o, m, l) if nwg == 0 or splits > 1 else o[:, :, :, 0]  # one verify split: done in the kernel
+    out = out.reshape(B, Hkv, nqt * R, D)[:, :, :n_rows]  # [B, Hkv, T * G, D]
     out = out.reshape(B, Hkv, T, G, D).transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D)
     return jnp.where(row_ok[:, :, None, None], out, 0).astype(q.dtype)
