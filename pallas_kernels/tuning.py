@@ -155,9 +155,9 @@ def time_interleaved(cases: dict[str, tuple[Callable, tuple | Sequence[tuple]]],
 
 
 def search(candidates: Sequence[Candidate], reference: Callable, inputs: tuple | Sequence[tuple], *, tol: float,
-           repeats: int = 7) -> tuple[Trial | None, list[Trial]]:
+           repeats: int = 7, target_ms: float = 2.0, max_calls: int = 64) -> tuple[Trial | None, list[Trial]]:
     """Verifies every candidate against `reference` on the first input set, times those within `tol` (over all
-    sets, rotating), returns (best, all trials)."""
+    sets, rotating; `time_interleaved`'s repeats, target_ms and max_calls), returns (best, all trials)."""
     sets = [inputs] if isinstance(inputs, tuple) else list(inputs)
     ref = np.asarray(jax.block_until_ready(jax.jit(reference)(*sets[0])))
     trials, verified = [], {}
@@ -172,7 +172,8 @@ def search(candidates: Sequence[Candidate], reference: Callable, inputs: tuple |
                                 f"{type(e).__name__}: {str(e)[:300]}"))
     # the verified ones timed round-robin: one timed after another, a drift of the device picked the winner
     errors: dict[int, str] = {}
-    for i, t in time_interleaved(verified, repeats=repeats, errors=errors).items():
+    for i, t in time_interleaved(verified, repeats=repeats, target_ms=target_ms, max_calls=max_calls,
+                                 errors=errors).items():
         trials[i] = replace(trials[i], us=t["us"])
     for i, error in errors.items():
         trials[i] = replace(trials[i], ok=False, error=error)
