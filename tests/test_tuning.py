@@ -1,3 +1,5 @@
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,6 +92,25 @@ def test_time_interleaved_times_every_variant_round_robin(rng):
     assert set(out) == {"a", "b"} and set(calls) == {1.0, 2.0}
     for t in out.values():
         assert 0 < t["lo"] <= t["us"] <= t["hi"] < float("inf")
+
+
+def test_time_interleaved_warms_the_chains_up_before_timing(rng, monkeypatch):
+    # the chains run round-robin for warmup_s before the timed runs (a GPU's clocks ramp up from idle)
+    x = jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)
+    runs = []
+    real_chain = tuning._chain
+
+    def counting_chain(fn, inputs, target_ms, max_calls):
+        run, n = real_chain(fn, inputs, target_ms, max_calls)
+        return (lambda: runs.append(1) or run()), n
+
+    monkeypatch.setattr(tuning, "_chain", counting_chain)
+    tuning.time_interleaved({"a": (jnp.tanh, (x,))}, repeats=3, max_calls=4, warmup_s=0.0)
+    assert len(runs) == 3
+    runs.clear()
+    t = time.perf_counter()
+    tuning.time_interleaved({"a": (jnp.tanh, (x,))}, repeats=3, max_calls=4, warmup_s=0.2)
+    assert time.perf_counter() - t >= 0.2 and len(runs) > 3
 
 
 def test_search_times_the_verified_round_robin_and_records_a_chain_that_fails(rng, monkeypatch):
