@@ -141,7 +141,7 @@ def mosaic_candidates(shape, N: int) -> list[dict]:
         for wg in (0, 1, 2, 4):
             out.append({"q_warpgroups": wg})
         out += [{"q_warpgroups": 4, "num_stages": 2}, {"q_warpgroups": 2, "num_stages": 4},
-                {"q_warpgroups": 2, "block_kv": 128, "num_stages": 2}]
+                {"q_warpgroups": 2, "num_stages": 5}, {"q_warpgroups": 2, "block_kv": 128, "num_stages": 2}]
     out += [{"num_splits": s} for s in splits if s != base]
     return out
 

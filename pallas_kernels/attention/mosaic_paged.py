@@ -112,8 +112,8 @@ def check_supported(q_shape, k_shape, dtype, config: MosaicAttentionConfig) -> N
             f"page size {S} must be a multiple of 8 that divides or is divided by block_kv={config.block_kv}")
 
 
-def _smem_bytes(rows, block_kv, D, stages, page_slice, itemsize) -> int:
-    tiles = rows * D + 2 * stages * block_kv * D + rows * block_kv
+def _smem_bytes(rows, block_kv, D, stages, page_slice, itemsize, p_tile: bool = True) -> int:
+    tiles = rows * D + 2 * stages * block_kv * D + (rows * block_kv if p_tile else 0)
     return tiles * itemsize + 4 * 1024 + 4 * (rows + page_slice) + 8 * (8 + 3 * stages) + REDUCTION_SCRATCH
 
 
@@ -123,8 +123,10 @@ def _page_slice_len(max_blocks: int, splits: int, block_kv: int, page: int) -> i
     return -(-(-(-per_split * block_kv // page) + 4) // 4) * 4
 
 
-def plan(q_shape, k_shape, num_pages: int, itemsize: int, config: MosaicAttentionConfig) -> Plan:
-    """Fills in the config's open choices for one shape; raises NotImplementedError if it cannot fit."""
+def plan(q_shape, k_shape, num_pages: int, itemsize: int, config: MosaicAttentionConfig, *,
+         native: bool = True) -> Plan:
+    """Fills in the config's open choices for one shape; raises NotImplementedError if it cannot fit. `native`:
+    compiled for the GPU, where the verify layout keeps P in registers (the interpreter needs an SMEM tile)."""
     B, T, Hq, D = q_shape
     Hkv, _, S, _ = k_shape
     n_rows = Hq // Hkv * T
@@ -141,7 +143,7 @@ def plan(q_shape, k_shape, num_pages: int, itemsize: int, config: MosaicAttentio
     max_blocks = max(1, -(-(num_pages * S) // BKV))
 
     def smem(stages, pts):
-        return _smem_bytes(rows, BKV, D, stages, pts, itemsize)
+        return _smem_bytes(rows, BKV, D, stages, pts, itemsize, p_tile=not (native and nwg))
 
     # float32 registers per thread: accumulator + logits (+ deferred sums) + ~48 of everything else; the
     # verify layout adds a warpgroup that fetches KV (40 registers), and two compute warpgroups that take
@@ -381,7 +383,6 @@ def _verify_kernel(
     q_smem,  # [warpgroups, 64, D]
     k_smem,  # [stages, BKV, D], shared by the warpgroups
     v_smem,  # [stages, BKV, D]
-    p_smem,  # [warpgroups, 64, BKV] probabilities (interpreter only)
     qpos_smem,  # [warpgroups, 64] int32
     pt_smem,  # [PTS] int32
     q_bars,  # one per warpgroup
@@ -391,7 +392,7 @@ def _verify_kernel(
     consumed_bars,  # per slot: every compute warpgroup is done with it
     tail_bar,  # warpgroup 0 has zeroed the V tail
     sched_bar,  # two compute warpgroups take turns on the tensor cores
-    *,
+    *p_smem,  # interpreter only: [warpgroups, 64, BKV] probabilities
     splits: int,
     stages: int,
     num_pages: int,
@@ -494,11 +495,12 @@ def _verify_kernel(
 
                 acc = pl.run_state(pv)(plgpu.ACC.init(acc))
             else:
-                p_smem.at[wg][...] = p16
+                (p_tile,) = p_smem
+                p_tile.at[wg][...] = p16
                 plgpu.commit_smem()
 
                 def pv_smem(acc_ref):
-                    plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
+                    plgpu.wgmma(acc_ref, p_tile.at[wg], v_smem.at[slot])
                     wait_next_k()
                     return acc_ref[...]
 
@@ -577,7 +579,8 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
     Hkv, P, S, _ = k_pages.shape
     N = page_table.shape[1]
     G = Hq // Hkv
-    BKV, nwg, R, nqt, splits, stages, pts, _ = plan(q.shape, k_pages.shape, N, q.dtype.itemsize, config)
+    BKV, nwg, R, nqt, splits, stages, pts, _ = plan(q.shape, k_pages.shape, N, q.dtype.itemsize, config,
+                                                    native=interpret is None)
     n_rows = T * G
     kv_lens = kv_lens.astype(jnp.int32)
     q_lens = q_lens.astype(jnp.int32)
@@ -623,11 +626,12 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
             out_type=(jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R, D), f32 if splits > 1 else q.dtype), ml_type,
                       ml_type),
             scratch_types=(plgpu.SMEM((nwg, WG_ROWS, D), q.dtype, transforms=tiled), *kv_scratch,
-                           plgpu.SMEM((nwg, WG_ROWS, BKV), q.dtype, transforms=tiled),
                            plgpu.SMEM((nwg, WG_ROWS), jnp.int32), plgpu.SMEM((pts,), jnp.int32),
                            plgpu.Barrier(num_arrivals=2, num_barriers=nwg), plgpu.Barrier(), *kv_bars,
                            plgpu.Barrier(num_arrivals=nwg, num_barriers=stages), plgpu.Barrier(),
-                           plgpu.Barrier(num_arrivals=2)),
+                           plgpu.Barrier(num_arrivals=2),
+                           *([] if interpret is None else [plgpu.SMEM((nwg, WG_ROWS, BKV), q.dtype,
+                                                                      transforms=tiled)])),
             grid=(nqt, Hkv * splits, B), grid_names=("q", "sh", "b"), num_threads=nwg + 1, thread_name="wg",
             compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
     o, m, l = kernel(meta, page_table, qpos, qt, k_pages, v_pages)
