@@ -38,6 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.attention.common import output_rows, query_tiles
+
 LOG2E = math.log2(math.e)
 NEG = -1e30  # finite "minus infinity": a fully masked row keeps exp2(NEG - NEG) finite
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -526,14 +528,6 @@ def _verify_kernel(
         l_ref.at[b, h, qt, split, rows][...] = l
 
 
-def _combine(o, m, l):
-    """o: [..., splits, R, D], m, l: [..., splits, R] -> [..., R, D] normalised over all splits."""
-    w = jnp.exp2(m - m.max(axis=-2, keepdims=True))  # [..., splits, R]
-    num = (o * w[..., None]).sum(axis=-3)
-    den = (l * w).sum(axis=-2)[..., None]
-    return num / jnp.where(den == 0, 1.0, den)
-
-
 def paged_attention_mosaic(
     q: jax.Array,
     k_pages: jax.Array,
@@ -578,26 +572,11 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
     B, T, Hq, D = q.shape
     Hkv, P, S, _ = k_pages.shape
     N = page_table.shape[1]
-    G = Hq // Hkv
     BKV, nwg, R, nqt, splits, stages, pts, _ = plan(q.shape, k_pages.shape, N, q.dtype.itemsize, config,
                                                     native=interpret is None)
-    n_rows = T * G
-    kv_lens = kv_lens.astype(jnp.int32)
-    q_lens = q_lens.astype(jnp.int32)
-
-    # query rows n = t * G + g of KV head h, zeroed past q_lens and padded to whole tiles
-    qt = q.reshape(B, T, Hkv, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, n_rows, D)
-    row_ok = jnp.arange(T)[None, :] < q_lens[:, None]  # [B, T]
-    qt = jnp.where(jnp.repeat(row_ok, G, axis=1)[:, None, :, None], qt, 0)
-    qt = jnp.pad(qt, ((0, 0), (0, 0), (0, nqt * R - n_rows), (0, 0))).reshape(B, Hkv, nqt, R, D)
-    pos = (kv_lens - q_lens)[:, None] + jnp.arange(T)[None, :]  # [B, T]
-    qpos = jnp.repeat(jnp.where(row_ok, pos, -1), G, axis=1)
-    qpos = jnp.pad(qpos, ((0, 0), (0, nqt * R - n_rows)), constant_values=-1).reshape(B, nqt, R)
-    hi = jnp.where(q_lens > 0, jnp.minimum(kv_lens, N * S), 0)
-    lo = jnp.zeros_like(hi)
-    if sliding_window is not None:
-        lo = jnp.clip(kv_lens - q_lens - sliding_window + 1, 0, hi)
-    meta = jnp.stack([lo, hi, kv_lens - q_lens], axis=1).astype(jnp.int32)
+    qt, qpos, row_ok, lo, hi = query_tiles(q, kv_lens, q_lens, num_kv_heads=Hkv, rows=R, num_tiles=nqt,
+                                           kv_cap=N * S, sliding_window=sliding_window)
+    meta = jnp.stack([lo, hi, (kv_lens - q_lens).astype(jnp.int32)], axis=1).astype(jnp.int32)
     n_pad = -(-N // 4) * 4 + pts
     page_table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, n_pad - N)))
 
@@ -637,7 +616,5 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
     o, m, l = kernel(meta, page_table, qpos, qt, k_pages, v_pages)
     if nwg == 0:
         o = o.swapaxes(-1, -2)  # O^T -> O
-    out = _combine(o, m, l) if nwg == 0 or splits > 1 else o[:, :, :, 0]  # one verify split: done in the kernel
-    out = out.reshape(B, Hkv, nqt * R, D)[:, :, :n_rows]  # [B, Hkv, T * G, D]
-    out = out.reshape(B, Hkv, T, G, D).transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D)
-    return jnp.where(row_ok[:, :, None, None], out, 0).astype(q.dtype)
+    # one verify split: normalised in the kernel
+    return output_rows(o, m, l, row_ok, num_q_heads=Hq, dtype=q.dtype, normalised=nwg > 0 and splits == 1)

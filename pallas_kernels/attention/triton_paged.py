@@ -34,6 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.attention.common import output_rows, query_tiles
+
 LOG2E = math.log2(math.e)
 NEG = -1e30  # finite "minus infinity": a fully masked row keeps exp2(NEG - NEG) finite
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -224,14 +226,6 @@ def _kernel(
     l_ref[...] = l
 
 
-def _combine(o, m, l):
-    """o: [..., splits, R, D], m, l: [..., splits, R] -> [..., R, D] normalised over all splits."""
-    w = jnp.exp2(m - m.max(axis=-2, keepdims=True))  # [..., splits, R]
-    num = (o * w[..., None]).sum(axis=-3)
-    den = (l * w).sum(axis=-2)[..., None]
-    return num / jnp.where(den == 0, 1.0, den)
-
-
 def paged_attention_triton(
     q: jax.Array,
     k_pages: jax.Array,
@@ -273,24 +267,9 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
     B, T, Hq, D = q.shape
     Hkv, P, S, _ = k_pages.shape
     N = page_table.shape[1]
-    G = Hq // Hkv
     ppb, _, R, nqt, splits, num_warps, num_stages = plan
-    n_rows = T * G
-    kv_lens = kv_lens.astype(jnp.int32)
-    q_lens = q_lens.astype(jnp.int32)
-
-    # query rows n = t * G + g of KV head h, zeroed past q_lens and padded to whole tiles
-    qt = q.reshape(B, T, Hkv, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, n_rows, D)
-    row_ok = jnp.arange(T)[None, :] < q_lens[:, None]  # [B, T]
-    qt = jnp.where(jnp.repeat(row_ok, G, axis=1)[:, None, :, None], qt, 0)
-    qt = jnp.pad(qt, ((0, 0), (0, 0), (0, nqt * R - n_rows), (0, 0))).reshape(B, Hkv, nqt, R, D)
-    pos = (kv_lens - q_lens)[:, None] + jnp.arange(T)[None, :]  # [B, T]
-    qpos = jnp.repeat(jnp.where(row_ok, pos, -1), G, axis=1)
-    qpos = jnp.pad(qpos, ((0, 0), (0, nqt * R - n_rows)), constant_values=-1).reshape(B, nqt, R)
-    hi = jnp.where(q_lens > 0, jnp.clip(kv_lens, 0, N * S), 0)
-    lo = jnp.zeros_like(hi)
-    if sliding_window is not None:
-        lo = jnp.clip(kv_lens - q_lens - sliding_window + 1, 0, hi)
+    qt, qpos, row_ok, lo, hi = query_tiles(q, kv_lens, q_lens, num_kv_heads=Hkv, rows=R, num_tiles=nqt,
+                                           kv_cap=N * S, sliding_window=sliding_window)
     meta = jnp.stack([lo, hi], axis=1).astype(jnp.int32)  # [B, 2]
     n_pad = -(-N // ppb) * ppb  # every block's page-table slice in bounds
     page_table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, n_pad - N)))
@@ -323,6 +302,4 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
         interpret=interpret,
         name=f"paged_attention_triton_bq{R}_bk{ppb * S}",
     )(meta, page_table, qpos, qt, k_pages, v_pages)
-    out = _combine(o, m, l).reshape(B, Hkv, nqt * R, D)[:, :, :n_rows]  # [B, Hkv, T * G, D]
-    out = out.reshape(B, Hkv, T, G, D).transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D)
-    return jnp.where(row_ok[:, :, None, None], out, 0).astype(q.dtype)
+    return output_rows(o, m, l, row_ok, num_q_heads=Hq, dtype=q.dtype)
