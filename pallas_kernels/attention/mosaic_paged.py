@@ -10,11 +10,13 @@ layouts of the two matmuls, both with float32 online softmax:
   rows on the N side (any multiple of 8), one warpgroup per CTA:
       S^T[kv, n] = K[kv, :] @ Q^T[:, n]          O^T[d, n] += V^T[d, kv] @ P^T[kv, n]   (P^T through SMEM)
 - verify / chunked prefill (more rows): queries on the M side, 64 rows per warpgroup and up to 4 warpgroups
-  per CTA sharing one KV stream (FlashAttention-3 style):
+  per CTA sharing one KV stream that one more warpgroup fetches (FlashAttention-3 style; two compute
+  warpgroups take turns on the tensor cores, P stays in registers):
       S[n, kv] = Q[n, :] @ K^T[:, kv]            O[n, d] += P[n, kv] @ V[kv, d]
+KV blocks that every query row of the sequence sees whole (the cached prefix) skip the mask.
 
-Each split writes its unnormalised output with its running max and sum; `_combine` merges the splits in XLA
-(a verify call with one split normalises in the kernel and writes q's dtype: no combine step).
+Each split writes its unnormalised output with its running max and sum; `common.combine_splits` merges the
+splits in XLA (a verify call with one split normalises in the kernel and writes q's dtype: no combine step).
 Masks come from per-row query positions computed in the wrapper (-1 marks a padding row), so causality,
 ragged `q_lens`, empty slots and the sliding window are one comparison each. Pages past a sequence are
 replaced by the scratch page 0, and V rows past `kv_lens` are zeroed in SMEM before the PV matmul, so NaN

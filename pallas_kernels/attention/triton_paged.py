@@ -15,8 +15,8 @@ to the row's tokens (other = 0), so pages past a sequence are never read and NaN
 reach the PV dot (0 * NaN would). Masks come from per-row query positions computed in the wrapper (-1 marks
 a padding row): causality, ragged `q_lens`, empty slots and the sliding window are one comparison each.
 
-Each split writes its unnormalised output with its running max and sum (log2 domain); `_combine` merges
-the splits in XLA. Triton requires every load/store block to have a power-of-two element count: page sizes,
+Each split writes its unnormalised output with its running max and sum (log2 domain); `common.combine_splits`
+merges the splits in XLA. Triton requires every load/store block to have a power-of-two element count: page sizes,
 `pages_per_block` and `block_q` are powers of two and head_dim is 64/128/256. Anything else raises
 NotImplementedError so that the dispatcher can fall back.
 """
