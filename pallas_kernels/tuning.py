@@ -130,15 +130,15 @@ def time_us(fn: Callable, inputs: tuple | Sequence[tuple], *, repeats: int = 7, 
 
 
 def time_interleaved(cases: dict[str, tuple[Callable, tuple | Sequence[tuple]]], *, repeats: int = 9,
-                     target_ms: float = 2.0, max_calls: int = 64, warmup_s: float = 0.3,
+                     target_ms: float = 2.0, max_calls: int = 64, warmup_s: float | None = None,
                      errors: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
     """`time_us` for several variants compared with each other: every chain is compiled first, then the repeats
     go round-robin over the variants, so a drift of the device (clocks, a neighbour's load) lands on all of them
     alike instead of on whichever ran last. Returns {name: {"us": median, "lo": min, "hi": max}} per call.
     errors: where given, a variant whose chain fails to compile or run is left out and its error put here
-    (else the failure raises). Before the timed runs the chains run round-robin for `warmup_s` seconds: compiling
-    leaves the GPU idle, and its clocks come back up from idle (345 MHz on the H200, against 1,980 under load)
-    only after some time of load."""
+    (else the failure raises). Before the timed runs the chains run round-robin for `warmup_s` seconds (default:
+    0.3 on a GPU, none elsewhere): compiling leaves the GPU idle, and its clocks come back up from idle (345 MHz
+    on the H200, against 1,980 under load) only after some time of load."""
     chains = {}
     for name, (fn, inputs) in cases.items():
         try:
@@ -148,6 +148,8 @@ def time_interleaved(cases: dict[str, tuple[Callable, tuple | Sequence[tuple]]],
                 raise
             errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
     times: dict[str, list[float]] = {name: [] for name in chains}
+    if warmup_s is None:
+        warmup_s = 0.3 if jax.default_backend() == "gpu" else 0.0
     start = time.perf_counter()
     while chains and time.perf_counter() - start < warmup_s:
         for run, _ in chains.values():
