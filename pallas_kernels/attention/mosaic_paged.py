@@ -234,15 +234,20 @@ def _kv_stream(meta_ref, pt_ref, k_ref, v_ref, k_smem, v_smem, pt_smem, pt_bar, 
     return _KVStream(hi, first, nsteps, load_page_table, issue)
 
 
-def _softmax_step(s, m, valid, *, kv_axis, scale, sliding_window, soft_cap):
-    """Logits -> (p, new running max, rescale of the old state); log2 domain, float32. `valid` is the mask,
-    or None for a block every query row sees whole (no comparisons, no selects)."""
-    del sliding_window  # in `valid`
+def _softmax_step(s, m, qpos, kv_start, *, kv_axis, scale, sliding_window, soft_cap):
+    """Logits of the KV block starting at token `kv_start` -> (p, new running max, rescale of the old state); log2
+    domain, float32. `qpos`: the query rows' positions broadcast to s's shape, for the mask; None for a block
+    every query row sees whole (no comparisons, no selects)."""
     if soft_cap is None:
         s = s * (scale * LOG2E)
     else:
         s = jnp.tanh(s * (scale / soft_cap)) * (soft_cap * LOG2E)
-    if valid is not None:
+    valid = None
+    if qpos is not None:
+        kpos = kv_start + plgpu.broadcasted_iota(jnp.int32, s.shape, kv_axis, layout=plgpu.Layout.WGMMA)
+        valid = kpos <= qpos
+        if sliding_window is not None:
+            valid = valid & (kpos > qpos - sliding_window)
         s = jnp.where(valid, s, NEG)  # also drops logits of NaN keys past the sequence
     m_new = jnp.maximum(m, s.max(axis=kv_axis))
     alpha = jnp.exp2(m - m_new)
@@ -250,13 +255,6 @@ def _softmax_step(s, m, valid, *, kv_axis, scale, sliding_window, soft_cap):
     if valid is not None:
         p = jnp.where(valid, p, 0.0)
     return p, m_new, alpha
-
-
-def _mask(kpos, qpos, sliding_window):
-    valid = kpos <= qpos
-    if sliding_window is not None:
-        valid = valid & (kpos > qpos - sliding_window)
-    return valid
 
 
 def _full_steps(kv, meta_ref, b, block_kv, sliding_window):
@@ -331,11 +329,8 @@ def _decode_kernel(
             return acc_ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC((BKV, R), jnp.float32))  # [BKV, R]
-        valid = None
-        if masked:
-            kpos = blk * BKV + plgpu.broadcasted_iota(jnp.int32, (BKV, R), 0, layout=plgpu.Layout.WGMMA)
-            valid = _mask(kpos, qpos, sliding_window)
-        p, m_new, alpha = _softmax_step(s, m, valid, kv_axis=0, sliding_window=sliding_window, **softmax_kw)
+        p, m_new, alpha = _softmax_step(s, m, qpos if masked else None, blk * BKV, kv_axis=0,
+                                        sliding_window=sliding_window, **softmax_kw)
         if defer_sum:  # per-thread partial sums: one cross-warp reduction after the loop, not one per step
             l_part = l_part * lax.broadcast_in_dim(alpha, (BKV, R), [1]) + p
         else:  # saves registers for wide query tiles
@@ -464,11 +459,8 @@ def _verify_kernel(
                 return acc_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((W, BKV), jnp.float32))  # [W, BKV]
-            valid = None
-            if masked:
-                kpos = blk * BKV + plgpu.broadcasted_iota(jnp.int32, (W, BKV), 1, layout=plgpu.Layout.WGMMA)
-                valid = _mask(kpos, qpos, sliding_window)
-            p, m_new, alpha = _softmax_step(s, m, valid, kv_axis=1, sliding_window=sliding_window, **softmax_kw)
+            p, m_new, alpha = _softmax_step(s, m, qpos if masked else None, blk * BKV, kv_axis=1,
+                                            sliding_window=sliding_window, **softmax_kw)
             l = l * alpha + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, (W, D), [0])
             p16 = p.astype(k_smem.dtype)
