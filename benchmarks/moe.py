@@ -282,11 +282,12 @@ def tune(shape_name, tokens, *, quick, families=FAMILIES, formats=("bf16", "int8
     return rows
 
 
-def bench(shape_name, T, *, tiny) -> list[dict]:
+def bench(shape_name, T, *, tiny, profile: bool = False) -> list[dict]:
     import functools
 
     import jax
 
+    from benchmarks import gpu_trace
     from pallas_kernels import moe, tuning
     from pallas_kernels.moe import dispatch, moe_reference, moe_triton, quantize_int8
     from pallas_kernels.moe.mosaic_moe import MAX_TOKENS as MOSAIC_MAX_TOKENS
@@ -342,8 +343,11 @@ def bench(shape_name, T, *, tiny) -> list[dict]:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             log(traceback.format_exc(limit=3))
         rows.append(row)
+    cases = {k: v[:2] for k, v in timed.items()}
+    if profile:  # the chain's own cost per call (the link between calls, see tuning._depend): x returned as is
+        cases["chain_floor"] = (lambda x, *_: x, sets)
     errors: dict[str, str] = {}
-    times = tuning.time_interleaved({k: v[:2] for k, v in timed.items()}, repeats=3 if tiny else 9, errors=errors)
+    times = tuning.time_interleaved(cases, repeats=3 if tiny else 9, errors=errors)
     for row in rows:
         name = row["impl"]
         if name in times:
@@ -354,6 +358,15 @@ def bench(shape_name, T, *, tiny) -> list[dict]:
             row["error"] = errors[name]
         log(f"{shape_name} T={T} {name}: {row.get('us', '-')} us, {row.get('GB/s', '-')} GB/s "
             f"{row.get('error', '')}")
+        if profile and name in ("ours", "ours_int8") and name in times:  # where one call's time goes, by kernel
+            run, calls = tuning.chain(*timed[name][:2], target_ms=0.0, max_calls=SETS)
+            b = gpu_trace.breakdown(gpu_trace.profiled(run, runs=3), 3 * calls, top=8)
+            row["profile"] = b
+            log(f"  busy {b['gpu_busy_us_per_call']:.1f} us, span {b['gpu_span_us_per_call']:.1f} us, "
+                f"{b['kernels_per_call']:.1f} kernels per call: "
+                + "; ".join(f"{k['us_per_call']:.1f} us x{k['count_per_call']:.0f} {k['name'][:60]}" for k in b["top"]))
+    if "chain_floor" in times:
+        rows.append({"shape": shape_name, "T": T, "impl": "chain_floor", "us": round(times["chain_floor"]["us"], 1)})
     del sets, qsets, timed
     jax.clear_caches()
     return rows
@@ -369,6 +382,8 @@ def main() -> None:
     p.add_argument("--families", default=",".join(FAMILIES),
                    help=f"config families --tune searches, comma-separated (default: all of {','.join(FAMILIES)})")
     p.add_argument("--tiny", action="store_true", help="tiny shapes in the Pallas interpreter: a CPU smoke test")
+    p.add_argument("--profile", action="store_true",
+                   help="also time the chain's own cost (chain_floor) and profile ours: time per kernel, busy vs span")
     args = p.parse_args()
     families = tuple(f for f in args.families.split(",") if f)
     if not families or set(families) - set(FAMILIES):
@@ -396,7 +411,7 @@ def main() -> None:
                 save()
     for shape in shapes:
         for T in (TINY_TOKENS if args.tiny else args.tokens):
-            rows += bench(shape, T, tiny=args.tiny)
+            rows += bench(shape, T, tiny=args.tiny, profile=args.profile)
             save()
     cols = ["shape", "T", "impl", "experts_touched", "us", "GB/s", "max_rel_err", "picked", "error"]
     print(table(rows, [c for c in cols if any(c in r for r in rows)]))

@@ -8,20 +8,19 @@ Each variant runs in its own process (XLA flags are read once per process). CPU:
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import device, table, versions, write_result  # noqa: E402
 from benchmarks.decode import QWEN25_CODER_1_5B, TINY  # noqa: E402
+from benchmarks.gpu_trace import breakdown, events_from  # noqa: E402
 
 _ALL_CMDS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION"
 # name -> (XLA_FLAGS, attention implementation, profile?)
@@ -37,31 +36,13 @@ VARIANTS = {
 
 
 def kernel_breakdown(trace_dir: str, steps: int) -> dict:
-    """GPU kernel time per decode step, by kernel name, from the profiler's xplane file."""
-    from jax.profiler import ProfileData
-
-    path = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]
-    per_name = defaultdict(lambda: [0.0, 0])
-    busy = 0.0
-    span = [float("inf"), 0.0]
-    for plane in ProfileData.from_file(path).planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if "stream" not in line.name.lower() or "memcpy" in line.name.lower():
-                continue
-            for ev in line.events:
-                per_name[ev.name][0] += ev.duration_ns
-                per_name[ev.name][1] += 1
-                busy += ev.duration_ns
-                span = [min(span[0], ev.start_ns), max(span[1], ev.start_ns + ev.duration_ns)]
-    top = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:30]
-    return {
-        "gpu_busy_ms_per_step": busy / 1e6 / steps,
-        "gpu_span_ms_per_step": (span[1] - span[0]) / 1e6 / steps if busy else 0.0,
-        "kernels_per_step": sum(c for _, c in per_name.values()) / steps,
-        "top": [{"name": n[:90], "us_per_step": t / 1e3 / steps, "count_per_step": c / steps} for n, (t, c) in top],
-    }
+    """GPU kernel time per decode step, by kernel name, from the profiler's xplane file (`gpu_trace.breakdown`)."""
+    b = breakdown(events_from(trace_dir), steps)
+    return {"gpu_busy_ms_per_step": b["gpu_busy_us_per_call"] / 1e3,
+            "gpu_span_ms_per_step": b["gpu_span_us_per_call"] / 1e3,
+            "kernels_per_step": b["kernels_per_call"],
+            "top": [{"name": k["name"][:90], "us_per_step": k["us_per_call"], "count_per_step": k["count_per_call"]}
+                    for k in b["top"]]}
 
 
 def measure(model, cfg, batch: int, args) -> dict:

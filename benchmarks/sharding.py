@@ -63,16 +63,23 @@ def shapes(tiny: bool) -> dict:
 # ---- one scenario (subprocess) ---------------------------------------------------------------------------------
 
 
-def worker(scenario: str, tiny: bool, parts: str = "layer,step") -> dict:
+# profiled with --profile: one call each under jax.profiler, for how much of the NCCL time ran beside compute
+PROFILED = ("ag_matmul_nocomm", "ag_matmul_sp", "ag_matmul_ring", "ag_matmul_ring4", "ag_matmul_bidi",
+            "matmul_rs_sp", "matmul_rs_ring", "matmul_rs_bidi", "prefill_xla", "prefill_ring4", "prefill_bidi",
+            "prefill_nocomm")
+
+
+def worker(scenario: str, tiny: bool, parts: str = "layer,step", profile: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from benchmarks import gpu_trace
     from codegen_jax import Engine, EngineConfig, ModelConfig, init_model
     from codegen_jax.parallel import parallelize, shard_cache, shard_model
-    from pallas_kernels.tuning import time_interleaved
+    from pallas_kernels.tuning import chain, time_interleaved
     from sharding import strategy as S
     from sharding import tensor_parallel as TP
     from sharding.mesh import interconnect, make_mesh
@@ -98,6 +105,13 @@ def worker(scenario: str, tiny: bool, parts: str = "layer,step") -> dict:
         for name, t in time_interleaved(cases, **timing).items():
             out[group][name] = t["us"]
             out["spread_us"][name] = [round(t["lo"], 1), round(t["hi"], 1)]
+        if profile:
+            for name in (n for n in cases if n in PROFILED):
+                run, calls = chain(*cases[name], target_ms=0.0, max_calls=1)
+                events = gpu_trace.profiled(run, runs=3)
+                out.setdefault("profile", {})[name] = {
+                    "overlap": gpu_trace.overlap(events, 3 * calls),
+                    "top": gpu_trace.breakdown(events, 3 * calls, top=8)["top"]}
 
     # Per-layer collective matmuls.
     if not only_xla and "layer" in parts:
@@ -190,12 +204,13 @@ def summarize(r: dict) -> dict:
     return s
 
 
-def run_scenario(name: str, tiny: bool, timeout: int, parts: str = "layer,step") -> dict:
+def run_scenario(name: str, tiny: bool, timeout: int, parts: str = "layer,step", profile: bool = False) -> dict:
     env = {**os.environ, **SCENARIOS[name], "PYTHONPATH": str(ROOT)}
     if tiny:  # the GPU flags are unknown to the CPU backend
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     cmd = [sys.executable, "-m", "benchmarks.sharding", "--worker", name, "--parts", parts] + (["--tiny"] if tiny
                                                                                                 else [])
+    cmd += ["--profile"] if profile else []
     t = time.perf_counter()
     try:
         p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -216,17 +231,19 @@ def main(argv=None):
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
     ap.add_argument("--timeout", type=int, default=200, help="seconds per scenario")
     ap.add_argument("--parts", default="layer,step", help="layer (collective matmuls), step (TP=2 model steps)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one call of the main variants: NCCL time, and how much of it ran beside compute")
     ap.add_argument("--no-write", action="store_true", help="print only (tests)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(MARK + json.dumps(worker(args.worker, args.tiny, args.parts)), flush=True)
+        print(MARK + json.dumps(worker(args.worker, args.tiny, args.parts, args.profile)), flush=True)
         return
     results = []
     for name in args.scenarios.split(","):
         if name not in SCENARIOS:
             ap.error(f"unknown scenario {name!r}; pick from {', '.join(SCENARIOS)}")
-        results.append(run_scenario(name, args.tiny, args.timeout, args.parts))
+        results.append(run_scenario(name, args.tiny, args.timeout, args.parts, args.profile))
         r = results[-1]
         print(f"== {name}: " + (r.get("error") or json.dumps(r["summary"])), flush=True)
         if "error" not in r:
@@ -234,6 +251,11 @@ def main(argv=None):
             rows = [{"what": k, "us": round(v, 1), "min..max": "..".join(map(str, spread.get(k, [])))}
                     for k, v in {**r["layer_us"], **r["step_us"]}.items()]
             print(table(rows, ["what", "us", "min..max"]), flush=True)
+            prof = [{"what": k, "device": d[-5:], **{c: round(v, 1) if isinstance(v, float) else v
+                                                    for c, v in o.items()}}
+                    for k, p in r.get("profile", {}).items() for d, o in p["overlap"].items()]
+            if prof:
+                print(table(prof, list(prof[0])), flush=True)
     if args.no_write:
         return
     path = write_result("sharding_tiny" if args.tiny else "sharding",

@@ -82,7 +82,7 @@ def _depend(args: tuple, out) -> tuple:
     return tuple(a + zero.astype(a.dtype) if i in link else a for i, a in enumerate(args))
 
 
-def _chain(fn: Callable, inputs: tuple | Sequence[tuple], target_ms: float, max_calls: int):
+def chain(fn: Callable, inputs: tuple | Sequence[tuple], target_ms: float, max_calls: int):
     """(run, n): `run()` executes one jitted chain of n calls of `fn` over the rotating input sets (each call
     depending on the previous one, see `_depend`) and waits for it; compiled and warmed up."""
     sets = [inputs] if isinstance(inputs, tuple) else list(inputs)
@@ -120,7 +120,7 @@ def time_us(fn: Callable, inputs: tuple | Sequence[tuple], *, repeats: int = 7, 
     median over `repeats` runs, divided by n, is the time of one call as it runs inside a larger jitted step (the
     engine's decode loop), not the time of a Python dispatch.
     """
-    run, n = _chain(fn, inputs, target_ms, max_calls)
+    run, n = chain(fn, inputs, target_ms, max_calls)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -142,7 +142,7 @@ def time_interleaved(cases: dict[str, tuple[Callable, tuple | Sequence[tuple]]],
     chains = {}
     for name, (fn, inputs) in cases.items():
         try:
-            chains[name] = _chain(fn, inputs, target_ms, max_calls)
+            chains[name] = chain(fn, inputs, target_ms, max_calls)
         except Exception as e:
             if errors is None:
                 raise

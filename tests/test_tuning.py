@@ -98,13 +98,13 @@ def test_time_interleaved_warms_the_chains_up_before_timing(rng, monkeypatch):
     # the chains run round-robin for warmup_s before the timed runs (a GPU's clocks ramp up from idle)
     x = jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)
     runs = []
-    real_chain = tuning._chain
+    real_chain = tuning.chain
 
     def counting_chain(fn, inputs, target_ms, max_calls):
         run, n = real_chain(fn, inputs, target_ms, max_calls)
         return (lambda: runs.append(1) or run()), n
 
-    monkeypatch.setattr(tuning, "_chain", counting_chain)
+    monkeypatch.setattr(tuning, "chain", counting_chain)
     tuning.time_interleaved({"a": (jnp.tanh, (x,))}, repeats=3, max_calls=4, warmup_s=0.0)
     assert len(runs) == 3
     runs.clear()
