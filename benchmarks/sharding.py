@@ -40,6 +40,10 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     "p2p_disabled_lhs": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": LHS_FLAG},
     "nvlink": {},
     "p2p_disabled_xla_flags": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": XLA_OVERLAP_FLAGS},
+    # host-staged as p2p_disabled, but NCCL's shared-memory transport copies with the copy engines
+    # (cudaMemcpyAsync from its proxy thread, both sides) instead of loads and stores from its kernel's SMs, which
+    # a profile showed slowing the matmuls they ran beside
+    "p2p_disabled_ce": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_USE_CUDA_MEMCPY": "1", "NCCL_SHM_MEMCPY_MODE": "3"},
 }
 MARK = "RESULT "
 # per-layer variants: 'ringC' is the one-direction ring with each shard sent as C pieces
@@ -256,6 +260,9 @@ def main(argv=None):
                     for k, p in r.get("profile", {}).items() for d, o in p["overlap"].items()]
             if prof:
                 print(table(prof, list(prof[0])), flush=True)
+                for k, p in r["profile"].items():
+                    print(f"{k}: " + "; ".join(f"{t['us_per_call']:.0f} us x{t['count_per_call']:.1f} {t['name'][:50]}"
+                                               for t in p["top"][:6]), flush=True)
     if args.no_write:
         return
     path = write_result("sharding_tiny" if args.tiny else "sharding",
