@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 XLA_OVERLAP_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_threshold_for_windowed_einsum_mib=0 "
                      "--xla_gpu_multi_streamed_windowed_einsum=true")
 LHS_FLAG = "--xla_gpu_enable_latency_hiding_scheduler=true"
+NO_COMBINE_FLAGS = f"{LHS_FLAG} --xla_gpu_collective_permute_combine_threshold_bytes=0"
 SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the run is cut short
     "p2p_disabled": {"NCCL_P2P_DISABLE": "1"},
     # every strategy again with XLA's latency-hiding scheduler, which may move a ring's async collective-permute
@@ -43,7 +44,10 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     # host-staged as p2p_disabled, but NCCL's shared-memory transport copies with the copy engines
     # (cudaMemcpyAsync from its proxy thread, both sides) instead of loads and stores from its kernel's SMs, which
     # a profile showed slowing the matmuls they ran beside
-    "p2p_disabled_ce": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_USE_CUDA_MEMCPY": "1", "NCCL_SHM_MEMCPY_MODE": "3"},
+    # rings as they are meant to run: XLA combined a ring's independent piece transfers into one (the profile
+    # showed one SendRecv kernel per all-gather ring of 4 pieces), so no piece's matmul could start before the
+    # last piece landed; the latency-hiding scheduler (said explicitly) starts each transfer as early as it can
+    "p2p_disabled_nocombine": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": NO_COMBINE_FLAGS},
 }
 MARK = "RESULT "
 # per-layer variants: 'ringC' is the one-direction ring with each shard sent as C pieces
@@ -69,8 +73,8 @@ def shapes(tiny: bool) -> dict:
 
 # profiled with --profile: one call each under jax.profiler, for how much of the NCCL time ran beside compute
 PROFILED = ("ag_matmul_nocomm", "ag_matmul_sp", "ag_matmul_ring", "ag_matmul_ring4", "ag_matmul_bidi",
-            "matmul_rs_sp", "matmul_rs_ring", "matmul_rs_bidi", "prefill_xla", "prefill_ring4", "prefill_bidi",
-            "prefill_nocomm")
+            "matmul_rs_sp", "matmul_rs_ring", "matmul_rs_ring4", "matmul_rs_bidi", "prefill_xla", "prefill_ring4",
+            "prefill_bidi", "prefill_nocomm")
 
 
 def worker(scenario: str, tiny: bool, parts: str = "layer,step", profile: bool = False) -> dict:
