@@ -193,14 +193,35 @@ def w8a8_configs(T: int, *, quick: bool) -> list:
     return out
 
 
-FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "w8a8", "mosaic")  # --families
+def split_configs(D: int, F: int, *, quick: bool) -> list:
+    """fused_route="split" candidates (T=1, two kernels of many short programs: gate/up partial sums over
+    k_splits D ranges per (expert, F tile), then the down projection per (expert, D tile)): column blocks 16..64,
+    k-steps 128 and 256, 1, 2 and 4 D ranges, down tiles 16..64 with 128..256-row F steps, each gate/up tile at
+    most 16K float32 values. 8 candidates (12 when not quick)."""
+    from pallas_kernels.moe import TritonMoEConfig
+
+    picks = [(32, 256, 2, 32, 256), (16, 256, 2, 32, 256), (32, 128, 4, 32, 256), (16, 256, 4, 16, 256),
+             (32, 256, 1, 32, 256), (64, 128, 2, 64, 128), (16, 128, 4, 32, 128), (32, 256, 4, 16, 128)]
+    if not quick:
+        picks += [(16, 256, 8, 32, 256), (64, 256, 1, 64, 256), (32, 128, 2, 16, 256), (16, 128, 2, 64, 128)]
+    out = []
+    for bf, bk, splits, bd, bkf in picks:
+        if F % bf or F % bkf or D % (bk * splits) or D % bd:
+            continue
+        out.append(TritonMoEConfig(block_f=bf, block_k=bk, k_splits=splits, block_d=bd, block_kf=bkf,
+                                   fused_route="split"))
+    return out
+
+
+FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "w8a8", "mosaic")  # --families
 
 
 def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048,
                    families: tuple[str, ...] = FAMILIES) -> list:
     """The Triton kernel's candidates at T tokens: plan's choice ("default"), the dot mode over column blocks and
     stages, wider row tiles at T >= 64 ("dot"), the GEMV mode and fused_combine at decode sizes ("gemv",
-    "fused"), inline routing and the one-kernel path at T=1 ("inline", "single"); `families` picks among them."""
+    "fused"), inline routing, the one-kernel and the split two-kernel paths at T=1 ("inline", "single", "split");
+    `families` picks among them."""
     from pallas_kernels.moe import TritonMoEConfig
     from pallas_kernels.moe.triton_moe import gemv_expected
 
@@ -220,6 +241,8 @@ def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048
         configs += inline_configs(quick=quick)
     if T == 1 and "single" in families:
         configs += single_configs(D, quick=quick)
+    if T == 1 and "split" in families:
+        configs += split_configs(D, F, quick=quick)
     return list(dict.fromkeys(configs))
 
 

@@ -258,12 +258,16 @@ def test_fused_combine_int8(rng, E, top_k, D, F, T, config):
 # comparison. fused_route="single" (one kernel): each program routes, runs its expert's F tile through gate/up and
 # adds its share of the down projection into the float32 output atomically; a program that added nothing, or
 # twice, or read a dead expert fails the comparison or leaks NaN (down steps as wide as the column block and
-# wider, gate/up k-steps of one and several per D).
+# wider, gate/up k-steps of one and several per D). fused_route="split": partial gate/up sums over 2 or 4 D
+# ranges (one and two k-steps each) that the down kernel adds up; a missing or doubled partial fails.
 ONE_TOKEN_CONFIGS = {
     "inline-gemv1": TritonMoEConfig(block_m=1, block_f=16, block_d=16, block_k=32, block_kf=16, fused_route="inline"),
     "inline-dot16": TritonMoEConfig(block_m=16, fused_route="inline"),
     "single-bd16": TritonMoEConfig(block_f=16, block_d=16, block_k=32, fused_route="single"),
     "single-bd32": TritonMoEConfig(block_f=16, block_d=32, block_k=16, num_warps=8, fused_route="single"),
+    "split-s2": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2, fused_route="split"),
+    "split-s2-bd32": TritonMoEConfig(block_f=16, block_d=32, block_k=16, k_splits=2, num_warps=8,
+                                     fused_route="split"),
 }
 
 
@@ -279,7 +283,14 @@ def test_one_token_paths_int8(rng, config):
     check_int8(rng, 1, 128, 64, 32, 8, config=ONE_TOKEN_CONFIGS[config])
 
 
-@pytest.mark.parametrize("config", ["inline-dot16", "single-bd16"])
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
+def test_split_over_four_d_ranges(rng, int8):
+    # Qwen3-30B-A3B's E and top-k at D=64: four ranges of one 16-row k-step each, the down kernel summing all four
+    config = TritonMoEConfig(block_f=16, block_d=32, block_k=16, k_splits=4, fused_route="split")
+    (check_int8 if int8 else check)(rng, 1, 128, 64, 32, 8, config=config)
+
+
+@pytest.mark.parametrize("config", ["inline-dot16", "single-bd16", "split-s2"])
 def test_one_token_paths_skip_dead_experts(rng, config):
     experts = check(rng, 1, 8, 32, 48, 2, bias=dead_experts_bias, config=ONE_TOKEN_CONFIGS[config])
     assert not np.isin(experts, DEAD).any()
@@ -336,6 +347,12 @@ def test_fused_combine_is_a_tuner_candidate():
     # and the one-kernel path, at T=1 only
     assert any(c.fused_route == "single" for c in triton_configs(1, E, K, F, quick=True))
     assert not any(c.fused_route == "single" for c in triton_configs(8, E, K, F, quick=False))
+    # and the split two-kernel path, at T=1 only, every candidate's blocks fitting the shape
+    split = [c for c in triton_configs(1, E, K, F, quick=True) if c.fused_route == "split"]
+    assert split and {c.k_splits for c in split} >= {1, 2, 4}
+    for c in split:
+        plan(1, 2048, F, E, K, c, sms=132)
+    assert not any(c.fused_route == "split" for c in triton_configs(8, E, K, F, quick=False))
     assert not TritonMoEConfig().fused_combine  # the default stays unfused until the tuned table picks it
 
 
@@ -408,7 +425,9 @@ def test_config_validates_itself():
                dict(block_k=1024), dict(num_warps=3), dict(num_stages=0), dict(fused_route="all"),
                dict(fused_combine=True, fused_route="yes"), dict(fused_combine=True, fused_route="inline"),
                dict(fused_combine=True, fused_route="single"), dict(block_m=16, fused_route="single"),
-               dict(w8a8=True, block_m=1), dict(w8a8=True, fused_combine=True), dict(w8a8=True, fused_route="single")):
+               dict(w8a8=True, block_m=1), dict(w8a8=True, fused_combine=True), dict(w8a8=True, fused_route="single"),
+               dict(k_splits=2), dict(k_splits=3, fused_route="split"), dict(block_m=16, fused_route="split"),
+               dict(fused_combine=True, fused_route="split")):
         with pytest.raises(ValueError):
             TritonMoEConfig(**kw)
     for bm in (1, 2, 4, 8, 16, 128):  # GEMV rows per pass, dot rows
@@ -471,7 +490,8 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
     if T == 1:  # the gate/up kernel routes, both modes
         configs += [TritonMoEConfig(block_m=16, block_f=32, block_d=32, fused_route="inline"),
                     TritonMoEConfig(block_m=1, fused_route="inline"),
-                    TritonMoEConfig(block_f=32, block_d=256, block_k=256, fused_route="single")]
+                    TritonMoEConfig(block_f=32, block_d=256, block_k=256, fused_route="single"),
+                    TritonMoEConfig(block_f=32, block_d=32, block_k=128, k_splits=2, fused_route="split")]
     if int8:  # int8 x int8 dots, both routings at T=1
         configs += [TritonMoEConfig(w8a8=True)] + ([TritonMoEConfig(w8a8=True, block_f=64, block_d=64,
                                                                     fused_route="inline")] if T == 1 else [])

@@ -67,7 +67,9 @@ GEMV_ROWS = (1, 2, 4, 8)  # block_m values selecting GEMV mode: rows one pass ov
 GEMV_MAX_MEAN_ROWS = 1.1
 GEMV_ACC2D_MAX = 16384  # float32 accumulator values per GEMV program (128 registers a thread at 4 warps)
 FUSED_ROUTES = ("none", "topk", "all")  # TritonMoEConfig.fused_route with fused_combine
-ROUTES = FUSED_ROUTES + ("inline", "single")  # T=1 without fused_combine: "inline" 4 launches, "single" 1 kernel
+# T=1 without fused_combine: "inline" 4 launches, "single" 1 kernel, "split" 2 kernels
+ONE_TOKEN_ROUTES = ("inline", "single", "split")
+ROUTES = FUSED_ROUTES + ONE_TOKEN_ROUTES
 # fused_route="all": one program per token streams the whole router (512 KB at Qwen3-30B), so it wants many
 # loads in flight: [E, block_k] tiles of up to this many float32 products, 8 warps, 4 stages (not yet timed)
 ROUTE_ACC_MAX = 16384
@@ -123,6 +125,14 @@ class TritonMoEConfig:
       in block_d column steps, added atomically into a float32 [1, D] output: every touched weight is read once,
       no h goes through memory and no kernel waits for another (logits, the kernel and the cast to x's dtype are
       the launches). The partial sums land in any order: float32 rounding may differ from run to run.
+      "split" (T=1, GEMV mode, fused_combine False): two kernels with many short programs, for shapes where a
+      program per (expert, F tile) is too few to keep HBM busy (Qwen3-30B: 192 programs of ~260 KB each, gate/up
+      at ~2.2 TB/s on the H200 where 235B's 1 MB programs reach ~3.5). `_split_gate_up_kernel`, grid
+      (K, F / block_f, k_splits): program (k, j, s) routes as "inline" and writes float32 partial gate and up sums
+      of its expert's F tile j over D rows [s * D / k_splits, (s + 1) * D / k_splits); `_split_down_kernel`,
+      grid (K, D / block_d): program (k, i) routes again, sums the k_splits partials of its expert, applies SiLU
+      and writes w_k * h_k @ Wd[e_k, :, tile i] into a float32 [K, D]; XLA sums the K rows (logits, 2 kernels, the
+      sum: 4 launches, no atomics, the same bits every run).
     w8a8: (int8 weights, the dot mode, fused_route "none" or "inline") the activations go to the tensor cores as
       int8 too: token rows quantised per row (max |x| / 127) before the gate/up kernel, h per (row, F tile) inside
       it, so both kernels run int8 x int8 -> int32 dots with no conversion of the weight tiles, and the scales
@@ -140,6 +150,7 @@ class TritonMoEConfig:
     fused_combine: bool = False
     fused_route: str = "none"
     w8a8: bool = False
+    k_splits: int = 1  # fused_route="split": D row ranges per (expert, F tile) of the gate/up kernel
 
     def __post_init__(self):
         for name in ("block_f", "block_k", "block_d", "block_kf"):
@@ -157,11 +168,13 @@ class TritonMoEConfig:
             raise ValueError(f"fused_route={self.fused_route!r} must be one of {', '.join(ROUTES)}")
         if self.fused_route in ("topk", "all") and not self.fused_combine:
             raise ValueError(f"fused_route={self.fused_route!r} needs fused_combine=True (it feeds the fused down)")
-        if self.fused_route in ("inline", "single") and self.fused_combine:
+        if self.fused_route in ONE_TOKEN_ROUTES and self.fused_combine:
             raise ValueError(f"fused_route={self.fused_route!r} does its own down projection: it needs "
                              "fused_combine=False")
-        if self.fused_route == "single" and bm is not None and bm != 1:
-            raise ValueError(f"fused_route='single' is GEMV-only: block_m must be 1 or None, got {bm}")
+        if self.fused_route in ("single", "split") and bm is not None and bm != 1:
+            raise ValueError(f"fused_route={self.fused_route!r} is GEMV-only: block_m must be 1 or None, got {bm}")
+        if self.k_splits < 1 or not _pow2(self.k_splits) or (self.k_splits > 1 and self.fused_route != "split"):
+            raise ValueError(f"k_splits={self.k_splits}: a power of two, above 1 only with fused_route='split'")
         if self.w8a8 and (self.fused_combine or self.fused_route not in ("none", "inline")
                           or (bm is not None and bm < MIN_DOT)):
             raise ValueError("w8a8 runs the dot mode's per-slot kernels: block_m >= 16 or None, no fused_combine, "
@@ -181,6 +194,7 @@ class Plan(NamedTuple):
     fused_route: str = "none"
     route_block_k: int = 0  # D columns per `_route_kernel` step with fused_route="all"
     w8a8: bool = False
+    k_splits: int = 1
 
     @property
     def gemv(self) -> bool:
@@ -249,10 +263,12 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
         if not b or n % b:
             raise NotImplementedError(f"{name}={b} does not divide {n} (power-of-two blocks >= {MIN_DOT})")
     rbk = 0
-    if config.fused_route in ("inline", "single") and T != 1:
+    if config.fused_route in ONE_TOKEN_ROUTES and T != 1:
         raise NotImplementedError(f"fused_route={config.fused_route!r} is the one-token path, got T={T}")
-    if config.fused_route == "single":
+    if config.fused_route in ("single", "split"):
         bm = 1
+    if D % (config.k_splits * bk):
+        raise NotImplementedError(f"k_splits={config.k_splits} x block_k={bk} does not divide D={D}")
     if config.fused_route != "none" and not _pow2(E):
         raise NotImplementedError(f"fused_route needs a power-of-two expert count (Triton blocks), got E={E}")
     if config.fused_route == "all":
@@ -260,7 +276,7 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
         while D % rbk:
             rbk //= 2
     return Plan(bm, bf, bk, bd, bkf, slots, config.num_warps, config.num_stages, config.fused_combine,
-                config.fused_route, rbk, config.w8a8)
+                config.fused_route, rbk, config.w8a8, config.k_splits)
 
 
 def gemv_expected(T: int, E: int, top_k: int) -> bool:
@@ -425,19 +441,21 @@ def _to_int8(y):
     return jnp.clip(q, -127.0, 127.0).astype(jnp.int32).astype(jnp.int8)
 
 
-def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block_k: int, one_token: bool = False):
+def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block_k: int, one_token: bool = False,
+               k_lo=0, k_len: int | None = None):
     """One pass over columns [c0, c0 + block_c) of expert e's weights for the sorted rows r0 .. r0 + rows - 1:
     returns acc[i][j] = x[r0 + i] @ w_refs[j][e, :, c0:c0 + block_c] in float32 ([block_c] each). Each k-step
     loads every weight tile once and shares it across the rows; row 0 is always live, rows i >= live are skipped
-    by a branch (nothing loaded, accumulators stay 0). one_token: x_ref is x [1, D], every row token 0's."""
-    K = x_ref.shape[1]
+    by a branch (nothing loaded, accumulators stay 0). one_token: x_ref is x [1, D], every row token 0's.
+    k_lo, k_len: only the contracted rows [k_lo, k_lo + k_len) (default all), a partial sum."""
+    K = x_ref.shape[1] if k_len is None else k_len
     # [BK, BC] float32 accumulators reduced once after the loop, where they fit in registers: a reduction over
     # BK every k-step is a cross-warp shared-memory round trip (H100, Qwen3-30B T=1: 77 vs 82 us at
     # block_f=64, block_k=128); past GEMV_ACC2D_MAX values per program they would spill
     acc2d = rows * len(w_refs) * block_k * block_c <= GEMV_ACC2D_MAX
 
     def k_step(kk, acc):
-        k0 = pl.multiple_of(kk * block_k, block_k)
+        k0 = pl.multiple_of(k_lo + kk * block_k, block_k)
         # int8 or bf16 -> float32 in registers; the multiply-reduce runs on the CUDA cores
         ws = [w_ref[e, pl.ds(k0, block_k), pl.ds(c0, block_c)].astype(jnp.float32) for w_ref in w_refs]  # [BK, BC]
 
@@ -677,6 +695,72 @@ def _single_kernel(
     lax.fori_loop(0, D // block_d, d_step, 0)
 
 
+def _split_gate_up_kernel(
+    logits_ref,  # [1, E] float32 router logits of the one token
+    x_ref,  # [1, D]
+    wg_ref,  # [E, D, F] (int8 when quantised)
+    wu_ref,  # [E, D, F]
+    *rest,  # (sg_ref [E, F], su_ref [E, F] float32 when quantised), gu_ref out [k_splits * K * 2, F] float32
+    top_k: int,
+    norm_topk_prob: bool,
+    block_f: int,
+    block_k: int,
+    quantized: bool,
+):
+    """fused_route="split", gate/up (see TritonMoEConfig): program (k, j, s) writes its expert's partial gate and up
+    sums over D rows [s * D / k_splits, ...) for F columns [f0, f0 + block_f), rows 2 (s K + k) and +1 of gu."""
+    gu_ref = rest[-1]
+    k, s, splits = pl.program_id(0), pl.program_id(2), pl.num_programs(2)
+    f0 = pl.multiple_of(pl.program_id(1) * block_f, block_f)
+    k_len = x_ref.shape[1] // splits
+    e, _ = _kth_choice(logits_ref, k, top_k, norm_topk_prob)
+    ((g, u),) = _gemv_pass(x_ref, (wg_ref, wu_ref), e, 0, 1, f0, rows=1, block_c=block_f, block_k=block_k,
+                           one_token=True, k_lo=s * k_len, k_len=k_len)
+    if quantized:  # per-column scales: linear, so each partial takes them
+        g = g * rest[0][e, pl.ds(f0, block_f)]
+        u = u * rest[1][e, pl.ds(f0, block_f)]
+    row = 2 * (s * top_k + k)
+    gu_ref[row, pl.ds(f0, block_f)] = g
+    gu_ref[row + 1, pl.ds(f0, block_f)] = u
+
+
+def _split_down_kernel(
+    logits_ref,  # [1, E] float32
+    gu_ref,  # [k_splits * K * 2, F] float32 partial gate/up sums
+    wd_ref,  # [E, F, D] (int8 when quantised)
+    *rest,  # (sd_ref [E, D] float32 when quantised), o_ref out [K, D] float32
+    top_k: int,
+    norm_topk_prob: bool,
+    splits: int,
+    block_d: int,
+    block_kf: int,
+    quantized: bool,
+    h_dtype,
+):
+    """fused_route="split", down: program (k, i) writes o[k, i-th D tile] = w_k * (h_k @ Wd[e_k, :, tile]), h_k
+    = silu(g) * u from the summed partials, rounded to x's dtype as the reference's h is."""
+    o_ref = rest[-1]
+    k = pl.program_id(0)
+    d0 = pl.multiple_of(pl.program_id(1) * block_d, block_d)
+    e, w = _kth_choice(logits_ref, k, top_k, norm_topk_prob)
+    acc2d = block_kf * block_d <= GEMV_ACC2D_MAX  # reduce over F once after the loop (see _gemv_pass)
+
+    def step(i, acc):
+        f0 = pl.multiple_of(i * block_kf, block_kf)
+        g = sum(gu_ref[2 * (s * top_k + k), pl.ds(f0, block_kf)] for s in range(splits))
+        u = sum(gu_ref[2 * (s * top_k + k) + 1, pl.ds(f0, block_kf)] for s in range(splits))
+        h = (_silu(g) * u).astype(h_dtype).astype(jnp.float32)  # [BKF]
+        y = h[:, None] * wd_ref[e, pl.ds(f0, block_kf), pl.ds(d0, block_d)].astype(jnp.float32)  # [BKF, BD]
+        return acc + (y if acc2d else jnp.sum(y, axis=0))
+
+    acc = lax.fori_loop(0, wd_ref.shape[1] // block_kf, step,
+                        jnp.zeros((block_kf, block_d) if acc2d else (block_d,), jnp.float32))
+    o = (jnp.sum(acc, axis=0) if acc2d else acc) * w
+    if quantized:
+        o = o * rest[0][e, pl.ds(d0, block_d)]
+    o_ref[k, pl.ds(d0, block_d)] = o
+
+
 def _route_kernel(
     *refs,  # block_k 0: logits_ref [T, E] float32; else x_ref [T, D], r_ref [E, D] (the router)
     #         then w_ref out [T, K] float32 routing weights, ex_ref out [T, K] int32 expert ids (best first),
@@ -806,9 +890,10 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
     fused = plan.fused_combine
     one_token = fused and T == 1  # the gate/up kernel reads x [1, D] itself
 
-    if plan.fused_route == "single":
-        return _moe_single(x, router, w_gate, w_up, w_down, top_k=top_k, norm_topk_prob=norm_topk_prob, plan=plan,
-                           interpret=interpret)
+    if plan.fused_route in ("single", "split"):
+        one = _moe_single if plan.fused_route == "single" else _moe_split
+        return one(x, router, w_gate, w_up, w_down, top_k=top_k, norm_topk_prob=norm_topk_prob, plan=plan,
+                   interpret=interpret)
     inline = plan.fused_route == "inline"  # T=1: the gate/up kernel routes (see TritonMoEConfig)
     if plan.fused_route in ("topk", "all"):
         weights, experts, *meta = _route_fused(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob,
@@ -945,3 +1030,44 @@ def _moe_single(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan,
         name=f"moe_single_bf{bf}_bk{bk}_bd{bd}",
     )(*args)
     return out.astype(x.dtype)
+
+
+def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interpret):
+    """fused_route="split": the one-token MoE as XLA's logits, `_split_gate_up_kernel`, `_split_down_kernel` and
+    XLA's sum over the K experts' rows."""
+    _, D = x.shape
+    E, _, F = w_gate.shape
+    bf, bk, bd, bkf, S = plan.block_f, plan.block_k, plan.block_d, plan.block_kf, plan.k_splits
+    quantized = isinstance(w_gate, QuantizedWeight)
+    ws = [w.values if quantized else w for w in (w_gate, w_up, w_down)]
+    logits = jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32)  # [1, E]
+    params = pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
+
+    def full(shape):  # whole arrays: the kernels index them themselves
+        return pl.BlockSpec(shape, lambda *ids: (0,) * len(shape))
+
+    args = (logits, x, ws[0], ws[1], *([w_gate.scale, w_up.scale] if quantized else []))
+    gu = pl.pallas_call(
+        functools.partial(_split_gate_up_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_f=bf, block_k=bk,
+                          quantized=quantized),
+        grid=(top_k, F // bf, S),
+        in_specs=[full(a.shape) for a in args],
+        out_specs=full((S * top_k * 2, F)),
+        out_shape=jax.ShapeDtypeStruct((S * top_k * 2, F), jnp.float32),
+        compiler_params=params,
+        interpret=interpret,
+        name=f"moe_split_gate_up_bf{bf}_bk{bk}_s{S}",
+    )(*args)
+    args = (logits, gu, ws[2], *([w_down.scale] if quantized else []))
+    out = pl.pallas_call(
+        functools.partial(_split_down_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, splits=S, block_d=bd,
+                          block_kf=bkf, quantized=quantized, h_dtype=x.dtype),
+        grid=(top_k, D // bd),
+        in_specs=[full(a.shape) for a in args],
+        out_specs=full((top_k, D)),
+        out_shape=jax.ShapeDtypeStruct((top_k, D), jnp.float32),
+        compiler_params=params,
+        interpret=interpret,
+        name=f"moe_split_down_bd{bd}_bkf{bkf}",
+    )(*args)
+    return jnp.sum(out, axis=0, keepdims=True).astype(x.dtype)
