@@ -195,15 +195,17 @@ def w8a8_configs(T: int, *, quick: bool) -> list:
 
 def split_configs(D: int, F: int, *, quick: bool) -> list:
     """fused_route="split" candidates (T=1, two kernels of many short programs: gate/up partial sums over
-    k_splits D ranges per (expert, F tile), then the down projection per (expert, D tile)): column blocks 16..64,
-    k-steps 128 and 256, 1, 2 and 4 D ranges, down tiles 16..64 with 128..256-row F steps, each gate/up tile at
-    most 16K float32 values. 8 candidates (12 when not quick)."""
+    k_splits D ranges per (expert, F tile), then the down projection per (expert, D tile)): column blocks 32..256,
+    k-steps 32..256, 2 to 8 D ranges, down tiles 64..128 wide with 64..256-row F steps. 8 candidates (12 when
+    not quick)."""
     from pallas_kernels.moe import TritonMoEConfig
 
-    picks = [(32, 256, 2, 32, 256), (16, 256, 2, 32, 256), (32, 128, 4, 32, 256), (16, 256, 4, 16, 256),
-             (32, 256, 1, 32, 256), (64, 128, 2, 64, 128), (16, 128, 4, 32, 128), (32, 256, 4, 16, 128)]
+    # wide rows first: a weight tile's rows are block_f (block_d) contiguous elements, and the first H200 tune
+    # (a8851dc) ranked 16- and 32-column tiles last (32-64 B DRAM segments); the D ranges give the programs
+    picks = [(128, 64, 4, 64, 128), (128, 64, 8, 64, 128), (128, 64, 2, 128, 64), (256, 32, 8, 64, 128),
+             (128, 64, 4, 128, 64), (256, 64, 8, 128, 64), (64, 128, 2, 64, 128), (64, 128, 4, 64, 128)]
     if not quick:
-        picks += [(16, 256, 8, 32, 256), (64, 256, 1, 64, 256), (32, 128, 2, 16, 256), (16, 128, 2, 64, 128)]
+        picks += [(128, 128, 4, 64, 128), (256, 32, 4, 128, 64), (64, 256, 2, 64, 256), (32, 256, 2, 32, 256)]
     out = []
     for bf, bk, splits, bd, bkf in picks:
         if F % bf or F % bkf or D % (bk * splits) or D % bd:
