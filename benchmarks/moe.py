@@ -202,16 +202,21 @@ def split_configs(D: int, F: int, *, quick: bool) -> list:
 
     # wide rows first: a weight tile's rows are block_f (block_d) contiguous elements, and the first H200 tune
     # (a8851dc) ranked 16- and 32-column tiles last (32-64 B DRAM segments); the D ranges give the programs
-    picks = [(128, 64, 4, 64, 128), (128, 64, 8, 64, 128), (128, 64, 2, 128, 64), (256, 32, 8, 64, 128),
-             (128, 64, 4, 128, 64), (256, 64, 8, 128, 64), (64, 128, 2, 64, 128), (64, 128, 4, 64, 128)]
+    # (block_f, block_k, k_splits, block_d, block_kf, f_splits); the second H200 tune (4dc47d0) took
+    # (128, 64, 8, 64, 128, 1) for int8, its down kernel then 23 us of 41 on 64-byte rows: wider down tiles
+    # over F ranges follow
+    picks = [(128, 64, 8, 64, 128, 1), (128, 64, 8, 256, 32, 4), (128, 64, 8, 128, 64, 2),
+             (128, 64, 4, 256, 64, 2), (256, 32, 8, 256, 32, 4), (128, 64, 8, 512, 32, 4),
+             (128, 64, 4, 64, 128, 1), (64, 128, 2, 64, 128, 1)]
     if not quick:
-        picks += [(128, 128, 4, 64, 128), (256, 32, 4, 128, 64), (64, 256, 2, 64, 256), (32, 256, 2, 32, 256)]
+        picks += [(128, 64, 2, 128, 64, 1), (256, 64, 8, 128, 64, 1), (128, 128, 4, 256, 64, 4),
+                  (256, 32, 4, 128, 64, 2)]
     out = []
-    for bf, bk, splits, bd, bkf in picks:
-        if F % bf or F % bkf or D % (bk * splits) or D % bd:
+    for bf, bk, splits, bd, bkf, fsplits in picks:
+        if F % bf or F % (bkf * fsplits) or D % (bk * splits) or D % bd:
             continue
         out.append(TritonMoEConfig(block_f=bf, block_k=bk, k_splits=splits, block_d=bd, block_kf=bkf,
-                                   fused_route="split"))
+                                   f_splits=fsplits, fused_route="split"))
     return out
 
 

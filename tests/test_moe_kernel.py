@@ -288,6 +288,10 @@ def test_split_over_four_d_ranges(rng, int8):
     # Qwen3-30B-A3B's E and top-k at D=64: four ranges of one 16-row k-step each, the down kernel summing all four
     config = TritonMoEConfig(block_f=16, block_d=32, block_k=16, k_splits=4, fused_route="split")
     (check_int8 if int8 else check)(rng, 1, 128, 64, 32, 8, config=config)
+    # and the down kernel over two F ranges of one 16-row step each
+    config = TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2, f_splits=2,
+                             fused_route="split")
+    (check_int8 if int8 else check)(rng, 1, 128, 64, 32, 8, config=config)
 
 
 @pytest.mark.parametrize("config", ["inline-dot16", "single-bd16", "split-s2"])
@@ -427,7 +431,7 @@ def test_config_validates_itself():
                dict(fused_combine=True, fused_route="single"), dict(block_m=16, fused_route="single"),
                dict(w8a8=True, block_m=1), dict(w8a8=True, fused_combine=True), dict(w8a8=True, fused_route="single"),
                dict(k_splits=2), dict(k_splits=3, fused_route="split"), dict(block_m=16, fused_route="split"),
-               dict(fused_combine=True, fused_route="split")):
+               dict(fused_combine=True, fused_route="split"), dict(f_splits=2), dict(f_splits=3, fused_route="split")):
         with pytest.raises(ValueError):
             TritonMoEConfig(**kw)
     for bm in (1, 2, 4, 8, 16, 128):  # GEMV rows per pass, dot rows

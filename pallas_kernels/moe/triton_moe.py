@@ -130,9 +130,10 @@ class TritonMoEConfig:
       at ~2.2 TB/s on the H200 where 235B's 1 MB programs reach ~3.5). `_split_gate_up_kernel`, grid
       (K, F / block_f, k_splits): program (k, j, s) routes as "inline" and writes float32 partial gate and up sums
       of its expert's F tile j over D rows [s * D / k_splits, (s + 1) * D / k_splits); `_split_down_kernel`,
-      grid (K, D / block_d): program (k, i) routes again, sums the k_splits partials of its expert, applies SiLU
-      and writes w_k * h_k @ Wd[e_k, :, tile i] into a float32 [K, D]; XLA sums the K rows (logits, 2 kernels, the
-      sum: 4 launches, no atomics, the same bits every run).
+      grid (K, D / block_d, f_splits): program (k, i, r) routes again, sums the k_splits partials of its expert,
+      applies SiLU and writes w_k * h_k @ Wd[e_k, :, tile i] over the r-th F range into a float32
+      [f_splits * K, D]; XLA sums the rows (logits, 2 kernels, the sum: 4 launches, no atomics, the same bits
+      every run). Both splits let the tiles be wide (128-256 contiguous columns) and still cover the SMs.
     w8a8: (int8 weights, the dot mode, fused_route "none" or "inline") the activations go to the tensor cores as
       int8 too: token rows quantised per row (max |x| / 127) before the gate/up kernel, h per (row, F tile) inside
       it, so both kernels run int8 x int8 -> int32 dots with no conversion of the weight tiles, and the scales
@@ -151,6 +152,7 @@ class TritonMoEConfig:
     fused_route: str = "none"
     w8a8: bool = False
     k_splits: int = 1  # fused_route="split": D row ranges per (expert, F tile) of the gate/up kernel
+    f_splits: int = 1  # fused_route="split": F row ranges per (expert, D tile) of the down kernel
 
     def __post_init__(self):
         for name in ("block_f", "block_k", "block_d", "block_kf"):
@@ -173,8 +175,10 @@ class TritonMoEConfig:
                              "fused_combine=False")
         if self.fused_route in ("single", "split") and bm is not None and bm != 1:
             raise ValueError(f"fused_route={self.fused_route!r} is GEMV-only: block_m must be 1 or None, got {bm}")
-        if self.k_splits < 1 or not _pow2(self.k_splits) or (self.k_splits > 1 and self.fused_route != "split"):
-            raise ValueError(f"k_splits={self.k_splits}: a power of two, above 1 only with fused_route='split'")
+        for name in ("k_splits", "f_splits"):
+            v = getattr(self, name)
+            if v < 1 or not _pow2(v) or (v > 1 and self.fused_route != "split"):
+                raise ValueError(f"{name}={v}: a power of two, above 1 only with fused_route='split'")
         if self.w8a8 and (self.fused_combine or self.fused_route not in ("none", "inline")
                           or (bm is not None and bm < MIN_DOT)):
             raise ValueError("w8a8 runs the dot mode's per-slot kernels: block_m >= 16 or None, no fused_combine, "
@@ -195,6 +199,7 @@ class Plan(NamedTuple):
     route_block_k: int = 0  # D columns per `_route_kernel` step with fused_route="all"
     w8a8: bool = False
     k_splits: int = 1
+    f_splits: int = 1
 
     @property
     def gemv(self) -> bool:
@@ -269,6 +274,8 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
         bm = 1
     if D % (config.k_splits * bk):
         raise NotImplementedError(f"k_splits={config.k_splits} x block_k={bk} does not divide D={D}")
+    if F % (config.f_splits * bkf):
+        raise NotImplementedError(f"f_splits={config.f_splits} x block_kf={bkf} does not divide F={F}")
     if config.fused_route != "none" and not _pow2(E):
         raise NotImplementedError(f"fused_route needs a power-of-two expert count (Triton blocks), got E={E}")
     if config.fused_route == "all":
@@ -276,7 +283,7 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
         while D % rbk:
             rbk //= 2
     return Plan(bm, bf, bk, bd, bkf, slots, config.num_warps, config.num_stages, config.fused_combine,
-                config.fused_route, rbk, config.w8a8, config.k_splits)
+                config.fused_route, rbk, config.w8a8, config.k_splits, config.f_splits)
 
 
 def gemv_expected(T: int, E: int, top_k: int) -> bool:
@@ -728,7 +735,7 @@ def _split_down_kernel(
     logits_ref,  # [1, E] float32
     gu_ref,  # [k_splits * K * 2, F] float32 partial gate/up sums
     wd_ref,  # [E, F, D] (int8 when quantised)
-    *rest,  # (sd_ref [E, D] float32 when quantised), o_ref out [K, D] float32
+    *rest,  # (sd_ref [E, D] float32 when quantised), o_ref out [f_splits * K, D] float32
     top_k: int,
     norm_topk_prob: bool,
     splits: int,
@@ -737,28 +744,30 @@ def _split_down_kernel(
     quantized: bool,
     h_dtype,
 ):
-    """fused_route="split", down: program (k, i) writes o[k, i-th D tile] = w_k * (h_k @ Wd[e_k, :, tile]), h_k
-    = silu(g) * u from the summed partials, rounded to x's dtype as the reference's h is."""
+    """fused_route="split", down: program (k, i, r) writes o[r K + k, i-th D tile] = w_k * (h_k[range r] @
+    Wd[e_k, range r, tile]) over the r-th of f_splits F ranges, h_k = silu(g) * u from the summed partials,
+    rounded to x's dtype as the reference's h is."""
     o_ref = rest[-1]
-    k = pl.program_id(0)
+    k, r = pl.program_id(0), pl.program_id(2)
+    f_len = wd_ref.shape[1] // pl.num_programs(2)
     d0 = pl.multiple_of(pl.program_id(1) * block_d, block_d)
     e, w = _kth_choice(logits_ref, k, top_k, norm_topk_prob)
     acc2d = block_kf * block_d <= GEMV_ACC2D_MAX  # reduce over F once after the loop (see _gemv_pass)
 
     def step(i, acc):
-        f0 = pl.multiple_of(i * block_kf, block_kf)
+        f0 = pl.multiple_of(r * f_len + i * block_kf, block_kf)
         g = sum(gu_ref[2 * (s * top_k + k), pl.ds(f0, block_kf)] for s in range(splits))
         u = sum(gu_ref[2 * (s * top_k + k) + 1, pl.ds(f0, block_kf)] for s in range(splits))
         h = (_silu(g) * u).astype(h_dtype).astype(jnp.float32)  # [BKF]
         y = h[:, None] * wd_ref[e, pl.ds(f0, block_kf), pl.ds(d0, block_d)].astype(jnp.float32)  # [BKF, BD]
         return acc + (y if acc2d else jnp.sum(y, axis=0))
 
-    acc = lax.fori_loop(0, wd_ref.shape[1] // block_kf, step,
+    acc = lax.fori_loop(0, f_len // block_kf, step,
                         jnp.zeros((block_kf, block_d) if acc2d else (block_d,), jnp.float32))
     o = (jnp.sum(acc, axis=0) if acc2d else acc) * w
     if quantized:
         o = o * rest[0][e, pl.ds(d0, block_d)]
-    o_ref[k, pl.ds(d0, block_d)] = o
+    o_ref[r * top_k + k, pl.ds(d0, block_d)] = o
 
 
 def _route_kernel(
@@ -1037,7 +1046,7 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
     XLA's sum over the K experts' rows."""
     _, D = x.shape
     E, _, F = w_gate.shape
-    bf, bk, bd, bkf, S = plan.block_f, plan.block_k, plan.block_d, plan.block_kf, plan.k_splits
+    bf, bk, bd, bkf, S, R = plan.block_f, plan.block_k, plan.block_d, plan.block_kf, plan.k_splits, plan.f_splits
     quantized = isinstance(w_gate, QuantizedWeight)
     ws = [w.values if quantized else w for w in (w_gate, w_up, w_down)]
     logits = jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32)  # [1, E]
@@ -1062,12 +1071,12 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
     out = pl.pallas_call(
         functools.partial(_split_down_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, splits=S, block_d=bd,
                           block_kf=bkf, quantized=quantized, h_dtype=x.dtype),
-        grid=(top_k, D // bd),
+        grid=(top_k, D // bd, R),
         in_specs=[full(a.shape) for a in args],
-        out_specs=full((top_k, D)),
-        out_shape=jax.ShapeDtypeStruct((top_k, D), jnp.float32),
+        out_specs=full((R * top_k, D)),
+        out_shape=jax.ShapeDtypeStruct((R * top_k, D), jnp.float32),
         compiler_params=params,
         interpret=interpret,
-        name=f"moe_split_down_bd{bd}_bkf{bkf}",
+        name=f"moe_split_down_bd{bd}_bkf{bkf}_r{R}",
     )(*args)
     return jnp.sum(out, axis=0, keepdims=True).astype(x.dtype)
