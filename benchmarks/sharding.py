@@ -10,7 +10,9 @@ taken out; the variants compared with each other are timed round-robin, median w
     overlapped. Exposed communication = t(sp) -
     t(nocomm); hidden share = (t(sp) - t(best overlapped)) / exposed.
   - a 2-layer model of those shapes, prefill (1 x 2,048 tokens) and decode (8 slots, 1,024 cached tokens) steps per
-    strategy; communication share of a step = (t(xla) - t(nocomm)) / t(xla).
+    strategy; communication share of a step = (t(xla) - t(nocomm)) / t(xla). Prefill variants '<strategy>_mb2'
+    run the 2,048 tokens as two 1,024-token micro-batches interleaved layer by layer (`Transformer.microbatches`):
+    one's collectives can run under the other's matmuls; 'nocomm_mb2' against 'nocomm' is what the split costs.
 
     python -m benchmarks.sharding --timeout 140   # 2 GPUs, at most 4 x 140 s
     python -m benchmarks.sharding --tiny     # CPU smoke test with 2 simulated devices
@@ -58,6 +60,18 @@ OVERLAPPED = ("ring", "ring2", "ring4", "bidi")
 def split_chunks(name: str) -> tuple[str, int]:
     """'ring4' -> ('ring', 4); any other strategy -> (it, 1)."""
     return ("ring", int(name[4:])) if name.startswith("ring") and name[4:] else (name, 1)
+
+
+def parse_variant(name: str) -> tuple[str, int, int]:
+    """A step variant -> (strategy, ring pieces, micro-batches): 'xla_mb2' -> ('xla', 1, 2), 'ring4' -> ('ring', 4,
+    1). '_mbK': the prefill runs as K pieces interleaved layer by layer (`Transformer.microbatches`)."""
+    base, _, mb = name.partition("_mb")
+    return (*split_chunks(base), int(mb) if mb else 1)
+
+
+# prefill variants that overlap communication with compute: rings inside each collective matmul, or two
+# micro-batches whose collectives run under each other's matmuls
+OVERLAPPED_STEPS = ("ring", "ring4", "bidi", "xla_mb2", "allreduce_mb2", "sp_mb2")
 
 
 def shapes(tiny: bool) -> dict:
@@ -165,16 +179,18 @@ def worker(scenario: str, tiny: bool, parts: str = "layer,step", profile: bool =
                  1 + jnp.arange(B * per, dtype=jnp.int32).reshape(B, per), jnp.full((B,), L + 1, jnp.int32),
                  jnp.ones((B,), jnp.int32))
     steps = {"prefill": ("xla",) if only_xla else ("xla", "allreduce", "sp", "ring", "ring4", "bidi", "auto",
-                                                   "nocomm"),
+                                                   "nocomm", "xla_mb2", "allreduce_mb2", "sp_mb2", "nocomm_mb2"),
              "decode": ("xla",) if only_xla else ("xla", "allreduce", "allreduce_overlap", "auto", "nocomm")}
     for kind, strategies in steps.items():
         inputs = prefill_in if kind == "prefill" else decode_in
         cases = {}
         for name in strategies:
-            s, c = split_chunks(name)
+            s, c, mb = parse_variant(name)
             for layer in model.layers:
                 layer.self_attn.strategy = layer.mlp.strategy = s
                 layer.self_attn.chunks = layer.mlp.chunks = c
+            # pieces of at least 256 tokens (the tiny shapes' 64-token prefill: 16)
+            model.microbatches, model.microbatch_min_tokens = mb, 16 if tiny else 256
             engine = Engine(model, ecfg)  # its graph holds the strategy: one engine per variant
             shard_cache(engine.cache, mesh)
             cases[f"{kind}_{name}"] = (partial(engine._forward, last_only=True),
@@ -200,11 +216,15 @@ def summarize(r: dict) -> dict:
     if "prefill_xla" in st and "prefill_nocomm" in st:
         base = st["prefill_xla"]
         unoverlapped = min(base, st["prefill_allreduce"], st["prefill_sp"])
-        best = min(st["prefill_ring"], st["prefill_ring4"], st["prefill_bidi"])
+        best = min(st[f"prefill_{v}"] for v in OVERLAPPED_STEPS if f"prefill_{v}" in st)
         s["prefill_comm_share"] = round((base - st["prefill_nocomm"]) / base, 3)
         s["prefill_speedup_vs_xla"] = round(base / best, 3)
         s["prefill_speedup_vs_best_unoverlapped"] = round(unoverlapped / best, 3)
         s["prefill_auto_speedup_vs_xla"] = round(base / st["prefill_auto"], 3)
+        if "prefill_xla_mb2" in st:
+            s["prefill_mb2_speedup_vs_xla"] = round(base / min(st["prefill_xla_mb2"], st["prefill_allreduce_mb2"],
+                                                               st["prefill_sp_mb2"]), 3)
+            s["prefill_mb2_compute_cost"] = round(st["prefill_nocomm_mb2"] / st["prefill_nocomm"], 3)
     if "decode_xla" in st and "decode_nocomm" in st:
         s["decode_comm_share"] = round((st["decode_xla"] - st["decode_nocomm"]) / st["decode_xla"], 3)
         s["decode_auto_vs_xla"] = round(st["decode_xla"] / st["decode_auto"], 3)

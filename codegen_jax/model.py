@@ -40,6 +40,21 @@ def make_batch(page_table: jax.Array, kv_lens: jax.Array, q_lens: jax.Array, T: 
     return Batch(positions, page_table, kv_lens, q_lens, write_page, positions % page_size)
 
 
+def split_batch(batch: Batch, T: int, m: int) -> list[Batch]:
+    """The step's T new tokens per row as m consecutive pieces of T/m, each a Batch of its own: piece i holds
+    tokens [i T/m, (i + 1) T/m) of every row, its cache length ending at its last valid token (a row with fewer
+    valid tokens has none in the later pieces: q_len 0, nothing written, no query rows)."""
+    c = T // m
+    start = batch.kv_lens - batch.q_lens  # cached before the step
+    out = []
+    for i in range(m):
+        lo = i * c
+        out.append(Batch(batch.positions[:, lo : lo + c], batch.page_table,
+                         start + jnp.minimum(batch.q_lens, lo + c), jnp.clip(batch.q_lens - lo, 0, c),
+                         batch.write_page[:, lo : lo + c], batch.write_slot[:, lo : lo + c]))
+    return out
+
+
 def _param(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype))
 
@@ -180,7 +195,18 @@ class DecoderLayer(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """The causal LM. `__call__` returns final hidden states; `logits` applies the LM head."""
+    """The causal LM. `__call__` returns final hidden states; `logits` applies the LM head.
+
+    microbatches (m, default 1): a step of T new tokens per row with T divisible by m and at least
+    `microbatch_min_tokens` tokens per piece (a prefill chunk, not decode or verify) runs as m consecutive pieces
+    interleaved layer by layer: piece i's layer l writes its K/V into the pages before piece i + 1's layer l attends
+    to them, so the output is the unsplit forward's, while the pieces' work is independent inside a layer. With
+    tensor parallelism that is what lets one piece's all-reduce run under the next piece's matmuls: two
+    micro-batches in flight, the overlap coming from the data rather than from splitting each collective.
+    """
+
+    microbatches: int = 1
+    microbatch_min_tokens: int = 256
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -205,12 +231,24 @@ class Transformer(nnx.Module):
         """
         x = self.embed_tokens(tokens)
         cos, sin = rope_tables(self.cfg, batch.positions)
+        B, T = tokens.shape
+        m = self.microbatches
+        if m > 1 and T % m == 0 and B * (T // m) >= self.microbatch_min_tokens:
+            c = T // m
+            parts = [(x[:, i * c : (i + 1) * c], cos[:, i * c : (i + 1) * c], sin[:, i * c : (i + 1) * c], b)
+                     for i, b in enumerate(split_batch(batch, T, m))]
+        else:
+            parts = [(x, cos, sin, batch)]
         new_kv, captured = [], []
         for i, layer in enumerate(self.layers):
-            x, layer_kv = layer(x, cos, sin, kv[i], batch, attn_impl)
+            layer_kv = kv[i]
+            for j, (xj, cj, sj, bj) in enumerate(parts):
+                xj, layer_kv = layer(xj, cj, sj, layer_kv, bj, attn_impl)
+                parts[j] = (xj, cj, sj, bj)
             new_kv.append(layer_kv)
             if i in capture:
-                captured.append(x)
+                captured.append(jnp.concatenate([p[0] for p in parts], axis=1))
+        x = jnp.concatenate([p[0] for p in parts], axis=1) if len(parts) > 1 else parts[0][0]
         return self.norm(x), tuple(new_kv), tuple(captured)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

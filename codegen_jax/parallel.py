@@ -64,12 +64,12 @@ def shard_cache(cache: PagedKVCache, mesh: Mesh, rules: ShardingRules = DEFAULT_
 
 
 def sharded_engine(model: Transformer, cfg: EngineConfig, mesh: Mesh, *, rules: ShardingRules = DEFAULT_RULES,
-                   strategy: str = "xla") -> Engine:
+                   strategy: str = "xla", microbatches: int = 1) -> Engine:
     """An Engine whose parameters and KV pages live on `mesh`, its layers `parallelize`d. With 'xla' the projections
     stay GSPMD's; attention (and MoE over ep) still run per device on their shards, since the Pallas kernels are
     opaque to GSPMD, which would gather their operands to every device."""
     shard_model(model, mesh, rules)
-    parallelize(model, mesh, strategy)
+    parallelize(model, mesh, strategy, microbatches=microbatches)
     engine = Engine(model, cfg)
     shard_cache(engine.cache, mesh, rules)
     return engine
@@ -168,10 +168,15 @@ class EPMoE(nnx.Module):
         return y.reshape(B, T, D)
 
 
-def parallelize(model: Transformer, mesh: Mesh, strategy: str = "auto") -> Transformer:
+def parallelize(model: Transformer, mesh: Mesh, strategy: str = "auto", microbatches: int = 1) -> Transformer:
     """Swaps (in place) every layer's attention and dense MLP for the tensor-parallel blocks with `strategy`, and
-    MoE layers for expert-parallel ones when the mesh's ep axis is larger than 1. Returns the model."""
+    MoE layers for expert-parallel ones when the mesh's ep axis is larger than 1. microbatches > 1: prefill-sized
+    steps run as that many pieces interleaved layer by layer (`Transformer.microbatches`), so one piece's
+    collectives can run under another's matmuls. Returns the model."""
     S.validate(strategy)
+    if microbatches < 1:
+        raise ValueError(f"microbatches must be >= 1, got {microbatches}")
+    model.microbatches = microbatches
     for layer in model.layers:
         layer.self_attn = TPAttention(layer.self_attn, mesh, strategy)
         if isinstance(layer.mlp, MLP):

@@ -22,8 +22,11 @@ DECODE_BYTES = 1 << 20
 
 # Interconnects where a GPU run of benchmarks/sharding.py showed the overlapped rings beating XLA's own collectives
 # in the TP=2 prefill step. None yet: with 20 ms timing chains on 2 H200s, 'bidi' (the rings' best) took 8,286 us to
-# XLA's 7,270 over NVLink (sharding_nvlink.json, 5738fbc) and 13,033 to 12,328 with peer access off, the
-# host-staged path of a PCIe box (sharding.json, 7de1cf2). 'auto' picks the rings only where they have won.
+# XLA's 7,270 over NVLink (sharding_nvlink.json, 5738fbc) and 13,387 to 12,611 with peer access off, the
+# host-staged path of a PCIe box (sharding_p2p_profile_h200_3fd908d.json). There the matmul-reduce-scatter ring
+# in 4 pieces hid 90% of its layer's exposed transfer, but the all-gather rings hid ~10%, and a profile showed
+# why: NCCL's host-staged send/receive ran beside the matmuls, which then took ~22% longer. 'auto' picks the rings
+# only where they have won.
 RINGS_WIN: frozenset[str] = frozenset()
 
 
