@@ -65,6 +65,9 @@ def _add_parallel(p) -> None:
                    "experts are split over (default 1); --tp * --ep devices in all")
     p.add_argument("--tp-strategy", default="auto", help="collective matmuls: auto (by interconnect and message "
                    "size), xla, ring, bidi, sp, allreduce or allreduce_overlap (default auto)")
+    p.add_argument("--tp-microbatches", type=_positive, default=1, help="with --tp: run prefill chunks of at least "
+                   "2 x 256 tokens as this many micro-batches interleaved layer by layer, so one's collectives run "
+                   "under another's matmuls (default 1: off)")
 
 
 def _add_serve(sub) -> None:
@@ -156,7 +159,8 @@ def _generate(args) -> int:
                          f"--max-seq-len {args.max_seq_len}")
     try:
         engine = replica_engine(model, EngineConfig(max_slots=1, page_size=args.page_size,
-                                                    max_seq_len=args.max_seq_len), mesh, args.tp_strategy)
+                                                    max_seq_len=args.max_seq_len), mesh, args.tp_strategy,
+                                microbatches=args.tp_microbatches)
     except ValueError as e:  # a model whose heads or experts do not split over --tp / --ep
         raise UsageError(str(e)) from e
     spec = _speculator(args, engine, model) if args.speculator else None
@@ -218,7 +222,7 @@ def _serve(args) -> int:
                           **{k: v for k, v in (("remote_overlap", args.remote_overlap),
                                                ("remote_min_tokens", args.remote_min_tokens)) if v is not None},
                           tp=args.tp, ep=args.ep,
-                          tp_strategy=_strategy(args.tp_strategy),
+                          tp_strategy=_strategy(args.tp_strategy), tp_microbatches=args.tp_microbatches,
                           max_queue=args.max_queue, drain_timeout_s=args.drain_timeout,
                           switch_interval_ms=args.switch_interval_ms,
                           warmup=not args.no_warmup)

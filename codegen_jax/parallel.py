@@ -44,9 +44,12 @@ def replica_mesh(tp: int = 1, ep: int = 1) -> Mesh | None:
     return make_mesh(tp=tp, ep=ep, devices=local[: tp * ep])
 
 
-def replica_engine(model: Transformer, cfg: EngineConfig, mesh: Mesh | None, strategy: str = "auto") -> Engine:
+def replica_engine(model: Transformer, cfg: EngineConfig, mesh: Mesh | None, strategy: str = "auto",
+                   microbatches: int = 1) -> Engine:
     """`Engine` on one device, or `sharded_engine` on `replica_mesh`'s mesh."""
-    return Engine(model, cfg) if mesh is None else sharded_engine(model, cfg, mesh, strategy=strategy)
+    if mesh is None:
+        return Engine(model, cfg)
+    return sharded_engine(model, cfg, mesh, strategy=strategy, microbatches=microbatches)
 
 
 def shard_model(model: Transformer, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> Transformer:

@@ -49,6 +49,7 @@ class ServeConfig:
     tp: int = 1  # devices the model is split over (tensor parallel), times ep (experts) for MoE models
     ep: int = 1
     tp_strategy: str = "auto"
+    tp_microbatches: int = 1  # prefill chunks as micro-batches interleaved layer by layer (Transformer.microbatches)
     max_queue: int = 256
     max_body_bytes: int = 8 << 20
     drain_timeout_s: float = 30.0
@@ -111,7 +112,7 @@ def assemble(cfg: ServeConfig, model, tokenizer, fingerprint: str, *, share_prog
                                                 max_seq_len=cfg.max_seq_len, num_pages=cfg.num_pages,
                                                 prefill_chunk=cfg.prefill_chunk, decode_steps=cfg.decode_steps,
                                                 share_programs=share_programs),
-                            replica_mesh(cfg.tp, cfg.ep), cfg.tp_strategy)
+                            replica_mesh(cfg.tp, cfg.ep), cfg.tp_strategy, microbatches=cfg.tp_microbatches)
     # The apply speculator by default, for /v1/apply (an edit's output is mostly its input: long drafts, and
     # lossless, so the choice never changes an output); a drafter checkpoint serves every request.
     kind = cfg.speculator or (neural_kind(cfg.drafter) if cfg.drafter else "apply")

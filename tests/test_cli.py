@@ -69,6 +69,7 @@ def test_corrupt_config_exits_2(tmp_path, capsys):
     (["generate", "--prompt", "x"], "--model"),
     (["generate", "--model", "m", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["generate", "--model", "m", "--prompt", "x", "--temperature", "hot"], "--temperature"),
+    (["generate", "--model", "m", "--prompt", "x", "--tp-microbatches", "0"], "--tp-microbatches"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_arguments_exit_2(argv, needle, capsys):

@@ -218,7 +218,7 @@ def test_load_model_on_a_mesh_places_each_shard_as_it_reads(name, tp, ep):
     assert close(got[0], ref[0]) < 1e-5 and close(got[1], ref[1]) < 1e-5 and got[2] == ref[2]
 
 
-def test_generate_and_serve_with_tp(tmp_path):
+def test_generate_and_serve_with_tp(tmp_path, monkeypatch):
     """`codegen-jax generate --tp 2` (a real process on 8 devices) prints the tokens of --tp 1; a server
     assembled with tp=2 answers as one on one device."""
     import json
@@ -235,14 +235,15 @@ def test_generate_and_serve_with_tp(tmp_path):
         return json.loads(p.stdout)["tokens"]
 
     assert generate("--tp", "2", "--tp-strategy", "allreduce") == generate()
+    assert generate("--tp", "2", "--tp-strategy", "xla", "--tp-microbatches", "2") == generate()
 
     from codegen_jax import Tokenizer
     from serve.scheduler import Request
     from serve.server import ServeConfig, assemble
 
-    def answer(tp):
+    def answer(tp, microbatches=1):
         cfg = ServeConfig(model=str(FIXTURES / "qwen2"), dtype="float32", max_seq_len=128, page_size=8, max_slots=2,
-                          prefill_chunk=32, decode_steps=2, tp=tp, warmup=False)
+                          prefill_chunk=32, decode_steps=2, tp=tp, tp_microbatches=microbatches, warmup=False)
         from codegen_jax.parallel import replica_mesh
 
         model = load_model(FIXTURES / "qwen2", dtype=jnp.float32, progress=False, mesh=replica_mesh(tp))
@@ -255,7 +256,16 @@ def test_generate_and_serve_with_tp(tmp_path):
         sched.stop()
         return got
 
-    assert answer(2) == answer(1)
+    one = answer(1)
+    assert answer(2) == one
+    # two micro-batches, pieces of any size (the server's 32-token prefill bucket as 2 x 16)
+    from codegen_jax import model as model_module
+
+    monkeypatch.setattr(Transformer, "microbatch_min_tokens", 1)
+    splits, real = [], model_module.split_batch
+    monkeypatch.setattr(model_module, "split_batch", lambda b, T, k: splits.append((T, k)) or real(b, T, k))
+    assert answer(2, microbatches=2) == one
+    assert (32, 2) in splits
 
 
 def packed_rows(seed, B=8, T=32):
