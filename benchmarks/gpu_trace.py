@@ -53,19 +53,14 @@ def events_from(trace_dir: str) -> list[Event]:
 
 def profiled(run: Callable[[], object], *, runs: int = 3, keep: str | None = None,
              warmup_s: float | None = None) -> list[Event]:
-    """Kernel events of `runs` calls of `run` (compiled beforehand by the caller). Before tracing, `run` repeats
-    for warmup_s seconds (default 0.3 on a GPU, as `tuning.time_interleaved`): after a compile the GPU's clocks
-    are idle, and a trace taken then shows every kernel slow. keep: a directory to leave the trace in (for the
-    trace viewer); else a temporary one."""
-    import time
-
+    """Kernel events of `runs` calls of `run` (compiled beforehand by the caller), traced after
+    `tuning.warm_up(warmup_s)`. keep: a directory to leave the trace in (for the trace viewer); else a temporary
+    one."""
     import jax
 
-    if warmup_s is None:
-        warmup_s = 0.3 if jax.default_backend() == "gpu" else 0.0
-    start = time.perf_counter()
-    while time.perf_counter() - start < warmup_s:
-        run()
+    from pallas_kernels.tuning import warm_up
+
+    warm_up([run], warmup_s)
     with tempfile.TemporaryDirectory() as tmp:
         d = keep or tmp
         jax.profiler.start_trace(d)

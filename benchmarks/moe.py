@@ -200,11 +200,10 @@ def split_configs(D: int, F: int, *, quick: bool) -> list:
     not quick)."""
     from pallas_kernels.moe import TritonMoEConfig
 
-    # wide rows first: a weight tile's rows are block_f (block_d) contiguous elements, and the first H200 tune
-    # (a8851dc) ranked 16- and 32-column tiles last (32-64 B DRAM segments); the D ranges give the programs
-    # (block_f, block_k, k_splits, block_d, block_kf, f_splits); the second H200 tune (4dc47d0) took
-    # (128, 64, 8, 64, 128, 1) for int8, its down kernel then 23 us of 41 on 64-byte rows: wider down tiles
-    # over F ranges follow
+    # (block_f, block_k, k_splits, block_d, block_kf, f_splits). Wide rows: a weight tile's rows are block_f
+    # (block_d) contiguous elements, and the first H200 tune (a8851dc) ranked 16- and 32-column tiles last
+    # (32-64 B DRAM segments); the D (F) ranges give the programs. The second (4dc47d0) took
+    # (128, 64, 8, 64, 128, 1) for int8; wider down tiles over F ranges follow it
     picks = [(128, 64, 8, 64, 128, 1), (128, 64, 8, 256, 32, 4), (128, 64, 8, 128, 64, 2),
              (128, 64, 4, 256, 64, 2), (256, 32, 8, 256, 32, 4), (128, 64, 8, 512, 32, 4),
              (128, 64, 4, 64, 128, 1), (64, 128, 2, 64, 128, 1)]

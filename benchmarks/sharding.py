@@ -43,9 +43,6 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     "p2p_disabled_lhs": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": LHS_FLAG},
     "nvlink": {},
     "p2p_disabled_xla_flags": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": XLA_OVERLAP_FLAGS},
-    # host-staged as p2p_disabled, but NCCL's shared-memory transport copies with the copy engines
-    # (cudaMemcpyAsync from its proxy thread, both sides) instead of loads and stores from its kernel's SMs, which
-    # a profile showed slowing the matmuls they ran beside
     # rings as they are meant to run: XLA combined a ring's independent piece transfers into one (the profile
     # showed one SendRecv kernel per all-gather ring of 4 pieces), so no piece's matmul could start before the
     # last piece landed; the latency-hiding scheduler (said explicitly) starts each transfer as early as it can
@@ -71,7 +68,8 @@ def parse_variant(name: str) -> tuple[str, int, int]:
 
 # prefill variants that overlap communication with compute: rings inside each collective matmul, or two
 # micro-batches whose collectives run under each other's matmuls
-OVERLAPPED_STEPS = ("ring", "ring4", "bidi", "xla_mb2", "allreduce_mb2", "sp_mb2")
+MICROBATCHED = ("xla_mb2", "allreduce_mb2", "sp_mb2")
+OVERLAPPED_STEPS = ("ring", "ring4", "bidi", *MICROBATCHED)
 
 
 def shapes(tiny: bool) -> dict:
@@ -179,7 +177,7 @@ def worker(scenario: str, tiny: bool, parts: str = "layer,step", profile: bool =
                  1 + jnp.arange(B * per, dtype=jnp.int32).reshape(B, per), jnp.full((B,), L + 1, jnp.int32),
                  jnp.ones((B,), jnp.int32))
     steps = {"prefill": ("xla",) if only_xla else ("xla", "allreduce", "sp", "ring", "ring4", "bidi", "auto",
-                                                   "nocomm", "xla_mb2", "allreduce_mb2", "sp_mb2", "nocomm_mb2"),
+                                                   "nocomm", *MICROBATCHED, "nocomm_mb2"),
              "decode": ("xla",) if only_xla else ("xla", "allreduce", "allreduce_overlap", "auto", "nocomm")}
     for kind, strategies in steps.items():
         inputs = prefill_in if kind == "prefill" else decode_in
@@ -222,8 +220,7 @@ def summarize(r: dict) -> dict:
         s["prefill_speedup_vs_best_unoverlapped"] = round(unoverlapped / best, 3)
         s["prefill_auto_speedup_vs_xla"] = round(base / st["prefill_auto"], 3)
         if "prefill_xla_mb2" in st:
-            s["prefill_mb2_speedup_vs_xla"] = round(base / min(st["prefill_xla_mb2"], st["prefill_allreduce_mb2"],
-                                                               st["prefill_sp_mb2"]), 3)
+            s["prefill_mb2_speedup_vs_xla"] = round(base / min(st[f"prefill_{v}"] for v in MICROBATCHED), 3)
             s["prefill_mb2_compute_cost"] = round(st["prefill_nocomm_mb2"] / st["prefill_nocomm"], 3)
     if "decode_xla" in st and "decode_nocomm" in st:
         s["decode_comm_share"] = round((st["decode_xla"] - st["decode_nocomm"]) / st["decode_xla"], 3)

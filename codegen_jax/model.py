@@ -235,21 +235,24 @@ class Transformer(nnx.Module):
         m = self.microbatches
         if m > 1 and T % m == 0 and B * (T // m) >= self.microbatch_min_tokens:
             c = T // m
-            parts = [(x[:, i * c : (i + 1) * c], cos[:, i * c : (i + 1) * c], sin[:, i * c : (i + 1) * c], b)
-                     for i, b in enumerate(split_batch(batch, T, m))]
+            cut = [slice(i * c, (i + 1) * c) for i in range(m)]
+            xs = [x[:, s] for s in cut]
+            pieces = [(cos[:, s], sin[:, s], b) for s, b in zip(cut, split_batch(batch, T, m), strict=True)]
         else:
-            parts = [(x, cos, sin, batch)]
+            xs, pieces = [x], [(cos, sin, batch)]
+
+        def joined():
+            return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=1)
+
         new_kv, captured = [], []
         for i, layer in enumerate(self.layers):
             layer_kv = kv[i]
-            for j, (xj, cj, sj, bj) in enumerate(parts):
-                xj, layer_kv = layer(xj, cj, sj, layer_kv, bj, attn_impl)
-                parts[j] = (xj, cj, sj, bj)
+            for j, (cj, sj, bj) in enumerate(pieces):
+                xs[j], layer_kv = layer(xs[j], cj, sj, layer_kv, bj, attn_impl)
             new_kv.append(layer_kv)
             if i in capture:
-                captured.append(jnp.concatenate([p[0] for p in parts], axis=1))
-        x = jnp.concatenate([p[0] for p in parts], axis=1) if len(parts) > 1 else parts[0][0]
-        return self.norm(x), tuple(new_kv), tuple(captured)
+                captured.append(joined())
+        return self.norm(joined()), tuple(new_kv), tuple(captured)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] -> float32 logits [..., V]."""

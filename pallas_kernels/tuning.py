@@ -151,18 +151,24 @@ def time_interleaved(cases: dict[str, tuple[Callable, tuple | Sequence[tuple]]],
                 raise
             errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
     times: dict[str, list[float]] = {name: [] for name in chains}
-    if warmup_s is None:
-        warmup_s = 0.3 if jax.default_backend() == "gpu" else 0.0
-    start = time.perf_counter()
-    while chains and time.perf_counter() - start < warmup_s:
-        for run, _ in chains.values():
-            run()
+    warm_up([run for run, _ in chains.values()], warmup_s)
     for _ in range(repeats):
         for name, (run, n) in chains.items():
             t = time.perf_counter()
             run()
             times[name].append((time.perf_counter() - t) / n * 1e6)
     return {name: {"us": float(np.median(v)), "lo": float(min(v)), "hi": float(max(v))} for name, v in times.items()}
+
+
+def warm_up(runs: Sequence[Callable[[], object]], seconds: float | None = None) -> None:
+    """Calls `runs` round-robin for `seconds` (default 0.3 on a GPU, none elsewhere): after a compile the GPU's
+    clocks sit at idle, and a run timed or traced then shows every kernel slow."""
+    if seconds is None:
+        seconds = 0.3 if jax.default_backend() == "gpu" else 0.0
+    start = time.perf_counter()
+    while runs and time.perf_counter() - start < seconds:
+        for run in runs:
+            run()
 
 
 def search(candidates: Sequence[Candidate], reference: Callable, inputs: tuple | Sequence[tuple], *, tol: float,
