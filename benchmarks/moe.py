@@ -31,6 +31,8 @@ Writes benchmarks/results/moe.json; `python benchmarks/plot.py` draws it (moe.pn
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import os
 import shutil
 import sys
@@ -150,16 +152,21 @@ def fused_configs(T: int, *, quick: bool) -> list:
 
 def inline_configs(*, quick: bool) -> list:
     """fused_route="inline" candidates (T=1: the gate/up kernel takes the top-k of XLA's logits itself, 4 launches
-    in all): the dot mode at column blocks 32 and 64 and the GEMV mode's two best block pairs of the last H200
-    tune; unless quick, each dot block also at 4 stages. 4 candidates (6 when not quick)."""
+    in all): the dot mode at column blocks 32 and 64, each with both in-kernel routings (topk "rounds", "rank"),
+    and the GEMV mode's two best block pairs of the last H200 tune, the first also with the rank routing and the
+    int8 bit conversion; unless quick, each dot block also at 4 stages. 7 candidates (9 when not quick)."""
     from pallas_kernels.moe import TritonMoEConfig
+    from pallas_kernels.moe.triton_moe import TOPKS
 
-    out = [TritonMoEConfig(block_m=16, block_f=bf, block_d=bf, fused_route="inline") for bf in (32, 64)]
+    out = [TritonMoEConfig(block_m=16, block_f=bf, block_d=bf, fused_route="inline", topk=t)
+           for bf in (32, 64) for t in TOPKS]
     if not quick:
         out += [TritonMoEConfig(block_m=16, block_f=bf, block_d=bf, num_stages=4, fused_route="inline")
                 for bf in (32, 64)]
     return out + [TritonMoEConfig(block_m=1, block_f=64, block_d=64, block_k=128, block_kf=128, fused_route="inline"),
-                  TritonMoEConfig(block_m=1, block_f=32, block_d=32, block_k=256, block_kf=256, fused_route="inline")]
+                  TritonMoEConfig(block_m=1, block_f=32, block_d=32, block_k=256, block_kf=256, fused_route="inline"),
+                  TritonMoEConfig(block_m=1, block_f=64, block_d=64, block_k=128, block_kf=128, fused_route="inline",
+                                  topk="rank", dequant="bits")]
 
 
 def single_configs(D: int, *, quick: bool) -> list:
@@ -196,9 +203,11 @@ def w8a8_configs(T: int, *, quick: bool) -> list:
 def split_configs(D: int, F: int, *, quick: bool) -> list:
     """fused_route="split" candidates (T=1, two kernels of many short programs: gate/up partial sums over
     k_splits D ranges per (expert, F tile), then the down projection per (expert, D tile)): column blocks 32..256,
-    k-steps 32..256, 2 to 8 D ranges, down tiles 64..128 wide with 64..256-row F steps. 8 candidates (12 when
-    not quick)."""
+    k-steps 32..256, 2 to 8 D ranges, down tiles 64..512 wide with 32..128-row F steps; the first in each
+    in-kernel routing x int8 conversion (TritonMoEConfig.topk, .dequant), the rest with "rank" and "bits".
+    11 candidates at Qwen3-30B (15 when not quick)."""
     from pallas_kernels.moe import TritonMoEConfig
+    from pallas_kernels.moe.triton_moe import DEQUANTS, TOPKS
 
     # (block_f, block_k, k_splits, block_d, block_kf, f_splits). Wide rows: a weight tile's rows are block_f
     # (block_d) contiguous elements, and the first H200 tune (a8851dc) ranked 16- and 32-column tiles last
@@ -211,11 +220,13 @@ def split_configs(D: int, F: int, *, quick: bool) -> list:
         picks += [(128, 64, 2, 128, 64, 1), (256, 64, 8, 128, 64, 1), (128, 128, 4, 256, 64, 4),
                   (256, 32, 4, 128, 64, 2)]
     out = []
-    for bf, bk, splits, bd, bkf, fsplits in picks:
+    for i, (bf, bk, splits, bd, bkf, fsplits) in enumerate(picks):
         if F % bf or F % (bkf * fsplits) or D % (bk * splits) or D % bd:
             continue
-        out.append(TritonMoEConfig(block_f=bf, block_k=bk, k_splits=splits, block_d=bd, block_kf=bkf,
-                                   f_splits=fsplits, fused_route="split"))
+        # the first pick in each routing x conversion (what each is worth alone), the rest with both new ones
+        for topk, dequant in itertools.product(TOPKS, DEQUANTS) if i == 0 else [("rank", "bits")]:
+            out.append(TritonMoEConfig(block_f=bf, block_k=bk, k_splits=splits, block_d=bd, block_kf=bkf,
+                                       f_splits=fsplits, fused_route="split", topk=topk, dequant=dequant))
     return out
 
 
@@ -286,6 +297,8 @@ def tune(shape_name, tokens, *, quick, families=FAMILIES, formats=("bf16", "int8
             q = [quantize_int8(w) for w in sets[0][2:]]
             sets = [(x, r, *q) for x, r, *_ in sets]
         configs = triton_configs(T, E, K, F, quick=quick, D=D, families=families)
+        if fmt == "bf16":  # dequant is the int8 conversion: bf16 weights would run the same kernel twice
+            configs = list(dict.fromkeys(dataclasses.replace(c, dequant="convert") for c in configs))
         if fmt == "int8" and "w8a8" in families:
             configs += w8a8_configs(T, quick=quick)
         cands = [tuning.Candidate("triton", c, functools.partial(moe_triton, top_k=K, norm_topk_prob=True,

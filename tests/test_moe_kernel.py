@@ -9,12 +9,15 @@ CUDA target on the CPU (power-of-two blocks, dot shapes, supported ops), which t
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 from conftest import rel_err
+from jax.experimental import pallas as pl
 from test_moe_reference import hot_expert, make_inputs, naive_moe, naive_routing
 
 from pallas_kernels import moe as moe_op
@@ -29,7 +32,7 @@ from pallas_kernels.moe import (
     quantize_int8,
     triton_available,
 )
-from pallas_kernels.moe.triton_moe import MAX_TOKENS, group_by_expert, plan
+from pallas_kernels.moe.triton_moe import DEQUANTS, MAX_TOKENS, TOPKS, _kth_choice, _to_f32, group_by_expert, plan
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
@@ -193,13 +196,54 @@ def test_gemv_mode(rng, E, top_k, D, F, T, block_m):
     assert T == 1 or (experts[:, 0] == hot).all()
 
 
+@pytest.mark.parametrize("dequant", DEQUANTS)
 @pytest.mark.parametrize("block_m,T", GEMV_INT8_CASES)
 @pytest.mark.parametrize("E,top_k,D,F", CONFIGS, ids=["qwen3-30b-a3b", "small"])
-def test_gemv_mode_int8(rng, E, top_k, D, F, T, block_m):
+def test_gemv_mode_int8(rng, E, top_k, D, F, T, block_m, dequant):
     hot = int(rng.integers(E))
     *_, experts = check_int8(rng, T, E, D, F, top_k, bias=hot_expert(hot) if T > 1 else None,
-                             config=GEMV_CONFIGS[block_m])
+                             config=dataclasses.replace(GEMV_CONFIGS[block_m], dequant=dequant))
     assert T == 1 or (experts[:, 0] == hot).all()
+
+
+def test_dequant_bits_is_exact():
+    # every int8 value through the integer add and float subtract comes out as sitofp gives it
+    v = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8).reshape(16, 16)
+    got = np.asarray(_to_f32(v, "bits"))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, np.arange(-128, 128, dtype=np.float32).reshape(16, 16))
+    bf = jnp.asarray(got, jnp.bfloat16)  # other dtypes are converted as before
+    np.testing.assert_array_equal(np.asarray(_to_f32(bf, "bits")), got)
+
+
+@pytest.mark.parametrize("topk", TOPKS)
+@pytest.mark.parametrize("norm", [True, False], ids=["renorm", "softmax"])
+@pytest.mark.parametrize("E,top_k", [(128, 8), (8, 2), (64, 6)])
+def test_kth_choice_matches_route_with_ties(rng, topk, norm, E, top_k):
+    # logits with many exact ties (a few distinct values): lax.top_k takes the lowest index among equals, and so
+    # must every program of the in-kernel routing, each finding its own k-th choice
+    logits = rng.choice(np.float32([-1.5, 0.25, 0.5, 2.0]), size=(1, E)).astype(np.float32)
+    logits[0, rng.integers(E)] = 3.0
+
+    def kernel(l_ref, e_ref, w_ref):
+        k = pl.program_id(0)
+        e, w = _kth_choice(l_ref, k, top_k, norm, topk)
+        e_ref[k] = e
+        w_ref[k] = w
+
+    e, w = pl.pallas_call(
+        kernel, grid=(top_k,),
+        in_specs=[pl.BlockSpec((1, E), lambda k: (0, 0))],
+        out_specs=[pl.BlockSpec((top_k,), lambda k: (0,))] * 2,
+        out_shape=[jax.ShapeDtypeStruct((top_k,), jnp.int32), jax.ShapeDtypeStruct((top_k,), jnp.float32)],
+        interpret=INTERPRET,
+    )(jnp.asarray(logits))
+    probs = jax.nn.softmax(jnp.asarray(logits[0]))
+    want_w, want_e = jax.lax.top_k(probs, top_k)
+    if norm:
+        want_w = want_w / want_w.sum()
+    np.testing.assert_array_equal(np.asarray(e), np.asarray(want_e))
+    np.testing.assert_allclose(np.asarray(w), np.asarray(want_w), rtol=1e-6)
 
 
 # fused_combine: the down kernel sums each token's K experts and writes [T, D] once (no XLA combine), with each
@@ -211,6 +255,7 @@ FUSED_CONFIGS = {
                                        fused_combine=True, fused_route="all"),
     "gemv-route_xla": TritonMoEConfig(fused_combine=True),
     "dot16-route_topk": TritonMoEConfig(block_m=16, fused_combine=True, fused_route="topk"),
+    "gemv-bits": TritonMoEConfig(fused_combine=True, dequant="bits"),  # int8 only (bf16 ignores dequant)
 }
 
 
@@ -219,7 +264,8 @@ FUSED_CONFIGS = {
 # at T=7; the dot at T=8, the largest T the tuner offers fused_combine at.
 FUSED_CASES = [("gemv1-route_all", 1), ("gemv1-route_all", 7), ("gemv-route_xla", 1), ("gemv-route_xla", 2),
                ("gemv-route_xla", 7), ("dot16-route_topk", 1), ("dot16-route_topk", 8)]
-FUSED_INT8_CASES = [("gemv1-route_all", 1), ("gemv1-route_all", 7), ("dot16-route_topk", 1), ("dot16-route_topk", 8)]
+FUSED_INT8_CASES = [("gemv1-route_all", 1), ("gemv1-route_all", 7), ("dot16-route_topk", 1), ("dot16-route_topk", 8),
+                    ("gemv-bits", 1), ("gemv-bits", 7)]
 
 
 @pytest.mark.parametrize("config,T", FUSED_CASES)
@@ -268,6 +314,14 @@ ONE_TOKEN_CONFIGS = {
     "split-s2": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2, fused_route="split"),
     "split-s2-bd32": TritonMoEConfig(block_f=16, block_d=32, block_k=16, k_splits=2, num_warps=8,
                                      fused_route="split"),
+    # the same paths with the rank routing and the int8 bit conversion (bf16 weights ignore dequant)
+    "inline-gemv1-rank-bits": TritonMoEConfig(block_m=1, block_f=16, block_d=16, block_k=32, block_kf=16,
+                                              fused_route="inline", topk="rank", dequant="bits"),
+    "inline-dot16-rank": TritonMoEConfig(block_m=16, fused_route="inline", topk="rank"),
+    "single-rank-bits": TritonMoEConfig(block_f=16, block_d=32, block_k=16, fused_route="single", topk="rank",
+                                        dequant="bits"),
+    "split-s2-rank-bits": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
+                                          fused_route="split", topk="rank", dequant="bits"),
 }
 
 
@@ -294,7 +348,7 @@ def test_split_over_four_d_ranges(rng, int8):
     (check_int8 if int8 else check)(rng, 1, 128, 64, 32, 8, config=config)
 
 
-@pytest.mark.parametrize("config", ["inline-dot16", "single-bd16", "split-s2"])
+@pytest.mark.parametrize("config", ["inline-dot16", "single-bd16", "split-s2", "split-s2-rank-bits"])
 def test_one_token_paths_skip_dead_experts(rng, config):
     experts = check(rng, 1, 8, 32, 48, 2, bias=dead_experts_bias, config=ONE_TOKEN_CONFIGS[config])
     assert not np.isin(experts, DEAD).any()
@@ -357,7 +411,26 @@ def test_fused_combine_is_a_tuner_candidate():
     for c in split:
         plan(1, 2048, F, E, K, c, sms=132)
     assert not any(c.fused_route == "split" for c in triton_configs(8, E, K, F, quick=False))
+    # the split path in every in-kernel routing x int8 conversion, inline in both routings
+    assert {(c.topk, c.dequant) for c in split} == {(t, d) for t in TOPKS for d in DEQUANTS}
+    assert {c.topk for c in inline} == set(TOPKS)
     assert not TritonMoEConfig().fused_combine  # the default stays unfused until the tuned table picks it
+
+
+def test_moe_one_refuses_a_bad_config(capsys):
+    # the profiler's target program: a bad --config is one readable line and exit code 2, before any work
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import moe_one
+
+    for bad, said in (("[1, 2]", "JSON object"), ("{not json", "--config"), ('{"block_q": 1}', "block_q"),
+                      ('{"topk": "sort"}', "topk")):
+        with pytest.raises(SystemExit) as e:
+            moe_one.main(["--config", bad])
+        assert e.value.code == 2
+        assert said in capsys.readouterr().err
 
 
 def test_group_by_expert():
@@ -431,7 +504,8 @@ def test_config_validates_itself():
                dict(fused_combine=True, fused_route="single"), dict(block_m=16, fused_route="single"),
                dict(w8a8=True, block_m=1), dict(w8a8=True, fused_combine=True), dict(w8a8=True, fused_route="single"),
                dict(k_splits=2), dict(k_splits=3, fused_route="split"), dict(block_m=16, fused_route="split"),
-               dict(fused_combine=True, fused_route="split"), dict(f_splits=2), dict(f_splits=3, fused_route="split")):
+               dict(fused_combine=True, fused_route="split"), dict(f_splits=2), dict(f_splits=3, fused_route="split"),
+               dict(dequant="magic"), dict(topk="sort")):
         with pytest.raises(ValueError):
             TritonMoEConfig(**kw)
     for bm in (1, 2, 4, 8, 16, 128):  # GEMV rows per pass, dot rows
@@ -495,7 +569,10 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
         configs += [TritonMoEConfig(block_m=16, block_f=32, block_d=32, fused_route="inline"),
                     TritonMoEConfig(block_m=1, fused_route="inline"),
                     TritonMoEConfig(block_f=32, block_d=256, block_k=256, fused_route="single"),
-                    TritonMoEConfig(block_f=32, block_d=32, block_k=128, k_splits=2, fused_route="split")]
+                    TritonMoEConfig(block_f=32, block_d=32, block_k=128, k_splits=2, fused_route="split"),
+                    TritonMoEConfig(block_f=128, block_d=64, block_k=64, k_splits=8, fused_route="split",
+                                    topk="rank", dequant="bits"),
+                    TritonMoEConfig(block_m=1, fused_route="inline", topk="rank", dequant="bits")]
     if int8:  # int8 x int8 dots, both routings at T=1
         configs += [TritonMoEConfig(w8a8=True)] + ([TritonMoEConfig(w8a8=True, block_f=64, block_d=64,
                                                                     fused_route="inline")] if T == 1 else [])

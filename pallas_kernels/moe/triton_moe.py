@@ -70,6 +70,13 @@ FUSED_ROUTES = ("none", "topk", "all")  # TritonMoEConfig.fused_route with fused
 # T=1 without fused_combine: "inline" 4 launches, "single" 1 kernel, "split" 2 kernels
 ONE_TOKEN_ROUTES = ("inline", "single", "split")
 ROUTES = FUSED_ROUTES + ONE_TOKEN_ROUTES
+DEQUANTS = ("convert", "bits")  # TritonMoEConfig.dequant
+TOPKS = ("rounds", "rank")  # TritonMoEConfig.topk
+# dequant="bits": int8 v + MAGIC_BITS read as float32 is 2^23 + 128 + v exactly (v + 128 fills the low mantissa
+# byte), so subtracting MAGIC_FLOAT gives v: an integer add and a float subtract where `sitofp` is an I2F
+# instruction, a quarter of the integer rate on Hopper (16 per SM per clock)
+MAGIC_BITS = 0x4B000080
+MAGIC_FLOAT = float(2**23 + 128)
 # fused_route="all": one program per token streams the whole router (512 KB at Qwen3-30B), so it wants many
 # loads in flight: [E, block_k] tiles of up to this many float32 products, 8 warps, 4 stages (not yet timed)
 ROUTE_ACC_MAX = 16384
@@ -141,6 +148,15 @@ class TritonMoEConfig:
       it, so both kernels run int8 x int8 -> int32 dots with no conversion of the weight tiles, and the scales
       apply to the int32 sums. The down kernel's k-step is then block_f (one h scale a step). A looser accuracy
       bound than int8 weights alone (the activations are rounded too).
+    dequant: how the GEMV mode turns int8 weight tiles into float32 (bf16 weights ignore it): "convert" is
+      `sitofp`, which Hopper runs at 16 values per SM per clock, about the rate int8 weights arrive from HBM at
+      T=1; "bits" adds MAGIC_BITS to the sign-extended value and subtracts MAGIC_FLOAT from the float32 those bits
+      read as (integer and float pipes, 64-128 per clock). Both are exact.
+    topk: how the in-kernel routing (fused_route inline, single, split) finds a program's k-th choice among the E
+      logits. "rounds": K rounds of (max, lowest index of the max), each a reduction across the program's warps
+      before any weight load can start; "rank": every logit's rank (how many beat it: larger, or equal at a lower
+      index) from an [E, 32] comparison per 32 logits, then one masked sum each for the expert id, the softmax
+      maximum, its denominator and the weight: 4 reductions however large K is.
     """
 
     block_m: int | None = None
@@ -155,6 +171,8 @@ class TritonMoEConfig:
     w8a8: bool = False
     k_splits: int = 1  # fused_route="split": D row ranges per (expert, F tile) of the gate/up kernel
     f_splits: int = 1  # fused_route="split": F row ranges per (expert, D tile) of the down kernel
+    dequant: str = "convert"  # int8 tiles in the GEMV mode: "convert" (sitofp) or "bits" (see MAGIC_BITS)
+    topk: str = "rounds"  # in-kernel routing (inline, single, split): "rounds" of max, or "rank" (_kth_choice)
 
     def __post_init__(self):
         for name in ("block_f", "block_k", "block_d", "block_kf"):
@@ -181,6 +199,10 @@ class TritonMoEConfig:
             v = getattr(self, name)
             if v < 1 or not _pow2(v) or (v > 1 and self.fused_route != "split"):
                 raise ValueError(f"{name}={v}: a power of two, above 1 only with fused_route='split'")
+        if self.dequant not in DEQUANTS:
+            raise ValueError(f"dequant={self.dequant!r} must be one of {', '.join(DEQUANTS)}")
+        if self.topk not in TOPKS:
+            raise ValueError(f"topk={self.topk!r} must be one of {', '.join(TOPKS)}")
         if self.w8a8 and (self.fused_combine or self.fused_route not in ("none", "inline")
                           or (bm is not None and bm < MIN_DOT)):
             raise ValueError("w8a8 runs the dot mode's per-slot kernels: block_m >= 16 or None, no fused_combine, "
@@ -202,6 +224,8 @@ class Plan(NamedTuple):
     w8a8: bool = False
     k_splits: int = 1
     f_splits: int = 1
+    dequant: str = "convert"
+    topk: str = "rounds"
 
     @property
     def gemv(self) -> bool:
@@ -285,7 +309,8 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
         while D % rbk:
             rbk //= 2
     return Plan(bm, bf, bk, bd, bkf, slots, config.num_warps, config.num_stages, config.fused_combine,
-                config.fused_route, rbk, config.w8a8, config.k_splits, config.f_splits)
+                config.fused_route, rbk, config.w8a8, config.k_splits, config.f_splits, config.dequant,
+                config.topk)
 
 
 def gemv_expected(T: int, E: int, top_k: int) -> bool:
@@ -451,7 +476,7 @@ def _to_int8(y):
 
 
 def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block_k: int, one_token: bool = False,
-               k_lo=0, k_len: int | None = None):
+               k_lo=0, k_len: int | None = None, dequant: str = "convert"):
     """One pass over columns [c0, c0 + block_c) of expert e's weights for the sorted rows r0 .. r0 + rows - 1:
     returns acc[i][j] = x[r0 + i] @ w_refs[j][e, :, c0:c0 + block_c] in float32 ([block_c] each). Each k-step
     loads every weight tile once and shares it across the rows; row 0 is always live, rows i >= live are skipped
@@ -466,7 +491,7 @@ def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block
     def k_step(kk, acc):
         k0 = pl.multiple_of(k_lo + kk * block_k, block_k)
         # int8 or bf16 -> float32 in registers; the multiply-reduce runs on the CUDA cores
-        ws = [w_ref[e, pl.ds(k0, block_k), pl.ds(c0, block_c)].astype(jnp.float32) for w_ref in w_refs]  # [BK, BC]
+        ws = [_to_f32(w_ref[e, pl.ds(k0, block_k), pl.ds(c0, block_c)], dequant) for w_ref in w_refs]  # [BK, BC]
 
         def row(i, a):
             x = x_ref[0 if one_token else r0 + i, pl.ds(k0, block_k)].astype(jnp.float32)[:, None]  # [BK, 1]
@@ -486,7 +511,7 @@ def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block
 
 
 def _gemv_slot(meta_ref, x_ref, w_refs, scale_refs, c0, store, *, block_m: int, block_c: int, block_k: int,
-               one_token: bool = False):
+               one_token: bool = False, dequant: str = "convert"):
     """The GEMV mode's loop over one slot's rows, block_m per pass (`_gemv_pass`): each row's float32 results
     (one [block_c] per weight, scaled per column when quantised) go to store(row, *results), for live rows only.
     An empty slot (count 0) runs no pass and reads no weights."""
@@ -495,7 +520,7 @@ def _gemv_slot(meta_ref, x_ref, w_refs, scale_refs, c0, store, *, block_m: int, 
     def row_pass(r, carry):
         r0, live = start + r * block_m, count - r * block_m
         acc = _gemv_pass(x_ref, w_refs, e, r0, live, c0, rows=block_m, block_c=block_c, block_k=block_k,
-                         one_token=one_token)
+                         one_token=one_token, dequant=dequant)
         for i, results in enumerate(acc):
             results = [y * sc[e, pl.ds(c0, block_c)] for y, sc in zip(results, scale_refs, strict=True)] \
                 if scale_refs else list(results)
@@ -520,6 +545,7 @@ def _gate_up_gemv_kernel(
     block_k: int,
     quantized: bool,
     one_token: bool = False,  # xs_ref is x [1, D]
+    dequant: str = "convert",
 ):
     h_ref = rest[-1]
     f0 = pl.multiple_of(pl.program_id(1) * block_f, block_f)
@@ -528,7 +554,7 @@ def _gate_up_gemv_kernel(
         h_ref[row, pl.ds(f0, block_f)] = (_silu(g) * u).astype(h_ref.dtype)
 
     _gemv_slot(meta_ref, xs_ref, (wg_ref, wu_ref), rest[:2] if quantized else (), f0, store, block_m=block_m,
-               block_c=block_f, block_k=block_k, one_token=one_token)
+               block_c=block_f, block_k=block_k, one_token=one_token, dequant=dequant)
 
 
 def _down_gemv_kernel(
@@ -541,6 +567,7 @@ def _down_gemv_kernel(
     block_d: int,
     block_kf: int,
     quantized: bool,
+    dequant: str = "convert",
 ):
     o_ref = rest[-1]
     d0 = pl.multiple_of(pl.program_id(1) * block_d, block_d)
@@ -550,7 +577,7 @@ def _down_gemv_kernel(
 
     # only live h rows are loaded: rows past the slot are the next slot's or unwritten padding
     _gemv_slot(meta_ref, h_ref, (wd_ref,), rest[:1] if quantized else (), d0, store, block_m=block_m,
-               block_c=block_d, block_k=block_kf)
+               block_c=block_d, block_k=block_kf, dequant=dequant)
 
 
 def _down_combine_kernel(
@@ -566,6 +593,7 @@ def _down_combine_kernel(
     gemv: bool,
     quantized: bool,
     one_token: bool,
+    dequant: str = "convert",
 ):
     """fused_combine's down projection: program (t, j) writes out[t, j-th D tile] = sum_k w_k * (h_k @ Wd[e_k])
     over the K experts token t chose. One loop runs over (expert, F step) so the software pipeline prefetches
@@ -590,7 +618,7 @@ def _down_combine_kernel(
         wd = wd_ref[e, pl.ds(k0, block_kf), pl.ds(d0, block_d)]  # [BKF, BD]
         w = pw_ref[p]
         if gemv:
-            wf = wd.astype(jnp.float32)
+            wf = _to_f32(wd, dequant)
             if quantized:
                 wf = wf * sd_ref[e, pl.ds(d0, block_d)][None, :]
             y = (hrow.astype(jnp.float32) * w)[:, None] * wf  # [BKF, BD]
@@ -625,13 +653,39 @@ def _topk(logits, top_k: int, norm_topk_prob: bool):
     return chosen, [p / total for p in probs]
 
 
-def _kth_choice(logits_ref, k, top_k: int, norm_topk_prob: bool):
-    """The one token's k-th expert and its routing weight (`_topk` of its [1, E] logits; k traced): a select per
-    choice, no indexing."""
-    chosen, weights = _topk(logits_ref[0, pl.ds(0, logits_ref.shape[1])], top_k, norm_topk_prob)
-    e = sum(jnp.where(k == i, c, 0) for i, c in enumerate(chosen))
-    w = sum(jnp.where(k == i, c, 0.0) for i, c in enumerate(weights))
-    return e, w
+RANK_CHUNK = 32  # logits compared per step of topk="rank": [E, 32] comparisons, 32 values a thread at E=128
+
+
+def _kth_choice(logits_ref, k, top_k: int, norm_topk_prob: bool, topk: str = "rounds"):
+    """The one token's k-th expert and its routing weight from its [1, E] logits (k traced), as `reference.route`
+    chooses (lowest index among equal logits). "rounds": `_topk`, then a select per choice; "rank": see
+    TritonMoEConfig.topk."""
+    E = logits_ref.shape[1]
+    logits = logits_ref[0, pl.ds(0, E)]
+    if topk == "rounds":
+        chosen, weights = _topk(logits, top_k, norm_topk_prob)
+        e = sum(jnp.where(k == i, c, 0) for i, c in enumerate(chosen))
+        w = sum(jnp.where(k == i, c, 0.0) for i, c in enumerate(weights))
+        return e, w
+    ids = jnp.arange(E, dtype=jnp.int32)
+    chunk = min(E, RANK_CHUNK)
+    rank = jnp.zeros((E,), jnp.int32)
+    for j0 in range(0, E, chunk):  # rank[i] = #{j: l_j > l_i, or l_j == l_i and j < i}
+        lj = logits_ref[0, pl.ds(j0, chunk)][None, :]
+        jid = (j0 + jnp.arange(chunk, dtype=jnp.int32))[None, :]
+        beats = (lj > logits[:, None]) | ((lj == logits[:, None]) & (jid < ids[:, None]))  # [E, chunk]
+        rank = rank + jnp.sum(beats.astype(jnp.int32), axis=1)
+    mine = rank == k
+    p = jnp.exp(logits - jnp.max(logits))  # unnormalised softmax probabilities
+    total = jnp.sum(jnp.where(rank < top_k, p, 0.0)) if norm_topk_prob else jnp.sum(p)
+    return jnp.sum(jnp.where(mine, ids, 0)), jnp.sum(jnp.where(mine, p, 0.0)) / total
+
+
+def _to_f32(w, dequant: str = "convert"):
+    """A loaded weight tile in float32 (see TritonMoEConfig.dequant)."""
+    if dequant == "bits" and w.dtype == jnp.int8:
+        return lax.bitcast_convert_type(w.astype(jnp.int32) + MAGIC_BITS, jnp.float32) - MAGIC_FLOAT
+    return w.astype(jnp.float32)
 
 
 def _inline_routed(
@@ -644,6 +698,7 @@ def _inline_routed(
     #         meta_ref out [K, 4] int32, pw_ref out [Ppad] f32
     top_k: int,
     norm_topk_prob: bool,
+    topk: str = "rounds",
     **kw,
 ):
     """fused_route="inline": program (k, j) routes the token itself (`_topk` of its E logits) and runs the gate/up
@@ -651,7 +706,7 @@ def _inline_routed(
     and routing weight for the down kernel."""
     *inner, meta_ref, pw_ref = rest
     k = pl.program_id(0)
-    e, w = _kth_choice(logits_ref, k, top_k, norm_topk_prob)
+    e, w = _kth_choice(logits_ref, k, top_k, norm_topk_prob, topk)
 
     @pl.when(pl.program_id(1) == 0)
     def _():
@@ -677,6 +732,8 @@ def _single_kernel(
     block_k: int,
     block_d: int,
     quantized: bool,
+    dequant: str = "convert",
+    topk: str = "rounds",
 ):
     """fused_route="single" (see TritonMoEConfig): program (k, j) routes the token, computes h for its k-th expert's
     F columns [f0, f0 + block_f) and adds w_k * h @ Wd[e_k, f0:f0 + block_f, :] into out, block_d columns a step."""
@@ -684,9 +741,9 @@ def _single_kernel(
     D = x_ref.shape[1]
     k = pl.program_id(0)
     f0 = pl.multiple_of(pl.program_id(1) * block_f, block_f)
-    e, w = _kth_choice(logits_ref, k, top_k, norm_topk_prob)
+    e, w = _kth_choice(logits_ref, k, top_k, norm_topk_prob, topk)
     ((g, u),) = _gemv_pass(x_ref, (wg_ref, wu_ref), e, 0, 1, f0, rows=1, block_c=block_f, block_k=block_k,
-                           one_token=True)
+                           one_token=True, dequant=dequant)
     if quantized:
         g = g * rest[0][e, pl.ds(f0, block_f)]
         u = u * rest[1][e, pl.ds(f0, block_f)]
@@ -694,7 +751,7 @@ def _single_kernel(
 
     def d_step(jd, carry):
         d0 = pl.multiple_of(jd * block_d, block_d)
-        wd = wd_ref[e, pl.ds(f0, block_f), pl.ds(d0, block_d)].astype(jnp.float32)  # [BF, BD]
+        wd = _to_f32(wd_ref[e, pl.ds(f0, block_f), pl.ds(d0, block_d)], dequant)  # [BF, BD]
         y = jnp.sum(h[:, None] * wd, axis=0)  # [BD]
         if quantized:
             y = y * rest[2][e, pl.ds(d0, block_d)]
@@ -715,6 +772,8 @@ def _split_gate_up_kernel(
     block_f: int,
     block_k: int,
     quantized: bool,
+    dequant: str = "convert",
+    topk: str = "rounds",
 ):
     """fused_route="split", gate/up (see TritonMoEConfig): program (k, j, s) writes its expert's partial gate and up
     sums over D rows [s * D / k_splits, ...) for F columns [f0, f0 + block_f), rows 2 (s K + k) and +1 of gu."""
@@ -722,9 +781,9 @@ def _split_gate_up_kernel(
     k, s, splits = pl.program_id(0), pl.program_id(2), pl.num_programs(2)
     f0 = pl.multiple_of(pl.program_id(1) * block_f, block_f)
     k_len = x_ref.shape[1] // splits
-    e, _ = _kth_choice(logits_ref, k, top_k, norm_topk_prob)
+    e, _ = _kth_choice(logits_ref, k, top_k, norm_topk_prob, topk)
     ((g, u),) = _gemv_pass(x_ref, (wg_ref, wu_ref), e, 0, 1, f0, rows=1, block_c=block_f, block_k=block_k,
-                           one_token=True, k_lo=s * k_len, k_len=k_len)
+                           one_token=True, k_lo=s * k_len, k_len=k_len, dequant=dequant)
     if quantized:  # per-column scales: linear, so each partial takes them
         g = g * rest[0][e, pl.ds(f0, block_f)]
         u = u * rest[1][e, pl.ds(f0, block_f)]
@@ -743,6 +802,8 @@ def _split_down_kernel(
     block_d: int,
     block_kf: int,
     quantized: bool,
+    dequant: str = "convert",
+    topk: str = "rounds",
 ):
     """fused_route="split", down: program (k, i, r) writes o[r K + k, i-th D tile] = w_k * (h_k[range r] @
     Wd[e_k, range r, tile]) over the r-th of f_splits F ranges."""
@@ -750,13 +811,13 @@ def _split_down_kernel(
     k, r = pl.program_id(0), pl.program_id(2)
     f_len = wd_ref.shape[1] // pl.num_programs(2)
     d0 = pl.multiple_of(pl.program_id(1) * block_d, block_d)
-    e, w = _kth_choice(logits_ref, k, top_k, norm_topk_prob)
+    e, w = _kth_choice(logits_ref, k, top_k, norm_topk_prob, topk)
     acc2d = block_kf * block_d <= GEMV_ACC2D_MAX  # reduce over F once after the loop (see _gemv_pass)
 
     def step(i, acc):
         f0 = pl.multiple_of(r * f_len + i * block_kf, block_kf)
         h = h_ref[k, pl.ds(f0, block_kf)].astype(jnp.float32)  # [BKF]
-        y = h[:, None] * wd_ref[e, pl.ds(f0, block_kf), pl.ds(d0, block_d)].astype(jnp.float32)  # [BKF, BD]
+        y = h[:, None] * _to_f32(wd_ref[e, pl.ds(f0, block_kf), pl.ds(d0, block_d)], dequant)  # [BKF, BD]
         return acc + (y if acc2d else jnp.sum(y, axis=0))
 
     acc = lax.fori_loop(0, f_len // block_kf, step,
@@ -936,6 +997,7 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
     gate_up, down = (_gate_up_gemv_kernel, _down_gemv_kernel) if plan.gemv else (_gate_up_kernel, _down_kernel)
     mode = "gemv" if plan.gemv else "bm"
     gu_kw = dict(block_m=bm, block_f=bf, block_k=bk, quantized=quantized)
+    dq = dict(dequant=plan.dequant) if plan.gemv else {}  # the dot mode converts for the tensor cores
     gu_in = (xs, wg, wu, *gu_scales)
     h_shapes = [jax.ShapeDtypeStruct((Ppad, F), x.dtype)]
     if plan.w8a8:  # the token rows go in as int8 with a scale each; h comes out as int8 with a scale per F tile
@@ -950,7 +1012,8 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
     h_specs = [full(s.shape) for s in h_shapes]
     if inline:  # the kernel also writes the slot table and the pair weights (its j=0 programs)
         *hh, meta, pw = pl.pallas_call(
-            functools.partial(_inline_routed, gate_up, top_k=top_k, norm_topk_prob=norm_topk_prob, **gu_kw),
+            functools.partial(_inline_routed, gate_up, top_k=top_k, norm_topk_prob=norm_topk_prob, topk=plan.topk,
+                              **gu_kw, **dq),
             grid=(S, F // bf),
             in_specs=[full((1, E))] + gu_specs,
             out_specs=[*h_specs, full((S, 4)), full((Ppad,))],
@@ -962,7 +1025,7 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
         )(logits, *gu_in)
     else:
         hh = pl.pallas_call(
-            functools.partial(gate_up, **gu_kw, **(dict(one_token=True) if one_token else {})),
+            functools.partial(gate_up, **gu_kw, **dq, **(dict(one_token=True) if one_token else {})),
             grid=(S, F // bf),
             in_specs=[meta_spec] + gu_specs,
             out_specs=h_specs,
@@ -978,7 +1041,7 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
         pos = () if one_token else (jnp.zeros((P,), jnp.int32).at[order].set(jnp.arange(P, dtype=jnp.int32)),)
         return pl.pallas_call(
             functools.partial(_down_combine_kernel, top_k=top_k, block_d=bd, block_kf=bkf, gemv=plan.gemv,
-                              quantized=quantized, one_token=one_token),
+                              quantized=quantized, one_token=one_token, **dq),
             grid=(T, D // bd),
             in_specs=[full((P,)), full((P,)), full((Ppad, F)), full((E, F, D))] + [full((P,))] * len(pos)
             + [full((E, D))] * len(d_scales),
@@ -991,7 +1054,7 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
 
     down_in = (h, pw, wd, *d_scales, *hh[1:])  # w8a8: h's scales last
     out = pl.pallas_call(
-        functools.partial(down, block_m=bm, block_d=bd, block_kf=bkf, quantized=quantized,
+        functools.partial(down, block_m=bm, block_d=bd, block_kf=bkf, quantized=quantized, **dq,
                           **(dict(w8a8=True) if plan.w8a8 else {})),
         grid=(S, D // bd),
         in_specs=[meta_spec] + [full(a.shape) for a in down_in],
@@ -1025,7 +1088,7 @@ def _moe_single(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan,
     args = (logits, x, *ws, *scales, jnp.zeros((1, D), jnp.float32))
     out = pl.pallas_call(
         functools.partial(_single_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_f=bf, block_k=bk,
-                          block_d=bd, quantized=quantized),
+                          block_d=bd, quantized=quantized, dequant=plan.dequant, topk=plan.topk),
         grid=(top_k, F // bf),
         in_specs=[full(a.shape) for a in args],
         out_specs=full((1, D)),
@@ -1055,7 +1118,7 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
     args = (logits, x, ws[0], ws[1], *([w_gate.scale, w_up.scale] if quantized else []))
     gu = pl.pallas_call(
         functools.partial(_split_gate_up_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_f=bf, block_k=bk,
-                          quantized=quantized),
+                          quantized=quantized, dequant=plan.dequant, topk=plan.topk),
         grid=(top_k, F // bf, S),
         in_specs=[full(a.shape) for a in args],
         out_specs=full((S * top_k * 2, F)),
@@ -1071,7 +1134,7 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
     args = (logits, h, ws[2], *([w_down.scale] if quantized else []))
     out = pl.pallas_call(
         functools.partial(_split_down_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_d=bd,
-                          block_kf=bkf, quantized=quantized),
+                          block_kf=bkf, quantized=quantized, dequant=plan.dequant, topk=plan.topk),
         grid=(top_k, D // bd, R),
         in_specs=[full(a.shape) for a in args],
         out_specs=full((R * top_k, D)),
