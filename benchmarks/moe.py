@@ -205,7 +205,8 @@ def split_configs(D: int, F: int, *, quick: bool) -> list:
     k_splits D ranges per (expert, F tile), then the down projection per (expert, D tile)): column blocks 32..256,
     k-steps 32..256, 2 to 8 D ranges, down tiles 64..512 wide with 32..128-row F steps; the first in each
     in-kernel routing x int8 conversion (TritonMoEConfig.topk, .dequant), the rest with "rank" and "bits".
-    11 candidates at Qwen3-30B (15 when not quick)."""
+    Then SPLIT_DOT_PICKS on the tensor cores, each with and without w8a8 (int8 weights only).
+    21 candidates at Qwen3-30B (25 when not quick)."""
     from pallas_kernels.moe import TritonMoEConfig
     from pallas_kernels.moe.triton_moe import DEQUANTS, TOPKS
 
@@ -227,7 +228,20 @@ def split_configs(D: int, F: int, *, quick: bool) -> list:
         for topk, dequant in itertools.product(TOPKS, DEQUANTS) if i == 0 else [("rank", "bits")]:
             out.append(TritonMoEConfig(block_f=bf, block_k=bk, k_splits=splits, block_d=bd, block_kf=bkf,
                                        f_splits=fsplits, fused_route="split", topk=topk, dequant=dequant))
+    # the tensor cores (block_m 16: the row in a 16-row tile), bf16 dots and, for int8 weights, w8a8's int8 dots
+    for bf, bk, splits, bd, bkf, fsplits in SPLIT_DOT_PICKS:
+        if F % bf or F % (bkf * fsplits) or D % (bk * splits) or D % bd:
+            continue
+        for w8a8 in (False, True):
+            out.append(TritonMoEConfig(block_m=16, block_f=bf, block_k=bk, k_splits=splits, block_d=bd,
+                                       block_kf=bkf, f_splits=fsplits, fused_route="split", topk="rank", w8a8=w8a8))
     return out
+
+
+# (block_f, block_k, k_splits, block_d, block_kf, f_splits) of the split path's dot mode: 192-768 gate/up and
+# 128-256 down programs at Qwen3-30B, 64-256 columns wide
+SPLIT_DOT_PICKS = [(128, 64, 8, 128, 64, 2), (64, 128, 4, 64, 128, 1), (128, 128, 4, 128, 128, 2),
+                   (256, 64, 8, 256, 64, 4), (64, 64, 8, 64, 64, 2)]
 
 
 FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "w8a8", "mosaic")  # --families
@@ -298,7 +312,7 @@ def tune(shape_name, tokens, *, quick, families=FAMILIES, formats=("bf16", "int8
             sets = [(x, r, *q) for x, r, *_ in sets]
         configs = triton_configs(T, E, K, F, quick=quick, D=D, families=families)
         if fmt == "bf16":  # dequant is the int8 conversion: bf16 weights would run the same kernel twice
-            configs = list(dict.fromkeys(dataclasses.replace(c, dequant="convert") for c in configs))
+            configs = list(dict.fromkeys(dataclasses.replace(c, dequant="convert") for c in configs if not c.w8a8))
         if fmt == "int8" and "w8a8" in families:
             configs += w8a8_configs(T, quick=quick)
         cands = [tuning.Candidate("triton", c, functools.partial(moe_triton, top_k=K, norm_topk_prob=True,

@@ -322,6 +322,9 @@ ONE_TOKEN_CONFIGS = {
                                         dequant="bits"),
     "split-s2-rank-bits": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
                                           fused_route="split", topk="rank", dequant="bits"),
+    # the split path on the tensor cores (the row in a 16-row tile; int8 weights converted for the dot)
+    "split-dot16": TritonMoEConfig(block_m=16, block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
+                                   fused_route="split", topk="rank"),
 }
 
 
@@ -346,6 +349,9 @@ def test_split_over_four_d_ranges(rng, int8):
     config = TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2, f_splits=2,
                              fused_route="split")
     (check_int8 if int8 else check)(rng, 1, 128, 64, 32, 8, config=config)
+    # both on the tensor cores
+    config = dataclasses.replace(config, block_m=16, k_splits=4)
+    (check_int8 if int8 else check)(rng, 1, 128, 64, 32, 8, config=config)
 
 
 @pytest.mark.parametrize("config", ["inline-dot16", "single-bd16", "split-s2", "split-s2-rank-bits"])
@@ -359,11 +365,14 @@ def test_one_token_paths_skip_dead_experts(rng, config):
 W8A8_CONFIGS = {
     "none": TritonMoEConfig(w8a8=True, block_f=32, block_k=32, block_d=32),
     "inline": TritonMoEConfig(w8a8=True, block_f=32, block_k=32, block_d=16, fused_route="inline"),
+    # the split path: x rounded in the gate/up kernel, h per row in XLA; two D ranges
+    "split": TritonMoEConfig(w8a8=True, block_f=32, block_k=32, block_d=32, block_kf=32, k_splits=2,
+                             fused_route="split"),
 }
 
 
-@pytest.mark.parametrize("config,T,D", [("none", 1, 64), ("inline", 1, 64), ("inline", 1, 96), ("none", 7, 64),
-                                        ("none", 64, 64)])
+@pytest.mark.parametrize("config,T,D", [("none", 1, 64), ("inline", 1, 64), ("inline", 1, 96), ("split", 1, 128),
+                                        ("none", 7, 64), ("none", 64, 64)])
 def test_w8a8(rng, config, T, D):
     # inline at D=64: the gate/up kernel rounds the token's row itself; at D=96 (not a power of two) XLA does
     E, top_k, F = 128, 8, 32
@@ -371,6 +380,20 @@ def test_w8a8(rng, config, T, D):
     *_, experts = check_int8(rng, T, E, D, F, top_k, bias=hot_expert(hot) if T == 64 else None,
                              config=W8A8_CONFIGS[config], tol_deq=TOL_W8A8, tol=TOL_W8A8)
     assert T != 64 or (experts[:, 0] == hot).all()
+
+
+def test_split_w8a8_over_f_ranges(rng):
+    # the down kernel's two F ranges of two 32-row int8 steps each, summed in XLA; four D ranges of one step
+    config = dataclasses.replace(W8A8_CONFIGS["split"], k_splits=4, f_splits=2)
+    check_int8(rng, 1, 128, 128, 128, 8, config=config, tol_deq=TOL_W8A8, tol=TOL_W8A8)
+
+
+def test_split_w8a8_needs_a_power_of_two_d():
+    # its gate/up kernel takes the max of the token's whole row, one Triton block: D=96 goes to the fallback
+    config = W8A8_CONFIGS["split"]
+    plan(1, 128, 64, 128, 8, config, sms=132)
+    with pytest.raises(NotImplementedError, match="power|D=96"):
+        plan(1, 96, 64, 128, 8, config, sms=132)
 
 
 def test_w8a8_skips_dead_experts(rng):
@@ -503,7 +526,8 @@ def test_config_validates_itself():
                dict(fused_combine=True, fused_route="yes"), dict(fused_combine=True, fused_route="inline"),
                dict(fused_combine=True, fused_route="single"), dict(block_m=16, fused_route="single"),
                dict(w8a8=True, block_m=1), dict(w8a8=True, fused_combine=True), dict(w8a8=True, fused_route="single"),
-               dict(k_splits=2), dict(k_splits=3, fused_route="split"), dict(block_m=16, fused_route="split"),
+               dict(k_splits=2), dict(k_splits=3, fused_route="split"), dict(block_m=32, fused_route="split"),
+               dict(block_m=4, fused_route="split"), dict(w8a8=True, block_m=1, fused_route="split"),
                dict(fused_combine=True, fused_route="split"), dict(f_splits=2), dict(f_splits=3, fused_route="split"),
                dict(dequant="magic"), dict(topk="sort")):
         with pytest.raises(ValueError):
@@ -572,10 +596,16 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
                     TritonMoEConfig(block_f=32, block_d=32, block_k=128, k_splits=2, fused_route="split"),
                     TritonMoEConfig(block_f=128, block_d=64, block_k=64, k_splits=8, fused_route="split",
                                     topk="rank", dequant="bits"),
-                    TritonMoEConfig(block_m=1, fused_route="inline", topk="rank", dequant="bits")]
+                    TritonMoEConfig(block_m=1, fused_route="inline", topk="rank", dequant="bits"),
+                    TritonMoEConfig(block_m=16, block_f=128, block_d=128, block_k=64, block_kf=64, k_splits=8,
+                                    f_splits=2, fused_route="split", topk="rank")]
     if int8:  # int8 x int8 dots, both routings at T=1
         configs += [TritonMoEConfig(w8a8=True)] + ([TritonMoEConfig(w8a8=True, block_f=64, block_d=64,
-                                                                    fused_route="inline")] if T == 1 else [])
+                                                                    fused_route="inline"),
+                                                    TritonMoEConfig(w8a8=True, block_f=128, block_d=128, block_k=64,
+                                                                    block_kf=64, k_splits=8, f_splits=2,
+                                                                    fused_route="split", topk="rank")]
+                                                   if T == 1 else [])
     a100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA A100-SXM4-80GB", 108, "gpu"))
     with jax.sharding.use_abstract_mesh(a100):
         for config in configs:

@@ -132,7 +132,7 @@ class TritonMoEConfig:
       in block_d column steps, added atomically into a float32 [1, D] output: every touched weight is read once,
       no h goes through memory and no kernel waits for another (logits, the kernel and the cast to x's dtype are
       the launches). The partial sums land in any order: float32 rounding may differ from run to run.
-      "split" (T=1, GEMV mode, fused_combine False): two kernels with many short programs, for shapes where a
+      "split" (T=1, fused_combine False): two kernels with many short programs, for shapes where a
       program per (expert, F tile) is too few to keep HBM busy (Qwen3-30B: 192 programs of ~260 KB each, gate/up
       at ~2.2 TB/s on the H200 where 235B's 1 MB programs reach ~3.5). `_split_gate_up_kernel`, grid
       (K, F / block_f, k_splits): program (k, j, s) routes as "inline" and writes float32 partial gate and up sums
@@ -141,13 +141,20 @@ class TritonMoEConfig:
       f_splits): program (k, i, r) routes again and writes w_k * h_k @ Wd[e_k, :, tile i] over the r-th F range
       into a float32 [f_splits * K, D]; XLA sums the rows (logits, 2 kernels, 2 small fusions: no atomics, the
       same bits every run). Both splits let the tiles be wide (128-256 contiguous columns) and still cover the SMs.
+      block_m 1 runs them in the GEMV mode; block_m 16 (or w8a8) on the tensor cores (`_dot_row_pass`: the one
+      row in a 16-row tile), where the weight loads are Triton's pipelined dot operands and no CUDA-core
+      instruction touches a weight: with int8 weights and w8a8 the token's row is rounded to int8 in the
+      gate/up kernel and h to int8 rows (a scale each) in XLA, so both kernels run int8 x int8 -> int32 dots.
       H200 tunes (c7108b1, before h moved to XLA): int8 weights 47.7 us against "single"'s 49.3 at Qwen3-30B and
       97.7 against 115.8 at 235B; with bf16 weights "inline" stayed ahead (43.6 against 51.3 at 30B, 4dc47d0).
-    w8a8: (int8 weights, the dot mode, fused_route "none" or "inline") the activations go to the tensor cores as
-      int8 too: token rows quantised per row (max |x| / 127) before the gate/up kernel, h per (row, F tile) inside
-      it, so both kernels run int8 x int8 -> int32 dots with no conversion of the weight tiles, and the scales
-      apply to the int32 sums. The down kernel's k-step is then block_f (one h scale a step). A looser accuracy
-      bound than int8 weights alone (the activations are rounded too).
+      3f5108a (GEMV, "rank" and "bits"): int8 38.5 us at 30B, where ncu read the gate/up kernel at 33% of DRAM
+      bandwidth, 165 registers a thread (3 programs an SM) and an instruction issued every 6.1 cycles a warp.
+    w8a8: (int8 weights, the dot mode, fused_route "none", "inline" or "split") the activations go to the tensor
+      cores as int8 too: token rows quantised per row (max |x| / 127) before the gate/up kernel, h per (row, F
+      tile) inside it ("split": per row, in XLA), so both kernels run int8 x int8 -> int32 dots with no
+      conversion of the weight tiles, and the scales apply to the int32 sums. The per-slot down kernel's k-step
+      is then block_f (one h scale a step). A looser accuracy bound than int8 weights alone (the activations are
+      rounded too).
     dequant: how the GEMV mode turns int8 weight tiles into float32 (bf16 weights ignore it): "convert" is
       `sitofp`, which Hopper runs at 16 values per SM per clock, about the rate int8 weights arrive from HBM at
       T=1; "bits" adds MAGIC_BITS to the sign-extended value and subtracts MAGIC_FLOAT from the float32 those bits
@@ -193,8 +200,10 @@ class TritonMoEConfig:
         if self.fused_route in ONE_TOKEN_ROUTES and self.fused_combine:
             raise ValueError(f"fused_route={self.fused_route!r} does its own down projection: it needs "
                              "fused_combine=False")
-        if self.fused_route in ("single", "split") and bm is not None and bm != 1:
-            raise ValueError(f"fused_route={self.fused_route!r} is GEMV-only: block_m must be 1 or None, got {bm}")
+        if self.fused_route == "single" and bm is not None and bm != 1:
+            raise ValueError(f"fused_route='single' is GEMV-only: block_m must be 1 or None, got {bm}")
+        if self.fused_route == "split" and bm not in (None, 1, MIN_DOT):
+            raise ValueError(f"fused_route='split' runs GEMV (block_m 1) or 16-row dots (block_m 16), got {bm}")
         for name in ("k_splits", "f_splits"):
             v = getattr(self, name)
             if v < 1 or not _pow2(v) or (v > 1 and self.fused_route != "split"):
@@ -203,10 +212,10 @@ class TritonMoEConfig:
             raise ValueError(f"dequant={self.dequant!r} must be one of {', '.join(DEQUANTS)}")
         if self.topk not in TOPKS:
             raise ValueError(f"topk={self.topk!r} must be one of {', '.join(TOPKS)}")
-        if self.w8a8 and (self.fused_combine or self.fused_route not in ("none", "inline")
+        if self.w8a8 and (self.fused_combine or self.fused_route not in ("none", "inline", "split")
                           or (bm is not None and bm < MIN_DOT)):
-            raise ValueError("w8a8 runs the dot mode's per-slot kernels: block_m >= 16 or None, no fused_combine, "
-                             "fused_route 'none' or 'inline'")
+            raise ValueError("w8a8 runs the dot mode's kernels: block_m >= 16 or None, no fused_combine, "
+                             "fused_route 'none', 'inline' or 'split'")
 
 
 class Plan(NamedTuple):
@@ -284,7 +293,11 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
             raise NotImplementedError(f"D={D} has no power-of-two block >= {MIN_DOT} (Triton block sizes)")
     bk = config.block_k or _largest_block(D, 128)
     bkf = config.block_kf or _largest_block(F, 128)
-    if config.w8a8:  # one h scale per down k-step; int8 dots want K >= 32
+    split_dot = config.fused_route == "split" and (config.block_m == MIN_DOT or config.w8a8)
+    if config.w8a8 and split_dot:  # h has one scale per row: any down k-step; int8 dots want K >= 32
+        if min(bk, bkf) < 32:
+            raise NotImplementedError(f"w8a8: int8 dots need block_k and block_kf >= 32, got {bk} and {bkf}")
+    elif config.w8a8:  # one h scale per down k-step; int8 dots want K >= 32
         if config.block_kf not in (None, bf):
             raise NotImplementedError(f"w8a8: the down k-step is block_f ({bf}), got block_kf={config.block_kf}")
         bkf = bf
@@ -297,11 +310,13 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
     if config.fused_route in ONE_TOKEN_ROUTES and T != 1:
         raise NotImplementedError(f"fused_route={config.fused_route!r} is the one-token path, got T={T}")
     if config.fused_route in ("single", "split"):
-        bm = 1
+        bm = MIN_DOT if split_dot else 1
     if D % (config.k_splits * bk):
         raise NotImplementedError(f"k_splits={config.k_splits} x block_k={bk} does not divide D={D}")
     if F % (config.f_splits * bkf):
         raise NotImplementedError(f"f_splits={config.f_splits} x block_kf={bkf} does not divide F={F}")
+    if split_dot and config.w8a8 and not _pow2(D):
+        raise NotImplementedError(f"split w8a8 rounds x in the kernel over all of D (a Triton block), got D={D}")
     if config.fused_route != "none" and not _pow2(E):
         raise NotImplementedError(f"fused_route needs a power-of-two expert count (Triton blocks), got E={E}")
     if config.fused_route == "all":
@@ -508,6 +523,38 @@ def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block
         return tuple(tuple(jnp.sum(a, axis=0) for a in r) for r in acc)
     zero = tuple(jnp.zeros((block_c,), jnp.float32) for _ in w_refs)
     return lax.fori_loop(0, K // block_k, k_step, (zero,) * rows)
+
+
+def _dot_row_pass(x_ref, row, w_refs, e, c0, *, block_c: int, block_k: int, k_lo, k_len: int, quantize: bool):
+    """The split path's dot mode: x[row, k_lo:k_lo + k_len] @ w_refs[j][e, k_lo:k_lo + k_len, c0:c0 + block_c] for
+    each weight, on the tensor cores, as [block_c] float32. The row goes in row 0 of a 16-row tile whose other
+    rows are 0 (their products add nothing, so the column sums are row 0's results exactly), and the weight tiles
+    stream through Triton's pipelined dot loads. int8 weights meet x as int8 when x_ref is int8 already (h with
+    w8a8) or when `quantize` rounds the bf16 row here (its max |x| over the whole row, from L2, / 127): int32 dots,
+    no conversion of the weights; else they convert to x's dtype."""
+    rows = jnp.arange(MIN_DOT, dtype=jnp.int32)[:, None]
+    if quantize:
+        D = x_ref.shape[1]
+        amax = jnp.max(jnp.abs(x_ref[row, pl.ds(0, D)].astype(jnp.float32)))
+        x_scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+
+    def step(kk, acc):
+        k0 = pl.multiple_of(k_lo + kk * block_k, block_k)
+        xrow = x_ref[row, pl.ds(k0, block_k)]
+        if quantize:
+            xrow = _to_int8(xrow.astype(jnp.float32) / x_scale)
+        xt = jnp.where(rows == 0, xrow[None, :], jnp.zeros((), xrow.dtype))  # [16, BK]
+        out = []
+        for a, w_ref in zip(acc, w_refs, strict=True):
+            w = w_ref[e, pl.ds(k0, block_k), pl.ds(c0, block_c)]  # [BK, BC]
+            out.append(a + pltriton.dot(xt, w if w.dtype == xt.dtype else w.astype(xt.dtype)))
+        return tuple(out)
+
+    int_dot = quantize or x_ref.dtype == jnp.int8
+    zero = jnp.zeros((MIN_DOT, block_c), jnp.int32 if int_dot else jnp.float32)
+    acc = lax.fori_loop(0, k_len // block_k, step, (zero,) * len(w_refs))
+    res = [jnp.sum(a, axis=0).astype(jnp.float32) for a in acc]
+    return [r * x_scale for r in res] if quantize else res
 
 
 def _gemv_slot(meta_ref, x_ref, w_refs, scale_refs, c0, store, *, block_m: int, block_c: int, block_k: int,
@@ -774,6 +821,8 @@ def _split_gate_up_kernel(
     quantized: bool,
     dequant: str = "convert",
     topk: str = "rounds",
+    dot: bool = False,  # 16-row dots (`_dot_row_pass`) instead of GEMV
+    w8a8: bool = False,  # (dot) x rounded to int8 here, int8 x int8 dots
 ):
     """fused_route="split", gate/up (see TritonMoEConfig): program (k, j, s) writes its expert's partial gate and up
     sums over D rows [s * D / k_splits, ...) for F columns [f0, f0 + block_f), rows 2 (s K + k) and +1 of gu."""
@@ -782,8 +831,12 @@ def _split_gate_up_kernel(
     f0 = pl.multiple_of(pl.program_id(1) * block_f, block_f)
     k_len = x_ref.shape[1] // splits
     e, _ = _kth_choice(logits_ref, k, top_k, norm_topk_prob, topk)
-    ((g, u),) = _gemv_pass(x_ref, (wg_ref, wu_ref), e, 0, 1, f0, rows=1, block_c=block_f, block_k=block_k,
-                           one_token=True, k_lo=s * k_len, k_len=k_len, dequant=dequant)
+    if dot:
+        g, u = _dot_row_pass(x_ref, 0, (wg_ref, wu_ref), e, f0, block_c=block_f, block_k=block_k, k_lo=s * k_len,
+                             k_len=k_len, quantize=w8a8)
+    else:
+        ((g, u),) = _gemv_pass(x_ref, (wg_ref, wu_ref), e, 0, 1, f0, rows=1, block_c=block_f, block_k=block_k,
+                               one_token=True, k_lo=s * k_len, k_len=k_len, dequant=dequant)
     if quantized:  # per-column scales: linear, so each partial takes them
         g = g * rest[0][e, pl.ds(f0, block_f)]
         u = u * rest[1][e, pl.ds(f0, block_f)]
@@ -794,9 +847,10 @@ def _split_gate_up_kernel(
 
 def _split_down_kernel(
     logits_ref,  # [1, E] float32
-    h_ref,  # [K, F] h of each choice (x's dtype)
+    h_ref,  # [K, F] h of each choice (x's dtype; int8 with w8a8)
     wd_ref,  # [E, F, D] (int8 when quantised)
-    *rest,  # (sd_ref [E, D] float32 when quantised), o_ref out [f_splits * K, D] float32
+    *rest,  # (sd_ref [E, D] float32 when quantised), (hs_ref [K] float32 h row scales with w8a8),
+    #         o_ref out [f_splits * K, D] float32
     top_k: int,
     norm_topk_prob: bool,
     block_d: int,
@@ -804,6 +858,8 @@ def _split_down_kernel(
     quantized: bool,
     dequant: str = "convert",
     topk: str = "rounds",
+    dot: bool = False,  # 16-row dots (`_dot_row_pass`) instead of GEMV
+    w8a8: bool = False,  # (dot) h comes as int8 rows with a scale each: int8 x int8 dots
 ):
     """fused_route="split", down: program (k, i, r) writes o[r K + k, i-th D tile] = w_k * (h_k[range r] @
     Wd[e_k, range r, tile]) over the r-th of f_splits F ranges."""
@@ -812,6 +868,14 @@ def _split_down_kernel(
     f_len = wd_ref.shape[1] // pl.num_programs(2)
     d0 = pl.multiple_of(pl.program_id(1) * block_d, block_d)
     e, w = _kth_choice(logits_ref, k, top_k, norm_topk_prob, topk)
+    if dot:
+        (o,) = _dot_row_pass(h_ref, k, (wd_ref,), e, d0, block_c=block_d, block_k=block_kf, k_lo=r * f_len,
+                             k_len=f_len, quantize=False)
+        o = o * (w * rest[1][k] if w8a8 else w)
+        if quantized:
+            o = o * rest[0][e, pl.ds(d0, block_d)]
+        o_ref[r * top_k + k, pl.ds(d0, block_d)] = o
+        return
     acc2d = block_kf * block_d <= GEMV_ACC2D_MAX  # reduce over F once after the loop (see _gemv_pass)
 
     def step(i, acc):
@@ -1108,6 +1172,8 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
     E, _, F = w_gate.shape
     bf, bk, bd, bkf, S, R = plan.block_f, plan.block_k, plan.block_d, plan.block_kf, plan.k_splits, plan.f_splits
     quantized = isinstance(w_gate, QuantizedWeight)
+    mode = dict(dequant=plan.dequant, topk=plan.topk, dot=not plan.gemv, w8a8=plan.w8a8)
+    tag = ("_w8a8" if plan.w8a8 else "_dot") if not plan.gemv else ""
     ws = [w.values if quantized else w for w in (w_gate, w_up, w_down)]
     logits = jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32)  # [1, E]
     params = pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
@@ -1118,29 +1184,31 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
     args = (logits, x, ws[0], ws[1], *([w_gate.scale, w_up.scale] if quantized else []))
     gu = pl.pallas_call(
         functools.partial(_split_gate_up_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_f=bf, block_k=bk,
-                          quantized=quantized, dequant=plan.dequant, topk=plan.topk),
+                          quantized=quantized, **mode),
         grid=(top_k, F // bf, S),
         in_specs=[full(a.shape) for a in args],
         out_specs=full((S * top_k * 2, F)),
         out_shape=jax.ShapeDtypeStruct((S * top_k * 2, F), jnp.float32),
         compiler_params=params,
         interpret=interpret,
-        name=f"moe_split_gate_up_bf{bf}_bk{bk}_s{S}",
+        name=f"moe_split_gate_up{tag}_bf{bf}_bk{bk}_s{S}",
     )(*args)
     # h once, in XLA (a few KB): every down program reading all k_splits partials of its F range and applying
     # SiLU itself re-read as many bytes from L2 as its weight tile (the first H200 profile: 22.5 of 41 us)
     g, u = jnp.sum(gu.reshape(S, top_k, 2, F), axis=0).transpose(1, 0, 2)
-    h = (jax.nn.silu(g) * u).astype(x.dtype)  # [K, F], rounded as the reference's h
-    args = (logits, h, ws[2], *([w_down.scale] if quantized else []))
+    h = jax.nn.silu(g) * u
+    # [K, F], rounded as the reference's h; with w8a8 to int8, a scale per row
+    h, h_scale = _quantize_rows(h) if plan.w8a8 else (h.astype(x.dtype), None)
+    args = (logits, h, ws[2], *([w_down.scale] if quantized else []), *([h_scale] if plan.w8a8 else []))
     out = pl.pallas_call(
         functools.partial(_split_down_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_d=bd,
-                          block_kf=bkf, quantized=quantized, dequant=plan.dequant, topk=plan.topk),
+                          block_kf=bkf, quantized=quantized, **mode),
         grid=(top_k, D // bd, R),
         in_specs=[full(a.shape) for a in args],
         out_specs=full((R * top_k, D)),
         out_shape=jax.ShapeDtypeStruct((R * top_k, D), jnp.float32),
         compiler_params=params,
         interpret=interpret,
-        name=f"moe_split_down_bd{bd}_bkf{bkf}_r{R}",
+        name=f"moe_split_down{tag}_bd{bd}_bkf{bkf}_r{R}",
     )(*args)
     return jnp.sum(out, axis=0, keepdims=True).astype(x.dtype)
