@@ -244,7 +244,34 @@ SPLIT_DOT_PICKS = [(128, 64, 8, 128, 64, 2), (64, 128, 4, 64, 128, 1), (128, 128
                    (256, 64, 8, 256, 64, 4), (64, 64, 8, 64, 64, 2)]
 
 
-FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "w8a8", "mosaic")  # --families
+# (block_f, block_k, k_splits, block_d, block_kf, f_splits, num_stages) of "sweep": the split path's dot mode with
+# one to four k-steps a program, so Triton's pipeline has a program's whole range in flight at once (the
+# 3f5108a/b445ce3 tunes: 30B's kernels are latency-bound, int8 at half bf16's GB/s), at 2-3 stages
+SWEEP_DOT = [(128, 128, 8, 128, 128, 2, 3), (128, 256, 8, 128, 128, 2, 2), (64, 256, 8, 64, 128, 2, 2),
+             (128, 128, 4, 128, 64, 2, 3), (256, 128, 8, 64, 64, 4, 3), (128, 256, 8, 64, 64, 4, 2),
+             (128, 128, 8, 64, 128, 2, 3), (64, 256, 8, 128, 64, 2, 2)]
+# and the GEMV split's best blocks at 8 warps: half the float32 accumulator registers a thread (165 at 4 warps,
+# 3 programs an SM in ncu)
+SWEEP_GEMV = [(128, 64, 8, 128, 64, 2), (128, 64, 8, 64, 128, 1), (256, 32, 8, 256, 32, 4), (128, 32, 8, 128, 32, 2)]
+
+
+def sweep_configs(D: int, F: int) -> list:
+    """The "sweep" family (T=1): SWEEP_DOT with and without w8a8 (int8 weights only) and SWEEP_GEMV at 8 warps
+    with the rank routing and the bit conversion; those whose blocks do not divide the shape are left out."""
+    from pallas_kernels.moe import TritonMoEConfig
+
+    def fits(bf, bk, splits, bd, bkf, fsplits):
+        return not (F % bf or F % (bkf * fsplits) or D % (bk * splits) or D % bd)
+
+    out = [TritonMoEConfig(block_m=16, block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs,
+                           num_stages=stages, fused_route="split", topk="rank", w8a8=w8a8)
+           for bf, bk, ks, bd, bkf, fs, stages in SWEEP_DOT if fits(bf, bk, ks, bd, bkf, fs) for w8a8 in (False, True)]
+    return out + [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs,
+                                  num_warps=8, fused_route="split", topk="rank", dequant="bits")
+                  for bf, bk, ks, bd, bkf, fs in SWEEP_GEMV if fits(bf, bk, ks, bd, bkf, fs)]
+
+
+FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "sweep", "w8a8", "mosaic")  # --families
 
 
 def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048,
@@ -274,6 +301,8 @@ def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048
         configs += single_configs(D, quick=quick)
     if T == 1 and "split" in families:
         configs += split_configs(D, F, quick=quick)
+    if T == 1 and "sweep" in families:
+        configs += sweep_configs(D, F)
     return list(dict.fromkeys(configs))
 
 
