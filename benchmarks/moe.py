@@ -328,7 +328,7 @@ def tune(shape_name, tokens, *, quick, families=FAMILIES, formats=("bf16", "int8
     import functools
 
     from pallas_kernels import tuning
-    from pallas_kernels.moe import dispatch, moe_reference, moe_triton, quantize_int8
+    from pallas_kernels.moe import TritonMoEConfig, dispatch, moe_reference, moe_triton, quantize_int8
     from pallas_kernels.moe.mosaic_moe import MAX_TOKENS, moe_mosaic
 
     D, F, E, K = SHAPES[shape_name]
@@ -341,7 +341,8 @@ def tune(shape_name, tokens, *, quick, families=FAMILIES, formats=("bf16", "int8
             sets = [(x, r, *q) for x, r, *_ in sets]
         configs = triton_configs(T, E, K, F, quick=quick, D=D, families=families)
         if fmt == "bf16":  # dequant is the int8 conversion: bf16 weights would run the same kernel twice
-            configs = list(dict.fromkeys(dataclasses.replace(c, dequant="convert") for c in configs if not c.w8a8))
+            default = TritonMoEConfig().dequant
+            configs = list(dict.fromkeys(dataclasses.replace(c, dequant=default) for c in configs if not c.w8a8))
         if fmt == "int8" and "w8a8" in families:
             configs += w8a8_configs(T, quick=quick)
         cands = [tuning.Candidate("triton", c, functools.partial(moe_triton, top_k=K, norm_topk_prob=True,

@@ -149,6 +149,9 @@ class TritonMoEConfig:
       97.7 against 115.8 at 235B; with bf16 weights "inline" stayed ahead (43.6 against 51.3 at 30B, 4dc47d0).
       3f5108a (GEMV, "rank" and "bits"): int8 38.5 us at 30B, where ncu read the gate/up kernel at 33% of DRAM
       bandwidth, 165 registers a thread (3 programs an SM) and an instruction issued every 6.1 cycles a warp.
+      91dc255's tune (the tuned table's H200 T=1 entries): bf16 weights on the tensor cores 39.7 us at 30B
+      (inline: 42.1) and 94.4 at 235B (inline 94.7); int8 in the GEMV mode 37.3 and 76.1, with the dot and w8a8
+      modes 1-5 us behind. At 30B no mode reads int8 faster than ~1.5 TB/s: the programs are latency-bound.
     w8a8: (int8 weights, the dot mode, fused_route "none", "inline" or "split") the activations go to the tensor
       cores as int8 too: token rows quantised per row (max |x| / 127) before the gate/up kernel, h per (row, F
       tile) inside it ("split": per row, in XLA), so both kernels run int8 x int8 -> int32 dots with no
@@ -158,7 +161,8 @@ class TritonMoEConfig:
     dequant: how the GEMV mode turns int8 weight tiles into float32 (bf16 weights ignore it): "convert" is
       `sitofp`, which Hopper runs at 16 values per SM per clock, about the rate int8 weights arrive from HBM at
       T=1; "bits" adds MAGIC_BITS to the sign-extended value and subtracts MAGIC_FLOAT from the float32 those bits
-      read as (integer and float pipes, 64-128 per clock). Both are exact.
+      read as (integer and float pipes, 64-128 per clock). Both are exact. "bits" is the default: on the H200
+      (b445ce3, T=1, the same split blocks) it took 30B int8 from 46.9 to 39.3 us and 235B from 99.5 to 90.7.
     topk: how the in-kernel routing (fused_route inline, single, split) finds a program's k-th choice among the E
       logits. "rounds": K rounds of (max, lowest index of the max), each a reduction across the program's warps
       before any weight load can start; "rank": every logit's rank (how many beat it: larger, or equal at a lower
@@ -178,7 +182,7 @@ class TritonMoEConfig:
     w8a8: bool = False
     k_splits: int = 1  # fused_route="split": D row ranges per (expert, F tile) of the gate/up kernel
     f_splits: int = 1  # fused_route="split": F row ranges per (expert, D tile) of the down kernel
-    dequant: str = "convert"  # int8 tiles in the GEMV mode: "convert" (sitofp) or "bits" (see MAGIC_BITS)
+    dequant: str = "bits"  # int8 tiles in the GEMV mode: "bits" (see MAGIC_BITS) or "convert" (sitofp)
     topk: str = "rounds"  # in-kernel routing (inline, single, split): "rounds" of max, or "rank" (_kth_choice)
 
     def __post_init__(self):
@@ -233,7 +237,7 @@ class Plan(NamedTuple):
     w8a8: bool = False
     k_splits: int = 1
     f_splits: int = 1
-    dequant: str = "convert"
+    dequant: str = "bits"
     topk: str = "rounds"
 
     @property
@@ -491,7 +495,7 @@ def _to_int8(y):
 
 
 def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block_k: int, one_token: bool = False,
-               k_lo=0, k_len: int | None = None, dequant: str = "convert"):
+               k_lo=0, k_len: int | None = None, dequant: str = "bits"):
     """One pass over columns [c0, c0 + block_c) of expert e's weights for the sorted rows r0 .. r0 + rows - 1:
     returns acc[i][j] = x[r0 + i] @ w_refs[j][e, :, c0:c0 + block_c] in float32 ([block_c] each). Each k-step
     loads every weight tile once and shares it across the rows; row 0 is always live, rows i >= live are skipped
@@ -558,7 +562,7 @@ def _dot_row_pass(x_ref, row, w_refs, e, c0, *, block_c: int, block_k: int, k_lo
 
 
 def _gemv_slot(meta_ref, x_ref, w_refs, scale_refs, c0, store, *, block_m: int, block_c: int, block_k: int,
-               one_token: bool = False, dequant: str = "convert"):
+               one_token: bool = False, dequant: str = "bits"):
     """The GEMV mode's loop over one slot's rows, block_m per pass (`_gemv_pass`): each row's float32 results
     (one [block_c] per weight, scaled per column when quantised) go to store(row, *results), for live rows only.
     An empty slot (count 0) runs no pass and reads no weights."""
@@ -592,7 +596,7 @@ def _gate_up_gemv_kernel(
     block_k: int,
     quantized: bool,
     one_token: bool = False,  # xs_ref is x [1, D]
-    dequant: str = "convert",
+    dequant: str = "bits",
 ):
     h_ref = rest[-1]
     f0 = pl.multiple_of(pl.program_id(1) * block_f, block_f)
@@ -614,7 +618,7 @@ def _down_gemv_kernel(
     block_d: int,
     block_kf: int,
     quantized: bool,
-    dequant: str = "convert",
+    dequant: str = "bits",
 ):
     o_ref = rest[-1]
     d0 = pl.multiple_of(pl.program_id(1) * block_d, block_d)
@@ -640,7 +644,7 @@ def _down_combine_kernel(
     gemv: bool,
     quantized: bool,
     one_token: bool,
-    dequant: str = "convert",
+    dequant: str = "bits",
 ):
     """fused_combine's down projection: program (t, j) writes out[t, j-th D tile] = sum_k w_k * (h_k @ Wd[e_k])
     over the K experts token t chose. One loop runs over (expert, F step) so the software pipeline prefetches
@@ -728,7 +732,7 @@ def _kth_choice(logits_ref, k, top_k: int, norm_topk_prob: bool, topk: str = "ro
     return jnp.sum(jnp.where(mine, ids, 0)), jnp.sum(jnp.where(mine, p, 0.0)) / total
 
 
-def _to_f32(w, dequant: str = "convert"):
+def _to_f32(w, dequant: str = "bits"):
     """A loaded weight tile in float32 (see TritonMoEConfig.dequant)."""
     if dequant == "bits" and w.dtype == jnp.int8:
         return lax.bitcast_convert_type(w.astype(jnp.int32) + MAGIC_BITS, jnp.float32) - MAGIC_FLOAT
@@ -779,7 +783,7 @@ def _single_kernel(
     block_k: int,
     block_d: int,
     quantized: bool,
-    dequant: str = "convert",
+    dequant: str = "bits",
     topk: str = "rounds",
 ):
     """fused_route="single" (see TritonMoEConfig): program (k, j) routes the token, computes h for its k-th expert's
@@ -819,7 +823,7 @@ def _split_gate_up_kernel(
     block_f: int,
     block_k: int,
     quantized: bool,
-    dequant: str = "convert",
+    dequant: str = "bits",
     topk: str = "rounds",
     dot: bool = False,  # 16-row dots (`_dot_row_pass`) instead of GEMV
     w8a8: bool = False,  # (dot) x rounded to int8 here, int8 x int8 dots
@@ -856,7 +860,7 @@ def _split_down_kernel(
     block_d: int,
     block_kf: int,
     quantized: bool,
-    dequant: str = "convert",
+    dequant: str = "bits",
     topk: str = "rounds",
     dot: bool = False,  # 16-row dots (`_dot_row_pass`) instead of GEMV
     w8a8: bool = False,  # (dot) h comes as int8 rows with a scale each: int8 x int8 dots
