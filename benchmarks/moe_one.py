@@ -1,7 +1,11 @@
 """One MoE configuration, called a few times: the program to put under a kernel profiler.
 
-    ncu --clock-control none -k regex:moe_ --section SpeedOfLight --section WarpStateStats \
+    XLA_PYTHON_CLIENT_MEM_FRACTION=.05 ncu --clock-control none -k regex:moe_ -c 2 --section SpeedOfLight \
         python benchmarks/moe_one.py --shape 30b --format int8 --config '{"fused_route": "split", "k_splits": 8}'
+
+Keep the memory fraction small. Before its passes, ncu's kernel replay saves the device memory a kernel can reach,
+and JAX otherwise holds 75% of the GPU for its pool. That is the likely reason one H200 run took over 110 s for
+one kernel's five sections.
 
 Runs `benchmarks/moe.py`'s inputs (the first token set) through `pallas_kernels.moe` with the tuned table's pick, or
 through the Triton kernel with --config (a JSON object of TritonMoEConfig fields), --calls times after one call
