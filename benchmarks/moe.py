@@ -200,6 +200,11 @@ def w8a8_configs(T: int, *, quick: bool) -> list:
     return out
 
 
+def split_fits(D, F, bf, bk, splits, bd, bkf, fsplits) -> bool:
+    """Whether a split candidate's blocks and ranges divide the shape (plan would refuse it otherwise)."""
+    return not (F % bf or F % (bkf * fsplits) or D % (bk * splits) or D % bd)
+
+
 def split_configs(D: int, F: int, *, quick: bool) -> list:
     """fused_route="split" candidates (T=1, two kernels of many short programs: gate/up partial sums over
     k_splits D ranges per (expert, F tile), then the down projection per (expert, D tile)): column blocks 32..256,
@@ -222,7 +227,7 @@ def split_configs(D: int, F: int, *, quick: bool) -> list:
                   (256, 32, 4, 128, 64, 2)]
     out = []
     for i, (bf, bk, splits, bd, bkf, fsplits) in enumerate(picks):
-        if F % bf or F % (bkf * fsplits) or D % (bk * splits) or D % bd:
+        if not split_fits(D, F, bf, bk, splits, bd, bkf, fsplits):
             continue
         # the first pick in each routing x conversion (what each is worth alone), the rest with both new ones
         for topk, dequant in itertools.product(TOPKS, DEQUANTS) if i == 0 else [("rank", "bits")]:
@@ -230,7 +235,7 @@ def split_configs(D: int, F: int, *, quick: bool) -> list:
                                        f_splits=fsplits, fused_route="split", topk=topk, dequant=dequant))
     # the tensor cores (block_m 16: the row in a 16-row tile), bf16 dots and, for int8 weights, w8a8's int8 dots
     for bf, bk, splits, bd, bkf, fsplits in SPLIT_DOT_PICKS:
-        if F % bf or F % (bkf * fsplits) or D % (bk * splits) or D % bd:
+        if not split_fits(D, F, bf, bk, splits, bd, bkf, fsplits):
             continue
         for w8a8 in (False, True):
             out.append(TritonMoEConfig(block_m=16, block_f=bf, block_k=bk, k_splits=splits, block_d=bd,
@@ -260,15 +265,13 @@ def sweep_configs(D: int, F: int) -> list:
     with the rank routing and the bit conversion; those whose blocks do not divide the shape are left out."""
     from pallas_kernels.moe import TritonMoEConfig
 
-    def fits(bf, bk, splits, bd, bkf, fsplits):
-        return not (F % bf or F % (bkf * fsplits) or D % (bk * splits) or D % bd)
-
     out = [TritonMoEConfig(block_m=16, block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs,
                            num_stages=stages, fused_route="split", topk="rank", w8a8=w8a8)
-           for bf, bk, ks, bd, bkf, fs, stages in SWEEP_DOT if fits(bf, bk, ks, bd, bkf, fs) for w8a8 in (False, True)]
+           for bf, bk, ks, bd, bkf, fs, stages in SWEEP_DOT if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
+           for w8a8 in (False, True)]
     return out + [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs,
                                   num_warps=8, fused_route="split", topk="rank", dequant="bits")
-                  for bf, bk, ks, bd, bkf, fs in SWEEP_GEMV if fits(bf, bk, ks, bd, bkf, fs)]
+                  for bf, bk, ks, bd, bkf, fs in SWEEP_GEMV if split_fits(D, F, bf, bk, ks, bd, bkf, fs)]
 
 
 FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "sweep", "w8a8", "mosaic")  # --families

@@ -383,8 +383,7 @@ def _gate_up_kernel(
     f0 = pl.multiple_of(j * block_f, block_f)
     rows = jnp.arange(block_m, dtype=jnp.int32)
     if quantize_x:
-        amax = jnp.max(jnp.abs(xs_ref[0, pl.ds(0, D)].astype(jnp.float32)))
-        x_scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+        x_scale = _int8_scale(jnp.max(jnp.abs(xs_ref[0, pl.ds(0, D)].astype(jnp.float32))))
 
     def row_tile(r, carry):
         r0 = start + r * block_m
@@ -483,9 +482,20 @@ def _down_kernel(
 def _quantize_rows(v):
     """[R, C] float32 -> (int8 values, [R] float32 scales): symmetric, max |v| of each row / 127 (1 for a row of
     zeros), rounded half away from zero by floor (Triton has no round)."""
-    amax = jnp.max(jnp.abs(v), axis=1)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    scale = _int8_scale(jnp.max(jnp.abs(v), axis=1))
     return _to_int8(v / scale[:, None]), scale
+
+
+def _int8_scale(amax):
+    """Symmetric int8 scale(s) for values of largest magnitude amax: amax / 127, 1 where amax is 0."""
+    return jnp.where(amax > 0, amax / 127.0, 1.0)
+
+
+def _row0_tile(row):
+    """[C] -> [16, C]: the row in row 0, zeros below. Triton's dot needs 16 rows; the zero rows' products add
+    nothing, so column sums of the dot's result are the row's results exactly."""
+    rows = jnp.arange(MIN_DOT, dtype=jnp.int32)[:, None]
+    return jnp.where(rows == 0, row[None, :], jnp.zeros((), row.dtype))
 
 
 def _to_int8(y):
@@ -536,18 +546,15 @@ def _dot_row_pass(x_ref, row, w_refs, e, c0, *, block_c: int, block_k: int, k_lo
     stream through Triton's pipelined dot loads. int8 weights meet x as int8 when x_ref is int8 already (h with
     w8a8) or when `quantize` rounds the bf16 row here (its max |x| over the whole row, from L2, / 127): int32 dots,
     no conversion of the weights; else they convert to x's dtype."""
-    rows = jnp.arange(MIN_DOT, dtype=jnp.int32)[:, None]
     if quantize:
-        D = x_ref.shape[1]
-        amax = jnp.max(jnp.abs(x_ref[row, pl.ds(0, D)].astype(jnp.float32)))
-        x_scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+        x_scale = _int8_scale(jnp.max(jnp.abs(x_ref[row, pl.ds(0, x_ref.shape[1])].astype(jnp.float32))))
 
     def step(kk, acc):
         k0 = pl.multiple_of(k_lo + kk * block_k, block_k)
         xrow = x_ref[row, pl.ds(k0, block_k)]
         if quantize:
             xrow = _to_int8(xrow.astype(jnp.float32) / x_scale)
-        xt = jnp.where(rows == 0, xrow[None, :], jnp.zeros((), xrow.dtype))  # [16, BK]
+        xt = _row0_tile(xrow)  # [16, BK]
         out = []
         for a, w_ref in zip(acc, w_refs, strict=True):
             w = w_ref[e, pl.ds(k0, block_k), pl.ds(c0, block_c)]  # [BK, BC]
@@ -657,7 +664,6 @@ def _down_combine_kernel(
     t = pl.program_id(0)
     d0 = pl.multiple_of(pl.program_id(1) * block_d, block_d)
     acc2d = block_kf * block_d <= GEMV_ACC2D_MAX  # GEMV: reduce over F once after the loop (see _gemv_pass)
-    rows = jnp.arange(MIN_DOT, dtype=jnp.int32)
 
     def step(i, acc):
         k, kk = lax.div(i, nf), lax.rem(i, nf)
@@ -674,8 +680,7 @@ def _down_combine_kernel(
                 wf = wf * sd_ref[e, pl.ds(d0, block_d)][None, :]
             y = (hrow.astype(jnp.float32) * w)[:, None] * wf  # [BKF, BD]
             return acc + (y if acc2d else jnp.sum(y, axis=0))
-        # the dot needs 16 rows: row 0 is the pair's h row, the rest zero (their products add nothing)
-        ht = jnp.where(rows[:, None] == 0, hrow[None, :], jnp.zeros((), hrow.dtype))  # [16, BKF]
+        ht = _row0_tile(hrow)  # [16, BKF]: the pair's h row in row 0
         y = pltriton.dot(ht, wd.astype(ht.dtype))  # [16, BD] float32
         scale = w * sd_ref[e, pl.ds(d0, block_d)][None, :] if quantized else w
         return acc + y * scale
