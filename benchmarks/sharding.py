@@ -12,7 +12,8 @@ taken out; the variants compared with each other are timed round-robin, median w
   - a 2-layer model of those shapes, prefill (1 x 2,048 tokens) and decode (8 slots, 1,024 cached tokens) steps per
     strategy; communication share of a step = (t(xla) - t(nocomm)) / t(xla). Prefill variants '<strategy>_mb2'
     run the 2,048 tokens as two 1,024-token micro-batches interleaved layer by layer (`Transformer.microbatches`):
-    one's collectives can run under the other's matmuls; 'nocomm_mb2' against 'nocomm' is what the split costs.
+    one's collectives can run under the other's matmuls ('xla_mb4': four of 512); 'nocomm_mb2' against 'nocomm'
+    is what the split costs.
 
     python -m benchmarks.sharding --timeout 140   # 2 GPUs, at most 4 x 140 s
     python -m benchmarks.sharding --tiny     # CPU smoke test with 2 simulated devices
@@ -47,6 +48,9 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     # showed one SendRecv kernel per all-gather ring of 4 pieces), so no piece's matmul could start before the
     # last piece landed; the latency-hiding scheduler (said explicitly) starts each transfer as early as it can
     "p2p_disabled_nocombine": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": NO_COMBINE_FLAGS},
+    # NCCL's Simple protocol: with peer access off NCCL picks LL for these messages (the profiles' *_RING_LL
+    # kernels), whose 8-byte flag-stamped stores carry half the bytes of a store; Simple moves whole chunks
+    "p2p_disabled_simple": {"NCCL_P2P_DISABLE": "1", "NCCL_PROTO": "Simple"},
 }
 MARK = "RESULT "
 # per-layer variants: 'ringC' is the one-direction ring with each shard sent as C pieces
@@ -68,7 +72,7 @@ def parse_variant(name: str) -> tuple[str, int, int]:
 
 # prefill variants that overlap communication with compute: rings inside each collective matmul, or two
 # micro-batches whose collectives run under each other's matmuls
-MICROBATCHED = ("xla_mb2", "allreduce_mb2", "sp_mb2")
+MICROBATCHED = ("xla_mb2", "allreduce_mb2", "sp_mb2", "xla_mb4")
 OVERLAPPED_STEPS = ("ring", "ring4", "bidi", *MICROBATCHED)
 
 
@@ -84,9 +88,8 @@ def shapes(tiny: bool) -> dict:
 
 
 # profiled with --profile: one call each under jax.profiler, for how much of the NCCL time ran beside compute
-PROFILED = ("ag_matmul_nocomm", "ag_matmul_sp", "ag_matmul_ring", "ag_matmul_ring4", "ag_matmul_bidi",
-            "matmul_rs_sp", "matmul_rs_ring", "matmul_rs_ring4", "matmul_rs_bidi", "prefill_xla", "prefill_ring4",
-            "prefill_bidi", "prefill_nocomm")
+# (few: in 3fd908d's run of 13, the later traces lost most of their compute kernels)
+PROFILED = ("ag_matmul_ring", "matmul_rs_ring4", "prefill_xla", "prefill_xla_mb2", "prefill_nocomm_mb2")
 
 
 def worker(scenario: str, tiny: bool, parts: str = "layer,step", profile: bool = False) -> dict:
