@@ -48,25 +48,12 @@ def _pieces(M: int, chunks: int) -> list[tuple[int, int]]:
     return [(i * (M // c), M // c) for i in range(c)]
 
 
-def _shift_in_turn(pieces: list[jax.Array], axis: str, n: int, step: int) -> list[jax.Array]:
-    """Sends each piece as `_shift` does, piece k + 1 only once piece k has landed: the pieces cross the link in
-    turn, so the first is ready for its dots after 1/C of the transfer. Sent together (or combined into one
-    transfer by XLA, as the H200 profiles showed), every piece would land at the end of the whole transfer."""
-    out: list[jax.Array] = []
-    for p in pieces:
-        if out:  # the barrier makes p's send wait for the previous piece's arrival
-            p, _ = jax.lax.optimization_barrier((p, out[-1]))
-        out.append(_shift(p, axis, n, step))
-    return out
-
-
 def all_gather_matmul(x: jax.Array, ws: Sequence[jax.Array], *, axis: str, bidirectional: bool = False,
                       chunks: int = 1) -> list[jax.Array]:
     """As `all_gather_matmul_reference`, as a ring: step s multiplies the token shard of device idx + s (held now)
     while passing it on. One ring serves all weights (q/k/v, or gate/up), so the tokens travel once. With
-    `chunks` > 1 (one direction) each shard travels as that many pieces, one after another (`_shift_in_turn`): a
-    piece's dots start as soon as it lands, while the next is in flight, so only the last piece's compute waits on
-    the link."""
+    `chunks` > 1 (one direction) each shard travels as that many pieces: a piece's dots start as soon as it
+    lands, while the next is in flight, so only the last piece's compute waits on the link."""
     n = jax.lax.axis_size(axis)
     if n == 1:
         return [_dot(x, w) for w in ws]
@@ -77,7 +64,7 @@ def all_gather_matmul(x: jax.Array, ws: Sequence[jax.Array], *, axis: str, bidir
         pieces = [x[lo : lo + size] for lo, size in _pieces(M, chunks)]
         for s in range(n):
             # issued first: in flight during this step's dots
-            nxt = _shift_in_turn(pieces, axis, n, -1) if s < n - 1 else None
+            nxt = [_shift(p, axis, n, -1) for p in pieces] if s < n - 1 else None
             src = (idx + s) % n
             new = []
             for o, w in zip(outs, ws, strict=True):
