@@ -51,6 +51,9 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     # NCCL's Simple protocol: with peer access off NCCL picks LL for these messages (the profiles' *_RING_LL
     # kernels), whose 8-byte flag-stamped stores carry half the bytes of a store; Simple moves whole chunks
     "p2p_disabled_simple": {"NCCL_P2P_DISABLE": "1", "NCCL_PROTO": "Simple"},
+    # NCCL on 2 channels (CTAs): its kernels beside a matmul hold fewer SMs, which the matmul's last wave of tiles
+    # waits for (the all-gather ring's matmuls ran ~22% longer beside NCCL's host-staged send/receive)
+    "p2p_disabled_ch2": {"NCCL_P2P_DISABLE": "1", "NCCL_MAX_NCHANNELS": "2"},
 }
 MARK = "RESULT "
 # per-layer variants: 'ringC' is the one-direction ring with each shard sent as C pieces
@@ -125,12 +128,16 @@ def worker(scenario: str, tiny: bool, parts: str = "layer,step", profile: bool =
                  "interconnect": interconnect(), "layer_us": {}, "step_us": {}, "spread_us": {}}
 
     def timed(group: str, cases: dict) -> None:  # one interleaved timing per group of compared variants
-        for name, t in time_interleaved(cases, **timing).items():
+        # a layer call waits for all of the previous one's output, as the next layer does: linked through the
+        # output's first element (on device 0), a call's last transfer ran under the next call's matmul (the
+        # matmul-reduce-scatter ring of 4 pieces read 796 us in a chain, 743 us NCCL + 686 us matmul with nothing
+        # overlapped in a profile of one call, ea04058)
+        for name, t in time_interleaved(cases, **timing, whole=group == "layer_us").items():
             out[group][name] = t["us"]
             out["spread_us"][name] = [round(t["lo"], 1), round(t["hi"], 1)]
         if profile:
             for name in (n for n in cases if n in PROFILED):
-                run, calls = chain(*cases[name], target_ms=0.0, max_calls=1)
+                run, calls = chain(*cases[name], target_ms=0.0, max_calls=1, whole=group == "layer_us")
                 events = gpu_trace.profiled(run, runs=3)
                 out.setdefault("profile", {})[name] = {
                     "overlap": gpu_trace.overlap(events, 3 * calls),

@@ -68,26 +68,31 @@ def max_rel_err(out, ref) -> float:
 LINK_BYTES = 1 << 20  # arguments up to this size are made to depend on the previous call (not the KV pools)
 
 
-def _depend(args: tuple, out) -> tuple:
+def _depend(args: tuple, out, whole: bool = False) -> tuple:
     """args with every small numeric array plus 0 * (a finite scalar of `out`): a real data dependency. XLA
     strips optimization barriers and would merge identical calls (CSE) or hoist work shared between them (the
     reference's page gather), timing one call for n; it does not fold float x * 0 (NaN semantics), so this holds.
     Costs one tiny fused kernel per call, the same for every implementation timed. Where every argument is
     large (a collective matmul's activations and weights), the smallest one is linked: one elementwise pass over
-    it per call, but without a link the calls run concurrently (one call's transfer under another's matmul)."""
+    it per call, but without a link the calls run concurrently (one call's transfer under another's matmul).
+    whole: the scalar is the sum of the whole first output instead of its first element, so the next call waits
+    for every part of it (a pass over the output and, when it is sharded, a scalar all-reduce). For outputs spread
+    over devices: the first element lives on one device, and the next call could start before another device's
+    part of the output (its last transfer) had landed."""
     leaf = jax.tree.leaves(out)[0]
     # its first element by index, not ravel()[0]: flattening an output sharded on a minor dimension made XLA
     # all-gather the whole output first (~1.7 ms a call for a [2048, 14336] bf16 shard under NCCL_P2P_DISABLE=1)
-    x = leaf[(0,) * leaf.ndim].astype(jnp.float32)
+    x = jnp.sum(leaf, dtype=jnp.float32) if whole else leaf[(0,) * leaf.ndim].astype(jnp.float32)
     zero = jnp.where(jnp.isfinite(x), x, 0.0) * 0.0
     numeric = [i for i, a in enumerate(args) if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.number)]
     link = {i for i in numeric if args[i].nbytes <= LINK_BYTES} or {min(numeric, key=lambda i: args[i].nbytes)}
     return tuple(a + zero.astype(a.dtype) if i in link else a for i, a in enumerate(args))
 
 
-def chain(fn: Callable, inputs: tuple | Sequence[tuple], target_ms: float, max_calls: int):
+def chain(fn: Callable, inputs: tuple | Sequence[tuple], target_ms: float, max_calls: int, whole: bool = False):
     """(run, n): `run()` executes one jitted chain of n calls of `fn` over the rotating input sets (each call
-    depending on the previous one, see `_depend`) and waits for it; compiled and warmed up."""
+    depending on the previous one, on all of its output with `whole`: see `_depend`) and waits for it; compiled
+    and warmed up."""
     sets = [inputs] if isinstance(inputs, tuple) else list(inputs)
     one = jax.jit(fn)
 
@@ -105,7 +110,7 @@ def chain(fn: Callable, inputs: tuple | Sequence[tuple], target_ms: float, max_c
         out = None
         for i in range(n):
             args = sets[i % len(sets)]
-            out = fn(*(args if out is None else _depend(args, out)))
+            out = fn(*(args if out is None else _depend(args, out, whole)))
         return out
 
     many = jax.jit(many)
@@ -134,18 +139,19 @@ def time_us(fn: Callable, inputs: tuple | Sequence[tuple], *, repeats: int = 7, 
 
 def time_interleaved(cases: dict[str, tuple[Callable, tuple | Sequence[tuple]]], *, repeats: int = 9,
                      target_ms: float = 2.0, max_calls: int = 64, warmup_s: float | None = None,
-                     errors: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+                     errors: dict[str, str] | None = None, whole: bool = False) -> dict[str, dict[str, float]]:
     """`time_us` for several variants compared with each other: every chain is compiled first, then the repeats
     go round-robin over the variants, so a drift of the device (clocks, a neighbour's load) lands on all of them
     alike instead of on whichever ran last. Returns {name: {"us": median, "lo": min, "hi": max}} per call.
     errors: where given, a variant whose chain fails to compile or run is left out and its error put here
     (else the failure raises). Before the timed runs the chains run round-robin for `warmup_s` seconds (default:
     0.3 on a GPU, none elsewhere): compiling leaves the GPU idle, and its clocks come back up from idle (345 MHz
-    on the H200, against 1,980 under load) only after some time of load."""
+    on the H200, against 1,980 under load) only after some time of load. whole: each call waits for all of the
+    previous call's output (`_depend`)."""
     chains = {}
     for name, (fn, inputs) in cases.items():
         try:
-            chains[name] = chain(fn, inputs, target_ms, max_calls)
+            chains[name] = chain(fn, inputs, target_ms, max_calls, whole)
         except Exception as e:
             if errors is None:
                 raise
