@@ -54,6 +54,10 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     # NCCL on 2 channels (CTAs): its kernels beside a matmul hold fewer SMs, which the matmul's last wave of tiles
     # waits for (the all-gather ring's matmuls ran ~22% longer beside NCCL's host-staged send/receive)
     "p2p_disabled_ch2": {"NCCL_P2P_DISABLE": "1", "NCCL_MAX_NCHANNELS": "2"},
+    # micro-batches kept apart: XLA's dot merger joined the two pieces' matmuls that share a weight into one dot
+    # (the scheduled HLO of prefill_xla_mb2, ea04058), so both pieces' all-reduces waited for it and ran back to
+    # back with nothing beside them
+    "p2p_disabled_nomerge": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": f"{LHS_FLAG} --xla_gpu_dot_merger_threshold_mb=0"},
 }
 MARK = "RESULT "
 # per-layer variants: 'ringC' is the one-direction ring with each shard sent as C pieces
