@@ -58,6 +58,11 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     # (the scheduled HLO of prefill_xla_mb2, ea04058), so both pieces' all-reduces waited for it and ran back to
     # back with nothing beside them
     "p2p_disabled_nomerge": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": f"{LHS_FLAG} --xla_gpu_dot_merger_threshold_mb=0"},
+    # and profile-guided latency estimates: the scheduler's analytical model does not know that the transfers are
+    # host-staged (~0.6 ms for a 1,024-token all-reduce), so it gave each one a window of a kernel or none; with
+    # PGLE the first call of every program is profiled and the program recompiled with the measured latencies
+    "p2p_disabled_pgle": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": f"{LHS_FLAG} --xla_gpu_dot_merger_threshold_mb=0",
+                          "JAX_ENABLE_PGLE": "true", "JAX_PGLE_PROFILING_RUNS": "1"},
 }
 MARK = "RESULT "
 # per-layer variants: 'ringC' is the one-direction ring with each shard sent as C pieces
