@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 
 from benchmarks.common import table, versions, write_result
+from sharding.strategy import with_microbatch_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 XLA_OVERLAP_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_threshold_for_windowed_einsum_mib=0 "
@@ -57,12 +58,12 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     # micro-batches kept apart: XLA's dot merger joined the two pieces' matmuls that share a weight into one dot
     # (the scheduled HLO of prefill_xla_mb2, ea04058), so both pieces' all-reduces waited for it and ran back to
     # back with nothing beside them
-    "p2p_disabled_nomerge": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": f"{LHS_FLAG} --xla_gpu_dot_merger_threshold_mb=0"},
+    "p2p_disabled_nomerge": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags("")},
     # and profile-guided latency estimates: the scheduler's analytical model does not know that the transfers are
     # host-staged (~0.6 ms for a 1,024-token all-reduce), so it gave each one a window of a kernel or none; with
     # PGLE the first call of every program is profiled and the program recompiled with the measured latencies
-    "p2p_disabled_pgle": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": f"{LHS_FLAG} --xla_gpu_dot_merger_threshold_mb=0",
-                          "JAX_ENABLE_PGLE": "true", "JAX_PGLE_PROFILING_RUNS": "1"},
+    "p2p_disabled_pgle": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(""), "JAX_ENABLE_PGLE": "true",
+                          "JAX_PGLE_PROFILING_RUNS": "1"},
 }
 MARK = "RESULT "
 # per-layer variants: 'ringC' is the one-direction ring with each shard sent as C pieces

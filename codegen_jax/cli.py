@@ -67,7 +67,8 @@ def _add_parallel(p) -> None:
                    "size), xla, ring, bidi, sp, allreduce or allreduce_overlap (default auto)")
     p.add_argument("--tp-microbatches", type=_positive, default=1, help="with --tp: run prefill chunks of at least "
                    "2 x 256 tokens as this many micro-batches interleaved layer by layer, so one's collectives run "
-                   "under another's matmuls (default 1: off)")
+                   "under another's matmuls (default 1: off; above 1 it also turns XLA's dot merger off, see "
+                   "sharding.strategy.MICROBATCH_XLA_FLAGS)")
 
 
 def _add_serve(sub) -> None:
@@ -239,6 +240,11 @@ def _serve(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "tp_microbatches", 1) > 1:
+        # read when JAX starts its backend, which has not happened yet (jax is imported by the commands)
+        from sharding.strategy import with_microbatch_flags
+
+        os.environ["XLA_FLAGS"] = with_microbatch_flags(os.environ.get("XLA_FLAGS", ""))
     try:
         if args.command == "generate":
             return _generate(args)

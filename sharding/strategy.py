@@ -23,10 +23,10 @@ DECODE_BYTES = 1 << 20
 # Interconnects where a GPU run of benchmarks/sharding.py showed the overlapped rings beating XLA's own collectives
 # in the TP=2 prefill step. None yet: with 20 ms timing chains on 2 H200s, 'bidi' (the rings' best) took 8,286 us to
 # XLA's 7,270 over NVLink (sharding_nvlink.json, 5738fbc) and 13,387 to 12,611 with peer access off, the
-# host-staged path of a PCIe box (sharding_p2p_profile_h200_3fd908d.json). There the matmul-reduce-scatter ring
-# in 4 pieces hid 90% of its layer's exposed transfer, but the all-gather rings hid ~10%, and a profile showed
-# why: NCCL's host-staged send/receive ran beside the matmuls, which then took ~22% longer. 'auto' picks the rings
-# only where they have won.
+# host-staged path of a PCIe box (sharding_p2p_profile_h200_3fd908d.json). Per layer, with each call waiting for
+# all of the previous one's output, no ring hid more than 7% of its exposed transfer
+# (sharding_whole_link_h200_5b0e9e2.json): NCCL's host-staged send/receive does run beside the matmuls, but both
+# then take longer (the all-gather ring's matmuls ~22%). 'auto' picks the rings only where they have won.
 RINGS_WIN: frozenset[str] = frozenset()
 
 
@@ -52,3 +52,19 @@ def validate(strategy: str) -> str:
     if strategy != "auto" and strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; pick 'auto' or one of {', '.join(STRATEGIES)}")
     return strategy
+
+
+# XLA flags for micro-batched prefill (`Transformer.microbatches`): XLA's dot merger joins the pieces' matmuls that
+# share a weight into one dot, so both pieces' all-reduces wait for it and nothing runs beside them; with it off
+# (and the latency-hiding scheduler said explicitly) the TP=2 prefill step ran 1.056x XLA's unsplit one on 2 H200s
+# with peer access off (sharding_nomerge_h200_98e432b.json), against 0.98x with it on.
+MICROBATCH_XLA_FLAGS = {"xla_gpu_dot_merger_threshold_mb": "0", "xla_gpu_enable_latency_hiding_scheduler": "true"}
+
+
+def with_microbatch_flags(xla_flags: str) -> str:
+    """`xla_flags` (an XLA_FLAGS value) plus MICROBATCH_XLA_FLAGS, each unless the value already sets it."""
+    out = xla_flags.split()
+    for name, value in MICROBATCH_XLA_FLAGS.items():
+        if not any(f.lstrip("-").split("=")[0] == name for f in out):
+            out.append(f"--{name}={value}")
+    return " ".join(out)

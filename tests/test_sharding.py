@@ -86,6 +86,27 @@ def test_topology_and_strategy(monkeypatch):
         make_mesh(tp=3)
 
 
+def test_microbatch_flags_add_what_is_missing_and_keep_what_is_set():
+    flags = S.with_microbatch_flags("").split()
+    assert sorted(flags) == sorted(f"--{k}={v}" for k, v in S.MICROBATCH_XLA_FLAGS.items())
+    # a user's own value wins; other flags stay as they were
+    mine = "--xla_gpu_dot_merger_threshold_mb=8 --xla_force_host_platform_device_count=2"
+    flags = S.with_microbatch_flags(mine).split()
+    assert flags[:2] == mine.split() and flags[2:] == ["--xla_gpu_enable_latency_hiding_scheduler=true"]
+    assert S.with_microbatch_flags(" ".join(flags)) == " ".join(flags)
+
+
+def test_cli_with_microbatches_sets_the_xla_flags_before_jax_starts(monkeypatch, tmp_path, capsys):
+    from codegen_jax.cli import main
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    # the command fails on its missing model after the flags are set (exit 2, one line)
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "--quiet", "--tp-microbatches",
+                 "2"]) == 2
+    assert os.environ["XLA_FLAGS"] == S.with_microbatch_flags("--xla_force_host_platform_device_count=8")
+    assert "not a directory" in capsys.readouterr().err
+
+
 def test_single_process_initialize_is_a_no_op(monkeypatch):
     monkeypatch.delenv("NUM_PROCESSES", raising=False)
     assert distributed.initialize() is False
