@@ -229,17 +229,18 @@ class Transformer(nnx.Module):
 
         `capture` names layers whose outputs (the residual stream after layer i) are returned, for drafters.
         """
-        x = self.embed_tokens(tokens)
         cos, sin = rope_tables(self.cfg, batch.positions)
         B, T = tokens.shape
         m = self.microbatches
         if m > 1 and T % m == 0 and B * (T // m) >= self.microbatch_min_tokens:
             c = T // m
             cut = [slice(i * c, (i + 1) * c) for i in range(m)]
-            xs = [x[:, s] for s in cut]
+            # looked up per piece: with a vocab-sharded table each lookup ends in an all-reduce, and a later
+            # piece's can run under the first piece's first layer
+            xs = [self.embed_tokens(tokens[:, s]) for s in cut]
             pieces = [(cos[:, s], sin[:, s], b) for s, b in zip(cut, split_batch(batch, T, m), strict=True)]
         else:
-            xs, pieces = [x], [(cos, sin, batch)]
+            xs, pieces = [self.embed_tokens(tokens)], [(cos, sin, batch)]
 
         def joined():
             return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=1)
