@@ -15,7 +15,8 @@ taken out; the variants compared with each other are timed round-robin, median w
     one's collectives can run under the other's matmuls ('xla_mb4': four of 512); 'nocomm_mb2' against 'nocomm'
     is what the split costs.
 
-    python -m benchmarks.sharding --timeout 140   # 2 GPUs, at most 4 x 140 s
+    python -m benchmarks.sharding --scenarios p2p_disabled_nomerge --timeout 300   # 2 GPUs (default: every
+                                                                                 # scenario, ~2-4 min each)
     python -m benchmarks.sharding --tiny     # CPU smoke test with 2 simulated devices
 """
 
@@ -66,6 +67,12 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     # GEMM fusions (the unsplit step's went to cuBLAS), one suspect for what the split costs (nocomm_mb2 1.15x)
     "p2p_disabled_nomerge_cublas": {"NCCL_P2P_DISABLE": "1",
                                     "XLA_FLAGS": with_microbatch_flags("--xla_gpu_enable_triton_gemm=false")},
+    # the scheduler told what the link is instead of measuring it: XLA's speed-of-light latency estimator with one
+    # GPU per "node", so the two GPUs' collectives are costed as inter-node transfers at ~100 Gbit/s (a psum of
+    # 32 MB took 1,275 us with peer access off, nccl_p2p_disabled_h200_5b0e9e2.log) rather than as NVLink ones
+    "p2p_disabled_sol": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(
+        "--xla_gpu_enable_analytical_sol_latency_estimator=true --xla_gpu_analytical_latency_estimator_options="
+        "nccl_op_launch_us=50,nic_speed_gbps=100,chunk_prep_us=1,rtt_us=10,gpus_per_node=1,chunk_size_bytes=4194304")},
     "p2p_disabled_pgle": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(""), "JAX_ENABLE_PGLE": "true",
                           "JAX_PGLE_PROFILING_RUNS": "1"},
 }
