@@ -100,8 +100,8 @@ def test_time_interleaved_warms_the_chains_up_before_timing(rng, monkeypatch):
     runs = []
     real_chain = tuning.chain
 
-    def counting_chain(fn, inputs, target_ms, max_calls):
-        run, n = real_chain(fn, inputs, target_ms, max_calls)
+    def counting_chain(fn, inputs, target_ms, max_calls, *rest):
+        run, n = real_chain(fn, inputs, target_ms, max_calls, *rest)
         return (lambda: runs.append(1) or run()), n
 
     monkeypatch.setattr(tuning, "chain", counting_chain)
@@ -111,6 +111,22 @@ def test_time_interleaved_warms_the_chains_up_before_timing(rng, monkeypatch):
     t = time.perf_counter()
     tuning.time_interleaved({"a": (jnp.tanh, (x,))}, repeats=3, max_calls=4, warmup_s=0.2)
     assert time.perf_counter() - t >= 0.2 and len(runs) > 3
+
+
+def test_whole_link_waits_for_every_element_of_the_output(rng):
+    """whole=True: the next call's link is computed from all of the previous output (a sum), not its first
+    element, so a call cannot start before another device's part of a sharded output has landed."""
+    x = jnp.asarray(rng.standard_normal((8,)), jnp.float32)
+    out = jnp.asarray(rng.standard_normal((4, 6)), jnp.float32)
+    first = str(jax.make_jaxpr(lambda o: tuning._depend((x,), o))(out))
+    whole = str(jax.make_jaxpr(lambda o: tuning._depend((x,), o, whole=True))(out))
+    assert "reduce_sum" in whole and "reduce_sum" not in first
+    linked, = jax.jit(lambda o: tuning._depend((x,), o, whole=True))(out.at[3, 5].set(jnp.nan))
+    assert np.array_equal(np.asarray(linked), np.asarray(x))  # a non-finite output still links as zero
+    seen = []
+    run, n = tuning.chain(lambda a: seen.append(1) or a * 2.0, (x,), target_ms=0.0, max_calls=3, whole=True)
+    run()
+    assert n >= 1 and seen  # traced and ran with the whole-output link
 
 
 def test_search_times_the_verified_round_robin_and_records_a_chain_that_fails(rng, monkeypatch):
