@@ -60,9 +60,6 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     # (the scheduled HLO of prefill_xla_mb2, ea04058), so both pieces' all-reduces waited for it and ran back to
     # back with nothing beside them
     "p2p_disabled_nomerge": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags("")},
-    # and profile-guided latency estimates: the scheduler's analytical model does not know that the transfers are
-    # host-staged (~0.6 ms for a 1,024-token all-reduce), so it gave each one a window of a kernel or none; with
-    # PGLE the first call of every program is profiled and the program recompiled with the measured latencies
     # and cuBLAS for every matmul: with the dot merger off, XLA gave some 1,024-token projections to its Triton
     # GEMM fusions (the unsplit step's went to cuBLAS), one suspect for what the split costs (nocomm_mb2 1.15x)
     "p2p_disabled_nomerge_cublas": {"NCCL_P2P_DISABLE": "1",
@@ -73,6 +70,9 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     "p2p_disabled_sol": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(
         "--xla_gpu_enable_analytical_sol_latency_estimator=true --xla_gpu_analytical_latency_estimator_options="
         "nccl_op_launch_us=50,nic_speed_gbps=100,chunk_prep_us=1,rtt_us=10,gpus_per_node=1,chunk_size_bytes=4194304")},
+    # profile-guided latency estimates: the scheduler's analytical model does not know that the transfers are
+    # host-staged (~0.6 ms for a 1,024-token all-reduce), so it gave each one a window of a kernel or none; with
+    # PGLE the first call of every program is profiled and the program recompiled with the measured latencies
     "p2p_disabled_pgle": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(""), "JAX_ENABLE_PGLE": "true",
                           "JAX_PGLE_PROFILING_RUNS": "1"},
 }
