@@ -260,10 +260,14 @@ def summarize(r: dict) -> dict:
     return s
 
 
-def run_scenario(name: str, tiny: bool, timeout: int, parts: str = "layer,step", profile: bool = False) -> dict:
+def run_scenario(name: str, tiny: bool, timeout: int, parts: str = "layer,step", profile: bool = False,
+                 dump_hlo: str | None = None) -> dict:
     env = {**os.environ, **SCENARIOS[name], "PYTHONPATH": str(ROOT)}
     if tiny:  # the GPU flags are unknown to the CPU backend
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    if dump_hlo:  # the scheduled HLO of the model steps (jit_forward, numbered in the order the variants compile)
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_dump_to={Path(dump_hlo) / name} --xla_dump_hlo_as_text"
+                            " --xla_dump_hlo_module_re=jit_forward").strip()
     cmd = [sys.executable, "-m", "benchmarks.sharding", "--worker", name, "--parts", parts] + (["--tiny"] if tiny
                                                                                                 else [])
     cmd += ["--profile"] if profile else []
@@ -289,6 +293,7 @@ def main(argv=None):
     ap.add_argument("--parts", default="layer,step", help="layer (collective matmuls), step (TP=2 model steps)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile one call of the main variants: NCCL time, and how much of it ran beside compute")
+    ap.add_argument("--dump-hlo", metavar="DIR", help="write each scenario's optimized HLO of the steps under DIR")
     ap.add_argument("--no-write", action="store_true", help="print only (tests)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -299,7 +304,7 @@ def main(argv=None):
     for name in args.scenarios.split(","):
         if name not in SCENARIOS:
             ap.error(f"unknown scenario {name!r}; pick from {', '.join(SCENARIOS)}")
-        results.append(run_scenario(name, args.tiny, args.timeout, args.parts, args.profile))
+        results.append(run_scenario(name, args.tiny, args.timeout, args.parts, args.profile, args.dump_hlo))
         r = results[-1]
         print(f"== {name}: " + (r.get("error") or json.dumps(r["summary"])), flush=True)
         if "error" not in r:
