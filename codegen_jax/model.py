@@ -8,6 +8,8 @@ Parameter names and layouts mirror the Hugging Face checkpoints (`layers.3.self_
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import NamedTuple
 
 import jax
@@ -189,9 +191,57 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, kv: LayerKV, batch: Batch, attn_impl):
+        x, kv = self.attention(x, cos, sin, kv, batch, attn_impl)
+        return self.feed_forward(x), kv
+
+    def attention(self, x, cos, sin, kv: LayerKV, batch: Batch, attn_impl):
+        """The first residual sublayer: x + attention(norm(x)), and the updated KV."""
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, kv, batch, attn_impl)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + h, kv
+
+    def feed_forward(self, x):
+        """The second residual sublayer: x + mlp(norm(x))."""
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# The micro-batched forward's order of stages (one piece's sublayer each). XLA's scheduler gathers the pieces'
+# same sublayers together (the scheduled HLO of d334241's prefill_xla_mb2: both pieces' MLP matmuls ran before
+# either piece's down projection), so an all-reduce had at most one other kernel beside it. Inside `stage_order`,
+# a tensor-parallel block (`codegen_jax.parallel`) takes its input through `after_previous_stage` and hands its
+# pre-all-reduce partial to `stage_done`: each stage then starts only once the previous stage's matmuls are done,
+# and that stage's all-reduce runs under this stage's compute, which does not need it (another piece).
+_STAGES: contextvars.ContextVar[list | None] = contextvars.ContextVar("stages", default=None)
+
+
+@contextlib.contextmanager
+def stage_order():
+    """While tracing a micro-batched forward: chain its stages (see `after_previous_stage`)."""
+    token = _STAGES.set([None])
+    try:
+        yield
+    finally:
+        _STAGES.reset(token)
+
+
+def chaining_stages() -> bool:
+    return _STAGES.get() is not None
+
+
+def after_previous_stage(x):
+    """x (a pytree), released by an optimization barrier only once the previous stage's partial exists; x itself
+    outside `stage_order` or at the first stage."""
+    chain = _STAGES.get()
+    if chain is None or chain[0] is None:
+        return x
+    return jax.lax.optimization_barrier((x, chain[0]))[0]
+
+
+def stage_done(partial):
+    """Records a stage's pre-all-reduce partial result for the next stage to wait on; returns it."""
+    chain = _STAGES.get()
+    if chain is not None:
+        chain[0] = partial
+    return partial
 
 
 class Transformer(nnx.Module):
@@ -202,10 +252,13 @@ class Transformer(nnx.Module):
     interleaved layer by layer: piece i's layer l writes its K/V into the pages before piece i + 1's layer l attends
     to them, so the output is the unsplit forward's, while the pieces' work is independent inside a layer. With
     tensor parallelism that is what lets one piece's all-reduce run under the next piece's matmuls: two
-    micro-batches in flight, the overlap coming from the data rather than from splitting each collective.
+    micro-batches in flight, the overlap coming from the data rather than from splitting each collective. Inside a
+    layer every piece's attention runs before every piece's MLP, and with `microbatch_chain` each of those
+    sublayers is a stage that starts after the previous one's matmuls (`stage_order`).
     """
 
     microbatches: int = 1
+    microbatch_chain: bool = True
     microbatch_min_tokens: int = 256
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
@@ -246,13 +299,16 @@ class Transformer(nnx.Module):
             return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=1)
 
         new_kv, captured = [], []
-        for i, layer in enumerate(self.layers):
-            layer_kv = kv[i]
-            for j, (cj, sj, bj) in enumerate(pieces):
-                xs[j], layer_kv = layer(xs[j], cj, sj, layer_kv, bj, attn_impl)
-            new_kv.append(layer_kv)
-            if i in capture:
-                captured.append(joined())
+        # pieces run sublayer by sublayer (every piece's attention, then every piece's MLP), each one a stage
+        with stage_order() if len(pieces) > 1 and self.microbatch_chain else contextlib.nullcontext():
+            for i, layer in enumerate(self.layers):
+                layer_kv = kv[i]
+                for j, (cj, sj, bj) in enumerate(pieces):
+                    xs[j], layer_kv = layer.attention(xs[j], cj, sj, layer_kv, bj, attn_impl)
+                xs = [layer.feed_forward(x) for x in xs]
+                new_kv.append(layer_kv)
+                if i in capture:
+                    captured.append(joined())
         return self.norm(joined()), tuple(new_kv), tuple(captured)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

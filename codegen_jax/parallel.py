@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from codegen_jax.engine import Engine, EngineConfig
 from codegen_jax.kv_cache import PagedKVCache
-from codegen_jax.model import MLP, Attention, SparseMoE, Transformer
+from codegen_jax.model import MLP, Attention, SparseMoE, Transformer, after_previous_stage, chaining_stages, stage_done
 from sharding import strategy as S
 from sharding import tensor_parallel as TP
 from sharding.mesh import interconnect
@@ -91,6 +91,12 @@ def _bias(y, lin):
     return y if lin.bias is None else y + lin.bias[...]
 
 
+def _chained_row_parallel(x, lin, mesh):
+    """GSPMD's row-parallel `lin(x)` (x [N, F] split on F) made of its two halves, so that the next stage of a
+    micro-batched forward waits for this one's partial product and not for its all-reduce."""
+    return _bias(TP.sum_partials(stage_done(TP.row_partials(x, lin.weight[...], mesh)), mesh), lin)
+
+
 class TPAttention(nnx.Module):
     """`model.Attention` with q/k/v from one column-parallel collective matmul and o_proj row-parallel."""
 
@@ -119,6 +125,9 @@ class TPAttention(nnx.Module):
         B, T, D = x.shape
         H, _, hd = self.shape
         strategy = _resolve(self.strategy, self.mesh, B * T, D, x.dtype.itemsize)
+        chained = strategy == "xla" and chaining_stages()
+        if chained:
+            x = after_previous_stage(x)
         if strategy == "xla":
             q, k, v = (lin(x) for lin in (self.q_proj, self.k_proj, self.v_proj))
         else:
@@ -129,6 +138,8 @@ class TPAttention(nnx.Module):
                 lins, strict=True))
         o, pages = self.attend(*self.heads(q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1), cos, sin),
                                kv, batch, attn_impl)
+        if chained:
+            return _chained_row_parallel(o.reshape(B * T, H * hd), self.o_proj, self.mesh).reshape(B, T, D), pages
         if strategy == "xla":
             return self.o_proj(o), pages
         y = TP.row_parallel(o.reshape(B * T, H * hd), self.o_proj.weight[...], self.mesh, strategy, chunks=self.chunks)
@@ -146,6 +157,10 @@ class TPMLP(nnx.Module):
     def __call__(self, x):
         B, T, D = x.shape
         strategy = _resolve(self.strategy, self.mesh, B * T, D, x.dtype.itemsize)
+        if strategy == "xla" and chaining_stages():
+            x = after_previous_stage(x)
+            h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+            return _chained_row_parallel(h.reshape(B * T, -1), self.down_proj, self.mesh).reshape(B, T, D)
         if strategy == "xla":
             return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
         g, u = TP.column_parallel(x.reshape(B * T, D), [self.gate_proj.weight[...], self.up_proj.weight[...]],

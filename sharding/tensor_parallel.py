@@ -84,6 +84,19 @@ def row_parallel(x: jax.Array, w: jax.Array, mesh: Mesh, strategy: str, axis: st
     return _smap(lambda x, w: f(x, w).astype(x.dtype), mesh, (P(None, axis), P(None, axis)), out)(x, w)
 
 
+def row_partials(x: jax.Array, w: jax.Array, mesh: Mesh, axis: str = "tp") -> jax.Array:
+    """x [N, F] (F split over `axis`), w [D, F] -> [n, N, D]: each device's partial product x_i @ w_i.T in x's
+    dtype, one per device along the leading axis (split over `axis`), as GSPMD's row-parallel dot leaves it before
+    its all-reduce; `sum_partials` finishes it. Apart, the partial is a value the caller can order other work
+    after (`codegen_jax.model.stage_done`)."""
+    return _smap(lambda x, w: C._dot(x, w)[None], mesh, (P(None, axis), P(None, axis)), P(axis))(x, w)
+
+
+def sum_partials(p: jax.Array, mesh: Mesh, axis: str = "tp") -> jax.Array:
+    """[n, N, D] from `row_partials` -> [N, D], the all-reduce in p's dtype (GSPMD's: the same bits)."""
+    return _smap(lambda p: jax.lax.psum(p[0], axis), mesh, (P(axis),), P())(p)
+
+
 def tokens_fit(strategy: str, tokens: int, n: int) -> bool:
     """Whether `strategy` can split `tokens` tokens over n devices (rings split each shard in two for 'bidi')."""
     if strategy in ("ring", "sp", "nocomm"):
