@@ -204,19 +204,22 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-# The micro-batched forward's order of stages (one piece's sublayer each). XLA's scheduler gathers the pieces'
-# same sublayers together (the scheduled HLO of d334241's prefill_xla_mb2: both pieces' MLP matmuls ran before
-# either piece's down projection), so an all-reduce had at most one other kernel beside it. Inside `stage_order`,
-# a tensor-parallel block (`codegen_jax.parallel`) takes its input through `after_previous_stage` and hands its
-# pre-all-reduce partial to `stage_done`: each stage then starts only once the previous stage's matmuls are done,
-# and that stage's all-reduce runs under this stage's compute, which does not need it (another piece).
+# The micro-batched forward's stages (one piece's sublayer each, in order: every piece's attention, then every
+# piece's MLP). XLA's scheduler left the pieces' collectives almost bare: it gathered the pieces' same sublayers
+# together (the scheduled HLO of d334241's prefill_xla_mb2: both pieces' MLP matmuls ran before either piece's
+# down projection), so an all-reduce had at most one other kernel beside it. An optimization barrier cannot
+# order them: XLA's GPU pipeline removes barriers before it schedules (1add04c). Scheduling annotations can: inside
+# `stage_order`, a tensor-parallel block (`codegen_jax.parallel`) runs its compute under `stage_compute` and its
+# all-reduce under `stage_collective`, which put stage k's all-reduce and stage k + 1's compute (another piece's,
+# which does not need it) in one scheduling group, `_scheduling_group_id` k: the latency-hiding scheduler runs the
+# group's compute between the collective's start and done.
 _STAGES: contextvars.ContextVar[list | None] = contextvars.ContextVar("stages", default=None)
 
 
 @contextlib.contextmanager
 def stage_order():
-    """While tracing a micro-batched forward: chain its stages (see `after_previous_stage`)."""
-    token = _STAGES.set([None])
+    """While tracing a micro-batched forward: number its stages (see `stage_compute`)."""
+    token = _STAGES.set([0])
     try:
         yield
     finally:
@@ -227,21 +230,29 @@ def chaining_stages() -> bool:
     return _STAGES.get() is not None
 
 
-def after_previous_stage(x):
-    """x (a pytree), released by an optimization barrier only once the previous stage's partial exists; x itself
-    outside `stage_order` or at the first stage."""
-    chain = _STAGES.get()
-    if chain is None or chain[0] is None:
-        return x
-    return jax.lax.optimization_barrier((x, chain[0]))[0]
+def _group(k: int):
+    from jax.experimental.xla_metadata import set_xla_metadata
+
+    return set_xla_metadata(_scheduling_group_id=k) if k >= 0 else contextlib.nullcontext()
 
 
-def stage_done(partial):
-    """Records a stage's pre-all-reduce partial result for the next stage to wait on; returns it."""
+def stage_compute():
+    """Context for the current stage's compute: scheduled beside the previous stage's all-reduce (none at the first
+    stage or outside `stage_order`)."""
     chain = _STAGES.get()
-    if chain is not None:
-        chain[0] = partial
-    return partial
+    return _group(-1 if chain is None else chain[0] - 1)
+
+
+@contextlib.contextmanager
+def stage_collective():
+    """Context for the current stage's all-reduce, which the next stage's compute runs beside; ends the stage."""
+    chain = _STAGES.get()
+    if chain is None:
+        yield
+        return
+    with _group(chain[0]):
+        yield
+    chain[0] += 1
 
 
 class Transformer(nnx.Module):
@@ -254,7 +265,7 @@ class Transformer(nnx.Module):
     tensor parallelism that is what lets one piece's all-reduce run under the next piece's matmuls: two
     micro-batches in flight, the overlap coming from the data rather than from splitting each collective. Inside a
     layer every piece's attention runs before every piece's MLP, and with `microbatch_chain` each of those
-    sublayers is a stage that starts after the previous one's matmuls (`stage_order`).
+    sublayers is a stage whose compute is scheduled beside the previous stage's all-reduce (`stage_order`).
     """
 
     microbatches: int = 1

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from codegen_jax.engine import Engine, EngineConfig
 from codegen_jax.kv_cache import PagedKVCache
-from codegen_jax.model import MLP, Attention, SparseMoE, Transformer, after_previous_stage, chaining_stages, stage_done
+from codegen_jax.model import MLP, Attention, SparseMoE, Transformer, chaining_stages, stage_collective, stage_compute
 from sharding import strategy as S
 from sharding import tensor_parallel as TP
 from sharding.mesh import interconnect
@@ -91,10 +91,12 @@ def _bias(y, lin):
     return y if lin.bias is None else y + lin.bias[...]
 
 
-def _chained_row_parallel(x, lin, mesh):
-    """GSPMD's row-parallel `lin(x)` (x [N, F] split on F) made of its two halves, so that the next stage of a
-    micro-batched forward waits for this one's partial product and not for its all-reduce."""
-    return _bias(TP.sum_partials(stage_done(TP.row_partials(x, lin.weight[...], mesh)), mesh), lin)
+def _sum_row_partials(p, lin, mesh):
+    """The all-reduce half of GSPMD's row-parallel `lin` (`TP.row_partials` made the partials) as a stage's
+    collective, plus the bias."""
+    with stage_collective():
+        y = TP.sum_partials(p, mesh)
+    return _bias(y, lin)
 
 
 class TPAttention(nnx.Module):
@@ -125,9 +127,12 @@ class TPAttention(nnx.Module):
         B, T, D = x.shape
         H, _, hd = self.shape
         strategy = _resolve(self.strategy, self.mesh, B * T, D, x.dtype.itemsize)
-        chained = strategy == "xla" and chaining_stages()
-        if chained:
-            x = after_previous_stage(x)
+        if strategy == "xla" and chaining_stages():  # a stage of a micro-batched forward (`model.stage_order`)
+            with stage_compute():
+                q, k, v = (lin(x) for lin in (self.q_proj, self.k_proj, self.v_proj))
+                o, pages = self.attend(*self.heads(q, k, v, cos, sin), kv, batch, attn_impl)
+                p = TP.row_partials(o.reshape(B * T, H * hd), self.o_proj.weight[...], self.mesh)
+            return _sum_row_partials(p, self.o_proj, self.mesh).reshape(B, T, D), pages
         if strategy == "xla":
             q, k, v = (lin(x) for lin in (self.q_proj, self.k_proj, self.v_proj))
         else:
@@ -138,8 +143,6 @@ class TPAttention(nnx.Module):
                 lins, strict=True))
         o, pages = self.attend(*self.heads(q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1), cos, sin),
                                kv, batch, attn_impl)
-        if chained:
-            return _chained_row_parallel(o.reshape(B * T, H * hd), self.o_proj, self.mesh).reshape(B, T, D), pages
         if strategy == "xla":
             return self.o_proj(o), pages
         y = TP.row_parallel(o.reshape(B * T, H * hd), self.o_proj.weight[...], self.mesh, strategy, chunks=self.chunks)
@@ -158,9 +161,10 @@ class TPMLP(nnx.Module):
         B, T, D = x.shape
         strategy = _resolve(self.strategy, self.mesh, B * T, D, x.dtype.itemsize)
         if strategy == "xla" and chaining_stages():
-            x = after_previous_stage(x)
-            h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-            return _chained_row_parallel(h.reshape(B * T, -1), self.down_proj, self.mesh).reshape(B, T, D)
+            with stage_compute():
+                h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+                p = TP.row_partials(h.reshape(B * T, -1), self.down_proj.weight[...], self.mesh)
+            return _sum_row_partials(p, self.down_proj, self.mesh).reshape(B, T, D)
         if strategy == "xla":
             return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
         g, u = TP.column_parallel(x.reshape(B * T, D), [self.gate_proj.weight[...], self.up_proj.weight[...]],

@@ -89,7 +89,7 @@ def row_partials(x: jax.Array, w: jax.Array, mesh: Mesh, axis: str = "tp") -> ja
     dtype, one per device along the leading axis (split over `axis`), as GSPMD's row-parallel dot leaves it before
     its all-reduce; `sum_partials` finishes it. Apart, the partial is a value the caller can order other work
     after (`codegen_jax.model.stage_done`)."""
-    return _smap(lambda x, w: C._dot(x, w)[None], mesh, (P(None, axis), P(None, axis)), P(axis))(x, w)
+    return _smap(lambda x, w: jnp.einsum("nf,df->nd", x, w)[None], mesh, (P(None, axis), P(None, axis)), P(axis))(x, w)
 
 
 def sum_partials(p: jax.Array, mesh: Mesh, axis: str = "tp") -> jax.Array:
