@@ -155,7 +155,9 @@ def worker(scenario: str, tiny: bool, parts: str = "layer,step", profile: bool =
         # output's first element (on device 0), a call's last transfer ran under the next call's matmul (the
         # matmul-reduce-scatter ring of 4 pieces read 796 us in a chain, 743 us NCCL + 686 us matmul with nothing
         # overlapped in a profile of one call, ea04058)
-        for name, t in time_interleaved(cases, **timing, whole=group == "layer_us").items():
+        # a variant that fails to compile is reported (out["errors"]) and the others still timed
+        for name, t in time_interleaved(cases, **timing, whole=group == "layer_us",
+                                        errors=out.setdefault("errors", {})).items():
             out[group][name] = t["us"]
             out["spread_us"][name] = [round(t["lo"], 1), round(t["hi"], 1)]
         if profile:
@@ -254,7 +256,8 @@ def summarize(r: dict) -> dict:
         s["prefill_speedup_vs_best_unoverlapped"] = round(unoverlapped / best, 3)
         s["prefill_auto_speedup_vs_xla"] = round(base / st["prefill_auto"], 3)
         if "prefill_xla_mb2" in st:
-            s["prefill_mb2_speedup_vs_xla"] = round(base / min(st[f"prefill_{v}"] for v in MICROBATCHED), 3)
+            s["prefill_mb2_speedup_vs_xla"] = round(base / min(st[f"prefill_{v}"] for v in MICROBATCHED
+                                                               if f"prefill_{v}" in st), 3)
             s["prefill_mb2_compute_cost"] = round(st["prefill_nocomm_mb2"] / st["prefill_nocomm"], 3)
     if "decode_xla" in st and "decode_nocomm" in st:
         s["decode_comm_share"] = round((st["decode_xla"] - st["decode_nocomm"]) / st["decode_xla"], 3)
@@ -310,6 +313,8 @@ def main(argv=None):
         results.append(run_scenario(name, args.tiny, args.timeout, args.parts, args.profile, args.dump_hlo))
         r = results[-1]
         print(f"== {name}: " + (r.get("error") or json.dumps(r["summary"])), flush=True)
+        for variant, err in r.get("errors", {}).items():
+            print(f"   {variant} failed: {err}", flush=True)
         if "error" not in r:
             spread = r.get("spread_us", {})
             rows = [{"what": k, "us": round(v, 1), "min..max": "..".join(map(str, spread.get(k, [])))}

@@ -209,10 +209,11 @@ class DecoderLayer(nnx.Module):
 # together (the scheduled HLO of d334241's prefill_xla_mb2: both pieces' MLP matmuls ran before either piece's
 # down projection), so an all-reduce had at most one other kernel beside it. An optimization barrier cannot
 # order them: XLA's GPU pipeline removes barriers before it schedules (1add04c). Scheduling annotations can: inside
-# `stage_order`, a tensor-parallel block (`codegen_jax.parallel`) runs its compute under `stage_compute` and its
-# all-reduce under `stage_collective`, which put stage k's all-reduce and stage k + 1's compute (another piece's,
-# which does not need it) in one scheduling group, `_scheduling_group_id` k: the latency-hiding scheduler runs the
-# group's compute between the collective's start and done.
+# `stage_order`, a tensor-parallel block (`codegen_jax.parallel`) runs its compute under `stage_compute` and tags
+# its all-reduce with the id `stage_collective` gives, which put stage k's all-reduce and stage k + 1's compute
+# (another piece's, which does not need it) in one scheduling group, `_scheduling_group_id` k: the latency-hiding
+# scheduler runs the group's compute between the collective's start and done. Only the all-reduce itself is
+# tagged: XLA refuses a group whose members are joined through untagged ops (c369a63 tagged the slice before it).
 _STAGES: contextvars.ContextVar[list | None] = contextvars.ContextVar("stages", default=None)
 
 
@@ -243,16 +244,14 @@ def stage_compute():
     return _group(-1 if chain is None else chain[0] - 1)
 
 
-@contextlib.contextmanager
-def stage_collective():
-    """Context for the current stage's all-reduce, which the next stage's compute runs beside; ends the stage."""
+def stage_collective() -> int | None:
+    """Ends the current stage: the scheduling group id for its all-reduce (which the next stage's compute runs
+    beside), to be set on that collective alone; None outside `stage_order`."""
     chain = _STAGES.get()
     if chain is None:
-        yield
-        return
-    with _group(chain[0]):
-        yield
+        return None
     chain[0] += 1
+    return chain[0] - 1
 
 
 class Transformer(nnx.Module):

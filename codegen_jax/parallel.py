@@ -94,9 +94,7 @@ def _bias(y, lin):
 def _sum_row_partials(p, lin, mesh):
     """The all-reduce half of GSPMD's row-parallel `lin` (`TP.row_partials` made the partials) as a stage's
     collective, plus the bias."""
-    with stage_collective():
-        y = TP.sum_partials(p, mesh)
-    return _bias(y, lin)
+    return _bias(TP.sum_partials(p, mesh, group=stage_collective()), lin)
 
 
 class TPAttention(nnx.Module):

@@ -17,6 +17,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.xla_metadata import set_xla_metadata
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -92,9 +93,14 @@ def row_partials(x: jax.Array, w: jax.Array, mesh: Mesh, axis: str = "tp") -> ja
     return _smap(lambda x, w: jnp.einsum("nf,df->nd", x, w)[None], mesh, (P(None, axis), P(None, axis)), P(axis))(x, w)
 
 
-def sum_partials(p: jax.Array, mesh: Mesh, axis: str = "tp") -> jax.Array:
-    """[n, N, D] from `row_partials` -> [N, D], the all-reduce in p's dtype (GSPMD's: the same bits)."""
-    return _smap(lambda p: jax.lax.psum(p[0], axis), mesh, (P(axis),), P())(p)
+def sum_partials(p: jax.Array, mesh: Mesh, axis: str = "tp", group: int | None = None) -> jax.Array:
+    """[n, N, D] from `row_partials` -> [N, D], the all-reduce in p's dtype (GSPMD's: the same bits). `group`: the
+    XLA scheduling group (`_scheduling_group_id`) of the all-reduce, whose other members run beside it."""
+    def body(p):
+        y = jax.lax.psum(p[0], axis)
+        return y if group is None else set_xla_metadata(y, _scheduling_group_id=group)
+
+    return _smap(body, mesh, (P(axis),), P())(p)
 
 
 def tokens_fit(strategy: str, tokens: int, n: int) -> bool:
