@@ -209,17 +209,19 @@ class DecoderLayer(nnx.Module):
 # together (the scheduled HLO of d334241's prefill_xla_mb2: both pieces' MLP matmuls ran before either piece's
 # down projection), so an all-reduce had at most one other kernel beside it. An optimization barrier cannot
 # order them: XLA's GPU pipeline removes barriers before it schedules (1add04c). Scheduling annotations can: inside
-# `stage_order`, a tensor-parallel block (`codegen_jax.parallel`) runs its compute under `stage_compute` and tags
-# its all-reduce with the id `stage_collective` gives, which put stage k's all-reduce and stage k + 1's compute
-# (another piece's, which does not need it) in one scheduling group, `_scheduling_group_id` k: the latency-hiding
-# scheduler runs the group's compute between the collective's start and done. Only the all-reduce itself is
-# tagged: XLA refuses a group whose members are joined through untagged ops (c369a63 tagged the slice before it).
+# `stage_order`, a tensor-parallel block (`codegen_jax.parallel`) tags its stage's leading matmuls with
+# `in_stage` and its all-reduce with the id `stage_collective` gives, which put stage k's all-reduce and stage
+# k + 1's leading matmuls (another piece's, which do not need it) in one scheduling group, `_scheduling_group_id`
+# k: the latency-hiding scheduler runs them between the collective's start and done. Only independent ops are
+# tagged (a stage's q/k/v projections; its gate and up projections): XLA refuses a group whose members are
+# joined through untagged ops, and a context tagging a whole stage (c369a63, d3ab94f) was refused, its
+# constants merged with the next stage's by CSE.
 _STAGES: contextvars.ContextVar[list | None] = contextvars.ContextVar("stages", default=None)
 
 
 @contextlib.contextmanager
 def stage_order():
-    """While tracing a micro-batched forward: number its stages (see `stage_compute`)."""
+    """While tracing a micro-batched forward: number its stages (see `in_stage`)."""
     token = _STAGES.set([0])
     try:
         yield
@@ -231,17 +233,15 @@ def chaining_stages() -> bool:
     return _STAGES.get() is not None
 
 
-def _group(k: int):
+def in_stage(x):
+    """x with its producing op scheduled beside the previous stage's all-reduce (x itself at the first stage or
+    outside `stage_order`)."""
+    chain = _STAGES.get()
+    if chain is None or chain[0] == 0:
+        return x
     from jax.experimental.xla_metadata import set_xla_metadata
 
-    return set_xla_metadata(_scheduling_group_id=k) if k >= 0 else contextlib.nullcontext()
-
-
-def stage_compute():
-    """Context for the current stage's compute: scheduled beside the previous stage's all-reduce (none at the first
-    stage or outside `stage_order`)."""
-    chain = _STAGES.get()
-    return _group(-1 if chain is None else chain[0] - 1)
+    return set_xla_metadata(x, _scheduling_group_id=chain[0] - 1)
 
 
 def stage_collective() -> int | None:

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from codegen_jax.engine import Engine, EngineConfig
 from codegen_jax.kv_cache import PagedKVCache
-from codegen_jax.model import MLP, Attention, SparseMoE, Transformer, chaining_stages, stage_collective, stage_compute
+from codegen_jax.model import MLP, Attention, SparseMoE, Transformer, chaining_stages, in_stage, stage_collective
 from sharding import strategy as S
 from sharding import tensor_parallel as TP
 from sharding.mesh import interconnect
@@ -126,10 +126,9 @@ class TPAttention(nnx.Module):
         H, _, hd = self.shape
         strategy = _resolve(self.strategy, self.mesh, B * T, D, x.dtype.itemsize)
         if strategy == "xla" and chaining_stages():  # a stage of a micro-batched forward (`model.stage_order`)
-            with stage_compute():
-                q, k, v = (lin(x) for lin in (self.q_proj, self.k_proj, self.v_proj))
-                o, pages = self.attend(*self.heads(q, k, v, cos, sin), kv, batch, attn_impl)
-                p = TP.row_partials(o.reshape(B * T, H * hd), self.o_proj.weight[...], self.mesh)
+            q, k, v = (in_stage(lin(x)) for lin in (self.q_proj, self.k_proj, self.v_proj))
+            o, pages = self.attend(*self.heads(q, k, v, cos, sin), kv, batch, attn_impl)
+            p = TP.row_partials(o.reshape(B * T, H * hd), self.o_proj.weight[...], self.mesh)
             return _sum_row_partials(p, self.o_proj, self.mesh).reshape(B, T, D), pages
         if strategy == "xla":
             q, k, v = (lin(x) for lin in (self.q_proj, self.k_proj, self.v_proj))
@@ -159,9 +158,8 @@ class TPMLP(nnx.Module):
         B, T, D = x.shape
         strategy = _resolve(self.strategy, self.mesh, B * T, D, x.dtype.itemsize)
         if strategy == "xla" and chaining_stages():
-            with stage_compute():
-                h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-                p = TP.row_partials(h.reshape(B * T, -1), self.down_proj.weight[...], self.mesh)
+            h = jax.nn.silu(in_stage(self.gate_proj(x))) * in_stage(self.up_proj(x))
+            p = TP.row_partials(h.reshape(B * T, -1), self.down_proj.weight[...], self.mesh)
             return _sum_row_partials(p, self.down_proj, self.mesh).reshape(B, T, D)
         if strategy == "xla":
             return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -97,20 +97,19 @@ def test_microbatch_flags_add_what_is_missing_and_keep_what_is_set():
 
 
 def test_stages_put_each_collective_with_the_next_stages_compute():
-    # stage k's all-reduce and stage k + 1's compute share `_scheduling_group_id` k in the program XLA gets; the
-    # first stage's compute and anything outside `stage_order` carry none
+    # stage k's all-reduce and stage k + 1's tagged ops share `_scheduling_group_id` k in the program XLA gets; the
+    # first stage's ops, untagged ops and anything outside `stage_order` carry none
     import re
 
     import jax.numpy as jnp
     from jax.experimental.xla_metadata import set_xla_metadata
 
-    from codegen_jax.model import stage_collective, stage_compute, stage_order
+    from codegen_jax.model import in_stage, stage_collective, stage_order
 
     def stage(x):
-        with stage_compute():
-            y = jnp.sin(x)
+        y = jnp.exp(in_stage(jnp.sin(x)))
         group = stage_collective()
-        y = jnp.cos(y)  # the stand-in collective, tagged alone
+        y = jnp.cos(y)  # the stand-in collective
         return y if group is None else set_xla_metadata(y, _scheduling_group_id=group)
 
     def three(x):
@@ -124,6 +123,7 @@ def test_stages_put_each_collective_with_the_next_stages_compute():
 
     text = jax.jit(three).lower(jnp.ones(4)).as_text()
     assert group_of(text, "sine") == [None, "0", "1"]
+    assert group_of(text, "exponential") == [None, None, None]
     assert group_of(text, "cosine") == ["0", "1", "2"]
     assert "_scheduling_group_id" not in jax.jit(lambda x: stage(stage(x))).lower(jnp.ones(4)).as_text()
 
