@@ -87,18 +87,16 @@ def split_chunks(name: str) -> tuple[str, int]:
     return ("ring", int(name[4:])) if name.startswith("ring") and name[4:] else (name, 1)
 
 
-def parse_variant(name: str) -> tuple[str, int, int, bool]:
-    """A step variant -> (strategy, ring pieces, micro-batches, chained): 'xla_mb2' -> ('xla', 1, 2, True),
-    'ring4' -> ('ring', 4, 1, True). '_mbK': the prefill runs as K pieces interleaved layer by layer
-    (`Transformer.microbatches`), their sublayers chained into stages (`model.stage_order`) unless '_free' follows."""
+def parse_variant(name: str) -> tuple[str, int, int]:
+    """A step variant -> (strategy, ring pieces, micro-batches): 'xla_mb2' -> ('xla', 1, 2), 'ring4' -> ('ring', 4,
+    1). '_mbK': the prefill runs as K pieces interleaved layer by layer (`Transformer.microbatches`)."""
     base, _, mb = name.partition("_mb")
-    mb, _, free = mb.partition("_")
-    return (*split_chunks(base), int(mb) if mb else 1, free != "free")
+    return (*split_chunks(base), int(mb) if mb else 1)
 
 
 # prefill variants that overlap communication with compute: rings inside each collective matmul, or two
 # micro-batches whose collectives run under each other's matmuls
-MICROBATCHED = ("xla_mb2", "xla_mb2_free", "allreduce_mb2", "sp_mb2", "xla_mb4")
+MICROBATCHED = ("xla_mb2", "allreduce_mb2", "sp_mb2", "xla_mb4")
 OVERLAPPED_STEPS = ("ring", "ring4", "bidi", *MICROBATCHED)
 
 
@@ -218,13 +216,12 @@ def worker(scenario: str, tiny: bool, parts: str = "layer,step", profile: bool =
         inputs = prefill_in if kind == "prefill" else decode_in
         cases = {}
         for name in strategies:
-            s, c, mb, chained = parse_variant(name)
+            s, c, mb = parse_variant(name)
             for layer in model.layers:
                 layer.self_attn.strategy = layer.mlp.strategy = s
                 layer.self_attn.chunks = layer.mlp.chunks = c
             # pieces of at least 256 tokens (the tiny shapes' 64-token prefill: 16)
             model.microbatches, model.microbatch_min_tokens = mb, 16 if tiny else 256
-            model.microbatch_chain = chained
             engine = Engine(model, ecfg)  # its graph holds the strategy: one engine per variant
             shard_cache(engine.cache, mesh)
             cases[f"{kind}_{name}"] = (partial(engine._forward, last_only=True),

@@ -8,8 +8,6 @@ Parameter names and layouts mirror the Hugging Face checkpoints (`layers.3.self_
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from typing import NamedTuple
 
 import jax
@@ -191,67 +189,9 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, kv: LayerKV, batch: Batch, attn_impl):
-        x, kv = self.attention(x, cos, sin, kv, batch, attn_impl)
-        return self.feed_forward(x), kv
-
-    def attention(self, x, cos, sin, kv: LayerKV, batch: Batch, attn_impl):
-        """The first residual sublayer: x + attention(norm(x)), and the updated KV."""
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, kv, batch, attn_impl)
-        return x + h, kv
-
-    def feed_forward(self, x):
-        """The second residual sublayer: x + mlp(norm(x))."""
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-# The micro-batched forward's stages (one piece's sublayer each, in order: every piece's attention, then every
-# piece's MLP). XLA's scheduler left the pieces' collectives almost bare: it gathered the pieces' same sublayers
-# together (the scheduled HLO of d334241's prefill_xla_mb2: both pieces' MLP matmuls ran before either piece's
-# down projection), so an all-reduce had at most one other kernel beside it. An optimization barrier cannot
-# order them: XLA's GPU pipeline removes barriers before it schedules (1add04c). Scheduling annotations can: inside
-# `stage_order`, a tensor-parallel block (`codegen_jax.parallel`) tags its stage's leading matmuls with
-# `in_stage` and its all-reduce with the id `stage_collective` gives, which put stage k's all-reduce and stage
-# k + 1's leading matmuls (another piece's, which do not need it) in one scheduling group, `_scheduling_group_id`
-# k: the latency-hiding scheduler runs them between the collective's start and done. Only independent ops are
-# tagged (a stage's q/k/v projections; its gate and up projections): XLA refuses a group whose members are
-# joined through untagged ops, and a context tagging a whole stage (c369a63, d3ab94f) was refused, its
-# constants merged with the next stage's by CSE.
-_STAGES: contextvars.ContextVar[list | None] = contextvars.ContextVar("stages", default=None)
-
-
-@contextlib.contextmanager
-def stage_order():
-    """While tracing a micro-batched forward: number its stages (see `in_stage`)."""
-    token = _STAGES.set([0])
-    try:
-        yield
-    finally:
-        _STAGES.reset(token)
-
-
-def chaining_stages() -> bool:
-    return _STAGES.get() is not None
-
-
-def in_stage(x):
-    """x with its producing op scheduled beside the previous stage's all-reduce (x itself at the first stage or
-    outside `stage_order`)."""
-    chain = _STAGES.get()
-    if chain is None or chain[0] == 0:
-        return x
-    from jax.experimental.xla_metadata import set_xla_metadata
-
-    return set_xla_metadata(x, _scheduling_group_id=chain[0] - 1)
-
-
-def stage_collective() -> int | None:
-    """Ends the current stage: the scheduling group id for its all-reduce (which the next stage's compute runs
-    beside), to be set on that collective alone; None outside `stage_order`."""
-    chain = _STAGES.get()
-    if chain is None:
-        return None
-    chain[0] += 1
-    return chain[0] - 1
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 class Transformer(nnx.Module):
@@ -262,13 +202,10 @@ class Transformer(nnx.Module):
     interleaved layer by layer: piece i's layer l writes its K/V into the pages before piece i + 1's layer l attends
     to them, so the output is the unsplit forward's, while the pieces' work is independent inside a layer. With
     tensor parallelism that is what lets one piece's all-reduce run under the next piece's matmuls: two
-    micro-batches in flight, the overlap coming from the data rather than from splitting each collective. Inside a
-    layer every piece's attention runs before every piece's MLP, and with `microbatch_chain` each of those
-    sublayers is a stage whose compute is scheduled beside the previous stage's all-reduce (`stage_order`).
+    micro-batches in flight, the overlap coming from the data rather than from splitting each collective.
     """
 
     microbatches: int = 1
-    microbatch_chain: bool = True
     microbatch_min_tokens: int = 256
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
@@ -309,16 +246,13 @@ class Transformer(nnx.Module):
             return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=1)
 
         new_kv, captured = [], []
-        # pieces run sublayer by sublayer (every piece's attention, then every piece's MLP), each one a stage
-        with stage_order() if len(pieces) > 1 and self.microbatch_chain else contextlib.nullcontext():
-            for i, layer in enumerate(self.layers):
-                layer_kv = kv[i]
-                for j, (cj, sj, bj) in enumerate(pieces):
-                    xs[j], layer_kv = layer.attention(xs[j], cj, sj, layer_kv, bj, attn_impl)
-                xs = [layer.feed_forward(x) for x in xs]
-                new_kv.append(layer_kv)
-                if i in capture:
-                    captured.append(joined())
+        for i, layer in enumerate(self.layers):
+            layer_kv = kv[i]
+            for j, (cj, sj, bj) in enumerate(pieces):
+                xs[j], layer_kv = layer(xs[j], cj, sj, layer_kv, bj, attn_impl)
+            new_kv.append(layer_kv)
+            if i in capture:
+                captured.append(joined())
         return self.norm(joined()), tuple(new_kv), tuple(captured)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

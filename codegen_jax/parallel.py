@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from codegen_jax.engine import Engine, EngineConfig
 from codegen_jax.kv_cache import PagedKVCache
-from codegen_jax.model import MLP, Attention, SparseMoE, Transformer, chaining_stages, in_stage, stage_collective
+from codegen_jax.model import MLP, Attention, SparseMoE, Transformer
 from sharding import strategy as S
 from sharding import tensor_parallel as TP
 from sharding.mesh import interconnect
@@ -91,12 +91,6 @@ def _bias(y, lin):
     return y if lin.bias is None else y + lin.bias[...]
 
 
-def _sum_row_partials(p, lin, mesh):
-    """The all-reduce half of GSPMD's row-parallel `lin` (`TP.row_partials` made the partials) as a stage's
-    collective, plus the bias."""
-    return _bias(TP.sum_partials(p, mesh, group=stage_collective()), lin)
-
-
 class TPAttention(nnx.Module):
     """`model.Attention` with q/k/v from one column-parallel collective matmul and o_proj row-parallel."""
 
@@ -125,11 +119,6 @@ class TPAttention(nnx.Module):
         B, T, D = x.shape
         H, _, hd = self.shape
         strategy = _resolve(self.strategy, self.mesh, B * T, D, x.dtype.itemsize)
-        if strategy == "xla" and chaining_stages():  # a stage of a micro-batched forward (`model.stage_order`)
-            q, k, v = (in_stage(lin(x)) for lin in (self.q_proj, self.k_proj, self.v_proj))
-            o, pages = self.attend(*self.heads(q, k, v, cos, sin), kv, batch, attn_impl)
-            p = TP.row_partials(o.reshape(B * T, H * hd), self.o_proj.weight[...], self.mesh)
-            return _sum_row_partials(p, self.o_proj, self.mesh).reshape(B, T, D), pages
         if strategy == "xla":
             q, k, v = (lin(x) for lin in (self.q_proj, self.k_proj, self.v_proj))
         else:
@@ -157,10 +146,6 @@ class TPMLP(nnx.Module):
     def __call__(self, x):
         B, T, D = x.shape
         strategy = _resolve(self.strategy, self.mesh, B * T, D, x.dtype.itemsize)
-        if strategy == "xla" and chaining_stages():
-            h = jax.nn.silu(in_stage(self.gate_proj(x))) * in_stage(self.up_proj(x))
-            p = TP.row_partials(h.reshape(B * T, -1), self.down_proj.weight[...], self.mesh)
-            return _sum_row_partials(p, self.down_proj, self.mesh).reshape(B, T, D)
         if strategy == "xla":
             return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
         g, u = TP.column_parallel(x.reshape(B * T, D), [self.gate_proj.weight[...], self.up_proj.weight[...]],

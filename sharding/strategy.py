@@ -56,8 +56,13 @@ def validate(strategy: str) -> str:
 
 # XLA flags for micro-batched prefill (`Transformer.microbatches`): XLA's dot merger joins the pieces' matmuls that
 # share a weight into one dot, so both pieces' all-reduces wait for it and nothing runs beside them; with it off
-# (and the latency-hiding scheduler said explicitly) the TP=2 prefill step ran 1.056x XLA's unsplit one on 2 H200s
-# with peer access off (sharding_nomerge_h200_98e432b.json), against 0.98x with it on.
+# (and the latency-hiding scheduler said explicitly) the TP=2 prefill step ran 1.06-1.08x XLA's unsplit one on 2
+# H200s with peer access off (sharding_nomerge_h200_98e432b.json and later runs), against 0.98x with it on. The
+# scheduler still runs the pieces' same sublayers together, so each all-reduce has a kernel or two beside it. Tried
+# and taken out (commits kept in the history): optimization barriers chaining the pieces' sublayers (1add04c; XLA's
+# GPU pipeline removes barriers before it schedules), and scheduling annotations (`_scheduling_group_id` on a
+# stage's all-reduce and the next stage's ops: c369a63, d3ab94f, c8ddcf7), which XLA refused to compile in all
+# three forms ("annotation groups with gaps"); SoL latency estimates (d334241) gave the same schedule.
 MICROBATCH_XLA_FLAGS = {"xla_gpu_dot_merger_threshold_mb": "0", "xla_gpu_enable_latency_hiding_scheduler": "true"}
 
 

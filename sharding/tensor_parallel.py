@@ -17,7 +17,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.xla_metadata import set_xla_metadata
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -83,24 +82,6 @@ def row_parallel(x: jax.Array, w: jax.Array, mesh: Mesh, strategy: str, axis: st
     else:
         raise ValueError(f"row_parallel has no strategy {strategy!r}")
     return _smap(lambda x, w: f(x, w).astype(x.dtype), mesh, (P(None, axis), P(None, axis)), out)(x, w)
-
-
-def row_partials(x: jax.Array, w: jax.Array, mesh: Mesh, axis: str = "tp") -> jax.Array:
-    """x [N, F] (F split over `axis`), w [D, F] -> [n, N, D]: each device's partial product x_i @ w_i.T in x's
-    dtype, one per device along the leading axis (split over `axis`), as GSPMD's row-parallel dot leaves it before
-    its all-reduce; `sum_partials` finishes it. Apart, the partial is a value the caller can order other work
-    after (`codegen_jax.model.stage_done`)."""
-    return _smap(lambda x, w: jnp.einsum("nf,df->nd", x, w)[None], mesh, (P(None, axis), P(None, axis)), P(axis))(x, w)
-
-
-def sum_partials(p: jax.Array, mesh: Mesh, axis: str = "tp", group: int | None = None) -> jax.Array:
-    """[n, N, D] from `row_partials` -> [N, D], the all-reduce in p's dtype (GSPMD's: the same bits). `group`: the
-    XLA scheduling group (`_scheduling_group_id`) of the all-reduce, whose other members run beside it."""
-    def body(p):
-        y = jax.lax.psum(p[0], axis)
-        return y if group is None else set_xla_metadata(y, _scheduling_group_id=group)
-
-    return _smap(body, mesh, (P(axis),), P())(p)
 
 
 def tokens_fit(strategy: str, tokens: int, n: int) -> bool:

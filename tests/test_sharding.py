@@ -96,38 +96,6 @@ def test_microbatch_flags_add_what_is_missing_and_keep_what_is_set():
     assert S.with_microbatch_flags(" ".join(flags)) == " ".join(flags)
 
 
-def test_stages_put_each_collective_with_the_next_stages_compute():
-    # stage k's all-reduce and stage k + 1's tagged ops share `_scheduling_group_id` k in the program XLA gets; the
-    # first stage's ops, untagged ops and anything outside `stage_order` carry none
-    import re
-
-    import jax.numpy as jnp
-    from jax.experimental.xla_metadata import set_xla_metadata
-
-    from codegen_jax.model import in_stage, stage_collective, stage_order
-
-    def stage(x):
-        y = jnp.exp(in_stage(jnp.sin(x)))
-        group = stage_collective()
-        y = jnp.cos(y)  # the stand-in collective
-        return y if group is None else set_xla_metadata(y, _scheduling_group_id=group)
-
-    def three(x):
-        with stage_order():
-            return stage(stage(stage(x)))
-
-    def group_of(text, op):  # each `op` line's group id, None where it has none, in program order
-        found = (re.search(r'_scheduling_group_id = "(\d+)"', line) for line in text.splitlines()
-                 if f"stablehlo.{op}" in line)
-        return [m and m.group(1) for m in found]
-
-    text = jax.jit(three).lower(jnp.ones(4)).as_text()
-    assert group_of(text, "sine") == [None, "0", "1"]
-    assert group_of(text, "exponential") == [None, None, None]
-    assert group_of(text, "cosine") == ["0", "1", "2"]
-    assert "_scheduling_group_id" not in jax.jit(lambda x: stage(stage(x))).lower(jnp.ones(4)).as_text()
-
-
 def test_cli_with_microbatches_sets_the_xla_flags_before_jax_starts(monkeypatch, tmp_path, capsys):
     from codegen_jax.cli import main
 
