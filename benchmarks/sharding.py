@@ -64,12 +64,6 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     # GEMM fusions (the unsplit step's went to cuBLAS), one suspect for what the split costs (nocomm_mb2 1.15x)
     "p2p_disabled_nomerge_cublas": {"NCCL_P2P_DISABLE": "1",
                                     "XLA_FLAGS": with_microbatch_flags("--xla_gpu_enable_triton_gemm=false")},
-    # the scheduler told what the link is instead of measuring it: XLA's speed-of-light latency estimator with one
-    # GPU per "node", so the two GPUs' collectives are costed as inter-node transfers at ~100 Gbit/s (a psum of
-    # 32 MB took 1,275 us with peer access off, nccl_p2p_disabled_h200_5b0e9e2.log) rather than as NVLink ones
-    "p2p_disabled_sol": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(
-        "--xla_gpu_enable_analytical_sol_latency_estimator=true --xla_gpu_analytical_latency_estimator_options="
-        "nccl_op_launch_us=50,nic_speed_gbps=100,chunk_prep_us=1,rtt_us=10,gpus_per_node=1,chunk_size_bytes=4194304")},
     # profile-guided latency estimates: the scheduler's analytical model does not know that the transfers are
     # host-staged (~0.6 ms for a 1,024-token all-reduce), so it gave each one a window of a kernel or none; with
     # PGLE the first call of every program is profiled and the program recompiled with the measured latencies

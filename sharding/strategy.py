@@ -62,7 +62,8 @@ def validate(strategy: str) -> str:
 # and taken out (commits kept in the history): optimization barriers chaining the pieces' sublayers (1add04c; XLA's
 # GPU pipeline removes barriers before it schedules), and scheduling annotations (`_scheduling_group_id` on a
 # stage's all-reduce and the next stage's ops: c369a63, d3ab94f, c8ddcf7), which XLA refused to compile in all
-# three forms ("annotation groups with gaps"); SoL latency estimates (d334241) gave the same schedule.
+# three forms ("annotation groups with gaps"); the SoL latency estimator (scenario p2p_disabled_sol, d334241, since
+# removed) gave the same schedule and compiled slower.
 MICROBATCH_XLA_FLAGS = {"xla_gpu_dot_merger_threshold_mb": "0", "xla_gpu_enable_latency_hiding_scheduler": "true"}
 
 
