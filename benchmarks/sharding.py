@@ -67,11 +67,11 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     # profile-guided latency estimates: the scheduler's analytical model does not know that the transfers are
     # host-staged (~0.6 ms for a 1,024-token all-reduce), so it gave each one a window of a kernel or none; with
     # PGLE the first call of every program is profiled and the program recompiled with the measured latencies
-    # NCCL's host-staged (SHM) transport with its copies on the copy engines (cudaMemcpy from NCCL's proxy thread,
-    # both sides) instead of SM stores: its kernels beside a matmul then hold SMs only to signal, not to move bytes
-    # (what AWS advises for its PCIe-only g5/g6 boxes). With the micro-batch flags, so every variant is there.
-    "p2p_disabled_ce": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_USE_CUDA_MEMCPY": "1", "NCCL_SHM_MEMCPY_MODE": "3",
-                        "XLA_FLAGS": with_microbatch_flags("")},
+    # XLA's command buffers (CUDA graphs) off: a graph captured around an async collective and the compute meant to
+    # run beside it would run them in one stream's order (a 32 MB ppermute beside an independent matmul took their
+    # summed time on 2 H200s with peer access off, nccl_probe_h200_5b424a2.log)
+    "p2p_disabled_nocmdbuf": {"NCCL_P2P_DISABLE": "1",
+                              "XLA_FLAGS": with_microbatch_flags("--xla_gpu_enable_command_buffer=")},
     "p2p_disabled_pgle": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(""), "JAX_ENABLE_PGLE": "true",
                           "JAX_PGLE_PROFILING_RUNS": "1"},
 }
