@@ -274,14 +274,37 @@ def sweep_configs(D: int, F: int) -> list:
                   for bf, bk, ks, bd, bkf, fs in SWEEP_GEMV if split_fits(D, F, bf, bk, ks, bd, bkf, fs)]
 
 
-FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "sweep", "w8a8", "mosaic")  # --families
+# (block_f, block_k, k_splits, block_d, block_kf, f_splits) of "wide": the split path's GEMV mode with one k-step a
+# gate/up program at Qwen3-30B (k_splits = D / block_k) and three a down program (F = 768 has no power-of-two
+# range of one step), so every program has its loads in flight at once and the grid holds several times the
+# programs an SM can run (768-1,536 gate/up and 512-1,024 down programs at Qwen3-30B). The sweep's programs had
+# 1-4 steps each in one wave: int8 moved half of bf16's bytes in 80-85% of its time (91dc255), and ncu's first
+# split int8 kernel ran 3 programs an SM, waiting on loads (3f5108a)
+SPLIT_WIDE = [(128, 64, 32, 128, 64, 4), (128, 128, 16, 256, 64, 4), (256, 64, 32, 128, 32, 8),
+              (128, 64, 32, 256, 32, 8), (64, 128, 16, 512, 32, 8), (256, 128, 16, 128, 64, 4),
+              (128, 256, 8, 256, 64, 4)]
+
+
+def wide_configs(D: int, F: int) -> list:
+    """The "wide" family (T=1): SPLIT_WIDE at 4 warps, rank routing, bit conversion; those whose blocks do not
+    divide the shape are left out."""
+    from pallas_kernels.moe import TritonMoEConfig
+
+    return [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs,
+                            fused_route="split", topk="rank", dequant="bits")
+            for bf, bk, ks, bd, bkf, fs in SPLIT_WIDE if split_fits(D, F, bf, bk, ks, bd, bkf, fs)]
+
+
+FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "sweep", "wide", "w8a8",
+            "mosaic")  # --families
 
 
 def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048,
                    families: tuple[str, ...] = FAMILIES) -> list:
     """The Triton kernel's candidates at T tokens: plan's choice ("default"), the dot mode over column blocks and
     stages, wider row tiles at T >= 64 ("dot"), the GEMV mode and fused_combine at decode sizes ("gemv",
-    "fused"), inline routing, the one-kernel and the split two-kernel paths at T=1 ("inline", "single", "split");
+    "fused"), inline routing, the one-kernel and the split two-kernel paths at T=1 ("inline", "single", "split",
+    "sweep", "wide");
     `families` picks among them."""
     from pallas_kernels.moe import TritonMoEConfig
     from pallas_kernels.moe.triton_moe import gemv_expected
@@ -306,6 +329,8 @@ def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048
         configs += split_configs(D, F, quick=quick)
     if T == 1 and "sweep" in families:
         configs += sweep_configs(D, F)
+    if T == 1 and "wide" in families:
+        configs += wide_configs(D, F)
     return list(dict.fromkeys(configs))
 
 
