@@ -201,3 +201,18 @@ def test_benchmark_tiny(launched):
     rc, stdout, stderr = launched["benchmark"].wait(timeout=700)
     assert rc == 0, stdout[-3000:] + stderr[-3000:]
     assert "prefill_comm_share" in stdout and "matmul_rs_bidi" in stdout
+
+
+def test_collective_overlap_tiny():
+    """benchmarks/collective_overlap.py on 2 simulated CPU devices: every body timed, the hidden shares computed
+    from those times."""
+    from benchmarks import collective_overlap as co
+
+    r = co.run_setting("p2p_disabled", tiny=True, timeout=300)
+    assert "error" not in r, r.get("error")
+    us = r["us"]
+    assert set(us) == {"psum", "ppermute", "matmul", "matmul4", "matmul+ppermute", "matmul4+ppermute"}
+    assert all(0 < t < 1e6 for t in us.values()), us
+    for m in ("matmul", "matmul4"):
+        assert r[f"{m}_hidden_us"] == round(us["ppermute"] + us[m] - us[f"{m}+ppermute"], 1)
+        assert r[f"{m}_hidden_share"] == round(r[f"{m}_hidden_us"] / us[m], 3)
