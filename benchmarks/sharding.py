@@ -84,8 +84,11 @@ OVERLAPPED = ("ring", "ring2", "ring4", "bidi")
 
 
 def split_chunks(name: str) -> tuple[str, int]:
-    """'ring4' -> ('ring', 4); any other strategy -> (it, 1)."""
-    return ("ring", int(name[4:])) if name.startswith("ring") and name[4:] else (name, 1)
+    """'ring4' -> ('ring', 4), 'xla4' -> ('xla', 4) (each projection as 4 matmuls); any other strategy -> (it, 1)."""
+    for base in ("ring", "xla"):
+        if name.startswith(base) and name[len(base):].isdigit():
+            return base, int(name[len(base):])
+    return name, 1
 
 
 def parse_variant(name: str) -> tuple[str, int, int]:
@@ -97,8 +100,8 @@ def parse_variant(name: str) -> tuple[str, int, int]:
 
 # prefill variants that overlap communication with compute: rings inside each collective matmul, or two
 # micro-batches whose collectives run under each other's matmuls
-MICROBATCHED = ("xla_mb2", "allreduce_mb2", "sp_mb2", "xla_mb4")
-OVERLAPPED_STEPS = ("ring", "ring4", "bidi", *MICROBATCHED)
+MICROBATCHED = ("xla_mb2", "allreduce_mb2", "sp_mb2", "xla_mb4", "xla4_mb2")
+OVERLAPPED_STEPS = ("xla4", "ring", "ring4", "bidi", *MICROBATCHED)
 
 
 def shapes(tiny: bool) -> dict:
@@ -117,7 +120,8 @@ def shapes(tiny: bool) -> dict:
 PROFILED = ("ag_matmul_ring", "matmul_rs_ring4", "prefill_xla", "prefill_xla_mb2", "prefill_nocomm_mb2")
 
 
-def worker(scenario: str, tiny: bool, parts: str = "layer,step", profile: bool = False) -> dict:
+def worker(scenario: str, tiny: bool, parts: str = "layer,step", profile: bool = False,
+           only: tuple[str, ...] = ()) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -210,10 +214,13 @@ def worker(scenario: str, tiny: bool, parts: str = "layer,step", profile: bool =
     decode_in = (jnp.asarray(rng.integers(0, cfg.vocab_size, (B, 1)), jnp.int32),
                  1 + jnp.arange(B * per, dtype=jnp.int32).reshape(B, per), jnp.full((B,), L + 1, jnp.int32),
                  jnp.ones((B,), jnp.int32))
-    steps = {"prefill": ("xla",) if only_xla else ("xla", "allreduce", "sp", "ring", "ring4", "bidi", "auto",
+    steps = {"prefill": ("xla",) if only_xla else ("xla", "xla4", "allreduce", "sp", "ring", "ring4", "bidi", "auto",
                                                    "nocomm", *MICROBATCHED, "nocomm_mb2"),
              "decode": ("xla",) if only_xla else ("xla", "allreduce", "allreduce_overlap", "auto", "nocomm")}
     for kind, strategies in steps.items():
+        strategies = [v for v in strategies if not only or v in only]  # --only
+        if not strategies:
+            continue
         inputs = prefill_in if kind == "prefill" else decode_in
         cases = {}
         for name in strategies:
@@ -245,27 +252,32 @@ def summarize(r: dict) -> dict:
             best = min(lay[f"{op}_{v}"] for v in OVERLAPPED)
             s[f"{op}_exposed_comm_us"] = round(exposed, 1)
             s[f"{op}_hidden_share"] = round((lay[f"{op}_sp"] - best) / exposed, 3) if exposed > 0 else None
-    if "prefill_xla" in st and "prefill_nocomm" in st:
+    def put(key, num, den, *, share=False):  # a ratio of two timed variants, left out where --only dropped one
+        if num in st and den in st:
+            s[key] = round((st[num] - st[den]) / st[num] if share else st[num] / st[den], 3)
+
+    def best_of(names):
+        return min((st[f"prefill_{v}"] for v in names if f"prefill_{v}" in st), default=None)
+
+    put("prefill_comm_share", "prefill_xla", "prefill_nocomm", share=True)
+    if "prefill_xla" in st:
         base = st["prefill_xla"]
-        unoverlapped = min(base, st["prefill_allreduce"], st["prefill_sp"])
-        best = min(st[f"prefill_{v}"] for v in OVERLAPPED_STEPS if f"prefill_{v}" in st)
-        s["prefill_comm_share"] = round((base - st["prefill_nocomm"]) / base, 3)
-        s["prefill_speedup_vs_xla"] = round(base / best, 3)
-        s["prefill_speedup_vs_best_unoverlapped"] = round(unoverlapped / best, 3)
-        s["prefill_auto_speedup_vs_xla"] = round(base / st["prefill_auto"], 3)
-        if "prefill_xla_mb2" in st:
-            s["prefill_mb2_speedup_vs_xla"] = round(base / min(st[f"prefill_{v}"] for v in MICROBATCHED
-                                                               if f"prefill_{v}" in st), 3)
-            s["prefill_mb2_compute_cost"] = round(st["prefill_nocomm_mb2"] / st["prefill_nocomm"], 3)
-    if "decode_xla" in st and "decode_nocomm" in st:
-        s["decode_comm_share"] = round((st["decode_xla"] - st["decode_nocomm"]) / st["decode_xla"], 3)
-        s["decode_auto_vs_xla"] = round(st["decode_xla"] / st["decode_auto"], 3)
-        s["decode_overlap_vs_xla"] = round(st["decode_xla"] / st["decode_allreduce_overlap"], 3)
+        best = best_of(OVERLAPPED_STEPS)
+        if best:
+            s["prefill_speedup_vs_xla"] = round(base / best, 3)
+            s["prefill_speedup_vs_best_unoverlapped"] = round(best_of(("xla", "allreduce", "sp")) / best, 3)
+        put("prefill_auto_speedup_vs_xla", "prefill_xla", "prefill_auto")
+        if best_of(MICROBATCHED):
+            s["prefill_mb2_speedup_vs_xla"] = round(base / best_of(MICROBATCHED), 3)
+    put("prefill_mb2_compute_cost", "prefill_nocomm_mb2", "prefill_nocomm")
+    put("decode_comm_share", "decode_xla", "decode_nocomm", share=True)
+    put("decode_auto_vs_xla", "decode_xla", "decode_auto")
+    put("decode_overlap_vs_xla", "decode_xla", "decode_allreduce_overlap")
     return s
 
 
 def run_scenario(name: str, tiny: bool, timeout: int, parts: str = "layer,step", profile: bool = False,
-                 dump_hlo: str | None = None) -> dict:
+                 dump_hlo: str | None = None, only: str = "") -> dict:
     env = {**os.environ, **SCENARIOS[name], "PYTHONPATH": str(ROOT)}
     if tiny:  # the GPU flags are unknown to the CPU backend
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -275,6 +287,7 @@ def run_scenario(name: str, tiny: bool, timeout: int, parts: str = "layer,step",
     cmd = [sys.executable, "-m", "benchmarks.sharding", "--worker", name, "--parts", parts] + (["--tiny"] if tiny
                                                                                                 else [])
     cmd += ["--profile"] if profile else []
+    cmd += ["--only", only] if only else []
     t = time.perf_counter()
     try:
         p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -298,17 +311,19 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="also profile one call of the main variants: NCCL time, and how much of it ran beside compute")
     ap.add_argument("--dump-hlo", metavar="DIR", help="write each scenario's optimized HLO of the steps under DIR")
+    ap.add_argument("--only", default="", help="comma-separated step variants to time (e.g. xla,xla_mb2; default all)")
     ap.add_argument("--no-write", action="store_true", help="print only (tests)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(MARK + json.dumps(worker(args.worker, args.tiny, args.parts, args.profile)), flush=True)
+        only = tuple(v for v in args.only.split(",") if v)
+        print(MARK + json.dumps(worker(args.worker, args.tiny, args.parts, args.profile, only)), flush=True)
         return
     results = []
     for name in args.scenarios.split(","):
         if name not in SCENARIOS:
             ap.error(f"unknown scenario {name!r}; pick from {', '.join(SCENARIOS)}")
-        results.append(run_scenario(name, args.tiny, args.timeout, args.parts, args.profile, args.dump_hlo))
+        results.append(run_scenario(name, args.tiny, args.timeout, args.parts, args.profile, args.dump_hlo, args.only))
         r = results[-1]
         print(f"== {name}: " + (r.get("error") or json.dumps(r["summary"])), flush=True)
         for variant, err in r.get("errors", {}).items():

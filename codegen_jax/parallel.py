@@ -14,6 +14,7 @@ Two levels, same model code:
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -91,6 +92,27 @@ def _bias(y, lin):
     return y if lin.bias is None else y + lin.bias[...]
 
 
+def _pieced(x, lin, mesh: Mesh, pieces: int, column: bool):
+    """`lin(x)` under GSPMD as `pieces` matmuls, each its own kernel: column-parallel (weight [out, in] split over
+    tp on out) in column pieces of every device's shard, row-parallel (split on in) in pieces of the output.
+    NCCL's kernels take no SM that another kernel holds, and one cuBLAS matmul holds every SM to its end: a host-
+    staged 32 MB transfer hid 0-27% of one matmul beside it and 84-96% of the same product as 4 (2 H200s,
+    benchmarks/results/collective_overlap.json). Pieces let the other micro-batch's transfers start between them."""
+    w = lin.weight[...]
+    out, d_in = w.shape
+    n = mesh.shape["tp"]
+    if pieces <= 1 or out % (n * pieces if column else pieces):
+        return lin(x)
+    if column:  # [n, pieces, f, in]: the tp split stays on the major dimension, each piece a slice of every shard
+        wr = w.reshape(n, pieces, out // (n * pieces), d_in)
+        y = jnp.stack([jnp.einsum("...d,nfd->...nf", x, wr[:, i]) for i in range(pieces)], axis=-2)
+        y = y.reshape(*x.shape[:-1], out)
+    else:
+        p = out // pieces
+        y = jnp.concatenate([jnp.einsum("...f,df->...d", x, w[i * p:(i + 1) * p]) for i in range(pieces)], axis=-1)
+    return _bias(y, lin)
+
+
 class TPAttention(nnx.Module):
     """`model.Attention` with q/k/v from one column-parallel collective matmul and o_proj row-parallel."""
 
@@ -98,7 +120,7 @@ class TPAttention(nnx.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.q_norm, self.k_norm, self.shape = attn.q_norm, attn.k_norm, attn.shape
         self.mesh, self.strategy = mesh, S.validate(strategy)
-        self.chunks = 1  # pieces per shard on the 'ring' (sharding.collectives)
+        self.chunks = 1  # pieces per shard on the 'ring' (sharding.collectives); with 'xla', matmuls per projection
 
     heads, paged = Attention.heads, Attention.paged  # the same per-head and paged steps as the dense layer
 
@@ -120,7 +142,7 @@ class TPAttention(nnx.Module):
         H, _, hd = self.shape
         strategy = _resolve(self.strategy, self.mesh, B * T, D, x.dtype.itemsize)
         if strategy == "xla":
-            q, k, v = (lin(x) for lin in (self.q_proj, self.k_proj, self.v_proj))
+            q, k, v = (_pieced(x, lin, self.mesh, self.chunks, True) for lin in (self.q_proj, self.k_proj, self.v_proj))
         else:
             lins = (self.q_proj, self.k_proj, self.v_proj)
             q, k, v = (_bias(y, lin) for y, lin in zip(
@@ -130,7 +152,7 @@ class TPAttention(nnx.Module):
         o, pages = self.attend(*self.heads(q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1), cos, sin),
                                kv, batch, attn_impl)
         if strategy == "xla":
-            return self.o_proj(o), pages
+            return _pieced(o, self.o_proj, self.mesh, self.chunks, False), pages
         y = TP.row_parallel(o.reshape(B * T, H * hd), self.o_proj.weight[...], self.mesh, strategy, chunks=self.chunks)
         return _bias(y, self.o_proj).reshape(B, T, D), pages
 
@@ -147,7 +169,8 @@ class TPMLP(nnx.Module):
         B, T, D = x.shape
         strategy = _resolve(self.strategy, self.mesh, B * T, D, x.dtype.itemsize)
         if strategy == "xla":
-            return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+            g, u = (_pieced(x, lin, self.mesh, self.chunks, True) for lin in (self.gate_proj, self.up_proj))
+            return _pieced(jax.nn.silu(g) * u, self.down_proj, self.mesh, self.chunks, False)
         g, u = TP.column_parallel(x.reshape(B * T, D), [self.gate_proj.weight[...], self.up_proj.weight[...]],
                                   self.mesh, strategy, chunks=self.chunks)
         h = jax.nn.silu(_bias(g, self.gate_proj)) * _bias(u, self.up_proj)
