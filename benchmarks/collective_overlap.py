@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import table, versions, write_result
+from benchmarks.common import device, table, versions, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "RESULT "
@@ -150,7 +150,7 @@ def main(argv=None):
     if args.no_write:
         return
     path = write_result("collective_overlap_tiny" if args.tiny else "collective_overlap",
-                        {"settings": {n: SETTINGS[n] for n in names}, "results": results,
+                        {"device": device(), "settings": {n: SETTINGS[n] for n in names}, "results": results,
                          "versions": versions("jax")})
     print(f"wrote {path}")
 
