@@ -67,13 +67,6 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     # profile-guided latency estimates: the scheduler's analytical model does not know that the transfers are
     # host-staged (~0.6 ms for a 1,024-token all-reduce), so it gave each one a window of a kernel or none; with
     # PGLE the first call of every program is profiled and the program recompiled with the measured latencies
-    # every matmul a Triton GEMM fusion (no cuBLAS): NCCL's kernels do not share an SM with another kernel, and a
-    # 32 MB ppermute beside one cuBLAS matmul took their summed time on 2 H200s with peer access off (its kernel
-    # waited for SMs the matmul held to its end), against the ppermute's own time beside 4 smaller kernels
-    # (nccl_probe_h200_627de43.log); a Triton GEMM's tiles end wave by wave, and the transfer's kernel (on XLA's
-    # highest-priority stream) takes the first SMs they free
-    "p2p_disabled_tritongemm": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(
-        "--xla_gpu_cublas_fallback=false --xla_gpu_enable_highest_priority_async_stream=true")},
     "p2p_disabled_pgle": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(""), "JAX_ENABLE_PGLE": "true",
                           "JAX_PGLE_PROFILING_RUNS": "1"},
 }
