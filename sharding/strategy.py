@@ -64,6 +64,12 @@ def validate(strategy: str) -> str:
 # stage's all-reduce and the next stage's ops: c369a63, d3ab94f, c8ddcf7), which XLA refused to compile in all
 # three forms ("annotation groups with gaps"); the SoL latency estimator (scenario p2p_disabled_sol, d334241, since
 # removed) gave the same schedule and compiled slower.
+# Why so little hides (benchmarks/collective_overlap.py, 2 H200s, peer access off): NCCL's kernels take no SM that
+# another kernel holds, and one cuBLAS matmul holds every SM to its end, so a host-staged 32 MB ppermute beside one
+# matmul hid 0-27% of it in most settings, and beside the same product as 4 matmuls 84-96%. NCCL's copy-engine SHM
+# copies (slower, and the step's first collective never finished), command buffers off, Triton GEMMs (every step
+# slower), stream priority, 1 channel and 32 connections did not change that. `TPAttention.chunks` /
+# `TPMLP.chunks` > 1 with 'xla' issue each projection as that many matmuls (`parallel._pieced`).
 MICROBATCH_XLA_FLAGS = {"xla_gpu_dot_merger_threshold_mb": "0", "xla_gpu_enable_latency_hiding_scheduler": "true"}
 
 
