@@ -96,7 +96,7 @@ def _pieced(x, lin, mesh: Mesh, pieces: int, column: bool):
     """`lin(x)` under GSPMD as `pieces` matmuls, each its own kernel: column-parallel (weight [out, in] split over
     tp on out) in column pieces of every device's shard, row-parallel (split on in) in pieces of the output.
     NCCL's kernels take no SM that another kernel holds, and one cuBLAS matmul holds every SM to its end: a host-
-    staged 32 MB transfer hid 0-27% of one matmul beside it and 84-96% of the same product as 4 (2 H200s,
+    staged 32 MB transfer hid at most 29% of one matmul beside it and 79-96% of the same product as 4 (2 H200s,
     benchmarks/results/collective_overlap.json). Pieces let the other micro-batch's transfers start between them."""
     w = lin.weight[...]
     out, d_in = w.shape

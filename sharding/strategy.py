@@ -66,10 +66,11 @@ def validate(strategy: str) -> str:
 # removed) gave the same schedule and compiled slower.
 # Why so little hides (benchmarks/collective_overlap.py, 2 H200s, peer access off): NCCL's kernels take no SM that
 # another kernel holds, and one cuBLAS matmul holds every SM to its end, so a host-staged 32 MB ppermute beside one
-# matmul hid 0-27% of it in most settings, and beside the same product as 4 matmuls 84-96%. NCCL's copy-engine SHM
-# copies (slower, and the step's first collective never finished), command buffers off, Triton GEMMs (every step
-# slower), stream priority, 1 channel and 32 connections did not change that. `TPAttention.chunks` /
-# `TPMLP.chunks` > 1 with 'xla' issue each projection as that many matmuls (`parallel._pieced`).
+# matmul hid at most 29% of it (under 15% in most settings), and of the same product as 4 matmuls 79-96%. NCCL's
+# copy-engine SHM copies (slower, and the step's first collective never finished), command buffers off, Triton
+# GEMMs (every step slower), stream priority, 1 channel and 32 connections did not change that.
+# `TPAttention.chunks` / `TPMLP.chunks` > 1 with 'xla' issue each projection as that many matmuls
+# (`parallel._pieced`).
 MICROBATCH_XLA_FLAGS = {"xla_gpu_dot_merger_threshold_mb": "0", "xla_gpu_enable_latency_hiding_scheduler": "true"}
 
 
