@@ -19,16 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-from benchmarks.common import device, table, versions, write_result
+from benchmarks.common import WORKER_MARK, device, run_worker, table, versions, write_result
 
-ROOT = Path(__file__).resolve().parent.parent
-MARK = "RESULT "
 HOST_STAGED = {"NCCL_P2P_DISABLE": "1"}  # our PCIe stand-in: NCCL's transfers go through host memory
 LHS = "--xla_gpu_enable_latency_hiding_scheduler=true"
 TRITON_GEMM = " --xla_gpu_cublas_fallback=false"  # every matmul a Triton GEMM fusion
@@ -109,19 +103,8 @@ def summarize(us: dict) -> dict:
 
 
 def run_setting(name: str, tiny: bool, timeout: int) -> dict:
-    env = {**os.environ, **SETTINGS[name], "PYTHONPATH": str(ROOT)}
-    if tiny:  # the GPU flags are unknown to the CPU backend
-        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    cmd = [sys.executable, "-m", "benchmarks.collective_overlap", "--worker"] + (["--tiny"] if tiny else [])
-    try:
-        p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"setting": name, "error": f"timed out after {timeout} s"}
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(MARK)]
-    if p.returncode or not lines:
-        return {"setting": name, "error": f"rc {p.returncode}: {p.stderr[-800:]}"}
-    us = json.loads(lines[-1][len(MARK):])
-    return {"setting": name, "us": us, **summarize(us)}
+    us, error = run_worker("benchmarks.collective_overlap", [], SETTINGS[name], tiny=tiny, timeout=timeout)
+    return {"setting": name, "error": error} if error else {"setting": name, "us": us, **summarize(us)}
 
 
 def main(argv=None):
@@ -134,7 +117,7 @@ def main(argv=None):
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(MARK + json.dumps(worker(args.tiny)), flush=True)
+        print(WORKER_MARK + json.dumps(worker(args.tiny)), flush=True)
         return
     names = args.settings.split(",")
     for name in names:

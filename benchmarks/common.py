@@ -63,3 +63,29 @@ def table(rows: list[dict], columns: list[str]) -> str:
     line = lambda vals: "  ".join(str(v).rjust(w) for v, w in zip(vals, widths, strict=True))  # noqa: E731
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line([r.get(c, "") for c in columns])
                                                                           for r in rows])
+
+
+WORKER_MARK = "RESULT "  # the line a benchmark's worker subprocess prints its JSON result on
+
+
+def run_worker(module: str, args: list[str], env_extra: dict, *, tiny: bool, timeout: int,
+               xla_flags: str = "") -> tuple[dict | None, str]:
+    """`python -m <module> --worker <args>` in a fresh process (NCCL and XLA read their environment when JAX
+    starts) with `env_extra` set, on 2 simulated CPU devices when `tiny` (the GPU flags are unknown to the CPU
+    backend); `xla_flags` go after either's XLA_FLAGS. (its JSON result, "") or (None, why it gave none)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, **env_extra, "PYTHONPATH": str(root)}
+    if tiny:
+        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    if xla_flags:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
+    cmd = [sys.executable, "-m", module, "--worker", *args] + (["--tiny"] if tiny else [])
+    try:
+        p = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout} s"
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(WORKER_MARK)]
+    if p.returncode or not lines:
+        return None, f"rc {p.returncode}: {p.stderr[-1500:]}"
+    return json.loads(lines[-1][len(WORKER_MARK):]), ""
+

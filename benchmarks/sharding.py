@@ -24,17 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
-from benchmarks.common import table, versions, write_result
+from benchmarks.common import WORKER_MARK, run_worker, table, versions, write_result
 from sharding.strategy import with_microbatch_flags
 
-ROOT = Path(__file__).resolve().parent.parent
 XLA_OVERLAP_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_threshold_for_windowed_einsum_mib=0 "
                      "--xla_gpu_multi_streamed_windowed_einsum=true")
 LHS_FLAG = "--xla_gpu_enable_latency_hiding_scheduler=true"
@@ -70,7 +66,6 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     "p2p_disabled_pgle": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(""), "JAX_ENABLE_PGLE": "true",
                           "JAX_PGLE_PROFILING_RUNS": "1"},
 }
-MARK = "RESULT "
 # per-layer variants: 'ringC' is the one-direction ring with each shard sent as C pieces
 LAYER_STRATEGIES = ("nocomm", "sp", "ring", "ring2", "ring4", "bidi")
 OVERLAPPED = ("ring", "ring2", "ring4", "bidi")
@@ -271,25 +266,14 @@ def summarize(r: dict) -> dict:
 
 def run_scenario(name: str, tiny: bool, timeout: int, parts: str = "layer,step", profile: bool = False,
                  dump_hlo: str | None = None, only: str = "") -> dict:
-    env = {**os.environ, **SCENARIOS[name], "PYTHONPATH": str(ROOT)}
-    if tiny:  # the GPU flags are unknown to the CPU backend
-        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    if dump_hlo:  # the scheduled HLO of the model steps (jit_forward, numbered in the order the variants compile)
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_dump_to={Path(dump_hlo) / name} --xla_dump_hlo_as_text"
-                            " --xla_dump_hlo_module_re=jit_forward").strip()
-    cmd = [sys.executable, "-m", "benchmarks.sharding", "--worker", name, "--parts", parts] + (["--tiny"] if tiny
-                                                                                                else [])
-    cmd += ["--profile"] if profile else []
-    cmd += ["--only", only] if only else []
+    # the scheduled HLO of the model steps (jit_forward, numbered in the order the variants compile)
+    dump = (f"--xla_dump_to={Path(dump_hlo) / name} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_forward"
+            if dump_hlo else "")
+    args = [name, "--parts", parts] + (["--profile"] if profile else []) + (["--only", only] if only else [])
     t = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"scenario": name, "error": f"timed out after {timeout} s"}
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(MARK)]
-    if p.returncode or not lines:
-        return {"scenario": name, "error": f"rc {p.returncode}: {p.stderr[-1500:]}"}
-    r = json.loads(lines[-1][len(MARK):])
+    r, error = run_worker("benchmarks.sharding", args, SCENARIOS[name], tiny=tiny, timeout=timeout, xla_flags=dump)
+    if error:
+        return {"scenario": name, "error": error}
     r["wall_s"] = round(time.perf_counter() - t, 1)
     r["summary"] = summarize(r)
     return r
@@ -310,7 +294,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.worker:
         only = tuple(v for v in args.only.split(",") if v)
-        print(MARK + json.dumps(worker(args.worker, args.tiny, args.parts, args.profile, only)), flush=True)
+        print(WORKER_MARK + json.dumps(worker(args.worker, args.tiny, args.parts, args.profile, only)), flush=True)
         return
     results = []
     for name in args.scenarios.split(","):
