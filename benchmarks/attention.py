@@ -48,6 +48,7 @@ L2_BYTES = 50 * 2**20
 # longer chains, and the median of more of them
 TIMING = {"repeats": 25, "target_ms": 4.0, "max_calls": 64}
 TOL = 2e-2
+PROFILED = ("ours", "triton", "jax_paged")  # --profile traces these
 T0 = time.perf_counter()
 
 
@@ -209,6 +210,7 @@ def run_shape(shape, args) -> list[dict]:
     import jax
     import numpy as np
 
+    from benchmarks import gpu_trace
     from pallas_kernels import tuning
 
     B, L, S, T = shape
@@ -238,7 +240,10 @@ def run_shape(shape, args) -> list[dict]:
             row["traceback"] = traceback.format_exc()[-2000:]
         rows.append(row)
     errors: dict[str, str] = {}
-    times = tuning.time_interleaved(timed, errors=errors, **TIMING) if timed else {}
+    cases = dict(timed)
+    if args.profile and timed:  # the chain's own cost per call (the link between calls, see tuning._depend)
+        cases["chain_floor"] = (lambda q, *_: q, sets)
+    times = tuning.time_interleaved(cases, errors=errors, **TIMING) if cases else {}
     for row in rows:
         name = row["impl"]
         if name in times:
@@ -247,6 +252,13 @@ def run_shape(shape, args) -> list[dict]:
         elif name in errors:
             row["ok"], row["error"] = False, errors[name]
         log(f"{shape} {name}: ok={row.get('ok')} us={row.get('us')} GB/s={row.get('GB/s')} {row.get('error', '')}")
+        if args.profile and name in PROFILED and name in times:  # where one call's time goes, by kernel
+            row["profile"], line = gpu_trace.profile_call(*timed[name], max_calls=TIMING["max_calls"])
+            log(f"  {line}")
+    if "chain_floor" in times:
+        rows.append({"B": B, "L": L, "page": S, "T": T, "impl": "chain_floor",
+                     "us": round(times["chain_floor"]["us"], 2)})
+        log(f"{shape} chain_floor: us={rows[-1]['us']}")
     del sets, timed
     jax.clear_caches()
     return rows
@@ -263,6 +275,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     for (B, L, S, T), impls in by_shape.items():
         line = {"B": B, "L": L, "page": S, "T": T}
         for name, r in impls.items():
+            if name == "chain_floor":  # --profile: a call's share of the chain itself, in us
+                line["chain_floor us"] = r["us"]
+                continue
             line[name] = r.get("GB/s") if r.get("ok") else ("FAIL" if "error" not in r else "error")
         ours = impls.get("ours", {}).get("us")
         base = [impls[n]["us"] for n in ("xla_reference", "jax_paged", "jax_gqa") if impls.get(n, {}).get("us")]
@@ -287,6 +302,9 @@ def main() -> None:
     p.add_argument("--tune", action="store_true", help="run the search loop first and record winners")
     p.add_argument("--tune-shapes", type=parse_shapes, default=None, help='shapes to tune (default: the bar shapes)')
     p.add_argument("--tiny", action="store_true", help="CPU smoke test in interpret mode (no timing)")
+    p.add_argument("--profile", action="store_true",
+                   help="also time the chain's own cost (chain_floor) and profile ours, triton and jax_paged: "
+                        "time per kernel, busy vs span")
     args = p.parse_args()
     import jax
 

@@ -138,3 +138,16 @@ def overlap(events: list[Event], calls: int, comm: Callable[[str], bool] = is_co
                     "both_us": both / 1e3 / calls, "span_us": span / 1e3 / calls,
                     "hidden": round(both / _length(c), 3) if c else None}
     return out
+
+
+def profile_call(fn: Callable, inputs, *, max_calls: int, top: int = 8) -> tuple[dict, str]:
+    """Where one call of `fn` goes, kernel by kernel: `breakdown` of 3 traced chains (`tuning.chain`) of up to
+    max_calls calls over the rotating input sets, and a one-line summary of it for a log."""
+    from pallas_kernels import tuning
+
+    run, calls = tuning.chain(fn, inputs, target_ms=0.0, max_calls=max_calls)
+    b = breakdown(profiled(run, runs=3), 3 * calls, top=top)
+    line = (f"busy {b['gpu_busy_us_per_call']:.1f} us, span {b['gpu_span_us_per_call']:.1f} us, "
+            f"{b['kernels_per_call']:.1f} kernels per call: "
+            + "; ".join(f"{k['us_per_call']:.1f} us x{k['count_per_call']:.0f} {k['name'][:60]}" for k in b["top"]))
+    return b, line

@@ -473,12 +473,8 @@ def bench(shape_name, T, *, tiny, profile: bool = False) -> list[dict]:
         log(f"{shape_name} T={T} {name}: {row.get('us', '-')} us, {row.get('GB/s', '-')} GB/s "
             f"{row.get('error', '')}")
         if profile and name in ("ours", "ours_int8") and name in times:  # where one call's time goes, by kernel
-            run, calls = tuning.chain(*timed[name][:2], target_ms=0.0, max_calls=SETS)
-            b = gpu_trace.breakdown(gpu_trace.profiled(run, runs=3), 3 * calls, top=8)
-            row["profile"] = b
-            log(f"  busy {b['gpu_busy_us_per_call']:.1f} us, span {b['gpu_span_us_per_call']:.1f} us, "
-                f"{b['kernels_per_call']:.1f} kernels per call: "
-                + "; ".join(f"{k['us_per_call']:.1f} us x{k['count_per_call']:.0f} {k['name'][:60]}" for k in b["top"]))
+            row["profile"], line = gpu_trace.profile_call(*timed[name][:2], max_calls=SETS)
+            log(f"  {line}")
     if "chain_floor" in times:
         rows.append({"shape": shape_name, "T": T, "impl": "chain_floor", "us": round(times["chain_floor"]["us"], 1)})
     del sets, qsets, timed
