@@ -23,13 +23,21 @@ class Dispatcher:
         self.op, self.reference = op, reference
         # name -> (implementation, may it be picked automatically on this device?)
         self.implementations: dict[str, tuple[Callable, Callable[[], bool]]] = {"reference": (reference, never)}
+        self.when: dict[str, Callable[..., bool] | None] = {}
 
-    def register(self, name: str, fn: Callable, available: Callable[[], bool] = never) -> None:
+    def register(self, name: str, fn: Callable, available: Callable[[], bool] = never,
+                 when: Callable[..., bool] | None = None) -> None:
+        """when: the calls (by the op's positional arguments) this kernel is picked for automatically where it
+        is available, and called with no arguments, whether it takes every call; None: every call."""
         self.implementations[name] = (fn, available)
+        self.when[name] = when
 
-    def choose(self) -> str:
+    def choose(self, args: tuple | None = None) -> str:
+        """The first registered kernel available on this device that takes these arguments (`when`); without
+        args, `when` is asked with none: whether it takes every call."""
         for name, (_, available) in self.implementations.items():
-            if name != "reference" and available():
+            when = self.when.get(name)
+            if name != "reference" and available() and (when is None or when(*(args or ()))):
                 return name
         return "reference"
 
@@ -43,7 +51,7 @@ class Dispatcher:
         name = impl
         if name is None:
             entry = self.tuned(key)
-            name, config = (entry["impl"], entry["config"] or None) if entry else (self.choose(), None)
+            name, config = (entry["impl"], entry["config"] or None) if entry else (self.choose(args), None)
         if name not in self.implementations:
             raise ValueError(f"unknown {self.op} implementation {name!r} (known: {', '.join(self.implementations)})")
         try:

@@ -19,6 +19,7 @@ import pytest
 from test_attention_reference import check_kernel, check_unused_page_ids_out_of_range
 
 from pallas_kernels.attention import IMPLEMENTATIONS
+from pallas_kernels.attention.dispatch import choose
 from pallas_kernels.attention.triton_paged import (
     TritonAttentionConfig,
     paged_attention_triton,
@@ -98,6 +99,8 @@ CONFIGS = [
     TritonAttentionConfig(pages_per_block=8, num_splits=2, num_warps=8, num_stages=3),  # 128-token blocks
     TritonAttentionConfig(num_splits=64),  # more splits than blocks: most programs have nothing to do
     TritonAttentionConfig(block_q=16, pages_per_block=2, num_splits=3),  # 2 query tiles, split mid-row
+    # one split normalises in the kernel and stores into [B, T, Hq, D]; the last of 2 tiles repeats its last row
+    TritonAttentionConfig(block_q=16, num_splits=1),
 ]
 
 
@@ -164,9 +167,9 @@ def test_plan_defaults():
     assert (p.pages_per_block, p.block_kv, p.num_splits) == (2, 16, 2)
 
 
-def test_registered_for_non_hopper_nvidia_only(monkeypatch):
-    fn, available = IMPLEMENTATIONS["triton"]
-    assert fn is paged_attention_triton and available is triton_available
+def test_picked_on_nvidia_and_for_hopper_decode(monkeypatch):
+    fn, _ = IMPLEMENTATIONS["triton"]
+    assert fn is paged_attention_triton
 
     class Dev:
         platform = "gpu"
@@ -176,8 +179,16 @@ def test_registered_for_non_hopper_nvidia_only(monkeypatch):
         Dev.compute_capability = cc
         monkeypatch.setattr(jax, "devices", lambda *a, **k: [Dev()])
         assert triton_available() is want, cc
+    decode, verify = (jnp.zeros((2, 1, 8, 64)),) * 5, (jnp.zeros((2, 4, 8, 64)),) * 5
+    # (compute capability, pick for decode, pick for verify, pick without arguments)
+    for cc, picks in [("8.0", ("triton", "triton", "triton")), ("9.0", ("triton", "mosaic", "mosaic")),
+                      ("gfx90a", ("reference",) * 3)]:
+        Dev.compute_capability = cc
+        monkeypatch.setattr(jax, "devices", lambda *a, **k: [Dev()])
+        assert (choose(decode), choose(verify), choose()) == picks, cc
     monkeypatch.undo()
     assert triton_available() is (ON_GPU and not str(jax.devices()[0].compute_capability).startswith("9"))
+    assert choose(decode) == ("triton" if ON_GPU else "reference")
 
 
 # (B, T, Hq, Hkv, D, S, N): the benchmark's shapes at reduced batch, plus the extremes of every knob

@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.attention.common import output_rows, query_tiles
+from pallas_kernels.attention.common import output_rows
 
 LOG2E = math.log2(math.e)
 NEG = -1e30  # finite "minus infinity": a fully masked row keeps exp2(NEG - NEG) finite
@@ -150,41 +150,55 @@ def plan(q_shape, k_shape, num_pages: int, config: TritonAttentionConfig, sms: i
 
 
 def _kernel(
-    meta_ref,  # [2] int32: first and one-past-last KV token any query of the row may see
-    pt_ref,  # [Npad] int32 page table of the row, padded to whole blocks
-    qpos_ref,  # [R] int32 position of each query row, -1 for padding rows
-    q_ref,  # [R, D]
+    kv_len_ref,  # [1] int32: the row's KV length (its new tokens included)
+    q_len_ref,  # [1] int32: the row's new tokens
+    pt_ref,  # [Npad] int32 page table of the row
+    q_ref,  # [T, Hq, D] the row's queries, as the caller holds them
     k_ref,  # [P, S, D] the head's whole pool
     v_ref,  # [P, S, D]
-    o_ref,  # [R, D] float32, unnormalised
-    m_ref,  # [R] float32 running max (log2 domain)
-    l_ref,  # [R] float32 running sum
-    *,
+    *out_refs,  # normalise: o [T, Hq, D] in q's dtype; else o [R, D] float32 unnormalised, m, l [R] float32
     pages_per_block: int,
     splits: int,
+    num_pages: int,
     scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
+    rows: int,
+    group: int,
+    normalise: bool,
 ):
-    split = pl.program_id(3)
-    R, D = q_ref.shape
+    h, tile, split = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    T, _, D = q_ref.shape
     P, S, _ = k_ref.shape
     BK = pages_per_block * S
+    R, G = rows, group
 
-    lo = meta_ref[0]
-    hi = meta_ref[1]
+    kv_len = kv_len_ref[0]
+    q_len = q_len_ref[0]
+    # the row's visible KV range: hi 0 for an empty slot, the window's first token with sliding_window
+    hi = jnp.where(q_len > 0, jnp.clip(kv_len, 0, num_pages * S), 0)
+    lo = jnp.int32(0) if sliding_window is None else jnp.clip(kv_len - q_len - sliding_window + 1, 0, hi)
     blk_lo = lax.div(lo, BK)
     blk_hi = lax.div(hi + (BK - 1), BK)
     per_split = lax.div(blk_hi - blk_lo + (splits - 1), splits)
     first = blk_lo + split * per_split
     nsteps = jnp.maximum(jnp.minimum(per_split, blk_hi - first), 0)
 
-    q = q_ref[...]  # [R, D]
-    qpos = qpos_ref[...]  # [R]
+    # query row n = t * G + g of this KV head is query head h * G + g of new token t; the last tile's rows past
+    # the group repeat its last row (the same values computed twice and stored to the same place, so stores
+    # need no mask and no two lanes of a store ever write different values to one address)
+    n = jnp.minimum(tile * R + jnp.arange(R, dtype=jnp.int32), T * G - 1)  # [R]
+    t = lax.div(n, G)
+    head = h * G + lax.rem(n, G)
+    row_live = t < q_len
+    qpos = jnp.where(row_live, kv_len - q_len + t, -1)  # [R]; -1 sees nothing
+    cols = jnp.arange(D, dtype=jnp.int32)
+    q_idx = (t[:, None], head[:, None], cols[None, :])
+    # padding rows and tokens past q_len load as 0 (the caller's padding may hold anything)
+    q = pltriton.load(q_ref.at[q_idx], mask=jnp.broadcast_to(row_live[:, None], (R, D)), other=0)  # [R, D]
     offs = jnp.arange(BK, dtype=jnp.int32)  # [BK]
     page_in_blk = lax.div(offs, S)
     slot = lax.rem(offs, S)
-    cols = jnp.arange(D, dtype=jnp.int32)
 
     def body(step, carry):
         acc, m, l = carry
@@ -221,9 +235,15 @@ def _kernel(
     m = jnp.full((R,), NEG, jnp.float32)
     l = jnp.zeros((R,), jnp.float32)
     acc, m, l = lax.fori_loop(0, nsteps, body, (acc, m, l))
-    o_ref[...] = acc
-    m_ref[...] = m
-    l_ref[...] = l
+    if normalise:  # one split: the final rows, straight into the caller's [T, Hq, D] layout (dead rows 0)
+        (o_ref,) = out_refs
+        o = jnp.where(row_live[:, None], acc / jnp.where(l == 0, 1.0, l)[:, None], 0.0)
+        pltriton.store(o_ref.at[q_idx], o.astype(o_ref.dtype))
+    else:
+        o_ref, m_ref, l_ref = out_refs
+        o_ref[...] = acc
+        m_ref[...] = m
+        l_ref[...] = l
 
 
 def paged_attention_triton(
@@ -268,38 +288,49 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
     Hkv, P, S, _ = k_pages.shape
     N = page_table.shape[1]
     ppb, _, R, nqt, splits, num_warps, num_stages = plan
-    qt, qpos, row_ok, lo, hi = query_tiles(q, kv_lens, q_lens, num_kv_heads=Hkv, rows=R, num_tiles=nqt,
-                                           kv_cap=N * S, sliding_window=sliding_window)
-    meta = jnp.stack([lo, hi], axis=1).astype(jnp.int32)  # [B, 2]
-    n_pad = -(-N // ppb) * ppb  # every block's page-table slice in bounds
-    page_table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, n_pad - N)))
-
+    # the kernel reads q, the lengths and the page table as the caller holds them (no XLA pass before it);
+    # the table is padded only where its last block would end past it
+    n_pad = -(-N // ppb) * ppb
+    page_table = page_table.astype(jnp.int32)
+    if n_pad != N:
+        page_table = jnp.pad(page_table, ((0, 0), (0, n_pad - N)))
+    normalise = splits == 1
+    kernel = functools.partial(_kernel, pages_per_block=ppb, splits=splits, num_pages=N, scale=scale,
+                               sliding_window=sliding_window, soft_cap=soft_cap, rows=R, group=Hq // Hkv,
+                               normalise=normalise)
     f32 = jnp.float32
-    kernel = functools.partial(_kernel, pages_per_block=ppb, splits=splits, scale=scale,
-                               sliding_window=sliding_window, soft_cap=soft_cap)
-    o, m, l = pl.pallas_call(
-        kernel,
-        grid=(B, Hkv, nqt, splits),
-        in_specs=[
-            pl.BlockSpec((None, 2), lambda b, h, t, s: (b, 0)),
-            pl.BlockSpec((None, n_pad), lambda b, h, t, s: (b, 0)),
-            pl.BlockSpec((None, None, R), lambda b, h, t, s: (b, t, 0)),
-            pl.BlockSpec((None, None, None, R, D), lambda b, h, t, s: (b, h, t, 0, 0)),
-            pl.BlockSpec((None, P, S, D), lambda b, h, t, s: (h, 0, 0, 0)),
-            pl.BlockSpec((None, P, S, D), lambda b, h, t, s: (h, 0, 0, 0)),
-        ],
-        out_specs=[
+    if normalise:  # every program writes its rows of the final output
+        out_specs = pl.BlockSpec((None, T, Hq, D), lambda b, h, t, s: (b, 0, 0, 0))
+        out_shape = jax.ShapeDtypeStruct((B, T, Hq, D), q.dtype)
+    else:
+        out_specs = [
             pl.BlockSpec((None, None, None, None, R, D), lambda b, h, t, s: (b, h, t, s, 0, 0)),
             pl.BlockSpec((None, None, None, None, R), lambda b, h, t, s: (b, h, t, s, 0)),
             pl.BlockSpec((None, None, None, None, R), lambda b, h, t, s: (b, h, t, s, 0)),
-        ],
-        out_shape=[
+        ]
+        out_shape = [
             jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R, D), f32),
             jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R), f32),
             jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R), f32),
+        ]
+    out = pl.pallas_call(
+        kernel,
+        grid=(B, Hkv, nqt, splits),
+        in_specs=[
+            pl.BlockSpec((1,), lambda b, h, t, s: (b,)),
+            pl.BlockSpec((1,), lambda b, h, t, s: (b,)),
+            pl.BlockSpec((None, n_pad), lambda b, h, t, s: (b, 0)),
+            pl.BlockSpec((None, T, Hq, D), lambda b, h, t, s: (b, 0, 0, 0)),
+            pl.BlockSpec((None, P, S, D), lambda b, h, t, s: (h, 0, 0, 0)),
+            pl.BlockSpec((None, P, S, D), lambda b, h, t, s: (h, 0, 0, 0)),
         ],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"paged_attention_triton_bq{R}_bk{ppb * S}",
-    )(meta, page_table, qpos, qt, k_pages, v_pages)
-    return output_rows(o, m, l, row_ok, num_q_heads=Hq, dtype=q.dtype)
+    )(kv_lens.astype(jnp.int32), q_lens.astype(jnp.int32), page_table, q, k_pages, v_pages)
+    if normalise:
+        return out
+    row_ok = jnp.arange(T)[None, :] < q_lens[:, None]  # [B, T]
+    return output_rows(*out, row_ok, num_q_heads=Hq, dtype=q.dtype)
