@@ -125,7 +125,8 @@ def ours(args, attn: str, model=None) -> dict:
         engine = Engine(model, EngineConfig(max_slots=batch, page_size=args.page_size,
                                             max_seq_len=args.prompt_len + args.new_tokens + 16,
                                             prefill_chunk=1 << (args.prompt_len - 1).bit_length(),
-                                            decode_steps=args.decode_steps, attn_impl=attn))
+                                            decode_steps=args.decode_steps,
+                                            attn_impl=None if attn == "auto" else attn))
         prompts = [list(rng.integers(0, cfg.vocab_size - 100, args.prompt_len)) for _ in range(batch)]
         sp = SamplingParams(max_new_tokens=args.new_tokens)  # no stop tokens: exactly new_tokens each
         engine.generate(prompts, sp)  # warm-up: compiles prefill buckets and the decode loop
@@ -156,8 +157,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a CPU smoke test of this script")
     p.add_argument("--attn", nargs="+", default=None,
-                   help="attention implementations to run (default: the XLA reference and, when it differs, the one "
-                        "the dispatcher picks for this device)")
+                   help="attention implementations to run, 'auto' for the dispatcher's pick per call (default: "
+                        "reference auto)")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--moe", action="store_true", help="Qwen3-30B-A3B, MoE reference vs the dispatcher's MoE kernel")
@@ -180,9 +181,8 @@ def main() -> None:
         log(f"HF done: {hf}")
     import jax
 
-    from pallas_kernels.attention import dispatch
 
-    impls = args.attn or list(dict.fromkeys(["reference", dispatch.choose()]))
+    impls = args.attn or ["reference", "auto"]
     runs = {impl: ours(args, impl) for impl in impls}
     rows = []
     for impl, us in runs.items():
@@ -217,10 +217,9 @@ def moe_main(args) -> None:
     import jax.numpy as jnp
 
     from codegen_jax import init_model
-    from pallas_kernels.attention import dispatch as attn_dispatch
     from pallas_kernels.moe import dispatch as moe_dispatch
 
-    attn = (args.attn or [attn_dispatch.choose()])[0]
+    attn = (args.attn or ["auto"])[0]
     model = init_model(model_config(args), dtype=jnp.bfloat16)
     log("ours: MoE model initialised")
     after = moe_dispatch.choose()
