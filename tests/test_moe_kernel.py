@@ -412,7 +412,7 @@ def test_fused_combine_is_a_tuner_candidate():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, as tests/test_plot.py
-    from benchmarks.moe import SHAPES, triton_configs
+    from benchmarks.moe import FAMILIES, SHAPES, triton_configs, wide_configs
 
     D, F, E, K = SHAPES["30b"]
     for T in (1, 8):
@@ -440,6 +440,10 @@ def test_fused_combine_is_a_tuner_candidate():
     assert {(c.topk, c.dequant) for c in split} == {(t, d) for t in TOPKS for d in DEQUANTS}
     assert {c.topk for c in inline} == set(TOPKS)
     assert not TritonMoEConfig().fused_combine  # the default stays unfused until the tuned table picks it
+    # the "wide" family only when asked for (it lost every trial on the H200)
+    wide = set(wide_configs(D, F))
+    assert wide and wide <= set(triton_configs(1, E, K, F, quick=True, families=FAMILIES))
+    assert not wide & set(triton_configs(1, E, K, F, quick=True))
 
 
 def test_moe_one_refuses_a_bad_config(capsys):

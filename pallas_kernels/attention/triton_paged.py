@@ -12,11 +12,17 @@ Triton has no scalar prefetch, so the page table is an ordinary input: for every
 loads its page id from the table and gathers its K/V row from the whole pool (a BlockSpec over one head's
 pool, indexed by (page id, slot) vectors), i.e. one [BK, D] tile per block with no reshape. Loads are masked
 to the row's tokens (other = 0), so pages past a sequence are never read and NaN garbage there cannot
-reach the PV dot (0 * NaN would). Masks come from per-row query positions computed in the wrapper (-1 marks
-a padding row): causality, ragged `q_lens`, empty slots and the sliding window are one comparison each.
+reach the PV dot (0 * NaN would). Masks come from per-row query positions (-1 for rows past q_lens):
+causality, ragged `q_lens`, empty slots and the sliding window are one comparison each.
 
-Each split writes its unnormalised output with its running max and sum (log2 domain); `common.combine_splits`
-merges the splits in XLA. Triton requires every load/store block to have a power-of-two element count: page sizes,
+The kernel takes q, kv_lens, q_lens and the page table as the caller holds them: each program gathers its
+tile's query rows from q [B, T, Hq, D] and derives the positions and its KV range from the two lengths, so no
+XLA pass runs before it. (On the H200 at B=1, L=2k those passes, 2 pads, a concatenate and a multiply,
+took ~4 us of GPU time beside the kernel's 5.8. In benchmarks/attention.py's chain the time per call moved
+little, 18.3 to 18.2 us: the chain's link adds, which those passes had absorbed, now run as kernels.) With
+several splits, each writes its unnormalised output with its running max and sum (log2 domain) and
+`common.combine_splits` merges them in XLA; with one split the program normalises and writes its rows of the
+final [B, T, Hq, D] output itself. Triton requires every load/store block to have a power-of-two element count: page sizes,
 `pages_per_block` and `block_q` are powers of two and head_dim is 64/128/256. Anything else raises
 NotImplementedError so that the dispatcher can fall back.
 """
