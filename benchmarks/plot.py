@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _natural(x) -> list:
+    """Sort key reading the digit runs of str(x) as numbers: B8 S2048 before B8 S8192 before B8 S32768."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(x))]
 
 
 def _panels(rows: list[dict], panel_key, x_key, x_label: str, title: str, meta: dict, out: Path) -> Path:
@@ -40,7 +46,7 @@ def _panels(rows: list[dict], panel_key, x_key, x_label: str, title: str, meta: 
     for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
     for ax, key in zip(axes.flat, keys, strict=False):
-        xs = sorted({x for series in panels[key].values() for x, _ in series})
+        xs = sorted({x for series in panels[key].values() for x, _ in series}, key=_natural)
         for impl, series in sorted(panels[key].items()):
             pts = dict(series)
             ax.plot([xs.index(x) for x in xs if x in pts], [pts[x] for x in xs if x in pts], marker="o", label=impl,

@@ -32,3 +32,9 @@ def test_refuses_other_results_and_empty_rows(tmp_path, capsys):
     assert plot.main([str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err
     assert "no plot for benchmark 'decode'" in err and "no row with a GB/s figure" in err
+
+
+def test_shapes_in_numeric_order():
+    shapes = ["B8 S32768", "B64 S2048", "B8 S2048", "B8 S8192", "B1 S2048"]
+    assert sorted(shapes, key=plot._natural) == ["B1 S2048", "B8 S2048", "B8 S8192", "B8 S32768", "B64 S2048"]
+    assert sorted([64, 8, 256, 1], key=plot._natural) == [1, 8, 64, 256]
