@@ -47,3 +47,17 @@ def test_breakdown_per_call_and_gaps():
     assert [k["name"] for k in b["top"]] == ["a", "b"]
     assert b["top"][0]["us_per_call"] == pytest.approx(10) and b["top"][0]["count_per_call"] == pytest.approx(1)
     assert breakdown([], calls=1)["gpu_busy_us_per_call"] == 0
+
+
+def test_profile_call_summarises_three_traced_chains(monkeypatch):
+    import jax.numpy as jnp
+
+    from benchmarks import gpu_trace
+
+    # the trace itself needs a GPU: three chains of one call each, as a GPU trace would list them (0..210 us)
+    events = [ev("/device:GPU:0", "Stream #1", name, 100 * i + start, dur)
+              for i in range(3) for name, start, dur in (("kernel", 0, 6), ("fusion", 8, 2))]
+    monkeypatch.setattr(gpu_trace, "profiled", lambda run, runs: events if runs == 3 else [])
+    b, line = gpu_trace.profile_call(lambda x: x * 2, (jnp.ones(4),), max_calls=2)
+    assert b["gpu_busy_us_per_call"] == pytest.approx(8) and b["kernels_per_call"] == pytest.approx(2)
+    assert line.startswith("busy 8.0 us, span 70.0 us, 2.0 kernels per call: 6.0 us x1 kernel; 2.0 us x1 fusion")
