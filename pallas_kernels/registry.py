@@ -24,13 +24,18 @@ class Dispatcher:
         # name -> (implementation, may it be picked automatically on this device?)
         self.implementations: dict[str, tuple[Callable, Callable[[], bool]]] = {"reference": (reference, never)}
         self.when: dict[str, Callable[..., bool] | None] = {}
+        self.revs: dict[str, int] = {}
 
     def register(self, name: str, fn: Callable, available: Callable[[], bool] = never,
-                 when: Callable[..., bool] | None = None) -> None:
+                 when: Callable[..., bool] | None = None, rev: int = 1) -> None:
         """when: the calls (by the op's positional arguments) this kernel is picked for automatically where it
-        is available, and called with no arguments, whether it takes every call; None: every call."""
+        is available, and called with no arguments, whether it takes every call; None: every call.
+        rev: the kernel's revision. Raise it with a change that moves its timings: tuned entries recorded at
+        another revision (an entry without one is revision 1) are then passed over until the shape is retuned,
+        instead of a config picked for the old code staying in force."""
         self.implementations[name] = (fn, available)
         self.when[name] = when
+        self.revs[name] = rev
 
     def choose(self, args: tuple | None = None) -> str:
         """The first registered kernel available on this device that takes these arguments (`when`); without
@@ -42,9 +47,12 @@ class Dispatcher:
         return "reference"
 
     def tuned(self, key: str) -> dict | None:
-        """The search loop's winner {"impl", "config", ...} for this device and shape key, if it ran for them."""
+        """The search loop's winner {"impl", "config", ...} for this device and shape key, if it ran for them at
+        the kernel's current revision."""
         entry = tuning.lookup(self.op, key)
-        return entry if entry is not None and entry["impl"] in self.implementations else None
+        if entry is None or entry["impl"] not in self.implementations:
+            return None
+        return entry if entry.get("rev", 1) == self.revs.get(entry["impl"], 1) else None
 
     def __call__(self, args: tuple, kwargs: dict, *, key: str, impl: str | None, config):
         """Runs the op on args/kwargs (the reference's signature) with the implementation picked for `key`."""

@@ -219,12 +219,14 @@ def lookup(op: str, shape_key: str, kind: str | None = None, directory: Path | N
     return _load(op, directory).get(kind or device_kind(), {}).get(shape_key)
 
 
-def record(op: str, shape_key: str, best: Trial, kind: str | None = None, directory: Path | None = None) -> Path:
-    """Stores `best` as the winner for (device kind, shape) in the op's table file."""
+def record(op: str, shape_key: str, best: Trial, kind: str | None = None, directory: Path | None = None,
+           rev: int | None = None) -> Path:
+    """Stores `best` as the winner for (device kind, shape) in the op's table file; rev: the revision of the
+    winning kernel it was timed at (`registry.Dispatcher.register`), kept with it."""
     path = _path(op, directory)
     table = json.loads(path.read_text()) if path.exists() else {}
-    table.setdefault(kind or device_kind(), {})[shape_key] = {
-        "impl": best.impl, "config": best.config, "us": round(best.us, 2), "max_rel_err": best.max_rel_err}
+    entry = {"impl": best.impl, "config": best.config, "us": round(best.us, 2), "max_rel_err": best.max_rel_err}
+    table.setdefault(kind or device_kind(), {})[shape_key] = entry | ({"rev": rev} if rev is not None else {})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     _load.cache_clear()

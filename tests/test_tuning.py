@@ -1,3 +1,4 @@
+import json
 import time
 
 import jax
@@ -157,3 +158,37 @@ def test_search_times_the_verified_round_robin_and_records_a_chain_that_fails(rn
     flaky_trial = trials[2]
     assert not flaky_trial.ok and "chain does not lower" in flaky_trial.error and flaky_trial.max_rel_err == 0.0
     assert not trials[3].ok and trials[3].us == float("inf")
+
+
+def test_dispatcher_passes_over_entries_of_another_revision(tmp_path, monkeypatch):
+    from pallas_kernels.registry import Dispatcher
+
+    d = Dispatcher("op", lambda x: x)
+    d.register("k2", lambda x: x, rev=2)
+    d.register("k1", lambda x: x)  # revision 1
+    for shape, impl, rev in (("k2-none", "k2", None), ("k2-1", "k2", 1), ("k2-2", "k2", 2), ("k1-none", "k1", None),
+                             ("k1-1", "k1", 1), ("gone", "k3", None)):
+        tuning.record("op", shape, tuning.Trial(impl, {}, True, 0.0, 1.0), kind="GPU-X", directory=tmp_path, rev=rev)
+    lookup = tuning.lookup
+    monkeypatch.setattr(tuning, "lookup", lambda op, key: lookup(op, key, kind="GPU-X", directory=tmp_path))
+    assert "rev" not in tuning.lookup("op", "k2-none") and tuning.lookup("op", "k2-2")["rev"] == 2
+    # an entry without a revision is revision 1: stale for k2 (raised to 2), current for k1
+    assert d.tuned("k2-none") is None and d.tuned("k2-1") is None and d.tuned("k2-2")["impl"] == "k2"
+    assert d.tuned("k1-none")["impl"] == "k1" and d.tuned("k1-1")["impl"] == "k1"
+    assert d.tuned("gone") is None  # an implementation no longer registered
+
+
+def test_committed_tables_are_at_the_kernels_revisions():
+    # raising a kernel's revision retires its entries: they leave the committed table with it
+    import pallas_kernels.attention  # noqa: F401 (registers the kernels)
+    import pallas_kernels.moe  # noqa: F401
+    from pallas_kernels.attention.dispatch import DISPATCH as ATTENTION
+    from pallas_kernels.moe.dispatch import DISPATCH as MOE
+
+    for dispatcher in (ATTENTION, MOE):
+        table = json.loads((tuning.TUNED_DIR / f"{dispatcher.op}.json").read_text())
+        entries = [(kind, key, e) for kind, rows in table.items() for key, e in rows.items()]
+        assert entries
+        for kind, key, e in entries:
+            assert e["impl"] in dispatcher.implementations, (kind, key)
+            assert e.get("rev", 1) == dispatcher.revs[e["impl"]], (kind, key, e)
