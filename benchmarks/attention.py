@@ -170,7 +170,7 @@ def tune(shapes, args) -> list[dict]:
     from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: F401 (fail early if unavailable)
 
     from pallas_kernels import tuning
-    from pallas_kernels.attention.dispatch import DISPATCH, OP, shape_key
+    from pallas_kernels.attention.dispatch import DISPATCH, shape_key
     from pallas_kernels.attention.mosaic_paged import paged_attention_mosaic
     from pallas_kernels.attention.reference import paged_attention_reference
     from pallas_kernels.attention.triton_paged import paged_attention_triton
@@ -194,7 +194,7 @@ def tune(shapes, args) -> list[dict]:
             rows.append({"shape": key, "config": t.config, "ok": t.ok, "max_rel_err": t.max_rel_err,
                          "us": round(t.us, 2), "error": t.error[:200]})
         if best is not None:
-            path = tuning.record(OP, key, best, rev=DISPATCH.revs[best.impl])
+            path = DISPATCH.record(key, best)
             log(f"tune {key}: best {best.config} {best.us:.1f} us of {len(trials)} ({path})")
         del sets
         jax.clear_caches()

@@ -88,4 +88,3 @@ def run_worker(module: str, args: list[str], env_extra: dict, *, tiny: bool, tim
     if p.returncode or not lines:
         return None, f"rc {p.returncode}: {p.stderr[-1500:]}"
     return json.loads(lines[-1][len(WORKER_MARK):]), ""
-

@@ -181,7 +181,6 @@ def main() -> None:
         log(f"HF done: {hf}")
     import jax
 
-
     impls = args.attn or ["reference", "auto"]
     runs = {impl: ours(args, impl) for impl in impls}
     rows = []

@@ -388,7 +388,7 @@ def tune(shape_name, tokens, *, quick, families=DEFAULT_FAMILIES, formats=("bf16
                 log(f"tune T={T} {t.config}: {t.error}")
         if best is not None:
             key = dispatch.shape_key((T, D), sets[0][2], K, sets[0][0].dtype)
-            path = tuning.record(dispatch.OP, key, best, rev=dispatch.DISPATCH.revs[best.impl])
+            path = dispatch.DISPATCH.record(key, best)
             if os.environ.get("OUT"):
                 # named apart from the benchmark's own moe.json, which write_result also puts under $OUT
                 shutil.copy(path, Path(os.environ["OUT"], f"tuned_{path.name}"))

@@ -46,6 +46,11 @@ class Dispatcher:
                 return name
         return "reference"
 
+    def record(self, key: str, best: tuning.Trial):
+        """Stores the search loop's winner for this device and shape key at its kernel's current revision;
+        returns the table file's path."""
+        return tuning.record(self.op, key, best, rev=self.revs.get(best.impl, 1))
+
     def tuned(self, key: str) -> dict | None:
         """The search loop's winner {"impl", "config", ...} for this device and shape key, if it ran for them at
         the kernel's current revision."""

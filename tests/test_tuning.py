@@ -176,6 +176,12 @@ def test_dispatcher_passes_over_entries_of_another_revision(tmp_path, monkeypatc
     assert d.tuned("k2-none") is None and d.tuned("k2-1") is None and d.tuned("k2-2")["impl"] == "k2"
     assert d.tuned("k1-none")["impl"] == "k1" and d.tuned("k1-1")["impl"] == "k1"
     assert d.tuned("gone") is None  # an implementation no longer registered
+    # the search loop's winner, stored through the dispatcher, carries its kernel's revision
+    record = tuning.record
+    monkeypatch.setattr(tuning, "record", lambda op, key, best, rev=None: record(op, key, best, kind="GPU-X",
+                                                                                directory=tmp_path, rev=rev))
+    d.record("k2-new", tuning.Trial("k2", {"splits": 2}, True, 0.0, 1.0))
+    assert d.tuned("k2-new")["rev"] == 2 and d.tuned("k2-new")["config"] == {"splits": 2}
 
 
 def test_committed_tables_are_at_the_kernels_revisions():
