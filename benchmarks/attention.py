@@ -10,8 +10,9 @@ full KV length, page ids shuffled over the pool.
   jax_paged     `jax.experimental.pallas.ops.gpu.paged_attention` (Triton; decode only)
   jax_gqa       `jax.experimental.pallas.ops.gpu.decode_attention.gqa` over a contiguous cache (decode only)
 Timing (pallas_kernels.tuning.time_interleaved): many calls (~4 ms) inside one jitted function over rotating
-input sets that together exceed L2, median of 25 runs / calls, the runs going round-robin over the implementations
-of a shape (so a drift of the device lands on all alike): device time per call, as the op runs inside the decode loop.
+input sets that together exceed L2, median of 25 runs, the runs going round-robin over the implementations of a
+shape (so a drift of the device lands on all alike); each run times a chain of n calls and one of 2n, and a call is
+their difference / n (a run's fixed cost cancels): device time per call, as the op runs inside the decode loop.
 Each output is checked against the XLA reference (L2 relative error <= 2e-2, NaN-free) before it is timed.
 
 --tune runs the search loop first on the shapes of --tune-shapes (default: the issue's bar shapes): every
@@ -143,6 +144,9 @@ def mosaic_candidates(shape, N: int) -> list[dict]:
             out.append({"q_warpgroups": wg})
         out += [{"q_warpgroups": 4, "num_stages": 2}, {"q_warpgroups": 2, "num_stages": 4},
                 {"q_warpgroups": 2, "num_stages": 5}, {"q_warpgroups": 2, "block_kv": 128, "num_stages": 2}]
+        wide = {"q_warpgroups": 2, "block_kv": 128, "num_stages": 2}
+        out += [wide | {"release_k": True}, wide | {"fence_softmax": True},
+                wide | {"release_k": True, "fence_softmax": True}, {"release_k": True, "fence_softmax": True}]
     out += [{"num_splits": s} for s in splits if s != base]
     return out
 
@@ -324,8 +328,8 @@ def main() -> None:
     path = write_result("attention", {
         "device": device(), "versions": versions("jax", "jaxlib"), "backend": jax.default_backend(),
         "heads": {"q": HQ, "kv": HKV, "head_dim": D}, "dtype": "bfloat16",
-        "timing": "tuning.time_interleaved: in-jit, rotating inputs > L2, median of 25, round-robin over the "
-                  "implementations",
+        "timing": "tuning.time_interleaved: in-jit, rotating inputs > L2, (t(2n) - t(n)) / n, median of 25, "
+                  "round-robin over the implementations",
         "summary": summary, "rows": rows, "tuning": tuning_rows})
     print(f"wrote {path}")
 

@@ -89,22 +89,25 @@ def _depend(args: tuple, out, whole: bool = False) -> tuple:
     return tuple(a + zero.astype(a.dtype) if i in link else a for i, a in enumerate(args))
 
 
-def chain(fn: Callable, inputs: tuple | Sequence[tuple], target_ms: float, max_calls: int, whole: bool = False):
+def chain(fn: Callable, inputs: tuple | Sequence[tuple], target_ms: float, max_calls: int, whole: bool = False,
+          calls: int | None = None):
     """(run, n): `run()` executes one jitted chain of n calls of `fn` over the rotating input sets (each call
     depending on the previous one, on all of its output with `whole`: see `_depend`) and waits for it; compiled
-    and warmed up."""
+    and warmed up. n: `calls` where given (rounded up to whole rounds of the sets), else enough calls for about
+    target_ms of one call's dispatch-bound time, at most max_calls."""
     sets = [inputs] if isinstance(inputs, tuple) else list(inputs)
-    one = jax.jit(fn)
+    if calls is None:
+        one = jax.jit(fn)
 
-    def run_once():
-        return jax.block_until_ready([one(*a) for a in sets])
+        def run_once():
+            return jax.block_until_ready([one(*a) for a in sets])
 
-    run_once()
-    t = time.perf_counter()
-    run_once()
-    single = max((time.perf_counter() - t) / len(sets), 1e-6)  # dispatch-bound upper bound of one call
-    n = max(len(sets), min(max_calls, math.ceil(target_ms * 1e-3 / single) * len(sets)))
-    n = -(-n // len(sets)) * len(sets)
+        run_once()
+        t = time.perf_counter()
+        run_once()
+        single = max((time.perf_counter() - t) / len(sets), 1e-6)  # dispatch-bound upper bound of one call
+        calls = min(max_calls, math.ceil(target_ms * 1e-3 / single) * len(sets))
+    n = -(-max(len(sets), calls) // len(sets)) * len(sets)
 
     def many(sets):
         out = None
@@ -119,27 +122,24 @@ def chain(fn: Callable, inputs: tuple | Sequence[tuple], target_ms: float, max_c
 
 
 def time_us(fn: Callable, inputs: tuple | Sequence[tuple], *, repeats: int = 7, target_ms: float = 2.0,
-            max_calls: int = 64) -> float:
+            max_calls: int = 64, slope: bool | None = None) -> float:
     """Median device microseconds per call of `fn`, with host dispatch taken out.
 
     `inputs` is one argument tuple or a list of them (rotate sets that together exceed L2, so the timing is of
     HBM, not of the cache). One jitted function runs `fn` n times in a chain over the rotating sets (each call
     depends on the previous one, as layers do; see `_depend`), n chosen so a run lasts about `target_ms`; the
-    median over `repeats` runs, divided by n, is the time of one call as it runs inside a larger jitted step (the
-    engine's decode loop), not the time of a Python dispatch.
+    median over `repeats` runs is the time of one call as it runs inside a larger jitted step (the engine's
+    decode loop), not the time of a Python dispatch. On a GPU (slope, see `time_interleaved`) a chain of 2n calls
+    runs beside it and the difference of the two is timed, so a run's fixed cost drops out.
     """
-    run, n = chain(fn, inputs, target_ms, max_calls)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) / n * 1e6)
+    return time_interleaved({"fn": (fn, inputs)}, repeats=repeats, target_ms=target_ms, max_calls=max_calls,
+                            slope=slope)["fn"]["us"]
 
 
 def time_interleaved(cases: dict[str, tuple[Callable, tuple | Sequence[tuple]]], *, repeats: int = 9,
                      target_ms: float = 2.0, max_calls: int = 64, warmup_s: float | None = None,
-                     errors: dict[str, str] | None = None, whole: bool = False) -> dict[str, dict[str, float]]:
+                     errors: dict[str, str] | None = None, whole: bool = False,
+                     slope: bool | None = None) -> dict[str, dict[str, float]]:
     """`time_us` for several variants compared with each other: every chain is compiled first, then the repeats
     go round-robin over the variants, so a drift of the device (clocks, a neighbour's load) lands on all of them
     alike instead of on whichever ran last. Returns {name: {"us": median, "lo": min, "hi": max}} per call.
@@ -147,22 +147,41 @@ def time_interleaved(cases: dict[str, tuple[Callable, tuple | Sequence[tuple]]],
     (else the failure raises). Before the timed runs the chains run round-robin for `warmup_s` seconds (default:
     0.3 on a GPU, none elsewhere): compiling leaves the GPU idle, and its clocks come back up from idle (345 MHz
     on the H200, against 1,980 under load) only after some time of load. whole: each call waits for all of the
-    previous call's output (`_depend`)."""
+    previous call's output (`_depend`).
+
+    slope (default: on a GPU): every variant runs as a chain of n calls and one of 2n, and a call's time is
+    (t(2n) - t(n)) / n of each repeat's pair: a run's own cost (dispatching the executable, waiting for it, the
+    GPU's start on it) cancels. On the H200 that cost was ~200-350 us a run, which a chain of 7-14 long calls
+    (the most a 4 ms target gives them) spread as 17-41 us onto each: the profiler's kernel timeline of such
+    chains showed 74.9 us per call where the chain's time said 92.1 (paged attention, B=8, L=8k), 208 against
+    252 (a 4k matmul). Without slope: t(n) / n."""
+    if slope is None:
+        slope = jax.default_backend() == "gpu"
     chains = {}
     for name, (fn, inputs) in cases.items():
         try:
-            chains[name] = chain(fn, inputs, target_ms, max_calls, whole)
+            run, n = chain(fn, inputs, target_ms, max_calls, whole)
+            chains[name] = [(run, n)]
+            if slope:
+                chains[name].append(chain(fn, inputs, target_ms, max_calls, whole, calls=2 * n))
         except Exception as e:
             if errors is None:
                 raise
             errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
     times: dict[str, list[float]] = {name: [] for name in chains}
-    warm_up([run for run, _ in chains.values()], warmup_s)
+    warm_up([run for runs in chains.values() for run, _ in runs], warmup_s)
     for _ in range(repeats):
-        for name, (run, n) in chains.items():
-            t = time.perf_counter()
-            run()
-            times[name].append((time.perf_counter() - t) / n * 1e6)
+        for name, runs in chains.items():
+            took = []
+            for run, _ in runs:
+                t = time.perf_counter()
+                run()
+                took.append(time.perf_counter() - t)
+            if slope:
+                (_, n1), (_, n2) = runs
+                times[name].append((took[1] - took[0]) / (n2 - n1) * 1e6)
+            else:
+                times[name].append(took[0] / runs[0][1] * 1e6)
     return {name: {"us": float(np.median(v)), "lo": float(min(v)), "hi": float(max(v))} for name, v in times.items()}
 
 

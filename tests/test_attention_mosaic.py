@@ -122,11 +122,16 @@ VERIFY_CONFIGS = [
     MosaicAttentionConfig(q_warpgroups=1, num_splits=1, block_kv=128, num_stages=2),
     MosaicAttentionConfig(q_warpgroups=2, num_splits=3, num_stages=4),  # several splits: the combine step
     MosaicAttentionConfig(q_warpgroups=3, num_splits=2),
+    # K handed back after the QK matmul, V after PV; the softmax fenced off from the turn taking
+    MosaicAttentionConfig(q_warpgroups=2, num_splits=1, release_k=True, fence_softmax=True),
+    MosaicAttentionConfig(q_warpgroups=1, num_splits=2, num_stages=3, release_k=True),
 ]
 
 
 @pytest.mark.parametrize("config", VERIFY_CONFIGS, ids=lambda c: f"wg{c.q_warpgroups}-bkv{c.block_kv}"
-                                                                 f"-s{c.num_splits}-st{c.num_stages}")
+                                                                 f"-s{c.num_splits}-st{c.num_stages}"
+                                                                 f"{'-rk' if c.release_k else ''}"
+                                                                 f"{'-fs' if c.fence_softmax else ''}")
 def test_verify_layout_configs(rng, config):
     # 80 query rows per KV head (20 tokens x 4 heads): the verify layout; long prefixes (whole blocks that skip
     # the mask), a prefix ending mid-block, a single new token, an empty slot
@@ -206,6 +211,7 @@ def test_lowers_for_cuda(B, T, Hq, Hkv, D, S, N):
     P = B * N + 1
     args = (sds((B, T, Hq, D), jnp.bfloat16), sds((Hkv, P, S, D), jnp.bfloat16),
             sds((Hkv, P, S, D), jnp.bfloat16), sds((B, N), jnp.int32), sds((B,), jnp.int32), sds((B,), jnp.int32))
-    for kw in ({}, {"sliding_window": 100, "soft_cap": 30.0}):
+    for kw in ({}, {"sliding_window": 100, "soft_cap": 30.0},
+               {"config": MosaicAttentionConfig(release_k=True, fence_softmax=True)}):
         fn = jax.jit(lambda *a, kw=kw: paged_attention_mosaic(*a, scale=D ** -0.5, **kw))
         fn.trace(*args).lower(lowering_platforms=("cuda",))

@@ -4,6 +4,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from pallas_kernels import tuning
 
@@ -112,6 +113,28 @@ def test_time_interleaved_warms_the_chains_up_before_timing(rng, monkeypatch):
     t = time.perf_counter()
     tuning.time_interleaved({"a": (jnp.tanh, (x,))}, repeats=3, max_calls=4, warmup_s=0.2)
     assert time.perf_counter() - t >= 0.2 and len(runs) > 3
+
+
+def test_slope_timing_takes_a_runs_fixed_cost_out(rng, monkeypatch):
+    """slope=True: a chain of n calls and one of 2n per variant, a call's time from their difference, so a cost
+    each run pays once (dispatch, the wait for the result) drops out; without slope it is spread over the n
+    calls. Fake chains whose runs take fixed + n * per_call seconds."""
+    fixed, per_call = 0.012, 0.002
+    built = []
+
+    def fake_chain(fn, inputs, target_ms, max_calls, whole=False, calls=None):
+        n = calls or 4
+        built.append(n)
+        return (lambda: time.sleep(fixed + n * per_call)), n
+
+    monkeypatch.setattr(tuning, "chain", fake_chain)
+    x = jnp.zeros((4,), jnp.float32)
+    exact = tuning.time_interleaved({"a": (jnp.tanh, (x,))}, repeats=3, warmup_s=0.0, slope=True)["a"]
+    assert built == [4, 8]
+    assert exact["us"] == pytest.approx(per_call * 1e6, rel=0.15)
+    plain = tuning.time_interleaved({"a": (jnp.tanh, (x,))}, repeats=3, warmup_s=0.0, slope=False)["a"]
+    assert plain["us"] == pytest.approx((fixed / 4 + per_call) * 1e6, rel=0.15)
+    assert tuning.time_us(jnp.tanh, (x,), repeats=3, slope=True) == pytest.approx(per_call * 1e6, rel=0.15)
 
 
 def test_whole_link_waits_for_every_element_of_the_output(rng):

@@ -66,6 +66,11 @@ class MosaicAttentionConfig:
     block_q: query rows per CTA in the decode layout (the wgmma N side), a multiple of 8 up to 256.
     num_splits: KV splits per (row, KV head, query tile) (flash decoding), combined afterwards.
     num_stages: SMEM buffers per K and V, i.e. KV blocks in flight while one is computed, at least 2.
+    release_k: verify layout only: a KV slot's K buffer is handed back to the fetching warpgroup as soon as the
+      QK matmul has read it (its V buffer after the PV matmul), so the next K copy starts a softmax earlier.
+    fence_softmax: verify layout only: an optimization barrier ends the softmax before the warpgroups' turn
+      taking, so the compiler cannot sink softmax work past the point where the other warpgroup's matmuls
+      start (JAX's FlashAttention-3 kernel does both; which pays off depends on the shape: the tuner decides).
     Rows beyond one CTA's tile go to more CTAs, which re-read the same KV (mostly from L2).
     """
 
@@ -74,6 +79,8 @@ class MosaicAttentionConfig:
     block_q: int | None = None
     num_splits: int | None = None
     num_stages: int | None = None
+    release_k: bool = False
+    fence_softmax: bool = False
 
     def __post_init__(self):
         if self.block_kv <= 0 or self.block_kv % 64:
@@ -190,7 +197,7 @@ class _KVStream(NamedTuple):
     first: jax.Array  # this split's first KV block
     nsteps: jax.Array  # this split's number of KV blocks (0 if it has none)
     load_page_table: object  # () -> None: copies the split's page ids to SMEM and waits (issuing thread only)
-    issue: object  # (step, slot) -> None: TMA copies of KV block `first + step` into buffer `slot`
+    issue: object  # (step, slot, k=True, v=True) -> None: TMA copies of KV block `first + step` into `slot`
 
 
 def _kv_stream(meta_ref, pt_ref, k_ref, v_ref, k_smem, v_smem, pt_smem, pt_bar, k_bars, v_bars, *, b, h, split,
@@ -219,7 +226,7 @@ def _kv_stream(meta_ref, pt_ref, k_ref, v_ref, k_smem, v_smem, pt_smem, pt_bar, 
                                 oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
         plgpu.barrier_wait(pt_bar)
 
-    def issue(step, slot):
+    def issue(step, slot, k: bool = True, v: bool = True):
         blk = first + step
         for c in range(BKV // tok_per_copy):
             tok = blk * BKV + c * tok_per_copy
@@ -228,8 +235,10 @@ def _kv_stream(meta_ref, pt_ref, k_ref, v_ref, k_smem, v_smem, pt_smem, pt_bar, 
             pid = jnp.where(tok < hi, jnp.minimum(jnp.maximum(pid, 0), P - 1), 0)
             src = (h, pid, pl.ds(lax.rem(tok, S), tok_per_copy)) if S > BKV else (h, pid)
             dst = pl.ds(c * tok_per_copy, tok_per_copy)
-            plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot, dst], k_bars.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot, dst], v_bars.at[slot])
+            if k:
+                plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot, dst], k_bars.at[slot])
+            if v:
+                plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot, dst], v_bars.at[slot])
 
     return _KVStream(hi, first, nsteps, load_page_table, issue)
 
@@ -237,11 +246,14 @@ def _kv_stream(meta_ref, pt_ref, k_ref, v_ref, k_smem, v_smem, pt_smem, pt_bar, 
 def _softmax_step(s, m, qpos, kv_start, *, kv_axis, scale, sliding_window, soft_cap):
     """Logits of the KV block starting at token `kv_start` -> (p, new running max, rescale of the old state); log2
     domain, float32. `qpos`: the query rows' positions broadcast to s's shape, for the mask; None for a block
-    every query row sees whole (no comparisons, no selects)."""
+    every query row sees whole (no comparisons, no selects). Without a soft cap the scale is applied inside the
+    exponent, s * c - m as one FMA per logit, and to the block's max (a multiply per row), not to every logit
+    first (measured on the H200, verify at B=8, L=8k, T=64: 1-9% faster over six configs and page sizes)."""
     if soft_cap is None:
-        s = s * (scale * LOG2E)
+        c = scale * LOG2E
     else:
         s = jnp.tanh(s * (scale / soft_cap)) * (soft_cap * LOG2E)
+        c = 1.0
     valid = None
     if qpos is not None:
         kpos = kv_start + plgpu.broadcasted_iota(jnp.int32, s.shape, kv_axis, layout=plgpu.Layout.WGMMA)
@@ -249,9 +261,9 @@ def _softmax_step(s, m, qpos, kv_start, *, kv_axis, scale, sliding_window, soft_
         if sliding_window is not None:
             valid = valid & (kpos > qpos - sliding_window)
         s = jnp.where(valid, s, NEG)  # also drops logits of NaN keys past the sequence
-    m_new = jnp.maximum(m, s.max(axis=kv_axis))
+    m_new = jnp.maximum(m, s.max(axis=kv_axis) * c)
     alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1 - kv_axis]))
+    p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [1 - kv_axis]))
     if valid is not None:
         p = jnp.where(valid, p, 0.0)
     return p, m_new, alpha
@@ -388,7 +400,8 @@ def _verify_kernel(
     pt_bar,
     k_bars,
     v_bars,
-    consumed_bars,  # per slot: every compute warpgroup is done with it
+    consumed_bars,  # per slot: every compute warpgroup is done with it (with release_k: with its K)
+    v_consumed_bars,  # release_k: per slot, every compute warpgroup is done with its V
     tail_bar,  # warpgroup 0 has zeroed the V tail
     sched_bar,  # two compute warpgroups take turns on the tensor cores
     *p_smem,  # interpreter only: [warpgroups, 64, BKV] probabilities
@@ -397,6 +410,8 @@ def _verify_kernel(
     num_pages: int,
     sliding_window: int | None,
     native: bool,
+    release_k: bool,
+    fence_softmax: bool,
     **softmax_kw,
 ):
     """`warpgroups` compute warpgroups of 64 query rows each, and one more that only fetches KV. Natively P goes
@@ -425,12 +440,19 @@ def _verify_kernel(
         def _refill(step):
             slot = lax.rem(step, stages)
             plgpu.barrier_wait(consumed_bars.at[slot])
-            kv.issue(step + stages, slot)
+            if release_k:
+                kv.issue(step + stages, slot, v=False)
+                plgpu.barrier_wait(v_consumed_bars.at[slot])
+                kv.issue(step + stages, slot, k=False)
+            else:
+                kv.issue(step + stages, slot)
 
         # observe the last uses of every slot too: a barrier phase must not pass unobserved
         @pl.loop(jnp.maximum(kv.nsteps - stages, 0), kv.nsteps)
         def _drain(step):
             plgpu.barrier_wait(consumed_bars.at[lax.rem(step, stages)])
+            if release_k:
+                plgpu.barrier_wait(v_consumed_bars.at[lax.rem(step, stages)])
 
     def take_turn():
         if pingpong:
@@ -459,11 +481,15 @@ def _verify_kernel(
                 return acc_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((W, BKV), jnp.float32))  # [W, BKV]
+            if release_k:
+                plgpu.barrier_arrive(consumed_bars.at[slot])
             p, m_new, alpha = _softmax_step(s, m, qpos if masked else None, blk * BKV, kv_axis=1,
                                             sliding_window=sliding_window, **softmax_kw)
             l = l * alpha + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, (W, D), [0])
             p16 = p.astype(k_smem.dtype)
+            if fence_softmax and native:  # (the interpreter has no lowering for it, and no schedule to keep)
+                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
             if pingpong:
                 plgpu.barrier_arrive(sched_bar)  # softmax done
             plgpu.barrier_wait(v_bars.at[slot])
@@ -501,7 +527,7 @@ def _verify_kernel(
                     return acc_ref[...]
 
                 acc = acc + pl.run_scoped(pv_smem, plgpu.ACC((W, D), jnp.float32))
-            plgpu.barrier_arrive(consumed_bars.at[slot])
+            plgpu.barrier_arrive((v_consumed_bars if release_k else consumed_bars).at[slot])
             return acc, m_new, l
 
         acc = plgpu.layout_cast(jnp.zeros((W, D), jnp.float32), plgpu.Layout.WGMMA)
@@ -595,12 +621,14 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
             compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
     else:
         kernel = plgpu.kernel(
-            functools.partial(_verify_kernel, native=interpret is None, **kw),
+            functools.partial(_verify_kernel, native=interpret is None, release_k=config.release_k,
+                              fence_softmax=config.fence_softmax, **kw),
             out_type=(jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R, D), f32 if splits > 1 else q.dtype), ml_type,
                       ml_type),
             scratch_types=(plgpu.SMEM((nwg, WG_ROWS, D), q.dtype, transforms=tiled), *kv_scratch,
                            plgpu.SMEM((nwg, WG_ROWS), jnp.int32), plgpu.SMEM((pts,), jnp.int32),
                            plgpu.Barrier(num_arrivals=2, num_barriers=nwg), plgpu.Barrier(), *kv_bars,
+                           plgpu.Barrier(num_arrivals=nwg, num_barriers=stages),
                            plgpu.Barrier(num_arrivals=nwg, num_barriers=stages), plgpu.Barrier(),
                            plgpu.Barrier(num_arrivals=2),
                            *([] if interpret is None else [plgpu.SMEM((nwg, WG_ROWS, BKV), q.dtype,
