@@ -76,6 +76,9 @@ class TritonAttentionConfig:
     num_warps: warps per program. None: 8 for query tiles of 64 x 128 or more (the float32 accumulator's
       registers), else 4 (a guess until measured: benchmarks/attention.py --tune searches it).
     num_stages: Triton's software pipelining depth of the KV loop (loads in flight).
+    combine_in_kernel: with several splits, the last split of each query tile to finish merges the tile's
+      partial outputs and writes the final rows (a counter per tile, bumped atomically), instead of XLA's
+      combine passes after the kernel: one launch per call instead of 3-5.
     """
 
     pages_per_block: int | None = None
@@ -83,6 +86,7 @@ class TritonAttentionConfig:
     num_splits: int | None = None
     num_warps: int | None = None
     num_stages: int = 2
+    combine_in_kernel: bool = True
 
     def __post_init__(self):
         if self.pages_per_block is not None and not (_pow2(self.pages_per_block) and self.pages_per_block <= 64):
@@ -107,6 +111,7 @@ class Plan(NamedTuple):
     num_splits: int
     num_warps: int
     num_stages: int
+    combine_in_kernel: bool
 
 
 def check_supported(q_shape, k_shape, dtype) -> None:
@@ -154,7 +159,7 @@ def plan(q_shape, k_shape, num_pages: int, config: TritonAttentionConfig, sms: i
     splits = config.num_splits or -(-2 * (sms or _sm_count()) // (B * Hkv * nqt))
     splits = max(1, min(splits, max_blocks))
     warps = config.num_warps or (8 if R * D >= 64 * 128 else 4)
-    return Plan(ppb, BK, R, nqt, splits, warps, config.num_stages)
+    return Plan(ppb, BK, R, nqt, splits, warps, config.num_stages, config.combine_in_kernel)
 
 
 def _kernel(
@@ -164,7 +169,9 @@ def _kernel(
     q_ref,  # [T, Hq, D] the row's queries, as the caller holds them
     k_ref,  # [P, S, D] the head's whole pool
     v_ref,  # [P, S, D]
-    *out_refs,  # normalise: o [T, Hq, D] in q's dtype; else o [R, D] float32 unnormalised, m, l [R] float32
+    *out_refs,  # normalise: o [T, Hq, D] in q's dtype; fused: the tile's arrival counter [1] int32 (input), o,
+    # every split's o [splits, R, D] float32 unnormalised, m, l [splits, R] float32, the counter (output, the same
+    # buffer); else o [R, D] float32 unnormalised, m, l [R] float32
     pages_per_block: int,
     splits: int,
     num_pages: int,
@@ -174,6 +181,8 @@ def _kernel(
     rows: int,
     group: int,
     normalise: bool,
+    fused: bool,
+    interpret: bool,
 ):
     h, tile, split = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     T, _, D = q_ref.shape
@@ -243,10 +252,37 @@ def _kernel(
     m = jnp.full((R,), NEG, jnp.float32)
     l = jnp.zeros((R,), jnp.float32)
     acc, m, l = lax.fori_loop(0, nsteps, body, (acc, m, l))
-    if normalise:  # one split: the final rows, straight into the caller's [T, Hq, D] layout (dead rows 0)
-        (o_ref,) = out_refs
+    def write_final(o_ref, acc, l):  # the final rows, straight into the caller's [T, Hq, D] layout (dead rows 0)
         o = jnp.where(row_live[:, None], acc / jnp.where(l == 0, 1.0, l)[:, None], 0.0)
         pltriton.store(o_ref.at[q_idx], o.astype(o_ref.dtype))
+
+    if normalise:  # one split
+        write_final(out_refs[0], acc, l)
+    elif fused:
+        _, o_ref, op_ref, mp_ref, lp_ref, count_ref = out_refs
+        op_ref.at[split][...] = acc
+        mp_ref.at[split][...] = m
+        lp_ref.at[split][...] = l
+        if not interpret:  # every thread's stores issued before the arrival (the interpreter runs one at a time)
+            pltriton.debug_barrier()
+        # acquire-release at GPU scope: the split that arrives last sees every other split's partials
+        arrived = pltriton.atomic_add(count_ref, (jnp.int32(0),), jnp.int32(1))
+
+        @pl.when(arrived == splits - 1)
+        def _combine():
+            def merge(s, carry):
+                acc, m, l = carry
+                m_s = pltriton.load(mp_ref.at[s], volatile=True)
+                m_new = jnp.maximum(m, m_s)
+                a, b = jnp.exp2(m - m_new), jnp.exp2(m_s - m_new)
+                l = l * a + pltriton.load(lp_ref.at[s], volatile=True) * b
+                acc = acc * a[:, None] + pltriton.load(op_ref.at[s], volatile=True) * b[:, None]
+                return acc, m_new, l
+
+            acc, _, l = lax.fori_loop(0, splits, merge, (jnp.zeros((R, D), jnp.float32),
+                                                         jnp.full((R,), NEG, jnp.float32),
+                                                         jnp.zeros((R,), jnp.float32)))
+            write_final(o_ref, acc, l)
     else:
         o_ref, m_ref, l_ref = out_refs
         o_ref[...] = acc
@@ -295,7 +331,7 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
     B, T, Hq, D = q.shape
     Hkv, P, S, _ = k_pages.shape
     N = page_table.shape[1]
-    ppb, _, R, nqt, splits, num_warps, num_stages = plan
+    ppb, _, R, nqt, splits, num_warps, num_stages, fused = plan
     # the kernel reads q, the lengths and the page table as the caller holds them (no XLA pass before it);
     # the table is padded only where its last block would end past it
     n_pad = -(-N // ppb) * ppb
@@ -303,13 +339,33 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
     if n_pad != N:
         page_table = jnp.pad(page_table, ((0, 0), (0, n_pad - N)))
     normalise = splits == 1
+    fused = fused and not normalise
     kernel = functools.partial(_kernel, pages_per_block=ppb, splits=splits, num_pages=N, scale=scale,
                                sliding_window=sliding_window, soft_cap=soft_cap, rows=R, group=Hq // Hkv,
-                               normalise=normalise)
+                               normalise=normalise, fused=fused, interpret=interpret)
     f32 = jnp.float32
+    final_spec = pl.BlockSpec((None, T, Hq, D), lambda b, h, t, s: (b, 0, 0, 0))
+    final_shape = jax.ShapeDtypeStruct((B, T, Hq, D), q.dtype)
+    extra_in, aliases = [], {}
     if normalise:  # every program writes its rows of the final output
-        out_specs = pl.BlockSpec((None, T, Hq, D), lambda b, h, t, s: (b, 0, 0, 0))
-        out_shape = jax.ShapeDtypeStruct((B, T, Hq, D), q.dtype)
+        out_specs, out_shape = final_spec, final_shape
+    elif fused:  # partials of every split of the tile; one arrival counter per tile, zeroed per call
+        out_specs = [
+            final_spec,
+            pl.BlockSpec((None, None, None, splits, R, D), lambda b, h, t, s: (b, h, t, 0, 0, 0)),
+            pl.BlockSpec((None, None, None, splits, R), lambda b, h, t, s: (b, h, t, 0, 0)),
+            pl.BlockSpec((None, None, None, splits, R), lambda b, h, t, s: (b, h, t, 0, 0)),
+            pl.BlockSpec((None, None, None, 1), lambda b, h, t, s: (b, h, t, 0)),
+        ]
+        out_shape = [
+            final_shape,
+            jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R, D), f32),
+            jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R), f32),
+            jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R), f32),
+            jax.ShapeDtypeStruct((B, Hkv, nqt, 1), jnp.int32),
+        ]
+        extra_in = [jnp.zeros((B, Hkv, nqt, 1), jnp.int32)]
+        aliases = {6: 4}
     else:
         out_specs = [
             pl.BlockSpec((None, None, None, None, R, D), lambda b, h, t, s: (b, h, t, s, 0, 0)),
@@ -331,14 +387,17 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
             pl.BlockSpec((None, T, Hq, D), lambda b, h, t, s: (b, 0, 0, 0)),
             pl.BlockSpec((None, P, S, D), lambda b, h, t, s: (h, 0, 0, 0)),
             pl.BlockSpec((None, P, S, D), lambda b, h, t, s: (h, 0, 0, 0)),
-        ],
+        ] + [pl.BlockSpec((None, None, None, 1), lambda b, h, t, s: (b, h, t, 0))] * len(extra_in),
         out_specs=out_specs,
         out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"paged_attention_triton_bq{R}_bk{ppb * S}",
-    )(kv_lens.astype(jnp.int32), q_lens.astype(jnp.int32), page_table, q, k_pages, v_pages)
+    )(kv_lens.astype(jnp.int32), q_lens.astype(jnp.int32), page_table, q, k_pages, v_pages, *extra_in)
     if normalise:
         return out
+    if fused:
+        return out[0]
     row_ok = jnp.arange(T)[None, :] < q_lens[:, None]  # [B, T]
     return output_rows(*out, row_ok, num_q_heads=Hq, dtype=q.dtype)
