@@ -164,6 +164,7 @@ def triton_candidates(shape, N: int) -> list[dict]:
         base = plan((B, T, HQ, D), (HKV, B * N + 1, S, D), N, TritonAttentionConfig())
         for splits in sorted({max(1, base.num_splits // 2), base.num_splits * 2} - {base.num_splits}):
             out += [{"num_splits": splits}, {"num_splits": splits, "num_stages": 3}]
+        out += [{"combine_in_kernel": True}]
         if 128 // S >= 1 and 128 % S == 0:
             out += [{"pages_per_block": 128 // S, "num_warps": 8}, {"pages_per_block": 128 // S, "num_stages": 3}]
     return out

@@ -101,14 +101,15 @@ CONFIGS = [
     TritonAttentionConfig(block_q=16, pages_per_block=2, num_splits=3),  # 2 query tiles, split mid-row
     # one split normalises in the kernel and stores into [B, T, Hq, D]; the last of 2 tiles repeats its last row
     TritonAttentionConfig(block_q=16, num_splits=1),
-    # several splits merged by XLA's combine passes instead of the last split to arrive (the default above)
-    TritonAttentionConfig(block_q=16, num_splits=3, combine_in_kernel=False),
+    # several splits merged by the last split of each tile to arrive instead of XLA's combine passes
+    TritonAttentionConfig(block_q=16, num_splits=3, combine_in_kernel=True),
+    TritonAttentionConfig(num_splits=64, combine_in_kernel=True),  # splits with nothing to do arrive too
 ]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"ppb{c.pages_per_block}-bq{c.block_q}-s{c.num_splits}"
                                                           f"-w{c.num_warps}-st{c.num_stages}"
-                                                          f"{'' if c.combine_in_kernel else '-xla_combine'}")
+                                                          f"{'-combine_in_kernel' if c.combine_in_kernel else ''}")
 def test_configs(rng, config):
     check(rng, T=3, Hq=8, Hkv=1, D=128, S=16, kv_lens=[300, 17, 64, 5, 0], q_lens=[3, 1, 2, 3, 0],
           config=config)
@@ -219,7 +220,7 @@ def test_lowers_to_triton(B, T, Hq, Hkv, D, S, N):
     a100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA A100-SXM4-80GB", 108, "gpu"))
     with jax.sharding.use_abstract_mesh(a100):
         for kw in ({}, {"sliding_window": 100, "soft_cap": 30.0},
-                   {"config": TritonAttentionConfig(combine_in_kernel=False)}):
+                   {"config": TritonAttentionConfig(combine_in_kernel=True)}):
             fn = jax.jit(lambda *a, kw=kw: paged_attention_triton(*a, scale=D ** -0.5, **kw))
             text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
             assert "__gpu$xla.gpu.triton" in text

@@ -78,7 +78,10 @@ class TritonAttentionConfig:
     num_stages: Triton's software pipelining depth of the KV loop (loads in flight).
     combine_in_kernel: with several splits, the last split of each query tile to finish merges the tile's
       partial outputs and writes the final rows (a counter per tile, bumped atomically), instead of XLA's
-      combine passes after the kernel: one launch per call instead of 3-5.
+      combine passes after the kernel: one launch per call instead of 3-5, but the merge runs in one program
+      per tile, its loop over the splits after every other program is done. Off by default: on the H200 it
+      won only at B=8, L=8k, page 64 (70.4 against 77.7 us) and lost elsewhere (13.1 to 34.6 us at B=1,
+      L=2k; benchmarks/results/logs/README.md, session 12); the tuner tries it.
     """
 
     pages_per_block: int | None = None
@@ -86,7 +89,7 @@ class TritonAttentionConfig:
     num_splits: int | None = None
     num_warps: int | None = None
     num_stages: int = 2
-    combine_in_kernel: bool = True
+    combine_in_kernel: bool = False
 
     def __post_init__(self):
         if self.pages_per_block is not None and not (_pow2(self.pages_per_block) and self.pages_per_block <= 64):
@@ -265,18 +268,21 @@ def _kernel(
         lp_ref.at[split][...] = l
         if not interpret:  # every thread's stores issued before the arrival (the interpreter runs one at a time)
             pltriton.debug_barrier()
-        # acquire-release at GPU scope: the split that arrives last sees every other split's partials
+        # acquire-release at GPU scope: the split that arrives last sees every other split's partials. (Plain
+        # loads: L1 is not coherent between SMs, but a launch starts with it invalidated and only the one
+        # merging program ever reads another split's partials. Pallas' ".cg" modifier fails to lower in JAX
+        # 0.11.2, and volatile loads, which serialise the merge loop, made B=1, L=2k 2.6x slower.)
         arrived = pltriton.atomic_add(count_ref, (jnp.int32(0),), jnp.int32(1))
 
         @pl.when(arrived == splits - 1)
         def _combine():
             def merge(s, carry):
                 acc, m, l = carry
-                m_s = pltriton.load(mp_ref.at[s], volatile=True)
+                m_s = pltriton.load(mp_ref.at[s])
                 m_new = jnp.maximum(m, m_s)
                 a, b = jnp.exp2(m - m_new), jnp.exp2(m_s - m_new)
-                l = l * a + pltriton.load(lp_ref.at[s], volatile=True) * b
-                acc = acc * a[:, None] + pltriton.load(op_ref.at[s], volatile=True) * b[:, None]
+                l = l * a + pltriton.load(lp_ref.at[s]) * b
+                acc = acc * a[:, None] + pltriton.load(op_ref.at[s]) * b[:, None]
                 return acc, m_new, l
 
             acc, _, l = lax.fori_loop(0, splits, merge, (jnp.zeros((R, D), jnp.float32),
