@@ -80,7 +80,7 @@ class TritonAttentionConfig:
       partial outputs and writes the final rows (a counter per tile, bumped atomically), instead of XLA's
       combine passes after the kernel: one launch per call instead of 3-5, but the merge runs in one program
       per tile, its loop over the splits after every other program is done. Off by default: on the H200 it
-      won only at B=8, L=8k, page 64 (70.4 against 77.7 us) and lost elsewhere (13.1 to 34.6 us at B=1,
+      won only at B=8, L=8k, page 64 (78.3 against 85.0 us) and lost elsewhere (31.4 against 12.7 us at B=1,
       L=2k; benchmarks/results/logs/README.md, session 12); the tuner tries it.
     """
 
@@ -270,8 +270,8 @@ def _kernel(
             pltriton.debug_barrier()
         # acquire-release at GPU scope: the split that arrives last sees every other split's partials. (Plain
         # loads: L1 is not coherent between SMs, but a launch starts with it invalidated and only the one
-        # merging program ever reads another split's partials. Pallas' ".cg" modifier fails to lower in JAX
-        # 0.11.2, and volatile loads, which serialise the merge loop, made B=1, L=2k 2.6x slower.)
+        # merging program ever reads another split's partials; Pallas' ".cg" modifier fails to lower in JAX
+        # 0.11.2. Volatile loads measured the same: the merge's cost is its serial loop over the splits.)
         arrived = pltriton.atomic_add(count_ref, (jnp.int32(0),), jnp.int32(1))
 
         @pl.when(arrived == splits - 1)
