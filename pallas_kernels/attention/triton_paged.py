@@ -21,8 +21,9 @@ XLA pass runs before it. (On the H200 at B=1, L=2k those passes, 2 pads, a conca
 took ~4 us of GPU time beside the kernel's 5.8. In benchmarks/attention.py's chain the time per call moved
 little, 18.3 to 18.2 us: the chain's link adds, which those passes had absorbed, now run as kernels.) With
 several splits, each writes its unnormalised output with its running max and sum (log2 domain) and
-`common.combine_splits` merges them in XLA; with one split the program normalises and writes its rows of the
-final [B, T, Hq, D] output itself.
+`common.combine_splits` merges them in XLA (or, with `combine_in_kernel`, the last split of each query tile to
+arrive merges them in the kernel); with one split the program normalises and writes its rows of the final
+[B, T, Hq, D] output itself.
 
 Triton requires every load/store block to have a power-of-two element count: page sizes, `pages_per_block` and
 `block_q` are powers of two and head_dim is 64/128/256. Anything else raises NotImplementedError so that the
