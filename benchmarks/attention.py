@@ -197,7 +197,8 @@ def tune(shapes, args) -> list[dict]:
         key = shape_key(sets[0][0].shape, sets[0][1].shape, N, sets[0][0].dtype)
         for t in trials:
             rows.append({"shape": key, "config": t.config, "ok": t.ok, "max_rel_err": t.max_rel_err,
-                         "us": round(t.us, 2), "error": t.error[:200]})
+                         "us": round(t.us, 2), "rerun_us": t.rerun_us and round(t.rerun_us, 2),
+                         "error": t.error[:200]})
         if best is not None:
             path = DISPATCH.record(key, best)
             log(f"tune {key}: best {best.config} {best.us:.1f} us of {len(trials)} ({path})")

@@ -42,6 +42,7 @@ class Trial:
     max_rel_err: float
     us: float  # median microseconds (inf when it failed or did not pass)
     error: str = ""
+    rerun_us: float | None = None  # the finalists' time in the confirming round (see `search`)
 
 
 def device_kind() -> str:
@@ -197,9 +198,15 @@ def warm_up(runs: Sequence[Callable[[], object]], seconds: float | None = None) 
 
 
 def search(candidates: Sequence[Candidate], reference: Callable, inputs: tuple | Sequence[tuple], *, tol: float,
-           repeats: int = 7, target_ms: float = 2.0, max_calls: int = 64) -> tuple[Trial | None, list[Trial]]:
+           repeats: int = 7, target_ms: float = 2.0, max_calls: int = 64,
+           finalists: int = 3) -> tuple[Trial | None, list[Trial]]:
     """Verifies every candidate against `reference` on the first input set, times those within `tol` (over all
-    sets, rotating; `time_interleaved`'s repeats, target_ms and max_calls), returns (best, all trials)."""
+    sets, rotating; `time_interleaved`'s repeats, target_ms and max_calls), returns (best, all trials).
+
+    The fastest `finalists` are then timed again in a round of their own, and the best of that round wins with
+    that round's time (`rerun_us`; the winner's `us`). The minimum over one round of noisy times favours the
+    luckiest candidate and records its luckiest figure: on the H200 a decode search's winner timed 66.6 us and
+    75.0 in the benchmark right after it."""
     sets = [inputs] if isinstance(inputs, tuple) else list(inputs)
     ref = np.asarray(jax.block_until_ready(jax.jit(reference)(*sets[0])))
     trials, verified = [], {}
@@ -219,8 +226,22 @@ def search(candidates: Sequence[Candidate], reference: Callable, inputs: tuple |
         trials[i] = replace(trials[i], us=t["us"])
     for i, error in errors.items():
         trials[i] = replace(trials[i], ok=False, error=error)
-    passed = [t for t in trials if t.ok]
-    return (min(passed, key=lambda t: t.us) if passed else None), trials
+    ranked = sorted((i for i, t in enumerate(trials) if t.ok), key=lambda i: trials[i].us)
+    final = ranked[:finalists]
+    if len(final) > 1:
+        errors.clear()
+        for i, t in time_interleaved({i: verified[i] for i in final}, repeats=repeats, target_ms=target_ms,
+                                     max_calls=max_calls, errors=errors).items():
+            trials[i] = replace(trials[i], rerun_us=t["us"])
+        for i, error in errors.items():  # a chain that ran once and then failed is not to be trusted
+            trials[i] = replace(trials[i], ok=False, error=error)
+        final = [i for i in final if i not in errors]
+    if not final:
+        return None, trials
+    if len(final) == 1:
+        return trials[final[0]], trials
+    best = min(final, key=lambda i: trials[i].rerun_us)
+    return replace(trials[best], us=trials[best].rerun_us), trials
 
 
 def _path(op: str, directory: Path | None) -> Path:
