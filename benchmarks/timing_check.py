@@ -40,10 +40,10 @@ def measure(name: str, fn, sets, *, repeats: int, target_ms: float, max_calls: i
     from benchmarks import gpu_trace
     from pallas_kernels import tuning
 
-    plain = tuning.time_interleaved({name: (fn, sets)}, repeats=repeats, target_ms=target_ms, max_calls=max_calls,
-                                    slope=False)[name]["us"]
-    slope = tuning.time_interleaved({name: (fn, sets)}, repeats=repeats, target_ms=target_ms, max_calls=max_calls,
-                                    slope=True)[name]["us"]
+    # both figures from the same runs: each repeat times the chain of n calls and the one of 2n
+    t = tuning.time_interleaved({name: (fn, sets)}, repeats=repeats, target_ms=target_ms, max_calls=max_calls,
+                                slope=True)[name]
+    plain, slope = t["plain_us"], t["us"]
     run, n = tuning.chain(fn, sets, target_ms, max_calls)
     events = sorted(gpu_trace.profiled(run, runs=1), key=lambda e: e.start_ns)
     row = {"case": name, "calls": n, "plain_us": round(plain, 2), "slope_us": round(slope, 2)}

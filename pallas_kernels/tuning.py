@@ -143,7 +143,8 @@ def time_interleaved(cases: dict[str, tuple[Callable, tuple | Sequence[tuple]]],
                      slope: bool | None = None) -> dict[str, dict[str, float]]:
     """`time_us` for several variants compared with each other: every chain is compiled first, then the repeats
     go round-robin over the variants, so a drift of the device (clocks, a neighbour's load) lands on all of them
-    alike instead of on whichever ran last. Returns {name: {"us": median, "lo": min, "hi": max}} per call.
+    alike instead of on whichever ran last. Returns {name: {"us": median, "lo": min, "hi": max, "plain_us":
+    median of t(n) / n}} per call (with slope off, plain_us is us).
     errors: where given, a variant whose chain fails to compile or run is left out and its error put here
     (else the failure raises). Before the timed runs the chains run round-robin for `warmup_s` seconds (default:
     0.3 on a GPU, none elsewhere): compiling leaves the GPU idle, and its clocks come back up from idle (345 MHz
@@ -170,6 +171,7 @@ def time_interleaved(cases: dict[str, tuple[Callable, tuple | Sequence[tuple]]],
                 raise
             errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
     times: dict[str, list[float]] = {name: [] for name in chains}
+    plain: dict[str, list[float]] = {name: [] for name in chains}
     warm_up([run for runs in chains.values() for run, _ in runs], warmup_s)
     for _ in range(repeats):
         for name, runs in chains.items():
@@ -178,12 +180,14 @@ def time_interleaved(cases: dict[str, tuple[Callable, tuple | Sequence[tuple]]],
                 t = time.perf_counter()
                 run()
                 took.append(time.perf_counter() - t)
+            plain[name].append(took[0] / runs[0][1] * 1e6)
             if slope:
                 (_, n1), (_, n2) = runs
                 times[name].append((took[1] - took[0]) / (n2 - n1) * 1e6)
             else:
-                times[name].append(took[0] / runs[0][1] * 1e6)
-    return {name: {"us": float(np.median(v)), "lo": float(min(v)), "hi": float(max(v))} for name, v in times.items()}
+                times[name].append(plain[name][-1])
+    return {name: {"us": float(np.median(v)), "lo": float(min(v)), "hi": float(max(v)),
+                   "plain_us": float(np.median(plain[name]))} for name, v in times.items()}
 
 
 def warm_up(runs: Sequence[Callable[[], object]], seconds: float | None = None) -> None:

@@ -132,8 +132,9 @@ def test_slope_timing_takes_a_runs_fixed_cost_out(rng, monkeypatch):
     exact = tuning.time_interleaved({"a": (jnp.tanh, (x,))}, repeats=3, warmup_s=0.0, slope=True)["a"]
     assert built == [4, 8]
     assert exact["us"] == pytest.approx(per_call * 1e6, rel=0.15)
+    assert exact["plain_us"] == pytest.approx((fixed / 4 + per_call) * 1e6, rel=0.15)  # the same runs' t(n) / n
     plain = tuning.time_interleaved({"a": (jnp.tanh, (x,))}, repeats=3, warmup_s=0.0, slope=False)["a"]
-    assert plain["us"] == pytest.approx((fixed / 4 + per_call) * 1e6, rel=0.15)
+    assert plain["us"] == pytest.approx((fixed / 4 + per_call) * 1e6, rel=0.15) and plain["plain_us"] == plain["us"]
     assert tuning.time_us(jnp.tanh, (x,), repeats=3, slope=True) == pytest.approx(per_call * 1e6, rel=0.15)
 
 

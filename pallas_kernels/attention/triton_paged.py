@@ -372,7 +372,7 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
             jax.ShapeDtypeStruct((B, Hkv, nqt, 1), jnp.int32),
         ]
         extra_in = [jnp.zeros((B, Hkv, nqt, 1), jnp.int32)]
-        aliases = {6: 4}
+        aliases = {6: 4}  # the counter: input 6 (after the lengths, table, q, k, v) is output 4
     else:
         out_specs = [
             pl.BlockSpec((None, None, None, None, R, D), lambda b, h, t, s: (b, h, t, s, 0, 0)),
