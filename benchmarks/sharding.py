@@ -79,16 +79,19 @@ def split_chunks(name: str) -> tuple[str, int]:
     return name, 1
 
 
-def parse_variant(name: str) -> tuple[str, int, int]:
-    """A step variant -> (strategy, ring pieces, micro-batches): 'xla_mb2' -> ('xla', 1, 2), 'ring4' -> ('ring', 4,
-    1). '_mbK': the prefill runs as K pieces interleaved layer by layer (`Transformer.microbatches`)."""
+def parse_variant(name: str) -> tuple[str, int, int, bool]:
+    """A step variant -> (strategy, ring pieces, micro-batches, staggered): 'xla_mb2' -> ('xla', 1, 2, False),
+    'ring4' -> ('ring', 4, 1, False), 'xla4_mb2s' -> ('xla', 4, 2, True). '_mbK': the prefill runs as K pieces
+    interleaved layer by layer (`Transformer.microbatches`); a trailing 's': their sublayers as ordered stages
+    (`Transformer.microbatch_stagger`)."""
     base, _, mb = name.partition("_mb")
-    return (*split_chunks(base), int(mb) if mb else 1)
+    stagger = mb.endswith("s")
+    return (*split_chunks(base), int(mb.rstrip("s")) if mb else 1, stagger)
 
 
 # prefill variants that overlap communication with compute: rings inside each collective matmul, or two
 # micro-batches whose collectives run under each other's matmuls
-MICROBATCHED = ("xla_mb2", "allreduce_mb2", "sp_mb2", "xla_mb4", "xla4_mb2")
+MICROBATCHED = ("xla_mb2", "allreduce_mb2", "sp_mb2", "xla_mb4", "xla4_mb2", "xla_mb2s", "xla4_mb2s")
 OVERLAPPED_STEPS = ("xla4", "ring", "ring4", "bidi", *MICROBATCHED)
 
 
@@ -105,7 +108,8 @@ def shapes(tiny: bool) -> dict:
 
 # profiled with --profile: one call each under jax.profiler, for how much of the NCCL time ran beside compute
 # (few: in 3fd908d's run of 13, the later traces lost most of their compute kernels)
-PROFILED = ("ag_matmul_ring", "matmul_rs_ring4", "prefill_xla", "prefill_xla_mb2", "prefill_nocomm_mb2")
+PROFILED = ("ag_matmul_ring", "matmul_rs_ring4", "prefill_xla", "prefill_xla_mb2", "prefill_xla4_mb2s",
+            "prefill_nocomm_mb2")
 
 
 def worker(scenario: str, tiny: bool, parts: str = "layer,step", profile: bool = False,
@@ -212,12 +216,13 @@ def worker(scenario: str, tiny: bool, parts: str = "layer,step", profile: bool =
         inputs = prefill_in if kind == "prefill" else decode_in
         cases = {}
         for name in strategies:
-            s, c, mb = parse_variant(name)
+            s, c, mb, stagger = parse_variant(name)
             for layer in model.layers:
                 layer.self_attn.strategy = layer.mlp.strategy = s
                 layer.self_attn.chunks = layer.mlp.chunks = c
             # pieces of at least 256 tokens (the tiny shapes' 64-token prefill: 16)
             model.microbatches, model.microbatch_min_tokens = mb, 16 if tiny else 256
+            model.microbatch_stagger = stagger
             engine = Engine(model, ecfg)  # its graph holds the strategy: one engine per variant
             shard_cache(engine.cache, mesh)
             cases[f"{kind}_{name}"] = (partial(engine._forward, last_only=True),

@@ -178,6 +178,16 @@ class SparseMoE(nnx.Module):
         return y.reshape(B, T, D)
 
 
+def after(x: jax.Array, tick: jax.Array | None) -> jax.Array:
+    """x, unchanged in value, made to wait for the scalar `tick`: orders independent work for XLA's scheduler
+    (`Transformer.microbatch_stagger`). min(|t|, 0) is 0 for every finite or infinite t and NaN for NaN, which the
+    select maps to 0; XLA folds neither (under NaN they are not identities), so the dependence survives."""
+    if tick is None:
+        return x
+    z = jnp.minimum(jnp.abs(tick.astype(jnp.float32)), 0.0)
+    return x + jnp.where(z == z, z, 0.0).astype(x.dtype)
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, i: int, *, dtype, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
@@ -193,6 +203,22 @@ class DecoderLayer(nnx.Module):
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
+    # The two halves as stages (`Transformer.microbatch_stagger`): each starts after `dep` and returns a tick, a
+    # scalar of its output projection's partial product before any all-reduce (None where the block has no
+    # `staged` form, which leaves its stages unordered).
+    def attention_stage(self, x, cos, sin, kv: LayerKV, batch: Batch, attn_impl, dep=None):
+        x = after(x, dep)
+        a = self.self_attn
+        args = (self.input_layernorm(x), cos, sin, kv, batch, attn_impl)
+        h, kv, tick = a.staged(*args) if hasattr(a, "staged") else (*a(*args), None)
+        return x + h, kv, tick
+
+    def mlp_stage(self, x, dep=None):
+        x = after(x, dep)
+        m, y = self.mlp, self.post_attention_layernorm(x)
+        h, tick = m.staged(y) if hasattr(m, "staged") else (m(y), None)
+        return x + h, tick
+
 
 class Transformer(nnx.Module):
     """The causal LM. `__call__` returns final hidden states; `logits` applies the LM head.
@@ -203,10 +229,16 @@ class Transformer(nnx.Module):
     to them, so the output is the unsplit forward's, while the pieces' work is independent inside a layer. With
     tensor parallelism that is what lets one piece's all-reduce run under the next piece's matmuls: two
     micro-batches in flight, the overlap coming from the data rather than from splitting each collective.
+
+    microbatch_stagger: the pieces' sublayers run as stages in a fixed order (every piece's attention, then every
+    piece's MLP, layer by layer), each stage starting after the previous stage's output projection (`after`), so a
+    stage's all-reduce has the whole next stage beside it. Left to itself XLA runs both pieces' same matmuls
+    together and gives each all-reduce a kernel or two. Same output.
     """
 
     microbatches: int = 1
     microbatch_min_tokens: int = 256
+    microbatch_stagger: bool = False
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -246,10 +278,17 @@ class Transformer(nnx.Module):
             return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=1)
 
         new_kv, captured = [], []
+        tick = None  # the last stage's (staggered pieces)
         for i, layer in enumerate(self.layers):
             layer_kv = kv[i]
-            for j, (cj, sj, bj) in enumerate(pieces):
-                xs[j], layer_kv = layer(xs[j], cj, sj, layer_kv, bj, attn_impl)
+            if self.microbatch_stagger and len(pieces) > 1:
+                for j, (cj, sj, bj) in enumerate(pieces):
+                    xs[j], layer_kv, tick = layer.attention_stage(xs[j], cj, sj, layer_kv, bj, attn_impl, tick)
+                for j in range(len(pieces)):
+                    xs[j], tick = layer.mlp_stage(xs[j], tick)
+            else:
+                for j, (cj, sj, bj) in enumerate(pieces):
+                    xs[j], layer_kv = layer(xs[j], cj, sj, layer_kv, bj, attn_impl)
             new_kv.append(layer_kv)
             if i in capture:
                 captured.append(joined())

@@ -113,6 +113,27 @@ def _pieced(x, lin, mesh: Mesh, pieces: int, column: bool):
     return _bias(y, lin)
 
 
+def _row_staged(x, lin, mesh: Mesh, pieces: int):
+    """A row-parallel `lin(x)` (weight [out, in] split over tp on in) for a stage (`Transformer.microbatch_stagger`):
+    local matmuls and a psum each in x's dtype, what GSPMD does, but written out so that the partial product exists
+    before its all-reduce. Returns (y, tick), tick a scalar of the last partial: the next stage waits for it, not for
+    the all-reduce. `pieces` as in `_pieced` (one psum per piece of the output)."""
+    w = lin.weight[...]
+    out = w.shape[0]
+    pieces = pieces if pieces > 1 and out % pieces == 0 else 1
+    p = out // pieces
+
+    def local(x, w):
+        parts = [jnp.einsum("...f,df->...d", x, w[i * p:(i + 1) * p]) for i in range(pieces)]
+        y = jnp.concatenate([jax.lax.psum(q, "tp") for q in parts], axis=-1)
+        return y, parts[-1].reshape(-1)[0]
+
+    spec = P(*(None,) * (x.ndim - 1), "tp")
+    y, tick = jax.shard_map(local, mesh=mesh, in_specs=(spec, P(None, "tp")), out_specs=(P(), P()),
+                            check_vma=False)(x, w)
+    return _bias(y, lin), tick
+
+
 class TPAttention(nnx.Module):
     """`model.Attention` with q/k/v from one column-parallel collective matmul and o_proj row-parallel."""
 
@@ -138,6 +159,11 @@ class TPAttention(nnx.Module):
                              out_specs=(P(None, None, "tp"), (pool, pool)), check_vma=False)(q, k, v, tuple(kv), batch)
 
     def __call__(self, x, cos, sin, kv, batch, attn_impl):
+        y, pages, _ = self.staged(x, cos, sin, kv, batch, attn_impl, stage=False)
+        return y, pages
+
+    def staged(self, x, cos, sin, kv, batch, attn_impl, stage=True):
+        """(y, pages, tick): with stage and 'xla', o_proj as `_row_staged` and its tick; otherwise tick None."""
         B, T, D = x.shape
         H, _, hd = self.shape
         strategy = _resolve(self.strategy, self.mesh, B * T, D, x.dtype.itemsize)
@@ -151,10 +177,13 @@ class TPAttention(nnx.Module):
                 lins, strict=True))
         o, pages = self.attend(*self.heads(q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1), cos, sin),
                                kv, batch, attn_impl)
+        if strategy == "xla" and stage:
+            y, tick = _row_staged(o, self.o_proj, self.mesh, self.chunks)
+            return y, pages, tick
         if strategy == "xla":
-            return _pieced(o, self.o_proj, self.mesh, self.chunks, False), pages
+            return _pieced(o, self.o_proj, self.mesh, self.chunks, False), pages, None
         y = TP.row_parallel(o.reshape(B * T, H * hd), self.o_proj.weight[...], self.mesh, strategy, chunks=self.chunks)
-        return _bias(y, self.o_proj).reshape(B, T, D), pages
+        return _bias(y, self.o_proj).reshape(B, T, D), pages, None
 
 
 class TPMLP(nnx.Module):
@@ -166,16 +195,23 @@ class TPMLP(nnx.Module):
         self.chunks = 1
 
     def __call__(self, x):
+        return self.staged(x, stage=False)[0]
+
+    def staged(self, x, stage=True):
+        """(y, tick), as `TPAttention.staged`."""
         B, T, D = x.shape
         strategy = _resolve(self.strategy, self.mesh, B * T, D, x.dtype.itemsize)
         if strategy == "xla":
             g, u = (_pieced(x, lin, self.mesh, self.chunks, True) for lin in (self.gate_proj, self.up_proj))
-            return _pieced(jax.nn.silu(g) * u, self.down_proj, self.mesh, self.chunks, False)
+            h = jax.nn.silu(g) * u
+            if stage:
+                return _row_staged(h, self.down_proj, self.mesh, self.chunks)
+            return _pieced(h, self.down_proj, self.mesh, self.chunks, False), None
         g, u = TP.column_parallel(x.reshape(B * T, D), [self.gate_proj.weight[...], self.up_proj.weight[...]],
                                   self.mesh, strategy, chunks=self.chunks)
         h = jax.nn.silu(_bias(g, self.gate_proj)) * _bias(u, self.up_proj)
         y = TP.row_parallel(h, self.down_proj.weight[...], self.mesh, strategy, chunks=self.chunks)
-        return _bias(y, self.down_proj).reshape(B, T, D)
+        return _bias(y, self.down_proj).reshape(B, T, D), None
 
 
 class EPMoE(nnx.Module):

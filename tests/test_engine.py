@@ -258,3 +258,21 @@ def test_microbatched_steps_equal_the_whole_step(rng, m, monkeypatch):
     assert np.abs(a_after - b_after).max() / scale < 1e-5
     assert np.isfinite(b_step).all()
     assert splits == [(16, m)] * 2  # traced once for the prefill, once for the verify step; not for T=1
+
+
+def test_after_keeps_the_value_and_the_dependence():
+    """`model.after`: x unchanged whatever the tick holds (finite, infinite, NaN), and the tick's computation still
+    in the optimized program, so the ordering it stands for reaches XLA's scheduler."""
+    from codegen_jax.model import after
+
+    x = jnp.asarray([[1.5, -2.0], [0.0, 3.25]], jnp.bfloat16)
+    for t in (0.7, -1e30, jnp.inf, -jnp.inf, jnp.nan):
+        got = jax.jit(after)(x, jnp.float32(t))
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(x, np.float32))
+    assert after(x, None) is x
+
+    def f(x, y):
+        return after(x, jnp.sin(y).sum())
+
+    hlo = jax.jit(f).lower(x, jnp.ones((7,), jnp.float32)).compile().as_text()
+    assert "sine" in hlo

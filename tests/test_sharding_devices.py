@@ -212,16 +212,23 @@ class _Lin:
         return x @ self.weight[...].T + self.bias[...]
 
 
-@pytest.mark.parametrize("name,tp,pieces", [("llama", 2, 4)])
-def test_pieced_microbatched_engine_equals_single_device(rng, name, tp, pieces, monkeypatch):
-    """GSPMD's blocks with every projection as `pieces` matmuls, two micro-batches: the single-device outputs (one
-    case: the pieces themselves, biases included, are checked on every tp above)."""
+@pytest.mark.parametrize("name,tp,pieces,stagger", [("llama", 2, 4, False), ("llama", 2, 4, True),
+                                                    ("llama", 4, 1, True)])
+def test_pieced_microbatched_engine_equals_single_device(rng, name, tp, pieces, stagger, monkeypatch):
+    """GSPMD's blocks with every projection as `pieces` matmuls, two micro-batches, their sublayers as ordered
+    stages or not (`Transformer.microbatch_stagger`, whose output projections are `parallel._row_staged`): the
+    single-device outputs (the pieces themselves, biases included, are checked on every tp above)."""
+    from codegen_jax import parallel
     from codegen_jax.parallel import parallelize, shard_cache, shard_model
 
     monkeypatch.setattr(Transformer, "microbatch_min_tokens", 8)
+    staged = []
+    real = parallel._row_staged
+    monkeypatch.setattr(parallel, "_row_staged", lambda *a: staged.append(a[3]) or real(*a))
     mesh = mesh_of(tp, 1)
     model = shard_model(model_for(name), mesh)
     parallelize(model, mesh, "xla", microbatches=2)
+    model.microbatch_stagger = stagger
     for layer in model.layers:
         layer.self_attn.chunks = pieces
         if hasattr(layer.mlp, "chunks"):
@@ -234,6 +241,9 @@ def test_pieced_microbatched_engine_equals_single_device(rng, name, tp, pieces, 
     assert close(prefill, ref_prefill) < 1e-5
     assert close(decode, ref_decode) < 1e-5
     assert tokens == ref_tokens
+    # staged: every layer's two output projections per piece, in the prefill's traces only (decode stays whole)
+    assert (len(staged) > 0) == stagger and set(staged) <= {pieces}
+    assert len(staged) % (2 * 2 * len(model.layers)) == 0
 
 
 @pytest.mark.parametrize("name,tp,ep,strategy", CASES)
