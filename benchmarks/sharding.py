@@ -60,6 +60,14 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     # GEMM fusions (the unsplit step's went to cuBLAS), one suspect for what the split costs (nocomm_mb2 1.15x)
     "p2p_disabled_nomerge_cublas": {"NCCL_P2P_DISABLE": "1",
                                     "XLA_FLAGS": with_microbatch_flags("--xla_gpu_enable_triton_gemm=false")},
+    # the scheduler told that a large all-reduce is costly (XLA's approximate estimator: 5,000 units for any
+    # collective, 1,000 per cuBLAS call, little for a fusion, so it sought about one projection's worth of work to
+    # hide a host-staged all-reduce behind): with staggered micro-batches it started each stage's all-reduce after
+    # the next stage's first matmuls rather than at the stage's end (scheduled HLO of xla_mb2s, 10d1f4e)
+    "p2p_disabled_costly": {"NCCL_P2P_DISABLE": "1",
+                            "XLA_FLAGS": with_microbatch_flags("--xla_gpu_enable_approx_costly_collectives=true")},
+    "p2p_disabled_costly_cublas": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(
+        "--xla_gpu_enable_approx_costly_collectives=true --xla_gpu_enable_triton_gemm=false")},
     # profile-guided latency estimates: the scheduler's analytical model does not know that the transfers are
     # host-staged (~0.6 ms for a 1,024-token all-reduce), so it gave each one a window of a kernel or none; with
     # PGLE the first call of every program is profiled and the program recompiled with the measured latencies
@@ -91,7 +99,7 @@ def parse_variant(name: str) -> tuple[str, int, int, bool]:
 
 # prefill variants that overlap communication with compute: rings inside each collective matmul, or two
 # micro-batches whose collectives run under each other's matmuls
-MICROBATCHED = ("xla_mb2", "allreduce_mb2", "sp_mb2", "xla_mb4", "xla4_mb2", "xla_mb2s", "xla4_mb2s")
+MICROBATCHED = ("xla_mb2", "allreduce_mb2", "sp_mb2", "xla_mb4", "xla4_mb2", "xla_mb2s", "xla4_mb2s", "xla_mb4s")
 OVERLAPPED_STEPS = ("xla4", "ring", "ring4", "bidi", *MICROBATCHED)
 
 
@@ -207,7 +215,7 @@ def worker(scenario: str, tiny: bool, parts: str = "layer,step", profile: bool =
                  1 + jnp.arange(B * per, dtype=jnp.int32).reshape(B, per), jnp.full((B,), L + 1, jnp.int32),
                  jnp.ones((B,), jnp.int32))
     steps = {"prefill": ("xla",) if only_xla else ("xla", "xla4", "allreduce", "sp", "ring", "ring4", "bidi", "auto",
-                                                   "nocomm", *MICROBATCHED, "nocomm_mb2"),
+                                                   "nocomm", *MICROBATCHED, "nocomm_mb2", "nocomm_mb4"),
              "decode": ("xla",) if only_xla else ("xla", "allreduce", "allreduce_overlap", "auto", "nocomm")}
     for kind, strategies in steps.items():
         strategies = [v for v in strategies if not only or v in only]  # --only
