@@ -12,8 +12,9 @@ taken out; the variants compared with each other are timed round-robin, median w
   - a 2-layer model of those shapes, prefill (1 x 2,048 tokens) and decode (8 slots, 1,024 cached tokens) steps per
     strategy; communication share of a step = (t(xla) - t(nocomm)) / t(xla). Prefill variants '<strategy>_mb2'
     run the 2,048 tokens as two 1,024-token micro-batches interleaved layer by layer (`Transformer.microbatches`):
-    one's collectives can run under the other's matmuls ('xla_mb4': four of 512); 'nocomm_mb2' against 'nocomm'
-    is what the split costs.
+    one's collectives can run under the other's matmuls ('xla_mb4': four of 512; a trailing 's', 'xla_mb2s': the
+    pieces' sublayers as ordered stages, `Transformer.microbatch_stagger`); 'nocomm_mb2' against 'nocomm' is what
+    the split costs.
 
     python -m benchmarks.sharding --scenarios p2p_disabled_nomerge --timeout 300   # 2 GPUs (default: every
                                                                                  # scenario, ~2-4 min each)
@@ -116,7 +117,7 @@ def shapes(tiny: bool) -> dict:
 
 # profiled with --profile: one call each under jax.profiler, for how much of the NCCL time ran beside compute
 # (few: in 3fd908d's run of 13, the later traces lost most of their compute kernels)
-PROFILED = ("ag_matmul_ring", "matmul_rs_ring4", "prefill_xla", "prefill_xla_mb2", "prefill_xla4_mb2s",
+PROFILED = ("ag_matmul_ring", "matmul_rs_ring4", "prefill_xla", "prefill_xla_mb2", "prefill_xla_mb2s",
             "prefill_nocomm_mb2")
 
 
@@ -271,6 +272,13 @@ def summarize(r: dict) -> dict:
         if best_of(MICROBATCHED):
             s["prefill_mb2_speedup_vs_xla"] = round(base / best_of(MICROBATCHED), 3)
     put("prefill_mb2_compute_cost", "prefill_nocomm_mb2", "prefill_nocomm")
+    put("prefill_mb2s_speedup_vs_xla", "prefill_xla", "prefill_xla_mb2s")
+    # the share of XLA's exposed communication (t(xla) - t(nocomm)) that the staggered micro-batches hide, each
+    # step against its own compute floor (the split's extra compute is not counted as communication)
+    if all(f"prefill_{v}" in st for v in ("xla", "nocomm", "xla_mb2s", "nocomm_mb2")):
+        exposed = st["prefill_xla"] - st["prefill_nocomm"]
+        left = st["prefill_xla_mb2s"] - st["prefill_nocomm_mb2"]
+        s["prefill_mb2s_hidden_share"] = round(1 - left / exposed, 3) if exposed > 0 else None
     put("decode_comm_share", "decode_xla", "decode_nocomm", share=True)
     put("decode_auto_vs_xla", "decode_xla", "decode_auto")
     put("decode_overlap_vs_xla", "decode_xla", "decode_allreduce_overlap")

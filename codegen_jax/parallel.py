@@ -233,12 +233,14 @@ class EPMoE(nnx.Module):
 def parallelize(model: Transformer, mesh: Mesh, strategy: str = "auto", microbatches: int = 1) -> Transformer:
     """Swaps (in place) every layer's attention and dense MLP for the tensor-parallel blocks with `strategy`, and
     MoE layers for expert-parallel ones when the mesh's ep axis is larger than 1. microbatches > 1: prefill-sized
-    steps run as that many pieces interleaved layer by layer (`Transformer.microbatches`), so one piece's
-    collectives can run under another's matmuls. Returns the model."""
+    steps run as that many pieces interleaved layer by layer (`Transformer.microbatches`), their sublayers as
+    ordered stages (`Transformer.microbatch_stagger`), so one piece's collectives run under another's matmuls.
+    Returns the model."""
     S.validate(strategy)
     if microbatches < 1:
         raise ValueError(f"microbatches must be >= 1, got {microbatches}")
     model.microbatches = microbatches
+    model.microbatch_stagger = microbatches > 1
     for layer in model.layers:
         layer.self_attn = TPAttention(layer.self_attn, mesh, strategy)
         if isinstance(layer.mlp, MLP):
