@@ -69,6 +69,10 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
                             "XLA_FLAGS": with_microbatch_flags("--xla_gpu_enable_approx_costly_collectives=true")},
     "p2p_disabled_costly_cublas": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(
         "--xla_gpu_enable_approx_costly_collectives=true --xla_gpu_enable_triton_gemm=false")},
+    # two collectives in flight: with one, a stage's all-reduce cannot start before the previous one is done (the
+    # second piece's embedding all-reduce held back the first piece's first attention all-reduce)
+    "p2p_disabled_limit2": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(
+        "--xla_gpu_experimental_parallel_collective_overlap_limit=2")},
     # profile-guided latency estimates: the scheduler's analytical model does not know that the transfers are
     # host-staged (~0.6 ms for a 1,024-token all-reduce), so it gave each one a window of a kernel or none; with
     # PGLE the first call of every program is profiled and the program recompiled with the measured latencies
