@@ -73,6 +73,11 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     # second piece's embedding all-reduce held back the first piece's first attention all-reduce)
     "p2p_disabled_limit2": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(
         "--xla_gpu_experimental_parallel_collective_overlap_limit=2")},
+    # every all-reduce given its host-staged latency (benchmarks/pgle_allreduce.pbtxt, a hand-written profile for
+    # XLA's profile-guided estimator): the scheduled HLO of xla_mb2s (f5d5475) started each stage's all-reduce just
+    # before the next stage's last matmul, with or without the costly-collective estimate
+    "p2p_disabled_ar_latency": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(
+        f"--xla_gpu_pgle_profile_file_or_directory_path={Path(__file__).resolve().parent / 'pgle_allreduce.pbtxt'}")},
     # profile-guided latency estimates: the scheduler's analytical model does not know that the transfers are
     # host-staged (~0.6 ms for a 1,024-token all-reduce), so it gave each one a window of a kernel or none; with
     # PGLE the first call of every program is profiled and the program recompiled with the measured latencies
