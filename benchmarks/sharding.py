@@ -16,8 +16,8 @@ taken out; the variants compared with each other are timed round-robin, median w
     pieces' sublayers as ordered stages, `Transformer.microbatch_stagger`); 'nocomm_mb2' against 'nocomm' is what
     the split costs.
 
-    python -m benchmarks.sharding --scenarios p2p_disabled_nomerge --timeout 300   # 2 GPUs (default: every
-                                                                                 # scenario, ~2-4 min each)
+    python -m benchmarks.sharding --scenarios p2p_disabled_ar_latency --timeout 300   # 2 GPUs (default: every
+                                                                                    # scenario, ~2-4 min each)
     python -m benchmarks.sharding --tiny     # CPU smoke test with 2 simulated devices
 """
 
@@ -36,7 +36,15 @@ XLA_OVERLAP_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_t
                      "--xla_gpu_multi_streamed_windowed_einsum=true")
 LHS_FLAG = "--xla_gpu_enable_latency_hiding_scheduler=true"
 NO_COMBINE_FLAGS = f"{LHS_FLAG} --xla_gpu_collective_permute_combine_threshold_bytes=0"
+# the micro-batch flags before the all-reduce latency profile (the scenarios below measured with them)
+NOMERGE_FLAGS = f"--xla_gpu_dot_merger_threshold_mb=0 {LHS_FLAG}"
 SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the run is cut short
+    # what --tp-microbatches sets (`sharding.strategy.MICROBATCH_XLA_FLAGS`): the dot merger off (see
+    # p2p_disabled_nomerge), and every all-reduce given its host-staged latency through a profile for XLA's
+    # profile-guided estimator (sharding/allreduce_latency.pbtxt); without it the scheduled HLO of xla_mb2s
+    # (f5d5475) started each stage's all-reduce just before the next stage's last matmul, with or without the
+    # costly-collective estimate
+    "p2p_disabled_ar_latency": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags("")},
     "p2p_disabled": {"NCCL_P2P_DISABLE": "1"},
     # every strategy again with XLA's latency-hiding scheduler, which may move a ring's async collective-permute
     # starts ahead of the matmul they overlap (whether the default schedule does is what the pair shows)
@@ -56,32 +64,30 @@ SCENARIOS = {  # the PCIe stand-in first: it carries the acceptance bars if the 
     # micro-batches kept apart: XLA's dot merger joined the two pieces' matmuls that share a weight into one dot
     # (the scheduled HLO of prefill_xla_mb2, ea04058), so both pieces' all-reduces waited for it and ran back to
     # back with nothing beside them
-    "p2p_disabled_nomerge": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags("")},
+    "p2p_disabled_nomerge": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": NOMERGE_FLAGS},
     # and cuBLAS for every matmul: with the dot merger off, XLA gave some 1,024-token projections to its Triton
     # GEMM fusions (the unsplit step's went to cuBLAS), one suspect for what the split costs (nocomm_mb2 1.15x)
     "p2p_disabled_nomerge_cublas": {"NCCL_P2P_DISABLE": "1",
-                                    "XLA_FLAGS": with_microbatch_flags("--xla_gpu_enable_triton_gemm=false")},
+                                    "XLA_FLAGS": f"{NOMERGE_FLAGS} --xla_gpu_enable_triton_gemm=false"},
     # the scheduler told that a large all-reduce is costly (XLA's approximate estimator: 5,000 units for any
     # collective, 1,000 per cuBLAS call, little for a fusion, so it sought about one projection's worth of work to
     # hide a host-staged all-reduce behind): with staggered micro-batches it started each stage's all-reduce after
-    # the next stage's first matmuls rather than at the stage's end (scheduled HLO of xla_mb2s, 10d1f4e)
+    # the next stage's first matmuls rather than at the stage's end (scheduled HLO of xla_mb2s, 10d1f4e). The flag
+    # left that schedule as it was (f5d5475): XLA did not use this estimator for these programs
     "p2p_disabled_costly": {"NCCL_P2P_DISABLE": "1",
-                            "XLA_FLAGS": with_microbatch_flags("--xla_gpu_enable_approx_costly_collectives=true")},
-    "p2p_disabled_costly_cublas": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(
-        "--xla_gpu_enable_approx_costly_collectives=true --xla_gpu_enable_triton_gemm=false")},
+                            "XLA_FLAGS": f"{NOMERGE_FLAGS} --xla_gpu_enable_approx_costly_collectives=true"},
+    "p2p_disabled_costly_cublas": {
+        "NCCL_P2P_DISABLE": "1",
+        "XLA_FLAGS": f"{NOMERGE_FLAGS} --xla_gpu_enable_approx_costly_collectives=true "
+                     "--xla_gpu_enable_triton_gemm=false"},
     # two collectives in flight: with one, a stage's all-reduce cannot start before the previous one is done (the
     # second piece's embedding all-reduce held back the first piece's first attention all-reduce)
-    "p2p_disabled_limit2": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(
-        "--xla_gpu_experimental_parallel_collective_overlap_limit=2")},
-    # every all-reduce given its host-staged latency (benchmarks/pgle_allreduce.pbtxt, a hand-written profile for
-    # XLA's profile-guided estimator): the scheduled HLO of xla_mb2s (f5d5475) started each stage's all-reduce just
-    # before the next stage's last matmul, with or without the costly-collective estimate
-    "p2p_disabled_ar_latency": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(
-        f"--xla_gpu_pgle_profile_file_or_directory_path={Path(__file__).resolve().parent / 'pgle_allreduce.pbtxt'}")},
+    "p2p_disabled_limit2": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": f"{NOMERGE_FLAGS} "
+                            "--xla_gpu_experimental_parallel_collective_overlap_limit=2"},
     # profile-guided latency estimates: the scheduler's analytical model does not know that the transfers are
     # host-staged (~0.6 ms for a 1,024-token all-reduce), so it gave each one a window of a kernel or none; with
     # PGLE the first call of every program is profiled and the program recompiled with the measured latencies
-    "p2p_disabled_pgle": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": with_microbatch_flags(""), "JAX_ENABLE_PGLE": "true",
+    "p2p_disabled_pgle": {"NCCL_P2P_DISABLE": "1", "XLA_FLAGS": NOMERGE_FLAGS, "JAX_ENABLE_PGLE": "true",
                           "JAX_PGLE_PROFILING_RUNS": "1"},
 }
 # per-layer variants: 'ringC' is the one-direction ring with each shard sent as C pieces

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 STRATEGIES = ("xla", "ring", "bidi", "sp", "allreduce", "allreduce_overlap", "nocomm")
 
 # Below this many bytes per all-reduce a message is latency-bound (1 MB all-reduces take ~150 us on both NVLink
@@ -54,24 +56,35 @@ def validate(strategy: str) -> str:
     return strategy
 
 
-# XLA flags for micro-batched prefill (`Transformer.microbatches`): XLA's dot merger joins the pieces' matmuls that
-# share a weight into one dot, so both pieces' all-reduces wait for it and nothing runs beside them; with it off
-# (and the latency-hiding scheduler said explicitly) the TP=2 prefill step ran 1.06-1.08x XLA's unsplit one on 2
-# H200s with peer access off (sharding_nomerge_h200_98e432b.json and later runs), against 0.98x with it on. The
-# scheduler still runs the pieces' same sublayers together, so each all-reduce has a kernel or two beside it. Tried
-# and taken out (commits kept in the history): optimization barriers chaining the pieces' sublayers (1add04c; XLA's
-# GPU pipeline removes barriers before it schedules), and scheduling annotations (`_scheduling_group_id` on a
+# XLA flags for micro-batched prefill (`Transformer.microbatches`), each measured on the TP=2 prefill step of a
+# 70B-shaped 2-layer model on 2 H200s with peer access off (benchmarks/sharding.py, logs README):
+# - the dot merger off: it joins the pieces' matmuls that share a weight into one dot, so both pieces' all-reduces
+#   wait for it (0.98x XLA's unsplit step with it on, 1.06-1.08x off, sharding_nomerge_h200_98e432b.json on);
+# - the latency-hiding scheduler, said explicitly;
+# - ALLREDUCE_LATENCY, a profile for XLA's profile-guided latency estimator that gives every all-reduce the time a
+#   host-staged one takes. Its own estimate treats an all-reduce as worth about one matmul, so with the staggered
+#   stages (`Transformer.microbatch_stagger`) it started each stage's all-reduce just before the next stage's last
+#   matmul (scheduled HLO of xla_mb2s, f5d5475): 1.11-1.15x XLA's step in nine runs. With the profile each starts
+#   before the next stage's first, second or third matmul: 1.271x and 1.260x in two runs
+#   (sharding_ar_latency*_h200x2_5e2d0b9.json), the exposed communication cut by 74%; costed at 1,500 us instead
+#   of 610, 1.251x.
+# Tried and taken out (commits kept in the history): optimization barriers chaining the pieces' sublayers (1add04c;
+# XLA's GPU pipeline removes barriers before it schedules), and scheduling annotations (`_scheduling_group_id` on a
 # stage's all-reduce and the next stage's ops: c369a63, d3ab94f, c8ddcf7), which XLA refused to compile in all
 # three forms ("annotation groups with gaps"); the SoL latency estimator (scenario p2p_disabled_sol, d334241, since
-# removed) gave the same schedule and compiled slower.
-# Why so little hides (benchmarks/collective_overlap.py, 2 H200s, peer access off): NCCL's kernels take no SM that
-# another kernel holds, and one cuBLAS matmul holds every SM to its end, so a host-staged 32 MB ppermute beside one
-# matmul hid at most 29% of it (under 15% in most settings), and of the same product as 4 matmuls 79-96%. NCCL's
-# copy-engine SHM copies (slower, and the step's first collective never finished), command buffers off, Triton
-# GEMMs (every step slower), stream priority, 1 channel and 32 connections did not change that.
+# removed) gave the same schedule and compiled slower; XLA's costly-collective estimate and two collectives in
+# flight (scenarios p2p_disabled_costly, p2p_disabled_limit2) left the schedule as it was.
+# Why rings inside one collective matmul hide little (benchmarks/collective_overlap.py, 2 H200s, peer access off):
+# NCCL's kernels take no SM that another kernel holds, and one cuBLAS matmul holds every SM to its end, so a host-staged
+# 32 MB ppermute beside one matmul hid at most 29% of it (under 15% in most settings), and of the same product as 4
+# matmuls 79-96%. NCCL's copy-engine SHM copies (slower, and the step's first collective never finished), command
+# buffers off, Triton GEMMs (every step slower), stream priority, 1 channel and 32 connections did not change that.
 # `TPAttention.chunks` / `TPMLP.chunks` > 1 with 'xla' issue each projection as that many matmuls
-# (`parallel._pieced`).
-MICROBATCH_XLA_FLAGS = {"xla_gpu_dot_merger_threshold_mb": "0", "xla_gpu_enable_latency_hiding_scheduler": "true"}
+# (`parallel._pieced`). Measured on the step they only cost: 4 pieces took 1.10x the time of whole matmuls, with or
+# without micro-batches, and 1.26x with staggered ones (sharding_stagger_h200x2_10d1f4e.json).
+ALLREDUCE_LATENCY = Path(__file__).with_name("allreduce_latency.pbtxt")
+MICROBATCH_XLA_FLAGS = {"xla_gpu_dot_merger_threshold_mb": "0", "xla_gpu_enable_latency_hiding_scheduler": "true",
+                        "xla_gpu_pgle_profile_file_or_directory_path": str(ALLREDUCE_LATENCY)}
 
 
 def with_microbatch_flags(xla_flags: str) -> str:

@@ -92,8 +92,24 @@ def test_microbatch_flags_add_what_is_missing_and_keep_what_is_set():
     # a user's own value wins; other flags stay as they were
     mine = "--xla_gpu_dot_merger_threshold_mb=8 --xla_force_host_platform_device_count=2"
     flags = S.with_microbatch_flags(mine).split()
-    assert flags[:2] == mine.split() and flags[2:] == ["--xla_gpu_enable_latency_hiding_scheduler=true"]
+    assert flags[:2] == mine.split() and flags[2:] == [
+        "--xla_gpu_enable_latency_hiding_scheduler=true",
+        f"--xla_gpu_pgle_profile_file_or_directory_path={S.ALLREDUCE_LATENCY}"]
     assert S.with_microbatch_flags(" ".join(flags)) == " ".join(flags)
+
+
+def test_allreduce_latency_profile_names_every_all_reduce_start_once():
+    """sharding/allreduce_latency.pbtxt, the profile the micro-batch flags hand XLA's latency estimator: one cost per
+    all-reduce-start name XLA gives (all-reduce-start, .1, .2, ...), each positive, none twice."""
+    import re
+
+    rows = [r for r in S.ALLREDUCE_LATENCY.read_text().splitlines() if r and not r.startswith("#")]
+    parsed = [re.fullmatch(r'costs \{ name: "(all-reduce-start(?:\.\d+)?)" cost_us: ([0-9.]+) \}', r) for r in rows]
+    assert all(parsed), [r for r, m in zip(rows, parsed, strict=True) if not m][:3]
+    names = [m.group(1) for m in parsed]
+    assert len(set(names)) == len(names) >= 1024
+    assert names[0] == "all-reduce-start" and set(names[1:]) == {f"all-reduce-start.{i}" for i in range(1, len(names))}
+    assert all(float(m.group(2)) > 0 for m in parsed)
 
 
 def test_cli_with_microbatches_sets_the_xla_flags_before_jax_starts(monkeypatch, tmp_path, capsys):
