@@ -199,24 +199,23 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, kv: LayerKV, batch: Batch, attn_impl):
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, kv, batch, attn_impl)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        x, kv, _ = self.attention_stage(x, cos, sin, kv, batch, attn_impl, stage=False)
+        return self.mlp_stage(x, stage=False)[0], kv
 
-    # The two halves as stages (`Transformer.microbatch_stagger`): each starts after `dep` and returns a tick, a
-    # scalar of its output projection's partial product before any all-reduce (None where the block has no
-    # `staged` form, which leaves its stages unordered).
-    def attention_stage(self, x, cos, sin, kv: LayerKV, batch: Batch, attn_impl, dep=None):
+    # The two halves, each with its residual. As stages (`Transformer.microbatch_stagger`, stage=True) each starts
+    # after `dep` and returns a tick, a scalar of its output projection's partial product before any all-reduce
+    # (None where the block has no `staged` form, which leaves its stages unordered).
+    def attention_stage(self, x, cos, sin, kv: LayerKV, batch: Batch, attn_impl, dep=None, stage=True):
         x = after(x, dep)
         a = self.self_attn
         args = (self.input_layernorm(x), cos, sin, kv, batch, attn_impl)
-        h, kv, tick = a.staged(*args) if hasattr(a, "staged") else (*a(*args), None)
+        h, kv, tick = a.staged(*args) if stage and hasattr(a, "staged") else (*a(*args), None)
         return x + h, kv, tick
 
-    def mlp_stage(self, x, dep=None):
+    def mlp_stage(self, x, dep=None, stage=True):
         x = after(x, dep)
         m, y = self.mlp, self.post_attention_layernorm(x)
-        h, tick = m.staged(y) if hasattr(m, "staged") else (m(y), None)
+        h, tick = m.staged(y) if stage and hasattr(m, "staged") else (m(y), None)
         return x + h, tick
 
 

@@ -108,9 +108,14 @@ def _pieced(x, lin, mesh: Mesh, pieces: int, column: bool):
         y = jnp.stack([jnp.einsum("...d,nfd->...nf", x, wr[:, i]) for i in range(pieces)], axis=-2)
         y = y.reshape(*x.shape[:-1], out)
     else:
-        p = out // pieces
-        y = jnp.concatenate([jnp.einsum("...f,df->...d", x, w[i * p:(i + 1) * p]) for i in range(pieces)], axis=-1)
+        y = jnp.concatenate(_row_pieces(x, w, pieces), axis=-1)
     return _bias(y, lin)
+
+
+def _row_pieces(x, w, pieces: int) -> list:
+    """x @ w.T (w [out, in]) as `pieces` matmuls, one per slice of the output (pieces divides out)."""
+    p = w.shape[0] // pieces
+    return [jnp.einsum("...f,df->...d", x, w[i * p:(i + 1) * p]) for i in range(pieces)]
 
 
 def _row_staged(x, lin, mesh: Mesh, pieces: int):
@@ -119,12 +124,10 @@ def _row_staged(x, lin, mesh: Mesh, pieces: int):
     before its all-reduce. Returns (y, tick), tick a scalar of the last partial: the next stage waits for it, not for
     the all-reduce. `pieces` as in `_pieced` (one psum per piece of the output)."""
     w = lin.weight[...]
-    out = w.shape[0]
-    pieces = pieces if pieces > 1 and out % pieces == 0 else 1
-    p = out // pieces
+    pieces = pieces if pieces > 1 and w.shape[0] % pieces == 0 else 1
 
     def local(x, w):
-        parts = [jnp.einsum("...f,df->...d", x, w[i * p:(i + 1) * p]) for i in range(pieces)]
+        parts = _row_pieces(x, w, pieces)
         y = jnp.concatenate([jax.lax.psum(q, "tp") for q in parts], axis=-1)
         return y, parts[-1].reshape(-1)[0]
 
