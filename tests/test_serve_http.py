@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -80,6 +80,17 @@ def hold_engine_once(live, pred, gate: threading.Event, timeout_s: float = 30):
         if held.is_set():
             return fut
         assert time.monotonic() < deadline, "the engine never reached the state to hold it in"
+
+
+def hold_engine_soon(live, pred, gate: threading.Event) -> Future:
+    """hold_engine_once, already polling in a background thread: start it before sending the request to catch, so
+    that a request that runs faster than the test's own thread (a warm engine does 240 tokens in ~0.3 s) cannot
+    finish before the first poll. Its result is hold_engine_once's."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="hold")
+    try:
+        return pool.submit(hold_engine_once, live, pred, gate)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def complete(client, prompt, **kw):
@@ -428,12 +439,13 @@ def test_client_disconnect_cancels_the_request_and_frees_its_pages(live, client)
     try:
         before = metrics(live.url).get(("codegen_requests_total", (("reason", "cancelled"),)), 0)
         body = {**OK, "prompt": "def long_story():\n", "max_tokens": 240, "stream": True}
+        # the engine is held once the request has 16 of its 240 tokens (some text to stream): it cannot finish
+        holding = hold_engine_soon(live, lambda: any(len(r.output) >= 16 for r in sched.running), gate)
         with httpx.stream("POST", f"{live.url}/v1/completions", json=body, timeout=30) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))  # generation is under way
-            # hold the engine while the request runs: it cannot finish on its own
-            blocked = hold_engine_once(live, lambda: bool(sched.running), gate)
+            blocked = holding.result(30)
             assert len(sched.running) == 1 and sched.running[0].pages  # engine held: safe to read
         # leaving the block closed the connection mid-stream
         assert cancelled.wait(10), "the server never noticed the client leaving"
@@ -467,10 +479,11 @@ def test_non_streaming_client_disconnect_cancels_the_request_and_frees_its_pages
     sched.cancel = spy
     try:
         body = json.dumps({**OK, "prompt": "def another_long_story():\n", "max_tokens": 240}).encode()
+        holding = hold_engine_soon(live, lambda: any(r.phase == "decode" for r in sched.running), gate)
         sock = socket.create_connection(("127.0.0.1", live.port), timeout=10)
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        blocked = hold_engine_once(live, lambda: any(r.phase == "decode" for r in sched.running), gate)
+        blocked = holding.result(30)
         assert len(sched.running) == 1 and sched.running[0].pages
         sock.close()  # the client gives up before the answer
         assert cancelled.wait(10), "the server never noticed the client leaving"
