@@ -13,8 +13,11 @@ taken out; the variants compared with each other are timed round-robin, median w
     strategy; communication share of a step = (t(xla) - t(nocomm)) / t(xla). Prefill variants '<strategy>_mb2'
     run the 2,048 tokens as two 1,024-token micro-batches interleaved layer by layer (`Transformer.microbatches`):
     one's collectives can run under the other's matmuls ('xla_mb4': four of 512; a trailing 's', 'xla_mb2s': the
-    pieces' sublayers as ordered stages, `Transformer.microbatch_stagger`); 'nocomm_mb2' against 'nocomm' is what
-    the split costs.
+    pieces' sublayers as ordered stages, `Transformer.microbatch_stagger`; 'xla_mb3s': three of 704, 704 and 640,
+    `model.microbatch_cuts`); 'nocomm_mb2' against 'nocomm' is what the split costs. 'nocomm' is not free of
+    collectives: its token-split activations keep the vocab-split embedding's all-reduce and GSPMD's reshards (an
+    all-gather; all-to-alls and collective-permutes once split), so the same variants under 'nvlink' are the
+    closer compute floor.
 
     python -m benchmarks.sharding --scenarios p2p_disabled_ar_latency --timeout 300   # 2 GPUs (default: every
                                                                                     # scenario, ~2-4 min each)
@@ -115,7 +118,8 @@ def parse_variant(name: str) -> tuple[str, int, int, bool]:
 
 # prefill variants that overlap communication with compute: rings inside each collective matmul, or two
 # micro-batches whose collectives run under each other's matmuls
-MICROBATCHED = ("xla_mb2", "allreduce_mb2", "sp_mb2", "xla_mb4", "xla4_mb2", "xla_mb2s", "xla4_mb2s", "xla_mb4s")
+MICROBATCHED = ("xla_mb2", "allreduce_mb2", "sp_mb2", "xla_mb4", "xla4_mb2", "xla_mb2s", "xla4_mb2s", "xla_mb4s",
+                "xla_mb3s")
 OVERLAPPED_STEPS = ("xla4", "ring", "ring4", "bidi", *MICROBATCHED)
 
 
@@ -231,7 +235,7 @@ def worker(scenario: str, tiny: bool, parts: str = "layer,step", profile: bool =
                  1 + jnp.arange(B * per, dtype=jnp.int32).reshape(B, per), jnp.full((B,), L + 1, jnp.int32),
                  jnp.ones((B,), jnp.int32))
     steps = {"prefill": ("xla",) if only_xla else ("xla", "xla4", "allreduce", "sp", "ring", "ring4", "bidi", "auto",
-                                                   "nocomm", *MICROBATCHED, "nocomm_mb2", "nocomm_mb4"),
+                                                   "nocomm", *MICROBATCHED, "nocomm_mb2", "nocomm_mb3", "nocomm_mb4"),
              "decode": ("xla",) if only_xla else ("xla", "allreduce", "allreduce_overlap", "auto", "nocomm")}
     for kind, strategies in steps.items():
         strategies = [v for v in strategies if not only or v in only]  # --only
@@ -300,6 +304,27 @@ def summarize(r: dict) -> dict:
     return s
 
 
+def against_nvlink(results: list[dict]) -> dict:
+    """Each host-staged scenario's steps against the same programs under 'nvlink' in the same invocation, where
+    their collectives cost little: exposed communication of a variant = t(scenario) - t(nvlink), and the share of
+    XLA's that each overlapped prefill variant hides. Unlike the 'nocomm' floors, both sides run one program."""
+    nv = next((r.get("step_us", {}) for r in results if r.get("scenario") == "nvlink"), {})
+    out = {}
+    for r in results:
+        st = r.get("step_us", {})
+        if r.get("scenario") == "nvlink" or "prefill_xla" not in st or "prefill_xla" not in nv:
+            continue
+        exposed = st["prefill_xla"] - nv["prefill_xla"]
+        row = {"xla_exposed_us": round(exposed, 1)}
+        for v in MICROBATCHED:
+            k = f"prefill_{v}"
+            if k in st and k in nv and exposed > 0:
+                row[f"{v}_exposed_us"] = round(st[k] - nv[k], 1)
+                row[f"{v}_hidden_share"] = round(1 - (st[k] - nv[k]) / exposed, 3)
+        out[r["scenario"]] = row
+    return out
+
+
 def run_scenario(name: str, tiny: bool, timeout: int, parts: str = "layer,step", profile: bool = False,
                  dump_hlo: str | None = None, only: str = "") -> dict:
     # the scheduled HLO of the model steps (jit_forward, numbered in the order the variants compile)
@@ -354,10 +379,14 @@ def main(argv=None):
                 for k, p in r["profile"].items():
                     print(f"{k}: " + "; ".join(f"{t['us_per_call']:.0f} us x{t['count_per_call']:.1f} {t['name'][:50]}"
                                                for t in p["top"][:6]), flush=True)
+    cross = against_nvlink(results)
+    for name, row in cross.items():
+        print(f"== {name} against nvlink: {json.dumps(row)}", flush=True)
     if args.no_write:
         return
     path = write_result("sharding_tiny" if args.tiny else "sharding",
-                        {"shapes": shapes(args.tiny), "scenarios": results, "versions": versions("jax", "flax")})
+                        {"shapes": shapes(args.tiny), "scenarios": results, "against_nvlink": cross,
+                         "versions": versions("jax", "flax")})
     print(f"wrote {path}")
 
 

@@ -40,18 +40,31 @@ def make_batch(page_table: jax.Array, kv_lens: jax.Array, q_lens: jax.Array, T: 
     return Batch(positions, page_table, kv_lens, q_lens, write_page, positions % page_size)
 
 
-def split_batch(batch: Batch, T: int, m: int) -> list[Batch]:
-    """The step's T new tokens per row as m consecutive pieces of T/m, each a Batch of its own: piece i holds
-    tokens [i T/m, (i + 1) T/m) of every row, its cache length ending at its last valid token (a row with fewer
-    valid tokens has none in the later pieces: q_len 0, nothing written, no query rows)."""
-    c = T // m
+def microbatch_cuts(T: int, m: int, align: int = 64) -> tuple[int, ...]:
+    """Boundaries (0, ..., T) of m consecutive pieces of T tokens, as equal as whole blocks of `align` tokens allow
+    (the earlier pieces take the remainder; blocks of 1 when T is under m blocks): 2048 in 2 -> (0, 1024, 2048),
+    in 3 -> (0, 704, 1408, 2048); 16 in 3 -> (0, 6, 11, 16)."""
+    if not 1 <= m <= T:
+        raise ValueError(f"cannot cut {T} tokens into {m} pieces")
+    unit = align if T >= m * align else 1
+    blocks, extra = divmod(T // unit, m)  # T's tail beyond whole units goes to the last piece
+    cuts = [0]
+    for i in range(m):
+        cuts.append(cuts[-1] + (blocks + (i < extra)) * unit)
+    cuts[-1] = T
+    return tuple(cuts)
+
+
+def split_batch(batch: Batch, cuts: tuple[int, ...]) -> list[Batch]:
+    """The step's new tokens per row as consecutive pieces [cuts[i], cuts[i + 1]), each a Batch of its own, its
+    cache length ending at its last valid token (a row with fewer valid tokens has none in the later pieces: q_len
+    0, nothing written, no query rows)."""
     start = batch.kv_lens - batch.q_lens  # cached before the step
     out = []
-    for i in range(m):
-        lo = i * c
-        out.append(Batch(batch.positions[:, lo : lo + c], batch.page_table,
-                         start + jnp.minimum(batch.q_lens, lo + c), jnp.clip(batch.q_lens - lo, 0, c),
-                         batch.write_page[:, lo : lo + c], batch.write_slot[:, lo : lo + c]))
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+        out.append(Batch(batch.positions[:, lo:hi], batch.page_table,
+                         start + jnp.minimum(batch.q_lens, hi), jnp.clip(batch.q_lens - lo, 0, hi - lo),
+                         batch.write_page[:, lo:hi], batch.write_slot[:, lo:hi]))
     return out
 
 
@@ -222,8 +235,9 @@ class DecoderLayer(nnx.Module):
 class Transformer(nnx.Module):
     """The causal LM. `__call__` returns final hidden states; `logits` applies the LM head.
 
-    microbatches (m, default 1): a step of T new tokens per row with T divisible by m and at least
-    `microbatch_min_tokens` tokens per piece (a prefill chunk, not decode or verify) runs as m consecutive pieces
+    microbatches (m, default 1): a step of T new tokens per row whose smallest piece holds at least
+    `microbatch_min_tokens` tokens (a prefill chunk, not decode or verify) runs as m consecutive pieces (cut at whole
+    blocks of 64 tokens where T allows, `microbatch_cuts`)
     interleaved layer by layer: piece i's layer l writes its K/V into the pages before piece i + 1's layer l attends
     to them, so the output is the unsplit forward's, while the pieces' work is independent inside a layer. With
     tensor parallelism that is what lets one piece's all-reduce run under the next piece's matmuls: two
@@ -263,13 +277,13 @@ class Transformer(nnx.Module):
         cos, sin = rope_tables(self.cfg, batch.positions)
         B, T = tokens.shape
         m = self.microbatches
-        if m > 1 and T % m == 0 and B * (T // m) >= self.microbatch_min_tokens:
-            c = T // m
-            cut = [slice(i * c, (i + 1) * c) for i in range(m)]
+        cuts = microbatch_cuts(T, m) if 1 < m <= T else ()
+        cut = [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        if cut and B * min(s.stop - s.start for s in cut) >= self.microbatch_min_tokens:
             # looked up per piece: with a vocab-sharded table each lookup ends in an all-reduce, and a later
             # piece's can run under the first piece's first layer
             xs = [self.embed_tokens(tokens[:, s]) for s in cut]
-            pieces = [(cos[:, s], sin[:, s], b) for s, b in zip(cut, split_batch(batch, T, m), strict=True)]
+            pieces = [(cos[:, s], sin[:, s], b) for s, b in zip(cut, split_batch(batch, cuts), strict=True)]
         else:
             xs, pieces = [self.embed_tokens(tokens)], [(cos, sin, batch)]
 

@@ -1,10 +1,13 @@
 import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe"]
 
@@ -18,6 +21,58 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not on_gpu:
             item.add_marker(skip)
+
+
+class Launched:
+    """A subprocess writing its stdout and stderr to files (pipes left unread while it runs side by side with the
+    others could fill and stall it). `nice`: its scheduling priority (higher yields the CPU to the test process)."""
+
+    def __init__(self, cmd: list[str], env: dict, out: Path, cwd: Path = ROOT, nice: int = 0):
+        self.stdout_path, self.stderr_path = out / "stdout", out / "stderr"
+        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
+            # nice(1), not a preexec_fn: Python code between fork and exec can deadlock a multithreaded parent
+            self.proc = subprocess.Popen(["nice", "-n", str(nice), *cmd] if nice else cmd, cwd=cwd, env=env,
+                                         stdout=stdout, stderr=stderr)
+
+    def wait(self, timeout: float) -> tuple[int, str, str]:
+        """(return code, stdout, stderr) once it exits, killed if that takes longer than `timeout` s."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return self.proc.returncode, self.stdout_path.read_text(), self.stderr_path.read_text()
+
+
+# Long subprocesses of the selected tests, started as soon as collection ends so that they run beside the rest of
+# the suite (whose one process leaves a core idle much of the time) instead of while their tests wait: a test
+# module lists them in `background_commands(items) -> {name: (cmd, env, cwd)}`, given its selected items, and
+# its tests get them from the `background` fixture by name.
+BACKGROUND: dict[str, Launched] = {}
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    modules = {}
+    for item in session.items:
+        modules.setdefault(item.module, []).append(item)
+    for module, items in modules.items():
+        for name, (cmd, env, cwd) in getattr(module, "background_commands", lambda items: {})(items).items():
+            out = Path(tempfile.mkdtemp(prefix=f"codegen-jax-{name}-"))
+            BACKGROUND[name] = Launched(cmd, env, out, cwd=cwd or ROOT, nice=10)
+
+
+def pytest_sessionfinish(session):
+    for p in BACKGROUND.values():  # a failed test's siblings still running
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def background():
+    return BACKGROUND
 
 
 @pytest.fixture

@@ -220,7 +220,26 @@ def test_pages_come_to_the_host_exactly_through_pinned_memory(rng, dtype):
         np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
 
 
-@pytest.mark.parametrize("m", [2, 4])
+def test_microbatch_cuts_cover_the_step_in_near_equal_pieces():
+    from codegen_jax.model import microbatch_cuts
+
+    assert microbatch_cuts(2048, 2) == (0, 1024, 2048)
+    assert microbatch_cuts(2048, 3) == (0, 704, 1408, 2048)  # whole 64-token blocks where T allows
+    assert microbatch_cuts(16, 3) == (0, 6, 11, 16)
+    assert microbatch_cuts(5, 5) == (0, 1, 2, 3, 4, 5)
+    for T in (1, 7, 63, 64, 200, 1000, 2048, 4096):
+        for m in range(1, min(T, 9) + 1):
+            cuts = microbatch_cuts(T, m)
+            sizes = np.diff(cuts)
+            assert cuts[0] == 0 and cuts[-1] == T and len(sizes) == m and (sizes > 0).all(), (T, m, cuts)
+            unit = 64 if T >= 64 * m else 1
+            assert sizes.max() - sizes.min() <= unit + T % unit, (T, m, cuts)
+    for T, m in ((4, 5), (4, 0)):
+        with pytest.raises(ValueError, match="pieces"):
+            microbatch_cuts(T, m)
+
+
+@pytest.mark.parametrize("m", [2, 3])
 def test_microbatched_steps_equal_the_whole_step(rng, m, monkeypatch):
     # Transformer.microbatches: a step of >= microbatch_min_tokens tokens per piece runs as m pieces interleaved
     # layer by layer, each piece's K/V in the pages before the next piece's attention at that layer. Prefill (a
@@ -236,7 +255,7 @@ def test_microbatched_steps_equal_the_whole_step(rng, m, monkeypatch):
 
     splits = []
     real = model_module.split_batch
-    monkeypatch.setattr(model_module, "split_batch", lambda b, T, k: splits.append((T, k)) or real(b, T, k))
+    monkeypatch.setattr(model_module, "split_batch", lambda b, cuts: splits.append(cuts) or real(b, cuts))
     whole, split = engine(1), engine(m)
     prompts = [list(rng.integers(0, CFG.vocab_size, n)) for n in (5, 11, 16)]
     tokens = rng.integers(0, CFG.vocab_size, (3, 16)).astype(np.int32)
@@ -257,7 +276,9 @@ def test_microbatched_steps_equal_the_whole_step(rng, m, monkeypatch):
         assert np.abs(a_step[r, :n] - b_step[r, :n]).max() / scale < 1e-5, r
     assert np.abs(a_after - b_after).max() / scale < 1e-5
     assert np.isfinite(b_step).all()
-    assert splits == [(16, m)] * 2  # traced once for the prefill, once for the verify step; not for T=1
+    # traced once for the prefill, once for the verify step; not for T=1. Three pieces of 16 are 6, 5 and 5 tokens:
+    # the ragged row's 7 valid tokens end inside the second
+    assert splits == [{2: (0, 8, 16), 3: (0, 6, 11, 16)}[m]] * 2
 
 
 def test_after_keeps_the_value_and_the_dependence():

@@ -144,54 +144,28 @@ EIGHT_DEVICE_PARTS = {
 }
 
 
-class Launched:
-    """A subprocess writing its stdout and stderr to files (pipes left unread while it runs side by side with the
-    others could fill and stall it)."""
-
-    def __init__(self, cmd: list[str], env: dict, out: Path):
-        self.stdout_path, self.stderr_path = out / "stdout", out / "stderr"
-        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=stderr)
-
-    def wait(self, timeout: float) -> tuple[int, str, str]:
-        """(return code, stdout, stderr) once it exits, killed if that takes longer than `timeout` s."""
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        return self.proc.returncode, self.stdout_path.read_text(), self.stderr_path.read_text()
-
-
-@pytest.fixture(scope="module")
-def launched(request, tmp_path_factory):
-    """The module's long subprocesses, all started when the first test that waits on one runs: those of the
-    selected tests only (a `-k` run of one of them starts nothing else)."""
-    selected = [item for item in request.session.items if item.module is request.module]
+def background_commands(items) -> dict:
+    """The module's long subprocesses (started by conftest when collection ends): those of the selected tests only,
+    so a `-k` run of one of them starts nothing else."""
     eight = cpu_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
     commands = {}
-    for item in selected:
+    for item in items:
         if item.originalname == "test_eight_device_suite":
             part = item.callspec.params["part"]
-            commands[part] = [sys.executable, "-m", "pytest", "-rA", "-p", "no:cacheprovider",
-                              *EIGHT_DEVICE_PARTS[part]], eight
-    if any(item.originalname == "test_benchmark_tiny" for item in selected):
+            commands[f"eight-{part}"] = ([sys.executable, "-m", "pytest", "-rA", "-p", "no:cacheprovider",
+                                          *EIGHT_DEVICE_PARTS[part]], eight, ROOT)
+    if any(item.originalname == "test_benchmark_tiny" for item in items):
         # its scenario's own limit (default 200 s) raised: beside the two 8-device parts on 2 busy cores it ran
         # past 200 s once (a run with two pytest workers, 2026-11-30)
-        commands["benchmark"] = ([sys.executable, "-m", "benchmarks.sharding", "--tiny", "--no-write", "--scenarios",
-                                  "nvlink", "--timeout", "600"], cpu_env())
-    procs = {name: Launched(cmd, env, tmp_path_factory.mktemp(name)) for name, (cmd, env) in commands.items()}
-    yield procs
-    for p in procs.values():  # a failed test's siblings still running
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait()
+        commands["sharding-benchmark"] = ([sys.executable, "-m", "benchmarks.sharding", "--tiny", "--no-write",
+                                           "--scenarios", "nvlink", "--timeout", "600"], cpu_env(), ROOT)
+    return commands
 
 
 @pytest.mark.parametrize("part", list(EIGHT_DEVICE_PARTS))
-def test_eight_device_suite(launched, part):
+def test_eight_device_suite(background, part):
     """Every strategy's output equals the single-device output (tests/test_sharding_devices.py)."""
-    rc, stdout, stderr = launched[part].wait(timeout=900)
+    rc, stdout, stderr = background[f"eight-{part}"].wait(timeout=1200)
     assert rc == 0, stdout[-4000:] + stderr[-2000:]
     assert "PASSED" in stdout and "SKIPPED" not in stdout, stdout[-2000:]
 
@@ -213,10 +187,25 @@ def test_two_processes_on_localhost(tmp_path):
         assert f"process {i} ok over 4 devices" in out
 
 
-def test_benchmark_tiny(launched):
-    rc, stdout, stderr = launched["benchmark"].wait(timeout=700)
+def test_benchmark_tiny(background):
+    rc, stdout, stderr = background["sharding-benchmark"].wait(timeout=900)
     assert rc == 0, stdout[-3000:] + stderr[-3000:]
     assert "prefill_comm_share" in stdout and "matmul_rs_bidi" in stdout
+
+
+def test_against_nvlink_compares_each_program_with_itself():
+    """benchmarks.sharding.against_nvlink: a host-staged scenario's exposed communication per variant is its time
+    less the same variant's under 'nvlink' in the same invocation, and the hidden share is against XLA's."""
+    from benchmarks.sharding import against_nvlink
+
+    nv = {"scenario": "nvlink",
+          "step_us": {"prefill_xla": 7000.0, "prefill_xla_mb2s": 7400.0, "prefill_xla_mb3s": 7600.0}}
+    p2p = {"scenario": "p2p_disabled_ar_latency",
+           "step_us": {"prefill_xla": 11000.0, "prefill_xla_mb2s": 9400.0, "prefill_nocomm": 7200.0}}
+    got = against_nvlink([p2p, nv, {"scenario": "p2p_disabled", "error": "timed out"}])
+    assert got == {"p2p_disabled_ar_latency": {"xla_exposed_us": 4000.0, "xla_mb2s_exposed_us": 2000.0,
+                                               "xla_mb2s_hidden_share": 0.5}}
+    assert against_nvlink([p2p]) == {}  # no nvlink run: nothing to compare with
 
 
 def test_collective_overlap_tiny():

@@ -163,11 +163,11 @@ def test_microbatched_sharded_engine_equals_single_device(rng, name, tp, strateg
     monkeypatch.setattr(Transformer, "microbatch_min_tokens", 8)
     splits = []
     real = model_module.split_batch
-    monkeypatch.setattr(model_module, "split_batch", lambda b, T, k: splits.append((T, k)) or real(b, T, k))
+    monkeypatch.setattr(model_module, "split_batch", lambda b, cuts: splits.append(cuts) or real(b, cuts))
     ids, prompt = inputs(name)
     engine = sharded_engine(model_for(name), ECFG, mesh_of(tp, 1), strategy=strategy, microbatches=2)
     prefill, decode, tokens = run(engine, ids, prompt)
-    assert splits and set(splits) == {(16, 2)}  # the 16-token steps went as two pieces
+    assert splits and set(splits) == {(0, 8, 16)}  # the 16-token steps went as two pieces
     ref_prefill, ref_decode, ref_tokens = single_device(name)
     assert close(prefill, ref_prefill) < 1e-5
     assert close(decode, ref_decode) < 1e-5
@@ -336,9 +336,9 @@ def test_generate_and_serve_with_tp(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Transformer, "microbatch_min_tokens", 1)
     splits, real = [], model_module.split_batch
-    monkeypatch.setattr(model_module, "split_batch", lambda b, T, k: splits.append((T, k)) or real(b, T, k))
+    monkeypatch.setattr(model_module, "split_batch", lambda b, cuts: splits.append(cuts) or real(b, cuts))
     assert answer(2, microbatches=2) == one
-    assert (32, 2) in splits
+    assert (0, 16, 32) in splits
 
 
 def packed_rows(seed, B=8, T=32):
