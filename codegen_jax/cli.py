@@ -65,10 +65,11 @@ def _add_parallel(p) -> None:
                    "experts are split over (default 1); --tp * --ep devices in all")
     p.add_argument("--tp-strategy", default="auto", help="collective matmuls: auto (by interconnect and message "
                    "size), xla, ring, bidi, sp, allreduce or allreduce_overlap (default auto)")
-    p.add_argument("--tp-microbatches", type=_positive, default=1, help="with --tp: run prefill chunks of at least "
-                   "2 x 256 tokens as this many micro-batches interleaved layer by layer, so one's collectives run "
-                   "under another's matmuls (default 1: off; above 1 it also sets XLA flags: the dot merger off and "
-                   "an all-reduce latency profile for its scheduler, see sharding.strategy.MICROBATCH_XLA_FLAGS)")
+    p.add_argument("--tp-microbatches", type=_positive, default=1, help="with --tp: run prefill chunks as this many "
+                   "micro-batches of at least 256 tokens each (cut at 64-token blocks), interleaved layer by layer, "
+                   "so one's collectives run under another's matmuls (default 1: off; above 1 it also sets XLA "
+                   "flags: the dot merger off and an all-reduce latency profile for its scheduler, see "
+                   "sharding.strategy.MICROBATCH_XLA_FLAGS)")
 
 
 def _add_serve(sub) -> None:

@@ -42,12 +42,12 @@ def make_batch(page_table: jax.Array, kv_lens: jax.Array, q_lens: jax.Array, T: 
 
 def microbatch_cuts(T: int, m: int, align: int = 64) -> tuple[int, ...]:
     """Boundaries (0, ..., T) of m consecutive pieces of T tokens, as equal as whole blocks of `align` tokens allow
-    (the earlier pieces take the remainder; blocks of 1 when T is under m blocks): 2048 in 2 -> (0, 1024, 2048),
-    in 3 -> (0, 704, 1408, 2048); 16 in 3 -> (0, 6, 11, 16)."""
+    (the earlier pieces take the spare blocks, the last piece any tail under a block; blocks of 1 token when T is
+    under m blocks): 2048 in 2 -> (0, 1024, 2048), in 3 -> (0, 704, 1408, 2048); 16 in 3 -> (0, 6, 11, 16)."""
     if not 1 <= m <= T:
         raise ValueError(f"cannot cut {T} tokens into {m} pieces")
     unit = align if T >= m * align else 1
-    blocks, extra = divmod(T // unit, m)  # T's tail beyond whole units goes to the last piece
+    blocks, extra = divmod(T // unit, m)
     cuts = [0]
     for i in range(m):
         cuts.append(cuts[-1] + (blocks + (i < extra)) * unit)
