@@ -1,6 +1,7 @@
 import os
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -25,30 +26,55 @@ def pytest_collection_modifyitems(config, items):
 
 class Launched:
     """A subprocess writing its stdout and stderr to files (pipes left unread while it runs side by side with the
-    others could fill and stall it). `nice`: its scheduling priority (higher yields the CPU to the test process)."""
+    others could fill and stall it), started now or by `start()`. `nice`: its scheduling priority (higher yields
+    the CPU to the test process)."""
 
-    def __init__(self, cmd: list[str], env: dict, out: Path, cwd: Path = ROOT, nice: int = 0):
+    def __init__(self, cmd: list[str], env: dict, out: Path, cwd: Path = ROOT, nice: int = 0, start: bool = True):
         self.stdout_path, self.stderr_path = out / "stdout", out / "stderr"
-        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
-            # nice(1), not a preexec_fn: Python code between fork and exec can deadlock a multithreaded parent
-            self.proc = subprocess.Popen(["nice", "-n", str(nice), *cmd] if nice else cmd, cwd=cwd, env=env,
-                                         stdout=stdout, stderr=stderr)
+        # nice(1), not a preexec_fn: Python code between fork and exec can deadlock a multithreaded parent
+        self.cmd, self.env, self.cwd = ["nice", "-n", str(nice), *cmd] if nice else cmd, env, cwd
+        self.proc: subprocess.Popen | None = None
+        self.started = threading.Event()
+        if start:
+            self.start()
 
-    def wait(self, timeout: float) -> tuple[int, str, str]:
-        """(return code, stdout, stderr) once it exits, killed if that takes longer than `timeout` s."""
+    def start(self) -> None:
+        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
+            self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=stdout, stderr=stderr)
+        self.started.set()
+
+    def wait(self, timeout: float, start_timeout: float = 3600) -> tuple[int, str, str]:
+        """(return code, stdout, stderr) once it exits, killed if that takes longer than `timeout` s after it
+        started (which may be up to `start_timeout` s from now)."""
+        assert self.started.wait(start_timeout), f"{self.cmd} never started"
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            self.kill()
         return self.proc.returncode, self.stdout_path.read_text(), self.stderr_path.read_text()
 
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
-# Long subprocesses of the selected tests, started as soon as collection ends so that they run beside the rest of
-# the suite (whose one process leaves a core idle much of the time) instead of while their tests wait: a test
-# module lists them in `background_commands(items) -> {name: (cmd, env, cwd)}`, given its selected items, and
-# its tests get them from the `background` fixture by name.
+
+# Long subprocesses of the selected tests, run one after another beside the rest of the suite from the end of
+# collection (the suite's one process leaves a core idle much of the time; a 2-core CI box ran them all at once in
+# 2026-12-01's first try, and the sharding benchmark's 600 s ran out), instead of while their tests wait. A test
+# module lists them in `background_commands(items) -> {name: (cmd, env, cwd)}`, given its selected items, in the
+# order its tests need them; its tests get them from the `background` fixture by name.
 BACKGROUND: dict[str, Launched] = {}
+_STOP, _STARTING = threading.Event(), threading.Lock()
+
+
+def _run_in_turn(jobs: list[Launched]) -> None:
+    for job in jobs:
+        with _STARTING:  # none starts once the session has ended
+            if _STOP.is_set():
+                return
+            job.start()
+        job.proc.wait()
 
 
 def pytest_collection_finish(session):
@@ -60,14 +86,17 @@ def pytest_collection_finish(session):
     for module, items in modules.items():
         for name, (cmd, env, cwd) in getattr(module, "background_commands", lambda items: {})(items).items():
             out = Path(tempfile.mkdtemp(prefix=f"codegen-jax-{name}-"))
-            BACKGROUND[name] = Launched(cmd, env, out, cwd=cwd or ROOT, nice=10)
+            BACKGROUND[name] = Launched(cmd, env, out, cwd=cwd or ROOT, nice=10, start=False)
+    if BACKGROUND:
+        threading.Thread(target=_run_in_turn, args=(list(BACKGROUND.values()),), name="background",
+                         daemon=True).start()
 
 
 def pytest_sessionfinish(session):
-    for p in BACKGROUND.values():  # a failed test's siblings still running
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait()
+    with _STARTING:
+        _STOP.set()
+    for job in BACKGROUND.values():  # a failed test's siblings still running
+        job.kill()
 
 
 @pytest.fixture(scope="session")
