@@ -155,8 +155,7 @@ def background_commands(items) -> dict:
             commands[f"eight-{part}"] = ([sys.executable, "-m", "pytest", "-rA", "-p", "no:cacheprovider",
                                           *EIGHT_DEVICE_PARTS[part]], eight, ROOT)
     if any(item.originalname == "test_benchmark_tiny" for item in items):
-        # its scenario's own limit (default 200 s) raised: beside the two 8-device parts on 2 busy cores it ran
-        # past 200 s once (a run with two pytest workers, 2026-11-30)
+        # its scenario's own limit (default 200 s) raised: on 2 busy cores it ran past 200 s once (2026-11-30)
         commands["sharding-benchmark"] = ([sys.executable, "-m", "benchmarks.sharding", "--tiny", "--no-write",
                                            "--scenarios", "nvlink", "--timeout", "600"], cpu_env(), ROOT)
     return commands
