@@ -25,18 +25,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 class Launched:
-    """A subprocess writing its stdout and stderr to files (pipes left unread while it runs side by side with the
-    others could fill and stall it), started now or by `start()`. `nice`: its scheduling priority (higher yields
-    the CPU to the test process)."""
+    """A subprocess, started by `start()`, writing its stdout and stderr to files (pipes left unread while it runs
+    beside the suite could fill and stall it). Niced, so that it yields the CPU to the test process."""
 
-    def __init__(self, cmd: list[str], env: dict, out: Path, cwd: Path = ROOT, nice: int = 0, start: bool = True):
+    def __init__(self, cmd: list[str], env: dict, out: Path, cwd: Path = ROOT):
         self.stdout_path, self.stderr_path = out / "stdout", out / "stderr"
         # nice(1), not a preexec_fn: Python code between fork and exec can deadlock a multithreaded parent
-        self.cmd, self.env, self.cwd = ["nice", "-n", str(nice), *cmd] if nice else cmd, env, cwd
+        self.cmd, self.env, self.cwd = ["nice", "-n", "10", *cmd], env, cwd
         self.proc: subprocess.Popen | None = None
         self.started = threading.Event()
-        if start:
-            self.start()
 
     def start(self) -> None:
         with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
@@ -86,7 +83,7 @@ def pytest_collection_finish(session):
     for module, items in modules.items():
         for name, (cmd, env, cwd) in getattr(module, "background_commands", lambda items: {})(items).items():
             out = Path(tempfile.mkdtemp(prefix=f"codegen-jax-{name}-"))
-            BACKGROUND[name] = Launched(cmd, env, out, cwd=cwd or ROOT, nice=10, start=False)
+            BACKGROUND[name] = Launched(cmd, env, out, cwd=cwd or ROOT)
     if BACKGROUND:
         threading.Thread(target=_run_in_turn, args=(list(BACKGROUND.values()),), name="background",
                          daemon=True).start()

@@ -8,19 +8,16 @@ the benchmark start together and run side by side: each spends most of its time 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, ROOT
 
 from codegen_jax import load_model
 from sharding import distributed
 from sharding import strategy as S
 from sharding.mesh import interconnect, make_mesh, parse_topology
 from sharding.rules import PARAM_AXES, ShardingRules, logical_axes, param_shardings, path_str
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def cpu_env(**extra):
