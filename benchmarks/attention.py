@@ -155,7 +155,8 @@ TRITON_CANDIDATES = [{}, {"num_warps": 8}, {"num_stages": 3}, {"num_warps": 4, "
 
 
 def triton_candidates(shape, N: int) -> list[dict]:
-    """TRITON_CANDIDATES, and for decode the split count halved and doubled and 128-token KV blocks."""
+    """TRITON_CANDIDATES, and for decode the split count halved and doubled, the in-kernel merge at a quarter to
+    twice the default splits, and 128-token KV blocks."""
     from pallas_kernels.attention.triton_paged import TritonAttentionConfig, plan
 
     B, L, S, T = shape
@@ -164,7 +165,10 @@ def triton_candidates(shape, N: int) -> list[dict]:
         base = plan((B, T, HQ, D), (HKV, B * N + 1, S, D), N, TritonAttentionConfig())
         for splits in sorted({max(1, base.num_splits // 2), base.num_splits * 2} - {base.num_splits}):
             out += [{"num_splits": splits}, {"num_splits": splits, "num_stages": 3}]
-        out += [{"combine_in_kernel": True}]
+        # the in-kernel merge reads every split's partial after the others are done: fewer splits may pay there
+        out += [{"combine_in_kernel": True, **({"num_splits": n} if n != base.num_splits else {})}
+                for n in sorted({max(1, base.num_splits // 4), max(1, base.num_splits // 2), base.num_splits,
+                                 base.num_splits * 2})]
         if 128 // S >= 1 and 128 % S == 0:
             out += [{"pages_per_block": 128 // S, "num_warps": 8}, {"pages_per_block": 128 // S, "num_stages": 3}]
     return out

@@ -115,6 +115,18 @@ def test_configs(rng, config):
           config=config)
 
 
+# the in-kernel merge at decode: the group's G rows (rounded to a power of two) of a 16-row tile, the splits in
+# chunks of MERGE_VALUES // (rows * D): one partial chunk (5 splits), several with the last one partial (40
+# splits of 16-split chunks at G=4, D=128), every split its own chunk (G=16, D=256: 2 splits a chunk)
+@pytest.mark.parametrize("Hq,Hkv,D,S,splits", [(8, 2, 128, 16, 5), (8, 2, 128, 16, 40), (2, 2, 64, 32, 7),
+                                                (16, 1, 256, 16, 9)])
+def test_decode_combine_in_kernel(rng, Hq, Hkv, D, S, splits):
+    kv_lens = [S - 1, 40 * S + 3, S + 1, 1, 0, int(rng.integers(1, 12 * S + 1))]
+    q_lens = [1, 1, 1, 1, 0, 1]
+    config = TritonAttentionConfig(pages_per_block=1, num_splits=splits, combine_in_kernel=True)
+    check(rng, T=1, Hq=Hq, Hkv=Hkv, D=D, S=S, kv_lens=kv_lens, q_lens=q_lens, config=config)
+
+
 def test_empty_slots_are_exactly_zero(rng):
     got = check(rng, T=4, Hq=8, Hkv=2, D=128, S=16, kv_lens=[40, 0, 17, 0, 25], q_lens=[3, 0, 1, 0, 0])
     assert np.all(got[[1, 3, 4]] == 0)

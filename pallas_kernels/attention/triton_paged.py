@@ -79,10 +79,11 @@ class TritonAttentionConfig:
     num_stages: Triton's software pipelining depth of the KV loop (loads in flight).
     combine_in_kernel: with several splits, the last split of each query tile to finish merges the tile's
       partial outputs and writes the final rows (a counter per tile, bumped atomically), instead of XLA's
-      combine passes after the kernel: one launch per call instead of 3-5, but the merge runs in one program
-      per tile, its loop over the splits after every other program is done. Off by default: on the H200 it
-      won only at B=8, L=8k, page 64 (78.3 against 85.0 us) and lost elsewhere (31.4 against 12.7 us at B=1,
-      L=2k; benchmarks/results/logs/README.md, session 12); the tuner tries it.
+      combine passes after the kernel: one launch per call (and a memset of the counters) instead of 3-5, but
+      the merge is one program's work after every other program of the tile is done. The merge reads only the
+      group's rows (4 of a 16-row decode tile at G=4) in a few independent [chunk, rows, D] loads; its first
+      form, one dependent load per split, lost everywhere but B=8, L=8k, page 64 on the H200 (31.4 against 12.7
+      us at B=1, L=2k; benchmarks/results/logs/README.md, session 12). Off by default; the tuner tries it.
     """
 
     pages_per_block: int | None = None
@@ -256,7 +257,9 @@ def _kernel(
     m = jnp.full((R,), NEG, jnp.float32)
     l = jnp.zeros((R,), jnp.float32)
     acc, m, l = lax.fori_loop(0, nsteps, body, (acc, m, l))
-    def write_final(o_ref, acc, l):  # the final rows, straight into the caller's [T, Hq, D] layout (dead rows 0)
+
+    def write_final(o_ref, acc, l, q_idx=q_idx, row_live=row_live):
+        # the final rows, straight into the caller's [T, Hq, D] layout (dead rows 0)
         o = jnp.where(row_live[:, None], acc / jnp.where(l == 0, 1.0, l)[:, None], 0.0)
         pltriton.store(o_ref.at[q_idx], o.astype(o_ref.dtype))
 
@@ -272,29 +275,65 @@ def _kernel(
         # acquire-release at GPU scope: the split that arrives last sees every other split's partials. (Plain
         # loads: L1 is not coherent between SMs, but a launch starts with it invalidated and only the one
         # merging program ever reads another split's partials; Pallas' ".cg" modifier fails to lower in JAX
-        # 0.11.2. Volatile loads measured the same: the merge's cost is its serial loop over the splits.)
+        # 0.11.2.)
         arrived = pltriton.atomic_add(count_ref, (jnp.int32(0),), jnp.int32(1))
 
         @pl.when(arrived == splits - 1)
         def _combine():
-            def merge(s, carry):
-                acc, m, l = carry
-                m_s = pltriton.load(mp_ref.at[s])
-                m_new = jnp.maximum(m, m_s)
-                a, b = jnp.exp2(m - m_new), jnp.exp2(m_s - m_new)
-                l = l * a + pltriton.load(lp_ref.at[s]) * b
-                acc = acc * a[:, None] + pltriton.load(op_ref.at[s]) * b[:, None]
-                return acc, m_new, l
-
-            acc, _, l = lax.fori_loop(0, splits, merge, (jnp.zeros((R, D), jnp.float32),
-                                                         jnp.full((R,), NEG, jnp.float32),
-                                                         jnp.zeros((R,), jnp.float32)))
-            write_final(o_ref, acc, l)
+            _merge_splits(op_ref, mp_ref, lp_ref, splits=splits, rows=merge_rows(R, T * G), tile=tile,
+                          n_rows=T * G, group=G, h=h, q_len=q_len,
+                          write_final=functools.partial(write_final, o_ref))
     else:
         o_ref, m_ref, l_ref = out_refs
         o_ref[...] = acc
         m_ref[...] = m
         l_ref[...] = l
+
+
+MERGE_VALUES = 8192  # float32 partial-output values one merge step loads: 64 registers a thread at 4 warps
+
+
+def merge_rows(block_q: int, n_rows: int) -> int:
+    """Rows of a query tile the in-kernel merge reads: the group's T * G rows rounded up to a power of two when
+    one tile holds them all (decode pads 4 rows to 16; the padding repeats the last row), else the tile."""
+    return min(block_q, _next_pow2(n_rows))
+
+
+def _merge_splits(op_ref, mp_ref, lp_ref, *, splits: int, rows: int, tile, n_rows: int, group: int, h, q_len,
+                  write_final):
+    """combine_in_kernel: the last split of a tile to arrive merges every split's partial (o [splits, R, D]
+    unnormalised, running max m and sum l [splits, R], log2 domain) and writes the final rows. Only the tile's
+    first `rows` rows are read, and the splits go in a few independent loads ([chunk, rows, D] each, a static
+    unroll) rather than one dependent load per split: the merge is one program's work after every other
+    program of the tile is done, so its latency is the call's tail."""
+    D = op_ref.shape[-1]
+    RL = rows
+    SP = _next_pow2(splits)
+    r = jnp.arange(RL, dtype=jnp.int32)
+    s_all = jnp.arange(SP, dtype=jnp.int32)[:, None]  # [SP, 1]
+    live_s = jnp.broadcast_to(s_all < splits, (SP, RL))
+    m_all = pltriton.load(mp_ref.at[(s_all, r[None, :])], mask=live_s, other=NEG)  # [SP, RL]
+    l_all = pltriton.load(lp_ref.at[(s_all, r[None, :])], mask=live_s, other=0)
+    m = jnp.max(m_all, axis=0)  # [RL]
+    l = jnp.sum(jnp.where(live_s, jnp.exp2(m_all - m[None, :]), 0.0) * l_all, axis=0)
+    chunk = max(1, min(SP, MERGE_VALUES // (RL * D)))
+    cols = jnp.arange(D, dtype=jnp.int32)
+    acc = jnp.zeros((RL, D), jnp.float32)
+    for c0 in range(0, splits, chunk):  # static: every chunk's loads are independent of the previous merge
+        s = c0 + jnp.arange(chunk, dtype=jnp.int32)  # [C]
+        live = s < splits
+        mc = pltriton.load(mp_ref.at[(s[:, None], r[None, :])], mask=jnp.broadcast_to(live[:, None], (chunk, RL)),
+                           other=NEG)  # [C, RL]
+        w = jnp.where(live[:, None], jnp.exp2(mc - m[None, :]), 0.0)
+        o = pltriton.load(op_ref.at[(s[:, None, None], r[None, :, None], cols[None, None, :])],
+                          mask=jnp.broadcast_to(live[:, None, None], (chunk, RL, D)), other=0)  # [C, RL, D]
+        acc = acc + jnp.sum(o * w[:, :, None], axis=0)
+    # the merged rows' own indices into the caller's [T, Hq, D] (rows past the group repeat the last one)
+    n = jnp.minimum(tile * op_ref.shape[-2] + r, n_rows - 1)
+    t = lax.div(n, group)
+    head = h * group + lax.rem(n, group)
+    q_idx = (t[:, None], head[:, None], cols[None, :])
+    write_final(acc=acc, l=l, q_idx=q_idx, row_live=t < q_len)
 
 
 def paged_attention_triton(
