@@ -169,6 +169,7 @@ def triton_candidates(shape, N: int) -> list[dict]:
         out += [{"combine_in_kernel": True, **({"num_splits": n} if n != base.num_splits else {})}
                 for n in sorted({max(1, base.num_splits // 4), max(1, base.num_splits // 2), base.num_splits,
                                  base.num_splits * 2})]
+        out += [{"combine_in_kernel": True, "num_splits": base.num_splits * 2, "num_stages": 3}]
         if 128 // S >= 1 and 128 % S == 0:
             out += [{"pages_per_block": 128 // S, "num_warps": 8}, {"pages_per_block": 128 // S, "num_stages": 3}]
     return out
