@@ -295,7 +295,24 @@ def wide_configs(D: int, F: int) -> list:
             for bf, bk, ks, bd, bkf, fs in SPLIT_WIDE if split_fits(D, F, bf, bk, ks, bd, bkf, fs)]
 
 
-FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "sweep", "wide", "w8a8",
+def merge_configs(D: int, F: int) -> list:
+    """The "merge" family (T=1): the split path with its partial sums merged in the kernels (TritonMoEConfig.merge):
+    SPLIT_DOT_PICKS on the tensor cores, SWEEP_GEMV at 8 warps and the first four GEMV split picks at 4, rank
+    routing and the bit conversion (these hold the H200's tuned T=1 winners of 91dc255)."""
+    from pallas_kernels.moe import TritonMoEConfig
+
+    gemv = [(bf, bk, ks, bd, bkf, fs, 8) for bf, bk, ks, bd, bkf, fs in SWEEP_GEMV]
+    gemv += [(bf, bk, ks, bd, bkf, fs, 4) for bf, bk, ks, bd, bkf, fs in
+             [(128, 64, 8, 64, 128, 1), (128, 64, 8, 256, 32, 4), (128, 64, 8, 128, 64, 2), (128, 64, 4, 256, 64, 2)]]
+    out = [TritonMoEConfig(block_m=16, block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs,
+                           fused_route="split", topk="rank", merge=True)
+           for bf, bk, ks, bd, bkf, fs in SPLIT_DOT_PICKS if split_fits(D, F, bf, bk, ks, bd, bkf, fs)]
+    return out + [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs,
+                                  num_warps=warps, fused_route="split", topk="rank", dequant="bits", merge=True)
+                  for bf, bk, ks, bd, bkf, fs, warps in gemv if split_fits(D, F, bf, bk, ks, bd, bkf, fs)]
+
+
+FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "sweep", "wide", "merge", "w8a8",
             "mosaic")  # --families
 # what --tune searches unless --families says otherwise: "wide" lost every trial at Qwen3-30B, T=1 on the H200
 # (5a1676f: int8 41.6-48.7 us against the sweep's 38.8, bf16 45.4-57.2 against 44.6), so it is opt-in
@@ -307,7 +324,7 @@ def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048
     """The Triton kernel's candidates at T tokens: plan's choice ("default"), the dot mode over column blocks and
     stages, wider row tiles at T >= 64 ("dot"), the GEMV mode and fused_combine at decode sizes ("gemv",
     "fused"), inline routing, the one-kernel and the split two-kernel paths at T=1 ("inline", "single", "split",
-    "sweep", "wide");
+    "sweep", "wide", "merge");
     `families` picks among them."""
     from pallas_kernels.moe import TritonMoEConfig
     from pallas_kernels.moe.triton_moe import gemv_expected
@@ -334,6 +351,8 @@ def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048
         configs += sweep_configs(D, F)
     if T == 1 and "wide" in families:
         configs += wide_configs(D, F)
+    if T == 1 and "merge" in families:
+        configs += merge_configs(D, F)
     return list(dict.fromkeys(configs))
 
 

@@ -327,6 +327,16 @@ ONE_TOKEN_CONFIGS = {
     # the split path on the tensor cores (the row in a 16-row tile; int8 weights converted for the dot)
     "split-dot16": TritonMoEConfig(block_m=16, block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
                                    fused_route="split", topk="rank"),
+    # merge: the last program of each (expert, F tile) writes h from the k_splits partials, the last of each D
+    # tile the output from the f_splits * K rows; a counter short or past its count leaves h or out unwritten
+    # (garbage) or doubled. One D range (h straight from the one partial), two, and two on the tensor cores (F
+    # ranges: test_split_over_four_d_ranges)
+    "split-s1-merge": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, fused_route="split",
+                                      merge=True),
+    "split-s2-merge": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
+                                      fused_route="split", topk="rank", dequant="bits", merge=True),
+    "split-dot16-merge": TritonMoEConfig(block_m=16, block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
+                                         fused_route="split", topk="rank", merge=True),
 }
 
 
@@ -353,6 +363,9 @@ def test_split_over_four_d_ranges(rng, int8):
     (check_int8 if int8 else check)(rng, 1, 128, 64, 32, 8, config=config)
     # both on the tensor cores
     config = dataclasses.replace(config, block_m=16, k_splits=4)
+    (check_int8 if int8 else check)(rng, 1, 128, 64, 32, 8, config=config)
+    # and merged in the kernels: 4 partials an h tile, 16 rows an output tile
+    config = dataclasses.replace(config, merge=True)
     (check_int8 if int8 else check)(rng, 1, 128, 64, 32, 8, config=config)
 
 
@@ -444,6 +457,13 @@ def test_fused_combine_is_a_tuner_candidate():
     wide = set(wide_configs(D, F))
     assert wide and wide <= set(triton_configs(1, E, K, F, quick=True, families=FAMILIES))
     assert not wide & set(triton_configs(1, E, K, F, quick=True))
+    # the in-kernel merge at T=1, in both modes, both shapes' blocks fitting
+    for shape in ("30b", "235b"):
+        D, F, E, K = SHAPES[shape]
+        merged = [c for c in triton_configs(1, E, K, F, quick=True, D=D) if c.merge]
+        assert {c.block_m == 16 for c in merged} == {True, False}
+        for c in merged:
+            plan(1, D, F, E, K, c, sms=132)
 
 
 def test_moe_one_refuses_a_bad_config(capsys):
@@ -535,7 +555,8 @@ def test_config_validates_itself():
                dict(k_splits=2), dict(k_splits=3, fused_route="split"), dict(block_m=32, fused_route="split"),
                dict(block_m=4, fused_route="split"), dict(w8a8=True, block_m=1, fused_route="split"),
                dict(fused_combine=True, fused_route="split"), dict(f_splits=2), dict(f_splits=3, fused_route="split"),
-               dict(dequant="magic"), dict(topk="sort")):
+               dict(dequant="magic"), dict(topk="sort"), dict(merge=True), dict(merge=True, fused_route="inline"),
+               dict(merge=True, w8a8=True, fused_route="split")):
         with pytest.raises(ValueError):
             TritonMoEConfig(**kw)
     for bm in (1, 2, 4, 8, 16, 128):  # GEMV rows per pass, dot rows
@@ -604,7 +625,11 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
                                     topk="rank", dequant="bits"),
                     TritonMoEConfig(block_m=1, fused_route="inline", topk="rank", dequant="bits"),
                     TritonMoEConfig(block_m=16, block_f=128, block_d=128, block_k=64, block_kf=64, k_splits=8,
-                                    f_splits=2, fused_route="split", topk="rank")]
+                                    f_splits=2, fused_route="split", topk="rank"),
+                    TritonMoEConfig(block_f=128, block_d=64, block_k=64, k_splits=8, fused_route="split",
+                                    topk="rank", dequant="bits", merge=True),
+                    TritonMoEConfig(block_m=16, block_f=128, block_d=128, block_k=64, block_kf=64, k_splits=8,
+                                    f_splits=2, fused_route="split", topk="rank", merge=True)]
     if int8:  # int8 x int8 dots, both routings at T=1
         configs += [TritonMoEConfig(w8a8=True)] + ([TritonMoEConfig(w8a8=True, block_f=64, block_d=64,
                                                                     fused_route="inline"),

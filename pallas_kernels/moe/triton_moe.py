@@ -152,6 +152,12 @@ class TritonMoEConfig:
       91dc255's tune (the tuned table's H200 T=1 entries): bf16 weights on the tensor cores 39.7 us at 30B
       (inline: 42.1) and 94.4 at 235B (inline 94.7); int8 in the GEMV mode 37.3 and 76.1, with the dot and w8a8
       modes 1-5 us behind. At 30B no mode reads int8 faster than ~1.5 TB/s: the programs are latency-bound.
+    merge: (fused_route "split", not w8a8) the two XLA passes between and after the kernels move into them: the
+      last gate/up program of an (expert, F tile) to finish (a counter each, bumped atomically) sums the tile's
+      k_splits partials and writes its h columns, and the last down program of a D tile sums its f_splits * K
+      rows and writes out's columns in x's dtype. One memset (the counters) instead of two fusions and their
+      launches; the sums run in a fixed order, so the result is the same bits every run. Off until a GPU tune
+      picks it.
     w8a8: (int8 weights, the dot mode, fused_route "none", "inline" or "split") the activations go to the tensor
       cores as int8 too: token rows quantised per row (max |x| / 127) before the gate/up kernel, h per (row, F
       tile) inside it ("split": per row, in XLA), so both kernels run int8 x int8 -> int32 dots with no
@@ -184,6 +190,7 @@ class TritonMoEConfig:
     f_splits: int = 1  # fused_route="split": F row ranges per (expert, D tile) of the down kernel
     dequant: str = "bits"  # int8 tiles in the GEMV mode: "bits" (see MAGIC_BITS) or "convert" (sitofp)
     topk: str = "rounds"  # in-kernel routing (inline, single, split): "rounds" of max, or "rank" (_kth_choice)
+    merge: bool = False  # fused_route="split": the partial sums merged in the kernels, not in XLA (see above)
 
     def __post_init__(self):
         for name in ("block_f", "block_k", "block_d", "block_kf"):
@@ -216,6 +223,9 @@ class TritonMoEConfig:
             raise ValueError(f"dequant={self.dequant!r} must be one of {', '.join(DEQUANTS)}")
         if self.topk not in TOPKS:
             raise ValueError(f"topk={self.topk!r} must be one of {', '.join(TOPKS)}")
+        if self.merge and (self.fused_route != "split" or self.w8a8):
+            raise ValueError("merge is the split path's (fused_route='split') and not w8a8's (h's int8 rows take "
+                             "a scale over all of F, which no one program sees)")
         if self.w8a8 and (self.fused_combine or self.fused_route not in ("none", "inline", "split")
                           or (bm is not None and bm < MIN_DOT)):
             raise ValueError("w8a8 runs the dot mode's kernels: block_m >= 16 or None, no fused_combine, "
@@ -239,6 +249,7 @@ class Plan(NamedTuple):
     f_splits: int = 1
     dequant: str = "bits"
     topk: str = "rounds"
+    merge: bool = False
 
     @property
     def gemv(self) -> bool:
@@ -329,7 +340,7 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
             rbk //= 2
     return Plan(bm, bf, bk, bd, bkf, slots, config.num_warps, config.num_stages, config.fused_combine,
                 config.fused_route, rbk, config.w8a8, config.k_splits, config.f_splits, config.dequant,
-                config.topk)
+                config.topk, config.merge)
 
 
 def gemv_expected(T: int, E: int, top_k: int) -> bool:
@@ -822,7 +833,8 @@ def _split_gate_up_kernel(
     x_ref,  # [1, D]
     wg_ref,  # [E, D, F] (int8 when quantised)
     wu_ref,  # [E, D, F]
-    *rest,  # (sg_ref [E, F], su_ref [E, F] float32 when quantised), gu_ref out [k_splits * K * 2, F] float32
+    *rest,  # (sg_ref [E, F], su_ref [E, F] float32 when quantised), gu_ref out [k_splits * K * 2, F] float32;
+    #         with merge: the counters (input, aliased) before gu_ref, then h_ref out [K, F] and the counters out
     top_k: int,
     norm_topk_prob: bool,
     block_f: int,
@@ -832,12 +844,17 @@ def _split_gate_up_kernel(
     topk: str = "rounds",
     dot: bool = False,  # 16-row dots (`_dot_row_pass`) instead of GEMV
     w8a8: bool = False,  # (dot) x rounded to int8 here, int8 x int8 dots
+    merge: bool = False,  # the last of an (expert, F tile)'s programs writes its h columns (TritonMoEConfig.merge)
+    interpret: bool = False,
 ):
     """fused_route="split", gate/up (see TritonMoEConfig): program (k, j, s) writes its expert's partial gate and up
     sums over D rows [s * D / k_splits, ...) for F columns [f0, f0 + block_f), rows 2 (s K + k) and +1 of gu."""
-    gu_ref = rest[-1]
-    k, s, splits = pl.program_id(0), pl.program_id(2), pl.num_programs(2)
-    f0 = pl.multiple_of(pl.program_id(1) * block_f, block_f)
+    if merge:
+        *scales, _, gu_ref, h_ref, count_ref = rest
+    else:
+        *scales, gu_ref = rest
+    k, j, s, splits = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.num_programs(2)
+    f0 = pl.multiple_of(j * block_f, block_f)
     k_len = x_ref.shape[1] // splits
     e, _ = _kth_choice(logits_ref, k, top_k, norm_topk_prob, topk)
     if dot:
@@ -847,11 +864,37 @@ def _split_gate_up_kernel(
         ((g, u),) = _gemv_pass(x_ref, (wg_ref, wu_ref), e, 0, 1, f0, rows=1, block_c=block_f, block_k=block_k,
                                one_token=True, k_lo=s * k_len, k_len=k_len, dequant=dequant)
     if quantized:  # per-column scales: linear, so each partial takes them
-        g = g * rest[0][e, pl.ds(f0, block_f)]
-        u = u * rest[1][e, pl.ds(f0, block_f)]
+        g = g * scales[0][e, pl.ds(f0, block_f)]
+        u = u * scales[1][e, pl.ds(f0, block_f)]
+    S = gu_ref.shape[0] // (2 * top_k)  # k_splits, static
+    if merge and S == 1:  # nothing to merge: h at once
+        h_ref[k, pl.ds(f0, block_f)] = (_silu(g) * u).astype(h_ref.dtype)
+        return
     row = 2 * (s * top_k + k)
     gu_ref[row, pl.ds(f0, block_f)] = g
     gu_ref[row + 1, pl.ds(f0, block_f)] = u
+    if not merge:
+        return
+
+    def merge_tile():  # every split's partials of this tile, summed in split order, then h as XLA would round it
+        rows = 2 * (jnp.arange(S, dtype=jnp.int32)[:, None] * top_k + k)  # [S, 1]
+        cols = f0 + jnp.arange(block_f, dtype=jnp.int32)[None, :]
+        g_all = jnp.sum(pltriton.load(gu_ref.at[(rows, cols)]), axis=0)
+        u_all = jnp.sum(pltriton.load(gu_ref.at[(rows + 1, cols)]), axis=0)
+        h_ref[k, pl.ds(f0, block_f)] = (_silu(g_all) * u_all).astype(h_ref.dtype)
+
+    _last_arrival(count_ref, k * (h_ref.shape[1] // block_f) + j, S, merge_tile, interpret)
+
+
+def _last_arrival(count_ref, index, arrivals: int, then, interpret: bool):
+    """Bumps counter `index` (acquire-release at GPU scope) after this program's stores, and runs `then` in the
+    program that arrives last of `arrivals`: it sees every other program's stores. (Plain loads suffice: a launch
+    starts with L1 invalidated and only the last program reads the others' partials, as in
+    attention/triton_paged.py's in-kernel merge.)"""
+    if not interpret:  # every thread's stores issued before the arrival (the interpreter runs one at a time)
+        pltriton.debug_barrier()
+    arrived = pltriton.atomic_add(count_ref, (index,), jnp.int32(1))
+    pl.when(arrived == arrivals - 1)(then)
 
 
 def _split_down_kernel(
@@ -859,7 +902,8 @@ def _split_down_kernel(
     h_ref,  # [K, F] h of each choice (x's dtype; int8 with w8a8)
     wd_ref,  # [E, F, D] (int8 when quantised)
     *rest,  # (sd_ref [E, D] float32 when quantised), (hs_ref [K] float32 h row scales with w8a8),
-    #         o_ref out [f_splits * K, D] float32
+    #         o_ref out [f_splits * K, D] float32; with merge: the counters (input, aliased) before o_ref, then
+    #         out_ref [1, D] in x's dtype and the counters out
     top_k: int,
     norm_topk_prob: bool,
     block_d: int,
@@ -869,36 +913,52 @@ def _split_down_kernel(
     topk: str = "rounds",
     dot: bool = False,  # 16-row dots (`_dot_row_pass`) instead of GEMV
     w8a8: bool = False,  # (dot) h comes as int8 rows with a scale each: int8 x int8 dots
+    merge: bool = False,  # the last of a D tile's programs writes out's columns (TritonMoEConfig.merge)
+    count_base: int = 0,  # (merge) the first of the D tiles' counters
+    interpret: bool = False,
 ):
     """fused_route="split", down: program (k, i, r) writes o[r K + k, i-th D tile] = w_k * (h_k[range r] @
     Wd[e_k, range r, tile]) over the r-th of f_splits F ranges."""
-    o_ref = rest[-1]
-    k, r = pl.program_id(0), pl.program_id(2)
+    if merge:
+        *ins, _, o_ref, out_ref, count_ref = rest
+    else:
+        *ins, o_ref = rest
+    k, i, r = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     f_len = wd_ref.shape[1] // pl.num_programs(2)
-    d0 = pl.multiple_of(pl.program_id(1) * block_d, block_d)
+    d0 = pl.multiple_of(i * block_d, block_d)
     e, w = _kth_choice(logits_ref, k, top_k, norm_topk_prob, topk)
     if dot:
         (o,) = _dot_row_pass(h_ref, k, (wd_ref,), e, d0, block_c=block_d, block_k=block_kf, k_lo=r * f_len,
                              k_len=f_len, quantize=False)
-        o = o * (w * rest[1][k] if w8a8 else w)
-        if quantized:
-            o = o * rest[0][e, pl.ds(d0, block_d)]
-        o_ref[r * top_k + k, pl.ds(d0, block_d)] = o
-        return
-    acc2d = block_kf * block_d <= GEMV_ACC2D_MAX  # reduce over F once after the loop (see _gemv_pass)
+        o = o * (w * ins[1][k] if w8a8 else w)
+    else:
+        acc2d = block_kf * block_d <= GEMV_ACC2D_MAX  # reduce over F once after the loop (see _gemv_pass)
 
-    def step(i, acc):
-        f0 = pl.multiple_of(r * f_len + i * block_kf, block_kf)
-        h = h_ref[k, pl.ds(f0, block_kf)].astype(jnp.float32)  # [BKF]
-        y = h[:, None] * _to_f32(wd_ref[e, pl.ds(f0, block_kf), pl.ds(d0, block_d)], dequant)  # [BKF, BD]
-        return acc + (y if acc2d else jnp.sum(y, axis=0))
+        def step(n, acc):
+            f0 = pl.multiple_of(r * f_len + n * block_kf, block_kf)
+            h = h_ref[k, pl.ds(f0, block_kf)].astype(jnp.float32)  # [BKF]
+            y = h[:, None] * _to_f32(wd_ref[e, pl.ds(f0, block_kf), pl.ds(d0, block_d)], dequant)  # [BKF, BD]
+            return acc + (y if acc2d else jnp.sum(y, axis=0))
 
-    acc = lax.fori_loop(0, f_len // block_kf, step,
-                        jnp.zeros((block_kf, block_d) if acc2d else (block_d,), jnp.float32))
-    o = (jnp.sum(acc, axis=0) if acc2d else acc) * w
+        acc = lax.fori_loop(0, f_len // block_kf, step,
+                            jnp.zeros((block_kf, block_d) if acc2d else (block_d,), jnp.float32))
+        o = (jnp.sum(acc, axis=0) if acc2d else acc) * w
     if quantized:
-        o = o * rest[0][e, pl.ds(d0, block_d)]
+        o = o * ins[0][e, pl.ds(d0, block_d)]
     o_ref[r * top_k + k, pl.ds(d0, block_d)] = o
+    if not merge:
+        return
+    KR = o_ref.shape[0]
+
+    def merge_tile():  # the tile's f_splits * K rows summed in row order, cast as XLA's sum would be
+        P = _next_pow2(KR)
+        rows = jnp.arange(P, dtype=jnp.int32)[:, None]
+        cols = d0 + jnp.arange(block_d, dtype=jnp.int32)[None, :]
+        rows_c = jnp.minimum(rows, KR - 1)
+        part = pltriton.load(o_ref.at[(rows_c, cols)], mask=jnp.broadcast_to(rows < KR, (P, block_d)), other=0)
+        out_ref[0, pl.ds(d0, block_d)] = jnp.sum(part, axis=0).astype(out_ref.dtype)
+
+    _last_arrival(count_ref, count_base + i, KR, merge_tile, interpret)
 
 
 def _route_kernel(
@@ -1190,34 +1250,50 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
     def full(shape):  # whole arrays: the kernels index them themselves
         return pl.BlockSpec(shape, lambda *ids: (0,) * len(shape))
 
-    args = (logits, x, ws[0], ws[1], *([w_gate.scale, w_up.scale] if quantized else []))
+    merge = plan.merge
+    nF, nD = F // bf, D // bd
+    # merge: one counter per (expert, F tile) for the gate/up kernel, then one per D tile for the down kernel
+    counts = [jnp.zeros((top_k * nF + nD,), jnp.int32)] if merge else []
+    count_shape = jax.ShapeDtypeStruct((top_k * nF + nD,), jnp.int32)
+    args = (logits, x, ws[0], ws[1], *([w_gate.scale, w_up.scale] if quantized else []), *counts)
+    gu_shape = jax.ShapeDtypeStruct((S * top_k * 2, F), jnp.float32)
     gu = pl.pallas_call(
         functools.partial(_split_gate_up_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_f=bf, block_k=bk,
-                          quantized=quantized, **mode),
-        grid=(top_k, F // bf, S),
+                          quantized=quantized, merge=merge, interpret=interpret, **mode),
+        grid=(top_k, nF, S),
         in_specs=[full(a.shape) for a in args],
-        out_specs=full((S * top_k * 2, F)),
-        out_shape=jax.ShapeDtypeStruct((S * top_k * 2, F), jnp.float32),
+        out_specs=[full(gu_shape.shape), full((top_k, F)), full(count_shape.shape)] if merge else full(gu_shape.shape),
+        out_shape=[gu_shape, jax.ShapeDtypeStruct((top_k, F), x.dtype), count_shape] if merge else gu_shape,
+        input_output_aliases={len(args) - 1: 2} if merge else {},
         compiler_params=params,
         interpret=interpret,
-        name=f"moe_split_gate_up{tag}_bf{bf}_bk{bk}_s{S}",
+        name=f"moe_split_gate_up{tag}_bf{bf}_bk{bk}_s{S}{'_merge' if merge else ''}",
     )(*args)
-    # h once, in XLA (a few KB): every down program reading all k_splits partials of its F range and applying
-    # SiLU itself re-read as many bytes from L2 as its weight tile (the first H200 profile: 22.5 of 41 us)
-    g, u = jnp.sum(gu.reshape(S, top_k, 2, F), axis=0).transpose(1, 0, 2)
-    h = jax.nn.silu(g) * u
-    # [K, F], rounded as the reference's h; with w8a8 to int8, a scale per row
-    h, h_scale = _quantize_rows(h) if plan.w8a8 else (h.astype(x.dtype), None)
-    args = (logits, h, ws[2], *([w_down.scale] if quantized else []), *([h_scale] if plan.w8a8 else []))
+    if merge:
+        _, h, count = gu
+    else:
+        # h once, in XLA (a few KB): every down program reading all k_splits partials of its F range and applying
+        # SiLU itself re-read as many bytes from L2 as its weight tile (the first H200 profile: 22.5 of 41 us)
+        g, u = jnp.sum(gu.reshape(S, top_k, 2, F), axis=0).transpose(1, 0, 2)
+        h = jax.nn.silu(g) * u
+        # [K, F], rounded as the reference's h; with w8a8 to int8, a scale per row
+        h, h_scale = _quantize_rows(h) if plan.w8a8 else (h.astype(x.dtype), None)
+    args = (logits, h, ws[2], *([w_down.scale] if quantized else []), *([h_scale] if plan.w8a8 else []),
+            *([count] if merge else []))
+    o_shape = jax.ShapeDtypeStruct((R * top_k, D), jnp.float32)
     out = pl.pallas_call(
         functools.partial(_split_down_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_d=bd,
-                          block_kf=bkf, quantized=quantized, **mode),
-        grid=(top_k, D // bd, R),
+                          block_kf=bkf, quantized=quantized, merge=merge, count_base=top_k * nF, interpret=interpret,
+                          **mode),
+        grid=(top_k, nD, R),
         in_specs=[full(a.shape) for a in args],
-        out_specs=full((R * top_k, D)),
-        out_shape=jax.ShapeDtypeStruct((R * top_k, D), jnp.float32),
+        out_specs=[full(o_shape.shape), full((1, D)), full(count_shape.shape)] if merge else full(o_shape.shape),
+        out_shape=[o_shape, jax.ShapeDtypeStruct((1, D), x.dtype), count_shape] if merge else o_shape,
+        input_output_aliases={len(args) - 1: 2} if merge else {},
         compiler_params=params,
         interpret=interpret,
-        name=f"moe_split_down{tag}_bd{bd}_bkf{bkf}_r{R}",
+        name=f"moe_split_down{tag}_bd{bd}_bkf{bkf}_r{R}{'_merge' if merge else ''}",
     )(*args)
+    if merge:
+        return out[1]
     return jnp.sum(out, axis=0, keepdims=True).astype(x.dtype)
