@@ -44,6 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.attention.common import output_rows
+from pallas_kernels.triton_sync import last_arrival
 
 LOG2E = math.log2(math.e)
 NEG = -1e30  # finite "minus infinity": a fully masked row keeps exp2(NEG - NEG) finite
@@ -270,19 +271,11 @@ def _kernel(
         op_ref.at[split][...] = acc
         mp_ref.at[split][...] = m
         lp_ref.at[split][...] = l
-        if not interpret:  # every thread's stores issued before the arrival (the interpreter runs one at a time)
-            pltriton.debug_barrier()
-        # acquire-release at GPU scope: the split that arrives last sees every other split's partials. (Plain
-        # loads: L1 is not coherent between SMs, but a launch starts with it invalidated and only the one
-        # merging program ever reads another split's partials; Pallas' ".cg" modifier fails to lower in JAX
-        # 0.11.2.)
-        arrived = pltriton.atomic_add(count_ref, (jnp.int32(0),), jnp.int32(1))
-
-        @pl.when(arrived == splits - 1)
-        def _combine():
-            _merge_splits(op_ref, mp_ref, lp_ref, splits=splits, rows=merge_rows(R, T * G), tile=tile,
-                          n_rows=T * G, group=G, h=h, q_len=q_len,
-                          write_final=functools.partial(write_final, o_ref))
+        last_arrival(count_ref, jnp.int32(0), splits,
+                     lambda: _merge_splits(op_ref, mp_ref, lp_ref, splits=splits, rows=merge_rows(R, T * G), tile=tile,
+                                           n_rows=T * G, group=G, h=h, q_len=q_len,
+                                           write_final=functools.partial(write_final, o_ref)),
+                     interpret)
     else:
         o_ref, m_ref, l_ref = out_refs
         o_ref[...] = acc

@@ -55,6 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.moe.reference import QuantizedWeight, route
+from pallas_kernels.triton_sync import last_arrival
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 MIN_DOT = 16  # Triton's tl.dot needs M, N, K >= 16
@@ -883,18 +884,7 @@ def _split_gate_up_kernel(
         u_all = jnp.sum(pltriton.load(gu_ref.at[(rows + 1, cols)]), axis=0)
         h_ref[k, pl.ds(f0, block_f)] = (_silu(g_all) * u_all).astype(h_ref.dtype)
 
-    _last_arrival(count_ref, k * (h_ref.shape[1] // block_f) + j, S, merge_tile, interpret)
-
-
-def _last_arrival(count_ref, index, arrivals: int, then, interpret: bool):
-    """Bumps counter `index` (acquire-release at GPU scope) after this program's stores, and runs `then` in the
-    program that arrives last of `arrivals`: it sees every other program's stores. (Plain loads suffice: a launch
-    starts with L1 invalidated and only the last program reads the others' partials, as in
-    attention/triton_paged.py's in-kernel merge.)"""
-    if not interpret:  # every thread's stores issued before the arrival (the interpreter runs one at a time)
-        pltriton.debug_barrier()
-    arrived = pltriton.atomic_add(count_ref, (index,), jnp.int32(1))
-    pl.when(arrived == arrivals - 1)(then)
+    last_arrival(count_ref, k * (h_ref.shape[1] // block_f) + j, S, merge_tile, interpret)
 
 
 def _split_down_kernel(
@@ -958,7 +948,7 @@ def _split_down_kernel(
         part = pltriton.load(o_ref.at[(rows_c, cols)], mask=jnp.broadcast_to(rows < KR, (P, block_d)), other=0)
         out_ref[0, pl.ds(d0, block_d)] = jnp.sum(part, axis=0).astype(out_ref.dtype)
 
-    _last_arrival(count_ref, count_base + i, KR, merge_tile, interpret)
+    last_arrival(count_ref, count_base + i, KR, merge_tile, interpret)
 
 
 def _route_kernel(
