@@ -19,8 +19,9 @@ fused_combine (the weighted combine inside the down kernel, routing in XLA or in
 and at T=1 fused_route="inline" (each gate/up program routes the token itself: 4 launches with the per-slot down
 kernel), fused_route="single" (one kernel: gate/up and the down projection's partial sums, added atomically) and
 fused_route="split" (two kernels of many short programs; "merge": their partial sums merged by the last program
-of each tile, no XLA pass between or after them); with int8 weights also w8a8 (int8 activations: int8 x int8 dots). --families limits the search to some of these
-(e.g. `--families dot,inline,single`), --formats to bf16 or int8 weights.
+of each tile, no XLA pass between or after them); with int8 weights also w8a8 (int8 activations: int8 x int8
+dots). --families limits the search to some of these (e.g. `--families dot,inline,single`), --formats to bf16 or
+int8 weights.
 
 The result JSON is rewritten after every tuned T and every benchmarked shape, so a run cut off by a time limit
 keeps what it measured.
