@@ -210,9 +210,11 @@ def _kernel(
     # query row n = t * G + g of this KV head is query head h * G + g of new token t; the last tile's rows past
     # the group repeat its last row (the same values computed twice and stored to the same place, so stores
     # need no mask and no two lanes of a store ever write different values to one address)
-    n = jnp.minimum(tile * R + jnp.arange(R, dtype=jnp.int32), T * G - 1)  # [R]
-    t = lax.div(n, G)
-    head = h * G + lax.rem(n, G)
+    def tile_rows(count: int):  # (token t, query head) of the tile's first `count` rows
+        n = jnp.minimum(tile * R + jnp.arange(count, dtype=jnp.int32), T * G - 1)
+        return lax.div(n, G), h * G + lax.rem(n, G)
+
+    t, head = tile_rows(R)  # [R]
     row_live = t < q_len
     qpos = jnp.where(row_live, kv_len - q_len + t, -1)  # [R]; -1 sees nothing
     cols = jnp.arange(D, dtype=jnp.int32)
@@ -259,10 +261,14 @@ def _kernel(
     l = jnp.zeros((R,), jnp.float32)
     acc, m, l = lax.fori_loop(0, nsteps, body, (acc, m, l))
 
-    def write_final(o_ref, acc, l, q_idx=q_idx, row_live=row_live):
-        # the final rows, straight into the caller's [T, Hq, D] layout (dead rows 0)
-        o = jnp.where(row_live[:, None], acc / jnp.where(l == 0, 1.0, l)[:, None], 0.0)
-        pltriton.store(o_ref.at[q_idx], o.astype(o_ref.dtype))
+    def write_final(o_ref, acc, l):
+        # the tile's first acc.shape[0] rows, straight into the caller's [T, Hq, D] layout (dead rows 0)
+        idx, live = q_idx, row_live
+        if acc.shape[0] != R:  # the in-kernel merge's rows (merge_rows)
+            t_, head_ = tile_rows(acc.shape[0])
+            idx, live = (t_[:, None], head_[:, None], cols[None, :]), t_ < q_len
+        o = jnp.where(live[:, None], acc / jnp.where(l == 0, 1.0, l)[:, None], 0.0)
+        pltriton.store(o_ref.at[idx], o.astype(o_ref.dtype))
 
     if normalise:  # one split
         write_final(out_refs[0], acc, l)
@@ -272,9 +278,7 @@ def _kernel(
         mp_ref.at[split][...] = m
         lp_ref.at[split][...] = l
         last_arrival(count_ref, jnp.int32(0), splits,
-                     lambda: _merge_splits(op_ref, mp_ref, lp_ref, splits=splits, rows=merge_rows(R, T * G), tile=tile,
-                                           n_rows=T * G, group=G, h=h, q_len=q_len,
-                                           write_final=functools.partial(write_final, o_ref)),
+                     lambda: write_final(o_ref, *_merge_splits(op_ref, mp_ref, lp_ref, splits, merge_rows(R, T * G))),
                      interpret)
     else:
         o_ref, m_ref, l_ref = out_refs
@@ -292,41 +296,34 @@ def merge_rows(block_q: int, n_rows: int) -> int:
     return min(block_q, _next_pow2(n_rows))
 
 
-def _merge_splits(op_ref, mp_ref, lp_ref, *, splits: int, rows: int, tile, n_rows: int, group: int, h, q_len,
-                  write_final):
+def _merge_splits(op_ref, mp_ref, lp_ref, splits: int, rows: int):
     """combine_in_kernel: the last split of a tile to arrive merges every split's partial (o [splits, R, D]
-    unnormalised, running max m and sum l [splits, R], log2 domain) and writes the final rows. Only the tile's
-    first `rows` rows are read, and the splits go in a few independent loads ([chunk, rows, D] each, a static
-    unroll) rather than one dependent load per split: the merge is one program's work after every other
-    program of the tile is done, so its latency is the call's tail."""
+    unnormalised, running max m and sum l [splits, R], log2 domain) into (acc [rows, D], l [rows]) for
+    `write_final`. Only the tile's first `rows` rows are read, and the splits go in a few independent loads
+    ([chunk, rows, D] each, a static unroll) rather than one dependent load per split: the merge is one
+    program's work after every other program of the tile is done, so its latency is the call's tail."""
     D = op_ref.shape[-1]
-    RL = rows
     SP = _next_pow2(splits)
-    r = jnp.arange(RL, dtype=jnp.int32)
+    r = jnp.arange(rows, dtype=jnp.int32)
     s_all = jnp.arange(SP, dtype=jnp.int32)[:, None]  # [SP, 1]
-    live_s = jnp.broadcast_to(s_all < splits, (SP, RL))
-    m_all = pltriton.load(mp_ref.at[(s_all, r[None, :])], mask=live_s, other=NEG)  # [SP, RL]
+    live_s = jnp.broadcast_to(s_all < splits, (SP, rows))
+    m_all = pltriton.load(mp_ref.at[(s_all, r[None, :])], mask=live_s, other=NEG)  # [SP, rows]
     l_all = pltriton.load(lp_ref.at[(s_all, r[None, :])], mask=live_s, other=0)
-    m = jnp.max(m_all, axis=0)  # [RL]
+    m = jnp.max(m_all, axis=0)  # [rows]
     l = jnp.sum(jnp.where(live_s, jnp.exp2(m_all - m[None, :]), 0.0) * l_all, axis=0)
-    chunk = max(1, min(SP, MERGE_VALUES // (RL * D)))
+    chunk = max(1, min(SP, MERGE_VALUES // (rows * D)))
     cols = jnp.arange(D, dtype=jnp.int32)
-    acc = jnp.zeros((RL, D), jnp.float32)
+    acc = jnp.zeros((rows, D), jnp.float32)
     for c0 in range(0, splits, chunk):  # static: every chunk's loads are independent of the previous merge
         s = c0 + jnp.arange(chunk, dtype=jnp.int32)  # [C]
         live = s < splits
-        mc = pltriton.load(mp_ref.at[(s[:, None], r[None, :])], mask=jnp.broadcast_to(live[:, None], (chunk, RL)),
-                           other=NEG)  # [C, RL]
+        mc = pltriton.load(mp_ref.at[(s[:, None], r[None, :])], mask=jnp.broadcast_to(live[:, None], (chunk, rows)),
+                           other=NEG)  # [C, rows]
         w = jnp.where(live[:, None], jnp.exp2(mc - m[None, :]), 0.0)
         o = pltriton.load(op_ref.at[(s[:, None, None], r[None, :, None], cols[None, None, :])],
-                          mask=jnp.broadcast_to(live[:, None, None], (chunk, RL, D)), other=0)  # [C, RL, D]
+                          mask=jnp.broadcast_to(live[:, None, None], (chunk, rows, D)), other=0)  # [C, rows, D]
         acc = acc + jnp.sum(o * w[:, :, None], axis=0)
-    # the merged rows' own indices into the caller's [T, Hq, D] (rows past the group repeat the last one)
-    n = jnp.minimum(tile * op_ref.shape[-2] + r, n_rows - 1)
-    t = lax.div(n, group)
-    head = h * group + lax.rem(n, group)
-    q_idx = (t[:, None], head[:, None], cols[None, :])
-    write_final(acc=acc, l=l, q_idx=q_idx, row_live=t < q_len)
+    return acc, l
 
 
 def paged_attention_triton(

@@ -854,9 +854,10 @@ def _split_gate_up_kernel(
         *scales, _, gu_ref, h_ref, count_ref = rest
     else:
         *scales, gu_ref = rest
-    k, j, s, splits = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.num_programs(2)
+    k, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    S = gu_ref.shape[0] // (2 * top_k)  # k_splits
     f0 = pl.multiple_of(j * block_f, block_f)
-    k_len = x_ref.shape[1] // splits
+    k_len = x_ref.shape[1] // S
     e, _ = _kth_choice(logits_ref, k, top_k, norm_topk_prob, topk)
     if dot:
         g, u = _dot_row_pass(x_ref, 0, (wg_ref, wu_ref), e, f0, block_c=block_f, block_k=block_k, k_lo=s * k_len,
@@ -867,7 +868,6 @@ def _split_gate_up_kernel(
     if quantized:  # per-column scales: linear, so each partial takes them
         g = g * scales[0][e, pl.ds(f0, block_f)]
         u = u * scales[1][e, pl.ds(f0, block_f)]
-    S = gu_ref.shape[0] // (2 * top_k)  # k_splits, static
     if merge and S == 1:  # nothing to merge: h at once
         h_ref[k, pl.ds(f0, block_f)] = (_silu(g) * u).astype(h_ref.dtype)
         return
@@ -944,8 +944,7 @@ def _split_down_kernel(
         P = _next_pow2(KR)
         rows = jnp.arange(P, dtype=jnp.int32)[:, None]
         cols = d0 + jnp.arange(block_d, dtype=jnp.int32)[None, :]
-        rows_c = jnp.minimum(rows, KR - 1)
-        part = pltriton.load(o_ref.at[(rows_c, cols)], mask=jnp.broadcast_to(rows < KR, (P, block_d)), other=0)
+        part = pltriton.load(o_ref.at[(rows, cols)], mask=jnp.broadcast_to(rows < KR, (P, block_d)), other=0)
         out_ref[0, pl.ds(d0, block_d)] = jnp.sum(part, axis=0).astype(out_ref.dtype)
 
     last_arrival(count_ref, count_base + i, KR, merge_tile, interpret)
