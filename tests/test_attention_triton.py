@@ -181,6 +181,13 @@ def test_plan_defaults():
     # small pages are grouped up to the dot's 16-token minimum; splits never exceed the blocks
     p = plan((1, 1, 8, 256), (1, 10, 8, 256), 3, TritonAttentionConfig(pages_per_block=1), sms=132)
     assert (p.pages_per_block, p.block_kv, p.num_splits) == (2, 16, 2)
+    # B=1, 32k tokens: 512 blocks over about 264 programs' worth of splits (33) is 16 blocks each, which 32 cover
+    p = plan((1, 1, 32, 128), (8, 2049, 16, 128), 2048, c, sms=132)
+    assert (p.block_kv, p.num_splits) == (64, 32)
+    # 7 blocks at 5 splits would be 2, 2, 2, 1, 0: 4 splits of 2 blocks; a config's own count is kept
+    p = plan((8, 1, 32, 128), (8, 57, 64, 128), 7, c, sms=132)
+    assert (p.block_kv, p.num_splits) == (64, 4)
+    assert plan((8, 1, 32, 128), (8, 57, 64, 128), 7, TritonAttentionConfig(num_splits=5), sms=132).num_splits == 5
 
 
 def test_picked_on_nvidia_and_for_hopper_decode(monkeypatch):
