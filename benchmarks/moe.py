@@ -19,9 +19,9 @@ fused_combine (the weighted combine inside the down kernel, routing in XLA or in
 and at T=1 fused_route="inline" (each gate/up program routes the token itself: 4 launches with the per-slot down
 kernel), fused_route="single" (one kernel: gate/up and the down projection's partial sums, added atomically) and
 fused_route="split" (two kernels of many short programs; "merge": their partial sums merged by the last program
-of each tile, no XLA pass between or after them); with int8 weights also w8a8 (int8 activations: int8 x int8
-dots). --families limits the search to some of these (e.g. `--families dot,inline,single`), --formats to bf16 or
-int8 weights.
+of each tile, no XLA pass between or after them; "one": those in one launch); with int8 weights also w8a8 (int8
+activations: int8 x int8 dots). --families limits the search to some of these (e.g. `--families dot,inline,single`),
+--formats to bf16 or int8 weights.
 
 The result JSON is rewritten after every tuned T and every benchmarked shape, so a run cut off by a time limit
 keeps what it measured.
@@ -314,7 +314,12 @@ def merge_configs(D: int, F: int) -> list:
                   for bf, bk, ks, bd, bkf, fs, warps in gemv if split_fits(D, F, bf, bk, ks, bd, bkf, fs)]
 
 
-FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "sweep", "wide", "merge", "w8a8",
+def one_launch_configs(D: int, F: int) -> list:
+    """The "one" family (T=1): the "merge" family with both kernels in one launch (TritonMoEConfig.one_launch)."""
+    return [dataclasses.replace(c, one_launch=True) for c in merge_configs(D, F)]
+
+
+FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "sweep", "wide", "merge", "one", "w8a8",
             "mosaic")  # --families
 # what --tune searches unless --families says otherwise: "wide" lost every trial at Qwen3-30B, T=1 on the H200
 # (5a1676f: int8 41.6-48.7 us against the sweep's 38.8, bf16 45.4-57.2 against 44.6), so it is opt-in
@@ -326,7 +331,7 @@ def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048
     """The Triton kernel's candidates at T tokens: plan's choice ("default"), the dot mode over column blocks and
     stages, wider row tiles at T >= 64 ("dot"), the GEMV mode and fused_combine at decode sizes ("gemv",
     "fused"), inline routing, the one-kernel and the split two-kernel paths at T=1 ("inline", "single", "split",
-    "sweep", "wide", "merge");
+    "sweep", "wide", "merge", "one");
     `families` picks among them."""
     from pallas_kernels.moe import TritonMoEConfig
     from pallas_kernels.moe.triton_moe import gemv_expected
@@ -355,6 +360,8 @@ def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048
         configs += wide_configs(D, F)
     if T == 1 and "merge" in families:
         configs += merge_configs(D, F)
+    if T == 1 and "one" in families:
+        configs += one_launch_configs(D, F)
     return list(dict.fromkeys(configs))
 
 

@@ -337,6 +337,15 @@ ONE_TOKEN_CONFIGS = {
                                       fused_route="split", topk="rank", dequant="bits", merge=True),
     "split-dot16-merge": TritonMoEConfig(block_m=16, block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
                                          fused_route="split", topk="rank", merge=True),
+    # one_launch: both merged kernels in one launch, work by ticket, the down work after its expert's h tiles. A
+    # ticket decoded wrong leaves a tile unwritten or written twice; on the GPU a down program that did not wait
+    # for its h would read it unwritten (the interpreter runs tickets in order). One D range and two, both modes
+    "split-s1-one": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, fused_route="split",
+                                    merge=True, one_launch=True),
+    "split-s2-one": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
+                                    fused_route="split", topk="rank", dequant="bits", merge=True, one_launch=True),
+    "split-dot16-one": TritonMoEConfig(block_m=16, block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
+                                       fused_route="split", topk="rank", merge=True, one_launch=True),
 }
 
 
@@ -369,6 +378,9 @@ def test_split_over_four_d_ranges(rng, int8):
     config = dataclasses.replace(config, merge=True)
     (check_int8 if int8 else check)(rng, 1, 128, 64, 32, 8, config=config)
     (check_int8 if int8 else check)(rng, 1, 8, 64, 32, 3, config=config)
+    # and in one launch, the down work taking 8 (expert, D tile, F range) tickets per choice
+    config = dataclasses.replace(config, one_launch=True)
+    (check_int8 if int8 else check)(rng, 1, 128, 64, 32, 8, config=config)
 
 
 @pytest.mark.parametrize("config", ["inline-dot16", "single-bd16", "split-s2", "split-s2-rank-bits"])
@@ -558,7 +570,8 @@ def test_config_validates_itself():
                dict(block_m=4, fused_route="split"), dict(w8a8=True, block_m=1, fused_route="split"),
                dict(fused_combine=True, fused_route="split"), dict(f_splits=2), dict(f_splits=3, fused_route="split"),
                dict(dequant="magic"), dict(topk="sort"), dict(merge=True), dict(merge=True, fused_route="inline"),
-               dict(merge=True, w8a8=True, fused_route="split")):
+               dict(merge=True, w8a8=True, fused_route="split"),
+               dict(one_launch=True, fused_route="split")):
         with pytest.raises(ValueError):
             TritonMoEConfig(**kw)
     for bm in (1, 2, 4, 8, 16, 128):  # GEMV rows per pass, dot rows
@@ -631,7 +644,11 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
                     TritonMoEConfig(block_f=128, block_d=64, block_k=64, k_splits=8, fused_route="split",
                                     topk="rank", dequant="bits", merge=True),
                     TritonMoEConfig(block_m=16, block_f=128, block_d=128, block_k=64, block_kf=64, k_splits=8,
-                                    f_splits=2, fused_route="split", topk="rank", merge=True)]
+                                    f_splits=2, fused_route="split", topk="rank", merge=True),
+                    TritonMoEConfig(block_f=128, block_d=64, block_k=64, k_splits=8, fused_route="split",
+                                    topk="rank", dequant="bits", merge=True, one_launch=True),
+                    TritonMoEConfig(block_m=16, block_f=128, block_d=128, block_k=64, block_kf=64, k_splits=8,
+                                    f_splits=2, fused_route="split", topk="rank", merge=True, one_launch=True)]
     if int8:  # int8 x int8 dots, both routings at T=1
         configs += [TritonMoEConfig(w8a8=True)] + ([TritonMoEConfig(w8a8=True, block_f=64, block_d=64,
                                                                     fused_route="inline"),
@@ -645,5 +662,5 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
             fn = jax.jit(lambda *a, c=config: moe_triton(*a, top_k=top_k, norm_topk_prob=True, config=c))
             text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
             routed = config is not None and config.fused_route in ("topk", "all")
-            single = config is not None and config.fused_route == "single"
+            single = config is not None and (config.fused_route == "single" or config.one_launch)
             assert text.count("__gpu$xla.gpu.triton") == (1 if single else 2 + routed)

@@ -55,7 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.moe.reference import QuantizedWeight, route
-from pallas_kernels.triton_sync import last_arrival
+from pallas_kernels.triton_sync import arrive, last_arrival, wait_for
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 MIN_DOT = 16  # Triton's tl.dot needs M, N, K >= 16
@@ -159,6 +159,12 @@ class TritonMoEConfig:
       rows and writes out's columns in x's dtype. One memset (the counters) instead of two fusions and their
       launches; the sums run in a fixed order, so the result is the same bits every run. Off until a GPU tune
       picks it.
+    one_launch: (merge) both kernels in one launch (`_split_one_launch_kernel`): each program takes a ticket from
+      an atomic counter; the first K * F / block_f * k_splits tickets are gate/up work, the rest down work, in
+      that order, and a down program waits until every h tile of its expert is written (a counter per expert).
+      Taking roles by ticket rather than by program id means a waiting program only waits on programs that have
+      already started, so it cannot deadlock however the GPU schedules them; the down programs' launch and
+      start overlap the gate/up programs' tail instead of following it.
     w8a8: (int8 weights, the dot mode, fused_route "none", "inline" or "split") the activations go to the tensor
       cores as int8 too: token rows quantised per row (max |x| / 127) before the gate/up kernel, h per (row, F
       tile) inside it ("split": per row, in XLA), so both kernels run int8 x int8 -> int32 dots with no
@@ -192,6 +198,7 @@ class TritonMoEConfig:
     dequant: str = "bits"  # int8 tiles in the GEMV mode: "bits" (see MAGIC_BITS) or "convert" (sitofp)
     topk: str = "rounds"  # in-kernel routing (inline, single, split): "rounds" of max, or "rank" (_kth_choice)
     merge: bool = False  # fused_route="split": the partial sums merged in the kernels, not in XLA (see above)
+    one_launch: bool = False  # merge: the gate/up and down kernels as one launch (see above)
 
     def __post_init__(self):
         for name in ("block_f", "block_k", "block_d", "block_kf"):
@@ -227,6 +234,8 @@ class TritonMoEConfig:
         if self.merge and (self.fused_route != "split" or self.w8a8):
             raise ValueError("merge is the split path's (fused_route='split') and not w8a8's (h's int8 rows take "
                              "a scale over all of F, which no one program sees)")
+        if self.one_launch and not self.merge:
+            raise ValueError("one_launch runs the merged split path: it needs merge=True")
         if self.w8a8 and (self.fused_combine or self.fused_route not in ("none", "inline", "split")
                           or (bm is not None and bm < MIN_DOT)):
             raise ValueError("w8a8 runs the dot mode's kernels: block_m >= 16 or None, no fused_combine, "
@@ -251,6 +260,7 @@ class Plan(NamedTuple):
     dequant: str = "bits"
     topk: str = "rounds"
     merge: bool = False
+    one_launch: bool = False
 
     @property
     def gemv(self) -> bool:
@@ -341,7 +351,7 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
             rbk //= 2
     return Plan(bm, bf, bk, bd, bkf, slots, config.num_warps, config.num_stages, config.fused_combine,
                 config.fused_route, rbk, config.w8a8, config.k_splits, config.f_splits, config.dequant,
-                config.topk, config.merge)
+                config.topk, config.merge, config.one_launch)
 
 
 def gemv_expected(T: int, E: int, top_k: int) -> bool:
@@ -847,6 +857,8 @@ def _split_gate_up_kernel(
     w8a8: bool = False,  # (dot) x rounded to int8 here, int8 x int8 dots
     merge: bool = False,  # the last of an (expert, F tile)'s programs writes its h columns (TritonMoEConfig.merge)
     interpret: bool = False,
+    ids=None,  # (k, j, s) where the caller assigns the work (one_launch), else the program ids
+    h_written=None,  # (merge) called with k once this program has written h columns of choice k
 ):
     """fused_route="split", gate/up (see TritonMoEConfig): program (k, j, s) writes its expert's partial gate and up
     sums over D rows [s * D / k_splits, ...) for F columns [f0, f0 + block_f), rows 2 (s K + k) and +1 of gu."""
@@ -854,7 +866,8 @@ def _split_gate_up_kernel(
         *scales, _, gu_ref, h_ref, count_ref = rest
     else:
         *scales, gu_ref = rest
-    k, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    k, j, s = ids if ids is not None else (pl.program_id(0), pl.program_id(1), pl.program_id(2))
+    h_written = h_written or (lambda k: None)
     S = gu_ref.shape[0] // (2 * top_k)  # k_splits
     f0 = pl.multiple_of(j * block_f, block_f)
     k_len = x_ref.shape[1] // S
@@ -870,6 +883,7 @@ def _split_gate_up_kernel(
         u = u * scales[1][e, pl.ds(f0, block_f)]
     if merge and S == 1:  # nothing to merge: h at once
         h_ref[k, pl.ds(f0, block_f)] = (_silu(g) * u).astype(h_ref.dtype)
+        h_written(k)
         return
     row = 2 * (s * top_k + k)
     gu_ref[row, pl.ds(f0, block_f)] = g
@@ -883,6 +897,7 @@ def _split_gate_up_kernel(
         g_all = jnp.sum(pltriton.load(gu_ref.at[(rows, cols)]), axis=0)
         u_all = jnp.sum(pltriton.load(gu_ref.at[(rows + 1, cols)]), axis=0)
         h_ref[k, pl.ds(f0, block_f)] = (_silu(g_all) * u_all).astype(h_ref.dtype)
+        h_written(k)
 
     last_arrival(count_ref, k * (h_ref.shape[1] // block_f) + j, S, merge_tile, interpret)
 
@@ -906,6 +921,7 @@ def _split_down_kernel(
     merge: bool = False,  # the last of a D tile's programs writes out's columns (TritonMoEConfig.merge)
     count_base: int = 0,  # (merge) the first of the D tiles' counters
     interpret: bool = False,
+    ids=None,  # (k, i, r) where the caller assigns the work (one_launch), else the program ids
 ):
     """fused_route="split", down: program (k, i, r) writes o[r K + k, i-th D tile] = w_k * (h_k[range r] @
     Wd[e_k, range r, tile]) over the r-th of f_splits F ranges."""
@@ -913,8 +929,8 @@ def _split_down_kernel(
         *ins, _, o_ref, out_ref, count_ref = rest
     else:
         *ins, o_ref = rest
-    k, i, r = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    f_len = wd_ref.shape[1] // pl.num_programs(2)
+    k, i, r = ids if ids is not None else (pl.program_id(0), pl.program_id(1), pl.program_id(2))
+    f_len = wd_ref.shape[1] // (o_ref.shape[0] // top_k)  # o holds f_splits * K rows
     d0 = pl.multiple_of(i * block_d, block_d)
     e, w = _kth_choice(logits_ref, k, top_k, norm_topk_prob, topk)
     if dot:
@@ -948,6 +964,51 @@ def _split_down_kernel(
         out_ref[0, pl.ds(d0, block_d)] = jnp.sum(part, axis=0).astype(out_ref.dtype)
 
     last_arrival(count_ref, count_base + i, KR, merge_tile, interpret)
+
+
+def _split_one_launch_kernel(
+    logits_ref,  # [1, E] float32
+    x_ref,  # [1, D]
+    wg_ref,  # [E, D, F] (int8 when quantised)
+    wu_ref,  # [E, D, F]
+    wd_ref,  # [E, F, D]
+    *rest,  # (sg_ref, su_ref [E, F], sd_ref [E, D] float32 when quantised), the counters (input, aliased), then
+    #         out: gu_ref [k_splits * K * 2, F] f32, h_ref [K, F], o_ref [f_splits * K, D] f32, out_ref [1, D] in
+    #         x's dtype, the counters [K * F / block_f (h tiles) + D / block_d (out tiles) + K (h ready) + 1 (ticket)]
+    top_k: int,
+    block_f: int,
+    block_d: int,
+    k_splits: int,
+    quantized: bool,
+    interpret: bool,
+    gate_up: dict,  # the rest of `_split_gate_up_kernel`'s and `_split_down_kernel`'s keyword arguments
+    down: dict,
+):
+    """fused_route="split" with one_launch (see TritonMoEConfig): the program's ticket picks gate/up work (k, j, s)
+    or, past the K * nF * k_splits gate/up tickets, down work (k, i, r) once choice k's h is whole."""
+    *scales, _, gu_ref, h_ref, o_ref, out_ref, count_ref = rest
+    F, D = h_ref.shape[1], out_ref.shape[1]
+    nF, nD, S = F // block_f, D // block_d, k_splits
+    R = o_ref.shape[0] // top_k
+    ready = top_k * nF + nD  # K counters of h tiles written, then the ticket counter
+    t = arrive(count_ref, ready + top_k, interpret)
+    n_gate_up = top_k * nF * S
+
+    @pl.when(t < n_gate_up)
+    def _():
+        _split_gate_up_kernel(logits_ref, x_ref, wg_ref, wu_ref, *scales[:2 if quantized else 0], None, gu_ref, h_ref,
+                              count_ref, top_k=top_k, block_f=block_f, quantized=quantized, merge=True,
+                              interpret=interpret, ids=(t // (nF * S), t // S % nF, t % S),
+                              h_written=lambda k: arrive(count_ref, ready + k, interpret), **gate_up)
+
+    @pl.when(t >= n_gate_up)
+    def _():
+        u = t - n_gate_up
+        k = u // (nD * R)
+        wait_for(count_ref, ready + k, nF, interpret)
+        _split_down_kernel(logits_ref, h_ref, wd_ref, *scales[2:], None, o_ref, out_ref, count_ref, top_k=top_k,
+                           block_d=block_d, quantized=quantized, merge=True, count_base=top_k * nF,
+                           interpret=interpret, ids=(k, u // R % nD, u % R), **down)
 
 
 def _route_kernel(
@@ -1242,8 +1303,29 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
     merge = plan.merge
     nF, nD = F // bf, D // bd
     # merge: one counter per (expert, F tile) for the gate/up kernel, then one per D tile for the down kernel
-    counts = [jnp.zeros((top_k * nF + nD,), jnp.int32)] if merge else []
-    count_shape = jax.ShapeDtypeStruct((top_k * nF + nD,), jnp.int32)
+    n_counts = top_k * nF + nD + (top_k + 1 if plan.one_launch else 0)  # one_launch: h ready per choice, ticket
+    counts = [jnp.zeros((n_counts,), jnp.int32)] if merge else []
+    count_shape = jax.ShapeDtypeStruct((n_counts,), jnp.int32)
+    if plan.one_launch:
+        args = (logits, x, *ws, *([w_gate.scale, w_up.scale, w_down.scale] if quantized else []), *counts)
+        shapes = [jax.ShapeDtypeStruct((S * top_k * 2, F), jnp.float32), jax.ShapeDtypeStruct((top_k, F), x.dtype),
+                  jax.ShapeDtypeStruct((R * top_k, D), jnp.float32), jax.ShapeDtypeStruct((1, D), x.dtype),
+                  count_shape]
+        kw = dict(mode, norm_topk_prob=norm_topk_prob)
+        out = pl.pallas_call(
+            functools.partial(_split_one_launch_kernel, top_k=top_k, block_f=bf, block_d=bd, k_splits=S,
+                              quantized=quantized, interpret=interpret, gate_up=dict(kw, block_k=bk),
+                              down=dict(kw, block_kf=bkf)),
+            grid=(top_k * nF * S + top_k * nD * R,),
+            in_specs=[full(a.shape) for a in args],
+            out_specs=[full(o.shape) for o in shapes],
+            out_shape=shapes,
+            input_output_aliases={len(args) - 1: len(shapes) - 1},
+            compiler_params=params,
+            interpret=interpret,
+            name=f"moe_split_one{tag}_bf{bf}_bk{bk}_s{S}_bd{bd}_bkf{bkf}_r{R}",
+        )(*args)
+        return out[3]
     args = (logits, x, ws[0], ws[1], *([w_gate.scale, w_up.scale] if quantized else []), *counts)
     gu_shape = jax.ShapeDtypeStruct((S * top_k * 2, F), jnp.float32)
     gu = pl.pallas_call(
