@@ -439,7 +439,7 @@ def test_fused_combine_is_a_tuner_candidate():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, as tests/test_plot.py
-    from benchmarks.moe import FAMILIES, SHAPES, triton_configs, wide_configs
+    from benchmarks.moe import FAMILIES, SHAPES, one_launch_configs, triton_configs, wide_configs
 
     D, F, E, K = SHAPES["30b"]
     for T in (1, 8):
@@ -471,6 +471,11 @@ def test_fused_combine_is_a_tuner_candidate():
     wide = set(wide_configs(D, F))
     assert wide and wide <= set(triton_configs(1, E, K, F, quick=True, families=FAMILIES))
     assert not wide & set(triton_configs(1, E, K, F, quick=True))
+    # and "one" (slower than two launches at Qwen3-30B with bf16 weights): the merge family in one launch
+    one = set(one_launch_configs(D, F))
+    assert one and all(c.one_launch and c.merge for c in one)
+    assert one <= set(triton_configs(1, E, K, F, quick=True, families=FAMILIES))
+    assert not one & set(triton_configs(1, E, K, F, quick=True))
     # the in-kernel merge at T=1, in both modes, both shapes' blocks fitting
     for shape in ("30b", "235b"):
         D, F, E, K = SHAPES[shape]
