@@ -154,10 +154,15 @@ def mosaic_candidates(shape, N: int) -> list[dict]:
 TRITON_CANDIDATES = [{}, {"num_warps": 8}, {"num_stages": 3}, {"num_warps": 4, "num_stages": 3}]
 
 
+# the in-kernel merge's split counts, as multiples of the default: the H200's winners at B=8 L=8k and B=1 L=32k were
+# 1.2-2x it (attn_splits_h200_7d60785.log), each trimmed to the fewest splits for its longest split (`trim_splits`)
+MERGE_SPLIT_FACTORS = (0.25, 0.5, 1, 1.25, 1.5, 2)
+
+
 def triton_candidates(shape, N: int) -> list[dict]:
-    """TRITON_CANDIDATES, and for decode the split count halved and doubled, the in-kernel merge at a quarter to
-    twice the default splits, and 128-token KV blocks."""
-    from pallas_kernels.attention.triton_paged import TritonAttentionConfig, plan
+    """TRITON_CANDIDATES, and for decode the split count halved and doubled, the in-kernel merge at
+    MERGE_SPLIT_FACTORS of the default splits (and twice it with 3 stages), and 128-token KV blocks."""
+    from pallas_kernels.attention.triton_paged import TritonAttentionConfig, plan, trim_splits
 
     B, L, S, T = shape
     out = list(TRITON_CANDIDATES)
@@ -165,11 +170,10 @@ def triton_candidates(shape, N: int) -> list[dict]:
         base = plan((B, T, HQ, D), (HKV, B * N + 1, S, D), N, TritonAttentionConfig())
         for splits in sorted({max(1, base.num_splits // 2), base.num_splits * 2} - {base.num_splits}):
             out += [{"num_splits": splits}, {"num_splits": splits, "num_stages": 3}]
-        # the in-kernel merge reads every split's partial after the others are done: fewer splits may pay there
-        out += [{"combine_in_kernel": True, **({"num_splits": n} if n != base.num_splits else {})}
-                for n in sorted({max(1, base.num_splits // 4), max(1, base.num_splits // 2), base.num_splits,
-                                 base.num_splits * 2})]
-        out += [{"combine_in_kernel": True, "num_splits": base.num_splits * 2, "num_stages": 3}]
+        blocks = -(-N * S // base.block_kv)
+        merge = sorted({trim_splits(blocks, round(base.num_splits * f)) for f in MERGE_SPLIT_FACTORS})
+        out += [{"combine_in_kernel": True, **({"num_splits": n} if n != base.num_splits else {})} for n in merge]
+        out += [{"combine_in_kernel": True, "num_splits": merge[-1], "num_stages": 3}]
         if 128 // S >= 1 and 128 % S == 0:
             out += [{"pages_per_block": 128 // S, "num_warps": 8}, {"pages_per_block": 128 // S, "num_stages": 3}]
     return out

@@ -24,6 +24,7 @@ from pallas_kernels.attention.triton_paged import (
     TritonAttentionConfig,
     paged_attention_triton,
     plan,
+    trim_splits,
     triton_available,
 )
 
@@ -188,6 +189,31 @@ def test_plan_defaults():
     p = plan((8, 1, 32, 128), (8, 57, 64, 128), 7, c, sms=132)
     assert (p.block_kv, p.num_splits) == (64, 4)
     assert plan((8, 1, 32, 128), (8, 57, 64, 128), 7, TritonAttentionConfig(num_splits=5), sms=132).num_splits == 5
+
+
+def test_trim_splits_and_the_tuners_merge_counts(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    from pallas_kernels.attention import triton_paged
+
+    assert [trim_splits(512, n) for n in (33, 32, 64, 66, 1, 600)] == [32, 32, 64, 64, 1, 512]
+    assert [trim_splits(128, n) for n in (5, 6, 8, 9, 12, 13)] == [5, 6, 8, 9, 12, 13]
+    assert [trim_splits(100, n) for n in (30, 40, 99)] == [25, 34, 50]
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, as tests/test_plot.py
+    from benchmarks.attention import triton_candidates
+
+    # the search proposes, on an H200's 132 SMs, the split counts that won the sweep (attn_splits_h200_7d60785):
+    # 6 and 8 at B=8 L=8k, 64 at B=1 L=32k; each merge count is trimmed, and every candidate plans
+    monkeypatch.setattr(triton_paged, "_sm_count", lambda: 132)
+    for (B, L, S, T), want in [((8, 8192, 16, 1), {6, 8}), ((8, 8192, 64, 1), {6, 8}), ((1, 32768, 16, 1), {64})]:
+        N = L // S
+        cands = triton_candidates((B, L, S, T), N)
+        blocks = L // 64
+        merge = {c.get("num_splits", 5 if B == 8 else 32) for c in cands if c.get("combine_in_kernel")}
+        assert want <= merge and all(trim_splits(blocks, n) == n for n in merge), merge
+        for c in cands:
+            plan((B, T, 32, 128), (8, B * N + 1, S, 128), N, TritonAttentionConfig(**c))
 
 
 def test_picked_on_nvidia_and_for_hopper_decode(monkeypatch):

@@ -74,8 +74,8 @@ class TritonAttentionConfig:
       power of two, capped at 64 (32 at head_dim 256). More rows go to more programs, which re-read the same
       KV (mostly from L2).
     num_splits: KV splits per (row, KV head, query tile) (flash decoding), combined afterwards. None: enough
-      programs for about two per SM, capped at the number of KV blocks, then the fewest that give every split
-      the same number of blocks at full length.
+      programs for about two per SM, capped at the number of KV blocks, then the fewest with no more blocks in
+      the longest (`trim_splits`).
     num_warps: warps per program. None: 8 for query tiles of 64 x 128 or more (the float32 accumulator's
       registers), else 4 (a guess until measured: benchmarks/attention.py --tune searches it).
     num_stages: Triton's software pipelining depth of the KV loop (loads in flight).
@@ -146,6 +146,13 @@ def _sm_count() -> int:
     return int(getattr(jax.devices()[0], "core_count", 0) or DEFAULT_SMS)
 
 
+def trim_splits(blocks: int, splits: int) -> int:
+    """The fewest splits whose longest holds no more blocks than with `splits` (at full length): the splits past those
+    would run short or empty. 33 splits of 512 blocks hold 16 each and leave the last empty; 32 do the same work
+    (H200, B=1, L=32k, the in-kernel merge: 45-48 us against 49-51, two rounds, attn_splits_h200_7d60785.log)."""
+    return -(-blocks // -(-blocks // max(1, splits)))
+
+
 def plan(q_shape, k_shape, num_pages: int, config: TritonAttentionConfig, sms: int | None = None) -> Plan:
     """Fills in the config's open choices for one shape; raises NotImplementedError if the config cannot run."""
     B, T, Hq, D = q_shape
@@ -166,10 +173,7 @@ def plan(q_shape, k_shape, num_pages: int, config: TritonAttentionConfig, sms: i
     splits = config.num_splits or -(-2 * (sms or _sm_count()) // (B * Hkv * nqt))
     splits = max(1, min(splits, max_blocks))
     if config.num_splits is None:
-        # as few splits as give each the same number of blocks at full length, so none runs short or empty:
-        # 33 splits of 512 blocks hold 16 each and leave the last empty; 32 do the same work (H200, B=1,
-        # L=32k: 45-48 us against 49-51 with the in-kernel merge, 2 rounds, attn_splits_h200_7d60785.log)
-        splits = -(-max_blocks // -(-max_blocks // splits))
+        splits = trim_splits(max_blocks, splits)
     warps = config.num_warps or (8 if R * D >= 64 * 128 else 4)
     return Plan(ppb, BK, R, nqt, splits, warps, config.num_stages, config.combine_in_kernel)
 
