@@ -337,9 +337,12 @@ ONE_TOKEN_CONFIGS = {
                                       fused_route="split", topk="rank", dequant="bits", merge=True),
     "split-dot16-merge": TritonMoEConfig(block_m=16, block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
                                          fused_route="split", topk="rank", merge=True),
-    # one_launch: both merged kernels in one launch, work by ticket, the down work after its expert's h tiles. A
-    # ticket decoded wrong leaves a tile unwritten or written twice; on the GPU a down program that did not wait
-    # for its h would read it unwritten (the interpreter runs tickets in order). One D range and two, both modes
+}
+# one_launch: both merged kernels in one launch, work by ticket, the down work after its expert's h tiles. A ticket
+# decoded wrong leaves a tile unwritten or written twice; on the GPU a down program that did not wait for its h
+# would read it unwritten (the interpreter runs tickets in order). One D range and two, both modes; the routing is
+# the merged path's own, so one routing mode each
+ONE_LAUNCH_CONFIGS = {
     "split-s1-one": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, fused_route="split",
                                     merge=True, one_launch=True),
     "split-s2-one": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
@@ -359,6 +362,17 @@ def test_one_token_paths(rng, E, top_k, D, F, config, norm):
 @pytest.mark.parametrize("config", list(ONE_TOKEN_CONFIGS))
 def test_one_token_paths_int8(rng, config):
     check_int8(rng, 1, 128, 64, 32, 8, config=ONE_TOKEN_CONFIGS[config])
+
+
+@pytest.mark.parametrize("config,E,top_k,D,F,norm,int8", [
+    ("split-s1-one", *CONFIGS[0], True, False), ("split-s2-one", *CONFIGS[1], False, False),
+    ("split-dot16-one", *CONFIGS[0], True, False), ("split-s1-one", *CONFIGS[1], True, True),
+    ("split-s2-one", *CONFIGS[0], True, True), ("split-dot16-one", *CONFIGS[1], True, True)])
+def test_one_launch(rng, config, E, top_k, D, F, norm, int8):
+    if int8:  # check_int8 renormalises
+        check_int8(rng, 1, E, D, F, top_k, config=ONE_LAUNCH_CONFIGS[config])
+    else:
+        check(rng, 1, E, D, F, top_k, norm_topk_prob=norm, config=ONE_LAUNCH_CONFIGS[config])
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
@@ -650,8 +664,6 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
                                     topk="rank", dequant="bits", merge=True),
                     TritonMoEConfig(block_m=16, block_f=128, block_d=128, block_k=64, block_kf=64, k_splits=8,
                                     f_splits=2, fused_route="split", topk="rank", merge=True),
-                    TritonMoEConfig(block_f=128, block_d=64, block_k=64, k_splits=8, fused_route="split",
-                                    topk="rank", dequant="bits", merge=True, one_launch=True),
                     TritonMoEConfig(block_m=16, block_f=128, block_d=128, block_k=64, block_kf=64, k_splits=8,
                                     f_splits=2, fused_route="split", topk="rank", merge=True, one_launch=True)]
     if int8:  # int8 x int8 dots, both routings at T=1
