@@ -341,15 +341,9 @@ ONE_TOKEN_CONFIGS = {
 # one_launch: both merged kernels in one launch, work by ticket, the down work after its expert's h tiles. A ticket
 # decoded wrong leaves a tile unwritten or written twice; on the GPU a down program that did not wait for its h
 # would read it unwritten (the interpreter runs tickets in order). One D range and two, both modes; the routing is
-# the merged path's own, so one routing mode each
-ONE_LAUNCH_CONFIGS = {
-    "split-s1-one": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, fused_route="split",
-                                    merge=True, one_launch=True),
-    "split-s2-one": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
-                                    fused_route="split", topk="rank", dequant="bits", merge=True, one_launch=True),
-    "split-dot16-one": TritonMoEConfig(block_m=16, block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
-                                       fused_route="split", topk="rank", merge=True, one_launch=True),
-}
+# the merged path's own, so one routing mode each. The merge configs above, in one launch
+ONE_LAUNCH_CONFIGS = {name.replace("merge", "one"): dataclasses.replace(c, one_launch=True)
+                      for name, c in ONE_TOKEN_CONFIGS.items() if c.merge}
 
 
 @pytest.mark.parametrize("norm", [True, False], ids=["renorm", "softmax"])

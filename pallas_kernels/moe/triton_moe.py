@@ -1309,11 +1309,13 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
     n_counts = top_k * nF + nD + (top_k + 1 if plan.one_launch else 0)  # one_launch: h ready per choice, ticket
     counts = [jnp.zeros((n_counts,), jnp.int32)] if merge else []
     count_shape = jax.ShapeDtypeStruct((n_counts,), jnp.int32)
+    gu_shape = jax.ShapeDtypeStruct((S * top_k * 2, F), jnp.float32)  # partial gate/up sums
+    h_shape = jax.ShapeDtypeStruct((top_k, F), x.dtype)
+    o_shape = jax.ShapeDtypeStruct((R * top_k, D), jnp.float32)  # partial down rows
+    out_shape = jax.ShapeDtypeStruct((1, D), x.dtype)
     if plan.one_launch:
         args = (logits, x, *ws, *([w_gate.scale, w_up.scale, w_down.scale] if quantized else []), *counts)
-        shapes = [jax.ShapeDtypeStruct((S * top_k * 2, F), jnp.float32), jax.ShapeDtypeStruct((top_k, F), x.dtype),
-                  jax.ShapeDtypeStruct((R * top_k, D), jnp.float32), jax.ShapeDtypeStruct((1, D), x.dtype),
-                  count_shape]
+        shapes = [gu_shape, h_shape, o_shape, out_shape, count_shape]
         kw = dict(mode, norm_topk_prob=norm_topk_prob)
         out = pl.pallas_call(
             functools.partial(_split_one_launch_kernel, top_k=top_k, block_f=bf, block_d=bd, k_splits=S,
@@ -1330,14 +1332,13 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
         )(*args)
         return out[3]
     args = (logits, x, ws[0], ws[1], *([w_gate.scale, w_up.scale] if quantized else []), *counts)
-    gu_shape = jax.ShapeDtypeStruct((S * top_k * 2, F), jnp.float32)
     gu = pl.pallas_call(
         functools.partial(_split_gate_up_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_f=bf, block_k=bk,
                           quantized=quantized, merge=merge, interpret=interpret, **mode),
         grid=(top_k, nF, S),
         in_specs=[full(a.shape) for a in args],
-        out_specs=[full(gu_shape.shape), full((top_k, F)), full(count_shape.shape)] if merge else full(gu_shape.shape),
-        out_shape=[gu_shape, jax.ShapeDtypeStruct((top_k, F), x.dtype), count_shape] if merge else gu_shape,
+        out_specs=[full(o.shape) for o in (gu_shape, h_shape, count_shape)] if merge else full(gu_shape.shape),
+        out_shape=[gu_shape, h_shape, count_shape] if merge else gu_shape,
         input_output_aliases={len(args) - 1: 2} if merge else {},
         compiler_params=params,
         interpret=interpret,
@@ -1354,15 +1355,14 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
         h, h_scale = _quantize_rows(h) if plan.w8a8 else (h.astype(x.dtype), None)
     args = (logits, h, ws[2], *([w_down.scale] if quantized else []), *([h_scale] if plan.w8a8 else []),
             *([count] if merge else []))
-    o_shape = jax.ShapeDtypeStruct((R * top_k, D), jnp.float32)
     out = pl.pallas_call(
         functools.partial(_split_down_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_d=bd,
                           block_kf=bkf, quantized=quantized, merge=merge, count_base=top_k * nF, interpret=interpret,
                           **mode),
         grid=(top_k, nD, R),
         in_specs=[full(a.shape) for a in args],
-        out_specs=[full(o_shape.shape), full((1, D)), full(count_shape.shape)] if merge else full(o_shape.shape),
-        out_shape=[o_shape, jax.ShapeDtypeStruct((1, D), x.dtype), count_shape] if merge else o_shape,
+        out_specs=[full(o.shape) for o in (o_shape, out_shape, count_shape)] if merge else full(o_shape.shape),
+        out_shape=[o_shape, out_shape, count_shape] if merge else o_shape,
         input_output_aliases={len(args) - 1: 2} if merge else {},
         compiler_params=params,
         interpret=interpret,
