@@ -438,7 +438,9 @@ def test_client_disconnect_cancels_the_request_and_frees_its_pages(live, client)
     gate = threading.Event()
     try:
         before = metrics(live.url).get(("codegen_requests_total", (("reason", "cancelled"),)), 0)
-        body = {**OK, "prompt": "def long_story():\n", "max_tokens": 240, "stream": True}
+        # greedy: this prompt runs all 240 tokens on the fixture model, where sampling at the API's default
+        # temperature 1 can stop before 16 tokens (then nothing is ever held: a flaky failure in CI, e2c20e9)
+        body = {**OK, "prompt": "def long_story():\n", "max_tokens": 240, "stream": True, "temperature": 0}
         # the engine is held once the request has 16 of its 240 tokens (some text to stream): it cannot finish
         holding = hold_engine_soon(live, lambda: any(len(r.output) >= 16 for r in sched.running), gate)
         with httpx.stream("POST", f"{live.url}/v1/completions", json=body, timeout=30) as r:
@@ -478,7 +480,8 @@ def test_non_streaming_client_disconnect_cancels_the_request_and_frees_its_pages
 
     sched.cancel = spy
     try:
-        body = json.dumps({**OK, "prompt": "def another_long_story():\n", "max_tokens": 240}).encode()
+        body = json.dumps({**OK, "prompt": "def another_long_story():\n", "max_tokens": 240,
+                           "temperature": 0}).encode()  # greedy: no early stop (as above)
         holding = hold_engine_soon(live, lambda: any(r.phase == "decode" for r in sched.running), gate)
         sock = socket.create_connection(("127.0.0.1", live.port), timeout=10)
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
