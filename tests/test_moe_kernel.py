@@ -196,10 +196,10 @@ def test_gemv_mode(rng, E, top_k, D, F, T, block_m):
     assert T == 1 or (experts[:, 0] == hot).all()
 
 
-# every case with the default int8 conversion ("bits"), sitofp ("convert") on one pass of one row and a partial
-# pass of four
+# every case with the default int8 conversion ("bits"); sitofp ("convert") and the byte permute ("prmt": "bits" in
+# the interpreter, its PTX on a GPU) on one pass of one row and a partial pass of four
 @pytest.mark.parametrize("block_m,T,dequant", [(bm, T, "bits") for bm, T in GEMV_INT8_CASES]
-                         + [(1, 1, "convert"), (4, 7, "convert")])
+                         + [(1, 1, "convert"), (4, 7, "convert"), (1, 1, "prmt"), (4, 7, "prmt")])
 @pytest.mark.parametrize("E,top_k,D,F", CONFIGS, ids=["qwen3-30b-a3b", "small"])
 def test_gemv_mode_int8(rng, E, top_k, D, F, T, block_m, dequant):
     hot = int(rng.integers(E))
@@ -216,6 +216,19 @@ def test_dequant_bits_is_exact():
     np.testing.assert_array_equal(got, np.arange(-128, 128, dtype=np.float32).reshape(16, 16))
     bf = jnp.asarray(got, jnp.bfloat16)  # other dtypes are converted as before
     np.testing.assert_array_equal(np.asarray(_to_f32(bf, "bits")), got)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="PTX inline assembly: the interpreter runs dequant='bits' for it")
+def test_dequant_prmt_is_exact_on_the_gpu():
+    # every int8 value in every byte position of its word (a [64, 64] tile of shifted copies of -128 .. 127),
+    # through the byte permute in a Triton kernel, as sitofp gives them
+    want = (np.arange(64 * 64).reshape(64, 64) * 5 + np.arange(64)[:, None]) % 256 - 128
+
+    def kernel(v_ref, o_ref):
+        o_ref[...] = _to_f32(v_ref[...], "prmt")
+
+    got = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((64, 64), jnp.float32))(jnp.asarray(want, jnp.int8))
+    np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
 
 
 @pytest.mark.parametrize("topk", TOPKS)
@@ -335,15 +348,24 @@ ONE_TOKEN_CONFIGS = {
                                       merge=True),
     "split-s2-merge": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
                                       fused_route="split", topk="rank", dequant="bits", merge=True),
+    # the next k-step's loads before this one's arithmetic: two k-steps a gate/up D range and a down F range, so
+    # the carried tiles feed a step and the last step re-loads its own
+    "split-s2-prefetch": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
+                                         fused_route="split", topk="rank", prefetch=True),
+    # the byte permute (PTX: "bits" in the interpreter), at one warp so each thread holds whole words
+    "split-s2-merge-prmt": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
+                                           num_warps=1, fused_route="split", topk="rank", dequant="prmt",
+                                           merge=True),
     "split-dot16-merge": TritonMoEConfig(block_m=16, block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
                                          fused_route="split", topk="rank", merge=True),
 }
 # one_launch: both merged kernels in one launch, work by ticket, the down work after its expert's h tiles. A ticket
 # decoded wrong leaves a tile unwritten or written twice; on the GPU a down program that did not wait for its h
 # would read it unwritten (the interpreter runs tickets in order). One D range and two, both modes; the routing is
-# the merged path's own, so one routing mode each. The merge configs above, in one launch
+# the merged path's own, so one routing mode each. The merge configs above, in one launch (but for the byte
+# permute's: the conversion is the same in both forms)
 ONE_LAUNCH_CONFIGS = {name.replace("merge", "one"): dataclasses.replace(c, one_launch=True)
-                      for name, c in ONE_TOKEN_CONFIGS.items() if c.merge}
+                      for name, c in ONE_TOKEN_CONFIGS.items() if c.merge and c.dequant != "prmt"}
 
 
 @pytest.mark.parametrize("norm", [True, False], ids=["renorm", "softmax"])
@@ -584,7 +606,8 @@ def test_config_validates_itself():
                dict(fused_combine=True, fused_route="split"), dict(f_splits=2), dict(f_splits=3, fused_route="split"),
                dict(dequant="magic"), dict(topk="sort"), dict(merge=True), dict(merge=True, fused_route="inline"),
                dict(merge=True, w8a8=True, fused_route="split"),
-               dict(one_launch=True, fused_route="split")):
+               dict(one_launch=True, fused_route="split"), dict(prefetch=True),
+               dict(prefetch=True, fused_route="inline"), dict(prefetch=True, block_m=16, fused_route="split")):
         with pytest.raises(ValueError):
             TritonMoEConfig(**kw)
     for bm in (1, 2, 4, 8, 16, 128):  # GEMV rows per pass, dot rows

@@ -71,13 +71,25 @@ FUSED_ROUTES = ("none", "topk", "all")  # TritonMoEConfig.fused_route with fused
 # T=1 without fused_combine: "inline" 4 launches, "single" 1 kernel, "split" 2 kernels
 ONE_TOKEN_ROUTES = ("inline", "single", "split")
 ROUTES = FUSED_ROUTES + ONE_TOKEN_ROUTES
-DEQUANTS = ("convert", "bits")  # TritonMoEConfig.dequant
+DEQUANTS = ("convert", "bits", "prmt")  # TritonMoEConfig.dequant
 TOPKS = ("rounds", "rank")  # TritonMoEConfig.topk
 # dequant="bits": int8 v + MAGIC_BITS read as float32 is 2^23 + 128 + v exactly (v + 128 fills the low mantissa
 # byte), so subtracting MAGIC_FLOAT gives v: an integer add and a float subtract where `sitofp` is an I2F
 # instruction, a quarter of the integer rate on Hopper (16 per SM per clock)
 MAGIC_BITS = 0x4B000080
 MAGIC_FLOAT = float(2**23 + 128)
+# dequant="prmt": the same float32 bits built from each loaded 32-bit word of four int8 values at once: one xor
+# flips the four sign bits (v + 128 as an unsigned byte), then one byte permute per value puts the byte under
+# 0x4B0000 (prmt's selector 0x754i: byte i of t, then bytes 4, 5, 7 of the constant, 0x00 0x00 0x4B). That drops
+# the sign extension and the integer add of "bits" for every value. PTX, so GPU only: the interpreter runs "bits"
+PRMT_ASM = """{
+.reg .b32 t;
+xor.b32 t, $4, 0x80808080;
+prmt.b32 $0, t, 0x4B000000, 0x7540;
+prmt.b32 $1, t, 0x4B000000, 0x7541;
+prmt.b32 $2, t, 0x4B000000, 0x7542;
+prmt.b32 $3, t, 0x4B000000, 0x7543;
+}"""
 # fused_route="all": one program per token streams the whole router (512 KB at Qwen3-30B), so it wants many
 # loads in flight: [E, block_k] tiles of up to this many float32 products, 8 warps, 4 stages (not yet timed)
 ROUTE_ACC_MAX = 16384
@@ -159,6 +171,11 @@ class TritonMoEConfig:
       rows and writes out's columns in x's dtype. One memset (the counters) instead of two fusions and their
       launches; the sums run in a fixed order, so the result is the same bits every run. Off until a GPU tune
       picks it.
+    prefetch: (fused_route "split", GEMV mode) each k-step of both kernels issues the next step's weight tile
+      loads (and the token's x slice) before its own conversions and FMAs, carrying them in registers, so a
+      program's loads overlap its arithmetic. Triton's pipeline (num_stages) only stages loads that feed its dots;
+      ncu saw these GEMV programs stall on their loads 44% of the time (3f5108a). The last step re-loads its own
+      tiles (from L1/L2) rather than branch.
     one_launch: (merge) both kernels in one launch (`_split_one_launch_kernel`): each program takes a ticket from
       an atomic counter; the first K * F / block_f * k_splits tickets are gate/up work, the rest down work, in
       that order, and a down program waits until every h tile of its expert is written (a counter per expert).
@@ -177,7 +194,8 @@ class TritonMoEConfig:
     dequant: how the GEMV mode turns int8 weight tiles into float32 (bf16 weights ignore it): "convert" is
       `sitofp`, which Hopper runs at 16 values per SM per clock, about the rate int8 weights arrive from HBM at
       T=1; "bits" adds MAGIC_BITS to the sign-extended value and subtracts MAGIC_FLOAT from the float32 those bits
-      read as (integer and float pipes, 64-128 per clock). Both are exact. "bits" is the default: on the H200
+      read as (integer and float pipes, 64-128 per clock); "prmt" builds the same bits with a byte permute per
+      value from each word of four (PRMT_ASM, GPU only). All three are exact. "bits" is the default: on the H200
       (b445ce3, T=1, the same split blocks) it took 30B int8 from 46.9 to 39.3 us and 235B from 99.5 to 90.7.
     topk: how the in-kernel routing (fused_route inline, single, split) finds a program's k-th choice among the E
       logits. "rounds": K rounds of (max, lowest index of the max), each a reduction across the program's warps
@@ -198,10 +216,11 @@ class TritonMoEConfig:
     w8a8: bool = False
     k_splits: int = 1  # fused_route="split": D row ranges per (expert, F tile) of the gate/up kernel
     f_splits: int = 1  # fused_route="split": F row ranges per (expert, D tile) of the down kernel
-    dequant: str = "bits"  # int8 tiles in the GEMV mode: "bits" (see MAGIC_BITS) or "convert" (sitofp)
+    dequant: str = "bits"  # int8 tiles in the GEMV mode: "bits" (see MAGIC_BITS), "prmt" (PRMT_ASM) or "convert"
     topk: str = "rounds"  # in-kernel routing (inline, single, split): "rounds" of max, or "rank" (_kth_choice)
     merge: bool = False  # fused_route="split": the partial sums merged in the kernels, not in XLA (see above)
     one_launch: bool = False  # merge: the gate/up and down kernels as one launch (see above)
+    prefetch: bool = False  # split GEMV: the next k-step's weight tiles load before this one's arithmetic
 
     def __post_init__(self):
         for name in ("block_f", "block_k", "block_d", "block_kf"):
@@ -239,6 +258,8 @@ class TritonMoEConfig:
                              "a scale over all of F, which no one program sees)")
         if self.one_launch and not self.merge:
             raise ValueError("one_launch runs the merged split path: it needs merge=True")
+        if self.prefetch and (self.fused_route != "split" or (bm is not None and bm != 1) or self.w8a8):
+            raise ValueError("prefetch is the split path's GEMV mode's (fused_route='split', block_m 1 or None)")
         if self.w8a8 and (self.fused_combine or self.fused_route not in ("none", "inline", "split")
                           or (bm is not None and bm < MIN_DOT)):
             raise ValueError("w8a8 runs the dot mode's kernels: block_m >= 16 or None, no fused_combine, "
@@ -264,6 +285,7 @@ class Plan(NamedTuple):
     topk: str = "rounds"
     merge: bool = False
     one_launch: bool = False
+    prefetch: bool = False
 
     @property
     def gemv(self) -> bool:
@@ -354,7 +376,7 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
             rbk //= 2
     return Plan(bm, bf, bk, bd, bkf, slots, config.num_warps, config.num_stages, config.fused_combine,
                 config.fused_route, rbk, config.w8a8, config.k_splits, config.f_splits, config.dequant,
-                config.topk, config.merge, config.one_launch)
+                config.topk, config.merge, config.one_launch, config.prefetch)
 
 
 def gemv_expected(T: int, E: int, top_k: int) -> bool:
@@ -530,25 +552,35 @@ def _to_int8(y):
 
 
 def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block_k: int, one_token: bool = False,
-               k_lo=0, k_len: int | None = None, dequant: str = "bits"):
+               k_lo=0, k_len: int | None = None, dequant: str = "bits", prefetch: bool = False):
     """One pass over columns [c0, c0 + block_c) of expert e's weights for the sorted rows r0 .. r0 + rows - 1:
     returns acc[i][j] = x[r0 + i] @ w_refs[j][e, :, c0:c0 + block_c] in float32 ([block_c] each). Each k-step
     loads every weight tile once and shares it across the rows; row 0 is always live, rows i >= live are skipped
     by a branch (nothing loaded, accumulators stay 0). one_token: x_ref is x [1, D], every row token 0's.
-    k_lo, k_len: only the contracted rows [k_lo, k_lo + k_len) (default all), a partial sum."""
+    k_lo, k_len: only the contracted rows [k_lo, k_lo + k_len) (default all), a partial sum. prefetch: see
+    TritonMoEConfig.prefetch (one row of one token)."""
     K = x_ref.shape[1] if k_len is None else k_len
     # [BK, BC] float32 accumulators reduced once after the loop, where they fit in registers: a reduction over
     # BK every k-step is a cross-warp shared-memory round trip (H100, Qwen3-30B T=1: 77 vs 82 us at
     # block_f=64, block_k=128); past GEMV_ACC2D_MAX values per program they would spill
     acc2d = rows * len(w_refs) * block_k * block_c <= GEMV_ACC2D_MAX
 
-    def k_step(kk, acc):
+    if prefetch and not (one_token and rows == 1):
+        raise NotImplementedError("prefetch runs one row of one token")
+
+    def load(kk):  # the k-step's raw weight tiles ([BK, BC] each) and, with prefetch, x's slice
+        k0 = pl.multiple_of(k_lo + kk * block_k, block_k)
+        ws = tuple(w_ref[e, pl.ds(k0, block_k), pl.ds(c0, block_c)] for w_ref in w_refs)
+        return (ws, x_ref[0, pl.ds(k0, block_k)]) if prefetch else (ws, None)
+
+    def k_step(kk, loaded, acc):
         k0 = pl.multiple_of(k_lo + kk * block_k, block_k)
         # int8 or bf16 -> float32 in registers; the multiply-reduce runs on the CUDA cores
-        ws = [_to_f32(w_ref[e, pl.ds(k0, block_k), pl.ds(c0, block_c)], dequant) for w_ref in w_refs]  # [BK, BC]
+        ws = [_to_f32(w, dequant) for w in loaded[0]]  # [BK, BC]
 
         def row(i, a):
-            x = x_ref[0 if one_token else r0 + i, pl.ds(k0, block_k)].astype(jnp.float32)[:, None]  # [BK, 1]
+            xs = loaded[1] if prefetch else x_ref[0 if one_token else r0 + i, pl.ds(k0, block_k)]
+            x = xs.astype(jnp.float32)[:, None]  # [BK, 1]
             if acc2d:  # reduce once after the loop
                 return tuple(a_j + x * w for a_j, w in zip(a, ws, strict=True))
             return tuple(a_j + jnp.sum(x * w, axis=0) for a_j, w in zip(a, ws, strict=True))
@@ -556,12 +588,23 @@ def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block
         return tuple(row(0, acc[0]) if i == 0 else lax.cond(i < live, functools.partial(row, i), lambda a: a, acc[i])
                      for i in range(rows))
 
-    if acc2d:
-        zero = tuple(jnp.zeros((block_k, block_c), jnp.float32) for _ in w_refs)
-        acc = lax.fori_loop(0, K // block_k, k_step, (zero,) * rows)
-        return tuple(tuple(jnp.sum(a, axis=0) for a in r) for r in acc)
-    zero = tuple(jnp.zeros((block_c,), jnp.float32) for _ in w_refs)
-    return lax.fori_loop(0, K // block_k, k_step, (zero,) * rows)
+    shape = (block_k, block_c) if acc2d else (block_c,)
+    acc = _k_loop(K // block_k, load, k_step, (tuple(jnp.zeros(shape, jnp.float32) for _ in w_refs),) * rows,
+                  prefetch)
+    return tuple(tuple(jnp.sum(a, axis=0) for a in r) for r in acc) if acc2d else acc
+
+
+def _k_loop(n: int, load, step, init, prefetch: bool):
+    """fori_loop over n k-steps, step(i, load(i), acc) -> acc. prefetch (TritonMoEConfig.prefetch): step i runs on
+    tiles loaded in step i - 1 while load(i + 1) is in flight (the last step re-loads its own, min(i + 1, n - 1))."""
+    if not prefetch:
+        return lax.fori_loop(0, n, lambda i, acc: step(i, load(i), acc), init)
+
+    def body(i, carry):
+        loaded, acc = carry
+        return load(jnp.minimum(i + 1, n - 1)), step(i, loaded, acc)
+
+    return lax.fori_loop(0, n, body, (load(0), init))[1]
 
 
 def _dot_row_pass(x_ref, row, w_refs, e, c0, *, block_c: int, block_k: int, k_lo, k_len: int, quantize: bool):
@@ -766,6 +809,10 @@ def _to_f32(w, dequant: str = "bits"):
     """A loaded weight tile in float32 (see TritonMoEConfig.dequant)."""
     if dequant == "bits" and w.dtype == jnp.int8:
         return lax.bitcast_convert_type(w.astype(jnp.int32) + MAGIC_BITS, jnp.float32) - MAGIC_FLOAT
+    if dequant == "prmt" and w.dtype == jnp.int8:
+        (bits,) = pltriton.elementwise_inline_asm(PRMT_ASM, args=[w], constraints="=r,=r,=r,=r,r", pack=4,
+                                                  result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.int32)])
+        return lax.bitcast_convert_type(bits, jnp.float32) - MAGIC_FLOAT
     return w.astype(jnp.float32)
 
 
@@ -859,6 +906,7 @@ def _split_gate_up_kernel(
     dot: bool = False,  # 16-row dots (`_dot_row_pass`) instead of GEMV
     w8a8: bool = False,  # (dot) x rounded to int8 here, int8 x int8 dots
     merge: bool = False,  # the last of an (expert, F tile)'s programs writes its h columns (TritonMoEConfig.merge)
+    prefetch: bool = False,  # (GEMV) TritonMoEConfig.prefetch
     interpret: bool = False,
     ids=None,  # (k, j, s) where the caller assigns the work (one_launch), else the program ids
     h_written=None,  # (merge) called with k once this program has written h columns of choice k
@@ -880,7 +928,7 @@ def _split_gate_up_kernel(
                              k_len=k_len, quantize=w8a8)
     else:
         ((g, u),) = _gemv_pass(x_ref, (wg_ref, wu_ref), e, 0, 1, f0, rows=1, block_c=block_f, block_k=block_k,
-                               one_token=True, k_lo=s * k_len, k_len=k_len, dequant=dequant)
+                               one_token=True, k_lo=s * k_len, k_len=k_len, dequant=dequant, prefetch=prefetch)
     if quantized:  # per-column scales: linear, so each partial takes them
         g = g * scales[0][e, pl.ds(f0, block_f)]
         u = u * scales[1][e, pl.ds(f0, block_f)]
@@ -923,6 +971,7 @@ def _split_down_kernel(
     w8a8: bool = False,  # (dot) h comes as int8 rows with a scale each: int8 x int8 dots
     merge: bool = False,  # the last of a D tile's programs writes out's columns (TritonMoEConfig.merge)
     count_base: int = 0,  # (merge) the first of the D tiles' counters
+    prefetch: bool = False,  # (GEMV) TritonMoEConfig.prefetch
     interpret: bool = False,
     ids=None,  # (k, i, r) where the caller assigns the work (one_launch), else the program ids
 ):
@@ -943,14 +992,16 @@ def _split_down_kernel(
     else:
         acc2d = block_kf * block_d <= GEMV_ACC2D_MAX  # reduce over F once after the loop (see _gemv_pass)
 
-        def step(n, acc):
+        def load(n):  # the step's h slice and weight tile
             f0 = pl.multiple_of(r * f_len + n * block_kf, block_kf)
-            h = h_ref[k, pl.ds(f0, block_kf)].astype(jnp.float32)  # [BKF]
-            y = h[:, None] * _to_f32(wd_ref[e, pl.ds(f0, block_kf), pl.ds(d0, block_d)], dequant)  # [BKF, BD]
+            return h_ref[k, pl.ds(f0, block_kf)], wd_ref[e, pl.ds(f0, block_kf), pl.ds(d0, block_d)]
+
+        def step(n, loaded, acc):
+            y = loaded[0].astype(jnp.float32)[:, None] * _to_f32(loaded[1], dequant)  # [BKF, BD]
             return acc + (y if acc2d else jnp.sum(y, axis=0))
 
-        acc = lax.fori_loop(0, f_len // block_kf, step,
-                            jnp.zeros((block_kf, block_d) if acc2d else (block_d,), jnp.float32))
+        acc = _k_loop(f_len // block_kf, load, step,
+                      jnp.zeros((block_kf, block_d) if acc2d else (block_d,), jnp.float32), prefetch)
         o = (jnp.sum(acc, axis=0) if acc2d else acc) * w
     if quantized:
         o = o * ins[0][e, pl.ds(d0, block_d)]
@@ -1107,6 +1158,8 @@ def moe_triton(
     T, D = x.shape
     E, _, F = w_gate.shape
     p = plan(T, D, F, E, top_k, config, sms=DEFAULT_SMS if interpret else None)
+    if interpret and p.dequant == "prmt":  # PTX has no interpreter; "bits" gives the same values
+        p = p._replace(dequant="bits")
     return _moe(x, router, w_gate, w_up, w_down, top_k=top_k, norm_topk_prob=norm_topk_prob, plan=p,
                 interpret=interpret)
 
@@ -1294,8 +1347,8 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
     E, _, F = w_gate.shape
     bf, bk, bd, bkf, S, R = plan.block_f, plan.block_k, plan.block_d, plan.block_kf, plan.k_splits, plan.f_splits
     quantized = isinstance(w_gate, QuantizedWeight)
-    mode = dict(dequant=plan.dequant, topk=plan.topk, dot=not plan.gemv, w8a8=plan.w8a8)
-    tag = ("_w8a8" if plan.w8a8 else "_dot") if not plan.gemv else ""
+    mode = dict(dequant=plan.dequant, topk=plan.topk, dot=not plan.gemv, w8a8=plan.w8a8, prefetch=plan.prefetch)
+    tag = ("_w8a8" if plan.w8a8 else "_dot") if not plan.gemv else ("_pf" if plan.prefetch else "")
     ws = [w.values if quantized else w for w in (w_gate, w_up, w_down)]
     logits = jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32)  # [1, E]
     params = pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
