@@ -318,13 +318,34 @@ def merge_configs(D: int, F: int) -> list:
                   for dequant in ("bits", "prmt")]
 
 
+# (block_f, block_k, k_splits, block_d, block_kf, f_splits, num_warps) of "prefetch": SWEEP_GEMV at 8 warps and
+# neighbours of int8's tuned T=1 entry (256, 32, 8, 256, 32, 4) at 8 warps, with 16 D ranges, 64-row k-steps or
+# narrower down tiles, and two at 4 warps
+PREFETCH_GEMV = [(bf, bk, ks, bd, bkf, fs, 8) for bf, bk, ks, bd, bkf, fs in SWEEP_GEMV] + [
+    (256, 32, 16, 256, 32, 4, 8), (256, 64, 8, 256, 64, 4, 8), (256, 32, 8, 128, 32, 2, 8),
+    (256, 32, 8, 256, 32, 4, 4), (128, 64, 8, 256, 32, 4, 4)]
+
+
+def prefetch_configs(D: int, F: int) -> list:
+    """The "prefetch" family (T=1): the split path's GEMV mode with the register prefetch and the byte-permute
+    conversion (TritonMoEConfig.prefetch, dequant "prmt"), each beside the same blocks with "prmt" alone and with
+    "bits" alone. The same run on the H200 (962f3a7, moe_int8_30b_h200_962f3a7.log) had "bits" with the prefetch
+    8-16 us behind "bits" alone, so that pair is left out."""
+    from pallas_kernels.moe import TritonMoEConfig
+
+    return [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs, num_warps=w,
+                            fused_route="split", topk="rank", dequant=dq, prefetch=pf)
+            for bf, bk, ks, bd, bkf, fs, w in PREFETCH_GEMV if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
+            for dq, pf in (("prmt", True), ("prmt", False), ("bits", False))]
+
+
 def one_launch_configs(D: int, F: int) -> list:
     """The "one" family (T=1): the "merge" family with both kernels in one launch (TritonMoEConfig.one_launch)."""
     return [dataclasses.replace(c, one_launch=True) for c in merge_configs(D, F)]
 
 
-FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "sweep", "wide", "merge", "one", "w8a8",
-            "mosaic")  # --families
+FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "sweep", "wide", "merge", "one",
+            "prefetch", "w8a8", "mosaic")  # --families
 # what --tune searches unless --families says otherwise: "wide" lost every trial at Qwen3-30B, T=1 on the H200
 # (5a1676f: int8 41.6-48.7 us against the sweep's 38.8, bf16 45.4-57.2 against 44.6), and "one" was 1-3 us
 # behind the same blocks in two launches with bf16 weights there (23601ce, moe_one_30b_h200_23601ce.log), so both
@@ -337,7 +358,7 @@ def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048
     """The Triton kernel's candidates at T tokens: plan's choice ("default"), the dot mode over column blocks and
     stages, wider row tiles at T >= 64 ("dot"), the GEMV mode and fused_combine at decode sizes ("gemv",
     "fused"), inline routing, the one-kernel and the split two-kernel paths at T=1 ("inline", "single", "split",
-    "sweep", "wide", "merge", "one");
+    "sweep", "wide", "merge", "one"), the register prefetch and byte permute ("prefetch");
     `families` picks among them."""
     from pallas_kernels.moe import TritonMoEConfig
     from pallas_kernels.moe.triton_moe import gemv_expected
@@ -368,6 +389,8 @@ def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048
         configs += merge_configs(D, F)
     if T == 1 and "one" in families:
         configs += one_launch_configs(D, F)
+    if T == 1 and "prefetch" in families:
+        configs += prefetch_configs(D, F)
     return list(dict.fromkeys(configs))
 
 
