@@ -348,10 +348,12 @@ ONE_TOKEN_CONFIGS = {
                                       merge=True),
     "split-s2-merge": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
                                       fused_route="split", topk="rank", dequant="bits", merge=True),
-    # the next k-step's loads before this one's arithmetic: two k-steps a gate/up D range and a down F range, so
-    # the carried tiles feed a step and the last step re-loads its own
+    # loads one and three k-steps ahead of the arithmetic: two k-steps a gate/up D range and a down F range (one
+    # at D=32), so carried tiles feed a step, steps past the last re-load it, and three ahead starts past the end
     "split-s2-prefetch": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
-                                         fused_route="split", topk="rank", prefetch=True),
+                                         fused_route="split", topk="rank", prefetch=1),
+    "split-s2-prefetch3": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
+                                          fused_route="split", topk="rank", prefetch=3),
     # the byte permute (PTX: "bits" in the interpreter), at one warp so each thread holds whole words
     "split-s2-merge-prmt": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
                                            num_warps=1, fused_route="split", topk="rank", dequant="prmt",
@@ -606,8 +608,9 @@ def test_config_validates_itself():
                dict(fused_combine=True, fused_route="split"), dict(f_splits=2), dict(f_splits=3, fused_route="split"),
                dict(dequant="magic"), dict(topk="sort"), dict(merge=True), dict(merge=True, fused_route="inline"),
                dict(merge=True, w8a8=True, fused_route="split"),
-               dict(one_launch=True, fused_route="split"), dict(prefetch=True),
-               dict(prefetch=True, fused_route="inline"), dict(prefetch=True, block_m=16, fused_route="split")):
+               dict(one_launch=True, fused_route="split"), dict(prefetch=1), dict(prefetch=1, fused_route="inline"),
+               dict(prefetch=1, block_m=16, fused_route="split"), dict(prefetch=4, fused_route="split"),
+               dict(prefetch=-1, fused_route="split")):
         with pytest.raises(ValueError):
             TritonMoEConfig(**kw)
     for bm in (1, 2, 4, 8, 16, 128):  # GEMV rows per pass, dot rows

@@ -66,6 +66,7 @@ GEMV_ROWS = (1, 2, 4, 8)  # block_m values selecting GEMV mode: rows one pass ov
 # 235B bf16 162 vs 166, int8 135 vs 148), at T=8 (~1.2 rows) GEMV lost clearly (336 vs 244 us at 30B bf16).
 # The tuned table overrides this per shape.
 GEMV_MAX_MEAN_ROWS = 1.1
+MAX_PREFETCH = 3  # TritonMoEConfig.prefetch: k-steps loaded ahead
 GEMV_ACC2D_MAX = 16384  # float32 accumulator values per GEMV program (128 registers a thread at 4 warps)
 FUSED_ROUTES = ("none", "topk", "all")  # TritonMoEConfig.fused_route with fused_combine
 # T=1 without fused_combine: "inline" 4 launches, "single" 1 kernel, "split" 2 kernels
@@ -171,11 +172,14 @@ class TritonMoEConfig:
       rows and writes out's columns in x's dtype. One memset (the counters) instead of two fusions and their
       launches; the sums run in a fixed order, so the result is the same bits every run. Off until a GPU tune
       picks it.
-    prefetch: (fused_route "split", GEMV mode) each k-step of both kernels issues the next step's weight tile
-      loads (and the token's x slice) before its own conversions and FMAs, carrying them in registers, so a
-      program's loads overlap its arithmetic. Triton's pipeline (num_stages) only stages loads that feed its dots;
-      ncu saw these GEMV programs stall on their loads 44% of the time (3f5108a). The last step re-loads its own
-      tiles (from L1/L2) rather than branch.
+    prefetch: (fused_route "split", GEMV mode) how many k-steps ahead both kernels load (0: none). Each k-step
+      issues the weight tile loads (and the token's x slice) of the step `prefetch` ahead before its own
+      conversions and FMAs, carrying the loaded tiles in registers, so a program has that many steps' loads in
+      flight while it computes. Triton's pipeline (num_stages) only stages loads that feed its dots; ncu saw these
+      GEMV programs stall on their loads 44% of the time (3f5108a), and at T=1 a program's k-steps are a chain of
+      load latencies: one wave of programs, each 6-8 steps long. Steps past the last re-load the last tile (from
+      L1/L2) rather than branch. On the H200 at Qwen3-30B int8 one step ahead with dequant "prmt" took the call
+      from 30.7 to 29.2 us (962f3a7); with "bits" it was slower (31.1 to 40.3).
     one_launch: (merge) both kernels in one launch (`_split_one_launch_kernel`): each program takes a ticket from
       an atomic counter; the first K * F / block_f * k_splits tickets are gate/up work, the rest down work, in
       that order, and a down program waits until every h tile of its expert is written (a counter per expert).
@@ -220,7 +224,7 @@ class TritonMoEConfig:
     topk: str = "rounds"  # in-kernel routing (inline, single, split): "rounds" of max, or "rank" (_kth_choice)
     merge: bool = False  # fused_route="split": the partial sums merged in the kernels, not in XLA (see above)
     one_launch: bool = False  # merge: the gate/up and down kernels as one launch (see above)
-    prefetch: bool = False  # split GEMV: the next k-step's weight tiles load before this one's arithmetic
+    prefetch: int = 0  # split GEMV: k-steps whose weight tiles load ahead of the arithmetic (0-3, see above)
 
     def __post_init__(self):
         for name in ("block_f", "block_k", "block_d", "block_kf"):
@@ -258,6 +262,8 @@ class TritonMoEConfig:
                              "a scale over all of F, which no one program sees)")
         if self.one_launch and not self.merge:
             raise ValueError("one_launch runs the merged split path: it needs merge=True")
+        if not 0 <= self.prefetch <= MAX_PREFETCH:
+            raise ValueError(f"prefetch={self.prefetch} must be in [0, {MAX_PREFETCH}]")
         if self.prefetch and (self.fused_route != "split" or (bm is not None and bm != 1) or self.w8a8):
             raise ValueError("prefetch is the split path's GEMV mode's (fused_route='split', block_m 1 or None)")
         if self.w8a8 and (self.fused_combine or self.fused_route not in ("none", "inline", "split")
@@ -285,7 +291,7 @@ class Plan(NamedTuple):
     topk: str = "rounds"
     merge: bool = False
     one_launch: bool = False
-    prefetch: bool = False
+    prefetch: int = 0
 
     @property
     def gemv(self) -> bool:
@@ -552,7 +558,7 @@ def _to_int8(y):
 
 
 def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block_k: int, one_token: bool = False,
-               k_lo=0, k_len: int | None = None, dequant: str = "bits", prefetch: bool = False):
+               k_lo=0, k_len: int | None = None, dequant: str = "bits", prefetch: int = 0):
     """One pass over columns [c0, c0 + block_c) of expert e's weights for the sorted rows r0 .. r0 + rows - 1:
     returns acc[i][j] = x[r0 + i] @ w_refs[j][e, :, c0:c0 + block_c] in float32 ([block_c] each). Each k-step
     loads every weight tile once and shares it across the rows; row 0 is always live, rows i >= live are skipped
@@ -594,17 +600,20 @@ def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block
     return tuple(tuple(jnp.sum(a, axis=0) for a in r) for r in acc) if acc2d else acc
 
 
-def _k_loop(n: int, load, step, init, prefetch: bool):
-    """fori_loop over n k-steps, step(i, load(i), acc) -> acc. prefetch (TritonMoEConfig.prefetch): step i runs on
-    tiles loaded in step i - 1 while load(i + 1) is in flight (the last step re-loads its own, min(i + 1, n - 1))."""
+def _k_loop(n: int, load, step, init, prefetch: int):
+    """fori_loop over n k-steps, step(i, load(i), acc) -> acc. prefetch (TritonMoEConfig.prefetch) = p > 0: the loop
+    carries the loads of steps i .. i + p - 1; step i issues load(i + p) (past the end: the last step's again,
+    min(i + p, n - 1)) and then runs on its own."""
     if not prefetch:
         return lax.fori_loop(0, n, lambda i, acc: step(i, load(i), acc), init)
 
     def body(i, carry):
-        loaded, acc = carry
-        return load(jnp.minimum(i + 1, n - 1)), step(i, loaded, acc)
+        ahead, acc = carry
+        nxt = load(jnp.minimum(i + prefetch, n - 1))
+        return (*ahead[1:], nxt), step(i, ahead[0], acc)
 
-    return lax.fori_loop(0, n, body, (load(0), init))[1]
+    first = tuple(load(min(j, n - 1)) for j in range(prefetch))
+    return lax.fori_loop(0, n, body, (first, init))[1]
 
 
 def _dot_row_pass(x_ref, row, w_refs, e, c0, *, block_c: int, block_k: int, k_lo, k_len: int, quantize: bool):
@@ -906,7 +915,7 @@ def _split_gate_up_kernel(
     dot: bool = False,  # 16-row dots (`_dot_row_pass`) instead of GEMV
     w8a8: bool = False,  # (dot) x rounded to int8 here, int8 x int8 dots
     merge: bool = False,  # the last of an (expert, F tile)'s programs writes its h columns (TritonMoEConfig.merge)
-    prefetch: bool = False,  # (GEMV) TritonMoEConfig.prefetch
+    prefetch: int = 0,  # (GEMV) TritonMoEConfig.prefetch
     interpret: bool = False,
     ids=None,  # (k, j, s) where the caller assigns the work (one_launch), else the program ids
     h_written=None,  # (merge) called with k once this program has written h columns of choice k
@@ -971,7 +980,7 @@ def _split_down_kernel(
     w8a8: bool = False,  # (dot) h comes as int8 rows with a scale each: int8 x int8 dots
     merge: bool = False,  # the last of a D tile's programs writes out's columns (TritonMoEConfig.merge)
     count_base: int = 0,  # (merge) the first of the D tiles' counters
-    prefetch: bool = False,  # (GEMV) TritonMoEConfig.prefetch
+    prefetch: int = 0,  # (GEMV) TritonMoEConfig.prefetch
     interpret: bool = False,
     ids=None,  # (k, i, r) where the caller assigns the work (one_launch), else the program ids
 ):
@@ -1348,7 +1357,7 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
     bf, bk, bd, bkf, S, R = plan.block_f, plan.block_k, plan.block_d, plan.block_kf, plan.k_splits, plan.f_splits
     quantized = isinstance(w_gate, QuantizedWeight)
     mode = dict(dequant=plan.dequant, topk=plan.topk, dot=not plan.gemv, w8a8=plan.w8a8, prefetch=plan.prefetch)
-    tag = ("_w8a8" if plan.w8a8 else "_dot") if not plan.gemv else ("_pf" if plan.prefetch else "")
+    tag = ("_w8a8" if plan.w8a8 else "_dot") if not plan.gemv else (f"_pf{plan.prefetch}" if plan.prefetch else "")
     ws = [w.values if quantized else w for w in (w_gate, w_up, w_down)]
     logits = jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32)  # [1, E]
     params = pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
