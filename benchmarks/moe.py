@@ -327,16 +327,17 @@ PREFETCH_GEMV = [(bf, bk, ks, bd, bkf, fs, 8) for bf, bk, ks, bd, bkf, fs in SWE
 
 
 def prefetch_configs(D: int, F: int) -> list:
-    """The "prefetch" family (T=1): the split path's GEMV mode loading 1, 2 and 3 k-steps ahead with the byte-permute
+    """The "prefetch" family (T=1): the split path's GEMV mode loading 1 and 2 k-steps ahead with the byte-permute
     conversion (TritonMoEConfig.prefetch, dequant "prmt"), each beside the same blocks with "bits" and no prefetch.
     The first H200 run (962f3a7, moe_int8_30b_h200_962f3a7.log) had "bits" one step ahead 8-16 us behind "bits"
-    alone, and "prmt" alone 1-3 us behind "bits" alone, so those are left out."""
+    alone, and "prmt" alone 1-3 us behind "bits" alone, so those are left out; the family's first tune (a9a357e,
+    moe_tune_prefetch_30b_h200_a9a357e.log) had 3 steps ahead last everywhere (registers spilled)."""
     from pallas_kernels.moe import TritonMoEConfig
 
     out = [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs, num_warps=w,
                            fused_route="split", topk="rank", dequant=dq, prefetch=pf)
            for bf, bk, ks, bd, bkf, fs, w in PREFETCH_GEMV if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
-           for dq, pf in (("prmt", 1), ("prmt", 2), ("prmt", 3), ("bits", 0))]
+           for dq, pf in (("prmt", 1), ("prmt", 2), ("bits", 0))]
     # and int8's tuned T=1 blocks with the in-kernel merge (TritonMoEConfig.merge), 1 and 2 steps ahead
     return out + [TritonMoEConfig(block_f=256, block_k=32, k_splits=8, block_d=256, block_kf=32, f_splits=4,
                                   num_warps=w, fused_route="split", topk="rank", dequant="prmt", prefetch=pf,

@@ -348,12 +348,12 @@ ONE_TOKEN_CONFIGS = {
                                       merge=True),
     "split-s2-merge": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
                                       fused_route="split", topk="rank", dequant="bits", merge=True),
-    # loads one and three k-steps ahead of the arithmetic: two k-steps a gate/up D range and a down F range (one
-    # at D=32), so carried tiles feed a step, steps past the last re-load it, and three ahead starts past the end
+    # loads one and two k-steps ahead of the arithmetic: two k-steps a gate/up D range and a down F range (one at
+    # D=32), so carried tiles feed a step, steps past the last re-load it, and two ahead at D=32 starts past the end
     "split-s2-prefetch": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
                                          fused_route="split", topk="rank", prefetch=1),
-    "split-s2-prefetch3": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
-                                          fused_route="split", topk="rank", prefetch=3),
+    "split-s2-prefetch2": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
+                                          fused_route="split", topk="rank", prefetch=2),
     # the byte permute (PTX: "bits" in the interpreter), at one warp so each thread holds whole words
     "split-s2-merge-prmt": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
                                            num_warps=1, fused_route="split", topk="rank", dequant="prmt",
@@ -609,7 +609,7 @@ def test_config_validates_itself():
                dict(dequant="magic"), dict(topk="sort"), dict(merge=True), dict(merge=True, fused_route="inline"),
                dict(merge=True, w8a8=True, fused_route="split"),
                dict(one_launch=True, fused_route="split"), dict(prefetch=1), dict(prefetch=1, fused_route="inline"),
-               dict(prefetch=1, block_m=16, fused_route="split"), dict(prefetch=4, fused_route="split"),
+               dict(prefetch=1, block_m=16, fused_route="split"), dict(prefetch=3, fused_route="split"),
                dict(prefetch=-1, fused_route="split")):
         with pytest.raises(ValueError):
             TritonMoEConfig(**kw)

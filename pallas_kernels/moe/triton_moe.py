@@ -66,7 +66,7 @@ GEMV_ROWS = (1, 2, 4, 8)  # block_m values selecting GEMV mode: rows one pass ov
 # 235B bf16 162 vs 166, int8 135 vs 148), at T=8 (~1.2 rows) GEMV lost clearly (336 vs 244 us at 30B bf16).
 # The tuned table overrides this per shape.
 GEMV_MAX_MEAN_ROWS = 1.1
-MAX_PREFETCH = 3  # TritonMoEConfig.prefetch: k-steps loaded ahead
+MAX_PREFETCH = 2  # TritonMoEConfig.prefetch: k-steps loaded ahead (3 spilled registers on the H200, a9a357e)
 GEMV_ACC2D_MAX = 16384  # float32 accumulator values per GEMV program (128 registers a thread at 4 warps)
 FUSED_ROUTES = ("none", "topk", "all")  # TritonMoEConfig.fused_route with fused_combine
 # T=1 without fused_combine: "inline" 4 launches, "single" 1 kernel, "split" 2 kernels
@@ -179,7 +179,8 @@ class TritonMoEConfig:
       GEMV programs stall on their loads 44% of the time (3f5108a), and at T=1 a program's k-steps are a chain of
       load latencies: one wave of programs, each 6-8 steps long. Steps past the last re-load the last tile (from
       L1/L2) rather than branch. On the H200 at Qwen3-30B int8 one step ahead with dequant "prmt" took the call
-      from 30.7 to 29.2 us (962f3a7); with "bits" it was slower (31.1 to 40.3).
+      from 30.7 to 29.2 us (962f3a7); with "bits" it was slower (31.1 to 40.3). Two and three steps ahead lost
+      to one at every block shape tried (a9a357e: 34-75 and 47-843 us against 28-35), three spilling registers.
     one_launch: (merge) both kernels in one launch (`_split_one_launch_kernel`): each program takes a ticket from
       an atomic counter; the first K * F / block_f * k_splits tickets are gate/up work, the rest down work, in
       that order, and a down program waits until every h tile of its expert is written (a counter per expert).
@@ -224,7 +225,7 @@ class TritonMoEConfig:
     topk: str = "rounds"  # in-kernel routing (inline, single, split): "rounds" of max, or "rank" (_kth_choice)
     merge: bool = False  # fused_route="split": the partial sums merged in the kernels, not in XLA (see above)
     one_launch: bool = False  # merge: the gate/up and down kernels as one launch (see above)
-    prefetch: int = 0  # split GEMV: k-steps whose weight tiles load ahead of the arithmetic (0-3, see above)
+    prefetch: int = 0  # split GEMV: k-steps whose weight tiles load ahead of the arithmetic (0-2, see above)
 
     def __post_init__(self):
         for name in ("block_f", "block_k", "block_d", "block_kf"):
