@@ -196,10 +196,10 @@ def test_gemv_mode(rng, E, top_k, D, F, T, block_m):
     assert T == 1 or (experts[:, 0] == hot).all()
 
 
-# every case with the default int8 conversion ("bits"); sitofp ("convert") and the byte permute ("prmt": "bits" in
-# the interpreter, its PTX on a GPU) on one pass of one row and a partial pass of four
+# every case with the default int8 conversion ("bits"); sitofp ("convert") on one pass of one row and a partial
+# pass of four; the byte permute ("prmt": "bits" in the interpreter, its PTX on a GPU) on the partial pass
 @pytest.mark.parametrize("block_m,T,dequant", [(bm, T, "bits") for bm, T in GEMV_INT8_CASES]
-                         + [(1, 1, "convert"), (4, 7, "convert"), (1, 1, "prmt"), (4, 7, "prmt")])
+                         + [(1, 1, "convert"), (4, 7, "convert"), (4, 7, "prmt")])
 @pytest.mark.parametrize("E,top_k,D,F", CONFIGS, ids=["qwen3-30b-a3b", "small"])
 def test_gemv_mode_int8(rng, E, top_k, D, F, T, block_m, dequant):
     hot = int(rng.integers(E))
@@ -371,7 +371,8 @@ ONE_LAUNCH_CONFIGS = {name.replace("merge", "one"): dataclasses.replace(c, one_l
 
 
 @pytest.mark.parametrize("norm", [True, False], ids=["renorm", "softmax"])
-@pytest.mark.parametrize("config", list(ONE_TOKEN_CONFIGS))
+# (bf16 weights: the byte permute's config is split-s2-merge's blocks at one warp, as dequant is int8's alone)
+@pytest.mark.parametrize("config", [name for name, c in ONE_TOKEN_CONFIGS.items() if c.dequant != "prmt"])
 @pytest.mark.parametrize("E,top_k,D,F", CONFIGS, ids=["qwen3-30b-a3b", "small"])
 def test_one_token_paths(rng, E, top_k, D, F, config, norm):
     check(rng, 1, E, D, F, top_k, norm_topk_prob=norm, config=ONE_TOKEN_CONFIGS[config])
