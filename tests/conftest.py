@@ -22,12 +22,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not on_gpu:
             item.add_marker(skip)
-    # The tests that wait on a background command (they take the `background` fixture, see below) run last, in
-    # their order: placed where their modules fall, the suite's process sat idle while they waited (2026-12-01, a
-    # clean clone: 103 s on the sharding benchmark and 50 s on the speculative one, of 1,443 s); at the end the
-    # commands have had the whole suite's time to finish.
-    waits = [item for item in items if "background" in getattr(item, "fixturenames", ())]
-    items[:] = [item for item in items if "background" not in getattr(item, "fixturenames", ())] + waits
 
 
 class Launched:
