@@ -264,8 +264,8 @@ SWEEP_GEMV = [(128, 64, 8, 128, 64, 2), (128, 64, 8, 64, 128, 1), (256, 32, 8, 2
 
 def sweep_configs(D: int, F: int) -> list:
     """The "sweep" family (T=1): SWEEP_DOT with and without w8a8 (int8 weights only) and SWEEP_GEMV at 8 warps
-    with the rank routing, each with the "bits" and "prmt" int8 conversions; those whose blocks do not divide the
-    shape are left out."""
+    with the rank routing and the bit conversion ("prmt" is the "prefetch" family's: alone it lost to "bits",
+    962f3a7); those whose blocks do not divide the shape are left out."""
     from pallas_kernels.moe import TritonMoEConfig
 
     out = [TritonMoEConfig(block_m=16, block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs,
@@ -273,9 +273,8 @@ def sweep_configs(D: int, F: int) -> list:
            for bf, bk, ks, bd, bkf, fs, stages in SWEEP_DOT if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
            for w8a8 in (False, True)]
     return out + [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs,
-                                  num_warps=8, fused_route="split", topk="rank", dequant=dequant)
-                  for bf, bk, ks, bd, bkf, fs in SWEEP_GEMV if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
-                  for dequant in ("bits", "prmt")]
+                                  num_warps=8, fused_route="split", topk="rank", dequant="bits")
+                  for bf, bk, ks, bd, bkf, fs in SWEEP_GEMV if split_fits(D, F, bf, bk, ks, bd, bkf, fs)]
 
 
 # (block_f, block_k, k_splits, block_d, block_kf, f_splits) of "wide": the split path's GEMV mode with one k-step a
@@ -302,8 +301,8 @@ def wide_configs(D: int, F: int) -> list:
 def merge_configs(D: int, F: int) -> list:
     """The "merge" family (T=1): the split path with its partial sums merged in the kernels (TritonMoEConfig.merge):
     SPLIT_DOT_PICKS on the tensor cores, SWEEP_GEMV at 8 warps and the first four GEMV split picks at 4, rank
-    routing, the GEMV ones with both the "bits" and "prmt" int8 conversions (these hold the H200's tuned T=1
-    winners of 91dc255)."""
+    routing and the bit conversion (these hold the H200's tuned T=1 winners of 91dc255; "prefetch" has the
+    merge with "prmt")."""
     from pallas_kernels.moe import TritonMoEConfig
 
     gemv = [(bf, bk, ks, bd, bkf, fs, 8) for bf, bk, ks, bd, bkf, fs in SWEEP_GEMV]
@@ -313,9 +312,8 @@ def merge_configs(D: int, F: int) -> list:
                            fused_route="split", topk="rank", merge=True)
            for bf, bk, ks, bd, bkf, fs in SPLIT_DOT_PICKS if split_fits(D, F, bf, bk, ks, bd, bkf, fs)]
     return out + [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs,
-                                  num_warps=warps, fused_route="split", topk="rank", dequant=dequant, merge=True)
-                  for bf, bk, ks, bd, bkf, fs, warps in gemv if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
-                  for dequant in ("bits", "prmt")]
+                                  num_warps=warps, fused_route="split", topk="rank", dequant="bits", merge=True)
+                  for bf, bk, ks, bd, bkf, fs, warps in gemv if split_fits(D, F, bf, bk, ks, bd, bkf, fs)]
 
 
 # (block_f, block_k, k_splits, block_d, block_kf, f_splits, num_warps) of "prefetch": SWEEP_GEMV at 8 warps and
