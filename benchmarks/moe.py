@@ -343,13 +343,32 @@ def prefetch_configs(D: int, F: int) -> list:
                   for w in (4, 8) for pf in (1, 2) if split_fits(D, F, 256, 32, 8, 256, 32, 4)]
 
 
+# (block_f, block_k, k_splits, block_d, block_kf, f_splits, num_warps) of "hdown": int8's tuned T=1 entry at 4 and 8
+# warps and three PREFETCH_GEMV neighbours
+HDOWN_GEMV = [(256, 32, 8, 256, 32, 4, 4), (256, 32, 8, 256, 32, 4, 8), (128, 64, 8, 256, 32, 4, 4),
+              (256, 32, 16, 256, 32, 4, 8), (256, 64, 8, 256, 64, 4, 8)]
+
+
+def hdown_configs(D: int, F: int) -> list:
+    """The "hdown" family (T=1): the split path's GEMV mode with the down kernel making h from the gate/up
+    partials (TritonMoEConfig.h_in_down: no XLA pass between the kernels), with and without the down kernel's
+    merge, byte permute one step ahead (as the "prefetch" family's winner); "prefetch" has the same blocks
+    without h_in_down."""
+    from pallas_kernels.moe import TritonMoEConfig
+
+    return [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs, num_warps=w,
+                            fused_route="split", topk="rank", dequant="prmt", prefetch=1, h_in_down=True, merge=m)
+            for bf, bk, ks, bd, bkf, fs, w in HDOWN_GEMV if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
+            for m in (False, True)]
+
+
 def one_launch_configs(D: int, F: int) -> list:
     """The "one" family (T=1): the "merge" family with both kernels in one launch (TritonMoEConfig.one_launch)."""
     return [dataclasses.replace(c, one_launch=True) for c in merge_configs(D, F)]
 
 
 FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "sweep", "wide", "merge", "one",
-            "prefetch", "w8a8", "mosaic")  # --families
+            "prefetch", "hdown", "w8a8", "mosaic")  # --families
 # what --tune searches unless --families says otherwise: "wide" lost every trial at Qwen3-30B, T=1 on the H200
 # (5a1676f: int8 41.6-48.7 us against the sweep's 38.8, bf16 45.4-57.2 against 44.6), and "one" was 1-3 us
 # behind the same blocks in two launches with bf16 weights there (23601ce, moe_one_30b_h200_23601ce.log), so both
@@ -362,7 +381,8 @@ def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048
     """The Triton kernel's candidates at T tokens: plan's choice ("default"), the dot mode over column blocks and
     stages, wider row tiles at T >= 64 ("dot"), the GEMV mode and fused_combine at decode sizes ("gemv",
     "fused"), inline routing, the one-kernel and the split two-kernel paths at T=1 ("inline", "single", "split",
-    "sweep", "wide", "merge", "one"), the register prefetch and byte permute ("prefetch");
+    "sweep", "wide", "merge", "one"), the register prefetch and byte permute ("prefetch"), h made in the down
+    kernel ("hdown");
     `families` picks among them."""
     from pallas_kernels.moe import TritonMoEConfig
     from pallas_kernels.moe.triton_moe import gemv_expected
@@ -395,6 +415,8 @@ def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048
         configs += one_launch_configs(D, F)
     if T == 1 and "prefetch" in families:
         configs += prefetch_configs(D, F)
+    if T == 1 and "hdown" in families:
+        configs += hdown_configs(D, F)
     return list(dict.fromkeys(configs))
 
 

@@ -358,6 +358,11 @@ ONE_TOKEN_CONFIGS = {
     "split-s2-merge-prmt": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
                                            num_warps=1, fused_route="split", topk="rank", dequant="prmt",
                                            merge=True),
+    # the down kernel making h from the gate/up partials (no XLA pass between), loading one step ahead, and
+    # merging its rows: the gate/up kernel then writes partials only
+    "split-s2-hdown-merge": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
+                                            fused_route="split", topk="rank", prefetch=1, h_in_down=True,
+                                            merge=True),
     "split-dot16-merge": TritonMoEConfig(block_m=16, block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
                                          fused_route="split", topk="rank", merge=True),
 }
@@ -365,9 +370,9 @@ ONE_TOKEN_CONFIGS = {
 # decoded wrong leaves a tile unwritten or written twice; on the GPU a down program that did not wait for its h
 # would read it unwritten (the interpreter runs tickets in order). One D range and two, both modes; the routing is
 # the merged path's own, so one routing mode each. The merge configs above, in one launch (but for the byte
-# permute's: the conversion is the same in both forms)
+# permute's: the conversion is the same in both forms; and h_in_down's, which one launch does not take)
 ONE_LAUNCH_CONFIGS = {name.replace("merge", "one"): dataclasses.replace(c, one_launch=True)
-                      for name, c in ONE_TOKEN_CONFIGS.items() if c.merge and c.dequant != "prmt"}
+                      for name, c in ONE_TOKEN_CONFIGS.items() if c.merge and c.dequant != "prmt" and not c.h_in_down}
 
 
 @pytest.mark.parametrize("norm", [True, False], ids=["renorm", "softmax"])
@@ -403,6 +408,8 @@ def test_split_over_four_d_ranges(rng, int8):
     config = TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2, f_splits=2,
                              fused_route="split")
     (check_int8 if int8 else check)(rng, 1, 128, 64, 32, 8, config=config)
+    # and each down program making its two 16-row h slices from the two gate/up partials
+    (check_int8 if int8 else check)(rng, 1, 128, 64, 32, 8, config=dataclasses.replace(config, h_in_down=True))
     # both on the tensor cores
     config = dataclasses.replace(config, block_m=16, k_splits=4)
     (check_int8 if int8 else check)(rng, 1, 128, 64, 32, 8, config=config)
@@ -495,6 +502,8 @@ def test_fused_combine_is_a_tuner_candidate():
     assert split and {c.k_splits for c in split} >= {2, 4, 8}
     for c in split:
         plan(1, 2048, F, E, K, c, sms=132)
+    # h made in the down kernel, with and without the down kernel's merge (the "hdown" family, a default one)
+    assert {c.merge for c in split if c.h_in_down} == {True, False}
     assert not any(c.fused_route == "split" for c in triton_configs(8, E, K, F, quick=False))
     # the split path in every in-kernel routing x int8 conversion, inline in both routings
     assert {(c.topk, c.dequant) for c in split} == {(t, d) for t in TOPKS for d in DEQUANTS}
@@ -611,7 +620,9 @@ def test_config_validates_itself():
                dict(merge=True, w8a8=True, fused_route="split"),
                dict(one_launch=True, fused_route="split"), dict(prefetch=1), dict(prefetch=1, fused_route="inline"),
                dict(prefetch=1, block_m=16, fused_route="split"), dict(prefetch=3, fused_route="split"),
-               dict(prefetch=-1, fused_route="split")):
+               dict(prefetch=-1, fused_route="split"), dict(h_in_down=True),
+               dict(h_in_down=True, fused_route="inline"), dict(h_in_down=True, block_m=16, fused_route="split"),
+               dict(h_in_down=True, one_launch=True, merge=True, fused_route="split")):
         with pytest.raises(ValueError):
             TritonMoEConfig(**kw)
     for bm in (1, 2, 4, 8, 16, 128):  # GEMV rows per pass, dot rows

@@ -181,6 +181,12 @@ class TritonMoEConfig:
       L1/L2) rather than branch. On the H200 at Qwen3-30B int8 one step ahead with dequant "prmt" took the call
       from 30.7 to 29.2 us (962f3a7); with "bits" it was slower (31.1 to 40.3). Two and three steps ahead lost
       to one at every block shape tried (a9a357e: 34-75 and 47-843 us against 28-35), three spilling registers.
+    h_in_down: (fused_route "split", GEMV mode, not one_launch) no XLA pass between the kernels: each down program
+      k-step loads the k_splits float32 partial gate and up sums of its [block_kf] slice of h from the gate/up
+      kernel's output (L2: a quarter of an int8 [32, 256] weight tile's bytes at k_splits 8) and makes h there, as
+      the XLA pass would (summed, SiLU, rounded to x's dtype). The gate/up kernel then never merges; with merge
+      the down kernel still merges its rows (so the op is logits, a memset, 2 kernels). At Qwen3-30B int8 T=1 the
+      pass it removes took 1.6 us of 28.8 (a9a357e's profile).
     one_launch: (merge) both kernels in one launch (`_split_one_launch_kernel`): each program takes a ticket from
       an atomic counter; the first K * F / block_f * k_splits tickets are gate/up work, the rest down work, in
       that order, and a down program waits until every h tile of its expert is written (a counter per expert).
@@ -226,6 +232,7 @@ class TritonMoEConfig:
     merge: bool = False  # fused_route="split": the partial sums merged in the kernels, not in XLA (see above)
     one_launch: bool = False  # merge: the gate/up and down kernels as one launch (see above)
     prefetch: int = 0  # split GEMV: k-steps whose weight tiles load ahead of the arithmetic (0-2, see above)
+    h_in_down: bool = False  # split GEMV: the down kernel makes h from the gate/up partials (see above)
 
     def __post_init__(self):
         for name in ("block_f", "block_k", "block_d", "block_kf"):
@@ -267,6 +274,10 @@ class TritonMoEConfig:
             raise ValueError(f"prefetch={self.prefetch} must be in [0, {MAX_PREFETCH}]")
         if self.prefetch and (self.fused_route != "split" or (bm is not None and bm != 1) or self.w8a8):
             raise ValueError("prefetch is the split path's GEMV mode's (fused_route='split', block_m 1 or None)")
+        if self.h_in_down and (self.fused_route != "split" or (bm is not None and bm != 1) or self.w8a8
+                               or self.one_launch):
+            raise ValueError("h_in_down is the split path's GEMV mode's (fused_route='split', block_m 1 or None), "
+                             "not w8a8's or one_launch's")
         if self.w8a8 and (self.fused_combine or self.fused_route not in ("none", "inline", "split")
                           or (bm is not None and bm < MIN_DOT)):
             raise ValueError("w8a8 runs the dot mode's kernels: block_m >= 16 or None, no fused_combine, "
@@ -293,6 +304,7 @@ class Plan(NamedTuple):
     merge: bool = False
     one_launch: bool = False
     prefetch: int = 0
+    h_in_down: bool = False
 
     @property
     def gemv(self) -> bool:
@@ -383,7 +395,7 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
             rbk //= 2
     return Plan(bm, bf, bk, bd, bkf, slots, config.num_warps, config.num_stages, config.fused_combine,
                 config.fused_route, rbk, config.w8a8, config.k_splits, config.f_splits, config.dequant,
-                config.topk, config.merge, config.one_launch, config.prefetch)
+                config.topk, config.merge, config.one_launch, config.prefetch, config.h_in_down)
 
 
 def gemv_expected(T: int, E: int, top_k: int) -> bool:
@@ -952,15 +964,25 @@ def _split_gate_up_kernel(
     if not merge:
         return
 
-    def merge_tile():  # every split's partials of this tile, summed in split order, then h as XLA would round it
-        rows = 2 * (jnp.arange(S, dtype=jnp.int32)[:, None] * top_k + k)  # [S, 1]
-        cols = f0 + jnp.arange(block_f, dtype=jnp.int32)[None, :]
-        g_all = jnp.sum(pltriton.load(gu_ref.at[(rows, cols)]), axis=0)
-        u_all = jnp.sum(pltriton.load(gu_ref.at[(rows + 1, cols)]), axis=0)
-        h_ref[k, pl.ds(f0, block_f)] = (_silu(g_all) * u_all).astype(h_ref.dtype)
+    def merge_tile():  # every split's partials of this tile, then h as XLA would round it
+        h_ref[k, pl.ds(f0, block_f)] = _h_from_partials(*_h_partials(gu_ref, k, top_k, f0, block_f), h_ref.dtype)
         h_written(k)
 
     last_arrival(count_ref, k * (h_ref.shape[1] // block_f) + j, S, merge_tile, interpret)
+
+
+def _h_partials(gu_ref, k, top_k: int, c0, width: int):
+    """The k_splits partial gate and up sums ([k_splits, width] float32 each) of choice k's h columns
+    [c0, c0 + width), from the split gate/up kernel's output gu [k_splits * K * 2, F]."""
+    S = gu_ref.shape[0] // (2 * top_k)
+    rows = 2 * (jnp.arange(S, dtype=jnp.int32)[:, None] * top_k + k)  # [S, 1]
+    cols = c0 + jnp.arange(width, dtype=jnp.int32)[None, :]
+    return pltriton.load(gu_ref.at[(rows, cols)]), pltriton.load(gu_ref.at[(rows + 1, cols)])
+
+
+def _h_from_partials(g_parts, u_parts, dtype):
+    """h from `_h_partials` as the XLA pass makes it: the partials summed, SiLU(g) * u, rounded to dtype."""
+    return (_silu(jnp.sum(g_parts, axis=0)) * jnp.sum(u_parts, axis=0)).astype(dtype)
 
 
 def _split_down_kernel(
@@ -982,6 +1004,7 @@ def _split_down_kernel(
     merge: bool = False,  # the last of a D tile's programs writes out's columns (TritonMoEConfig.merge)
     count_base: int = 0,  # (merge) the first of the D tiles' counters
     prefetch: int = 0,  # (GEMV) TritonMoEConfig.prefetch
+    h_dtype=None,  # (GEMV) TritonMoEConfig.h_in_down: x's dtype; h_ref is then gu, the gate/up kernel's partials
     interpret: bool = False,
     ids=None,  # (k, i, r) where the caller assigns the work (one_launch), else the program ids
 ):
@@ -1002,12 +1025,14 @@ def _split_down_kernel(
     else:
         acc2d = block_kf * block_d <= GEMV_ACC2D_MAX  # reduce over F once after the loop (see _gemv_pass)
 
-        def load(n):  # the step's h slice and weight tile
+        def load(n):  # the step's h slice (with h_dtype: its gate/up partials) and weight tile
             f0 = pl.multiple_of(r * f_len + n * block_kf, block_kf)
-            return h_ref[k, pl.ds(f0, block_kf)], wd_ref[e, pl.ds(f0, block_kf), pl.ds(d0, block_d)]
+            h = h_ref[k, pl.ds(f0, block_kf)] if h_dtype is None else _h_partials(h_ref, k, top_k, f0, block_kf)
+            return h, wd_ref[e, pl.ds(f0, block_kf), pl.ds(d0, block_d)]
 
         def step(n, loaded, acc):
-            y = loaded[0].astype(jnp.float32)[:, None] * _to_f32(loaded[1], dequant)  # [BKF, BD]
+            h = loaded[0] if h_dtype is None else _h_from_partials(*loaded[0], h_dtype)
+            y = h.astype(jnp.float32)[:, None] * _to_f32(loaded[1], dequant)  # [BKF, BD]
             return acc + (y if acc2d else jnp.sum(y, axis=0))
 
         acc = _k_loop(f_len // block_kf, load, step,
@@ -1366,10 +1391,13 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
     def full(shape):  # whole arrays: the kernels index them themselves
         return pl.BlockSpec(shape, lambda *ids: (0,) * len(shape))
 
-    merge = plan.merge
+    merge, h_in_down = plan.merge, plan.h_in_down
+    merge_gate_up = merge and not h_in_down  # h_in_down: the down kernel makes h from the partials
     nF, nD = F // bf, D // bd
-    # merge: one counter per (expert, F tile) for the gate/up kernel, then one per D tile for the down kernel
-    n_counts = top_k * nF + nD + (top_k + 1 if plan.one_launch else 0)  # one_launch: h ready per choice, ticket
+    # merge: one counter per (expert, F tile) for the gate/up kernel (unless h_in_down), then one per D tile for
+    # the down kernel
+    n_counts = (0 if h_in_down else top_k * nF) + nD + (top_k + 1 if plan.one_launch else 0)  # one_launch: h
+    # ready per choice, ticket
     counts = [jnp.zeros((n_counts,), jnp.int32)] if merge else []
     count_shape = jax.ShapeDtypeStruct((n_counts,), jnp.int32)
     gu_shape = jax.ShapeDtypeStruct((S * top_k * 2, F), jnp.float32)  # partial gate/up sums
@@ -1394,24 +1422,30 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
             name=f"moe_split_one{tag}_bf{bf}_bk{bk}_s{S}_bd{bd}_bkf{bkf}_r{R}",
         )(*args)
         return out[3]
-    args = (logits, x, ws[0], ws[1], *([w_gate.scale, w_up.scale] if quantized else []), *counts)
+    args = (logits, x, ws[0], ws[1], *([w_gate.scale, w_up.scale] if quantized else []),
+            *(counts if merge_gate_up else []))
     gu = pl.pallas_call(
         functools.partial(_split_gate_up_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_f=bf, block_k=bk,
-                          quantized=quantized, merge=merge, interpret=interpret, **mode),
+                          quantized=quantized, merge=merge_gate_up, interpret=interpret, **mode),
         grid=(top_k, nF, S),
         in_specs=[full(a.shape) for a in args],
-        out_specs=[full(o.shape) for o in (gu_shape, h_shape, count_shape)] if merge else full(gu_shape.shape),
-        out_shape=[gu_shape, h_shape, count_shape] if merge else gu_shape,
-        input_output_aliases={len(args) - 1: 2} if merge else {},
+        out_specs=([full(o.shape) for o in (gu_shape, h_shape, count_shape)] if merge_gate_up
+                   else full(gu_shape.shape)),
+        out_shape=[gu_shape, h_shape, count_shape] if merge_gate_up else gu_shape,
+        input_output_aliases={len(args) - 1: 2} if merge_gate_up else {},
         compiler_params=params,
         interpret=interpret,
-        name=f"moe_split_gate_up{tag}_bf{bf}_bk{bk}_s{S}{'_merge' if merge else ''}",
+        name=f"moe_split_gate_up{tag}_bf{bf}_bk{bk}_s{S}{'_merge' if merge_gate_up else ''}",
     )(*args)
-    if merge:
+    count, h_scale = (counts[0] if merge else None), None
+    if merge_gate_up:
         _, h, count = gu
+    elif h_in_down:  # the down kernel sums the partials itself
+        h = gu
     else:
-        # h once, in XLA (a few KB): every down program reading all k_splits partials of its F range and applying
-        # SiLU itself re-read as many bytes from L2 as its weight tile (the first H200 profile: 22.5 of 41 us)
+        # h once, in XLA (a few KB). h_in_down has every down program read the k_splits partials of its F range
+        # and apply SiLU itself: with the first H200 profile's narrow down tiles that re-read as many bytes from L2
+        # as the weight tile (22.5 of 41 us), with a 256-column int8 tile a quarter
         g, u = jnp.sum(gu.reshape(S, top_k, 2, F), axis=0).transpose(1, 0, 2)
         h = jax.nn.silu(g) * u
         # [K, F], rounded as the reference's h; with w8a8 to int8, a scale per row
@@ -1420,8 +1454,8 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
             *([count] if merge else []))
     out = pl.pallas_call(
         functools.partial(_split_down_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_d=bd,
-                          block_kf=bkf, quantized=quantized, merge=merge, count_base=top_k * nF, interpret=interpret,
-                          **mode),
+                          block_kf=bkf, quantized=quantized, merge=merge, count_base=n_counts - nD,
+                          h_dtype=x.dtype if h_in_down else None, interpret=interpret, **mode),
         grid=(top_k, nD, R),
         in_specs=[full(a.shape) for a in args],
         out_specs=[full(o.shape) for o in (o_shape, out_shape, count_shape)] if merge else full(o_shape.shape),
@@ -1429,7 +1463,7 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
         input_output_aliases={len(args) - 1: 2} if merge else {},
         compiler_params=params,
         interpret=interpret,
-        name=f"moe_split_down{tag}_bd{bd}_bkf{bkf}_r{R}{'_merge' if merge else ''}",
+        name=f"moe_split_down{tag}{'_hd' if h_in_down else ''}_bd{bd}_bkf{bkf}_r{R}{'_merge' if merge else ''}",
     )(*args)
     if merge:
         return out[1]
