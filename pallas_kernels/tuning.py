@@ -90,6 +90,12 @@ def _depend(args: tuple, out, whole: bool = False) -> tuple:
     return tuple(a + zero.astype(a.dtype) if i in link else a for i, a in enumerate(args))
 
 
+def _seconds(run: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    run()
+    return time.perf_counter() - t
+
+
 def chain(fn: Callable, inputs: tuple | Sequence[tuple], target_ms: float, max_calls: int, whole: bool = False,
           calls: int | None = None):
     """(run, n): `run()` executes one jitted chain of n calls of `fn` over the rotating input sets (each call
@@ -104,9 +110,10 @@ def chain(fn: Callable, inputs: tuple | Sequence[tuple], target_ms: float, max_c
             return jax.block_until_ready([one(*a) for a in sets])
 
         run_once()
-        t = time.perf_counter()
-        run_once()
-        single = max((time.perf_counter() - t) / len(sets), 1e-6)  # dispatch-bound upper bound of one call
+        # a dispatch-bound upper bound of one call: the fastest of three runs, as one slow run (on the H200 the
+        # first case's of a second time_interleaved in one process) gave a third of the calls, and a slope
+        # (t(2n) - t(n)) / n a third off (21.9 us for a 29 us call; n 20-24 where the others had 64, session 18)
+        single = max(min(_seconds(run_once) for _ in range(3)) / len(sets), 1e-6)
         calls = min(max_calls, math.ceil(target_ms * 1e-3 / single) * len(sets))
     n = -(-max(len(sets), calls) // len(sets)) * len(sets)
 
@@ -175,11 +182,7 @@ def time_interleaved(cases: dict[str, tuple[Callable, tuple | Sequence[tuple]]],
     warm_up([run for runs in chains.values() for run, _ in runs], warmup_s)
     for _ in range(repeats):
         for name, runs in chains.items():
-            took = []
-            for run, _ in runs:
-                t = time.perf_counter()
-                run()
-                took.append(time.perf_counter() - t)
+            took = [_seconds(run) for run, _ in runs]
             plain[name].append(took[0] / runs[0][1] * 1e6)
             if slope:
                 (_, n1), (_, n2) = runs
