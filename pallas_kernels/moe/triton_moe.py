@@ -185,8 +185,9 @@ class TritonMoEConfig:
       k-step loads the k_splits float32 partial gate and up sums of its [block_kf] slice of h from the gate/up
       kernel's output (L2: a quarter of an int8 [32, 256] weight tile's bytes at k_splits 8) and makes h there, as
       the XLA pass would (summed, SiLU, rounded to x's dtype). The gate/up kernel then never merges; with merge
-      the down kernel still merges its rows (so the op is logits, a memset, 2 kernels). At Qwen3-30B int8 T=1 the
-      pass it removes took 1.6 us of 28.8 (a9a357e's profile).
+      the down kernel still merges its rows (so the op is logits, a memset, 2 kernels). On the H200 at Qwen3-30B
+      int8 T=1 the pass it removes took 1.3 us and the down kernel 1.0 us more (0e8b8a3's profile): within the
+      noise in two interleaved runs, and 6fcf3bd's tune kept h in XLA (28.3 us against 28.9).
     one_launch: (merge) both kernels in one launch (`_split_one_launch_kernel`): each program takes a ticket from
       an atomic counter; the first K * F / block_f * k_splits tickets are gate/up work, the rest down work, in
       that order, and a down program waits until every h tile of its expert is written (a counter per expert).
@@ -1394,10 +1395,9 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
     merge, h_in_down = plan.merge, plan.h_in_down
     merge_gate_up = merge and not h_in_down  # h_in_down: the down kernel makes h from the partials
     nF, nD = F // bf, D // bd
-    # merge: one counter per (expert, F tile) for the gate/up kernel (unless h_in_down), then one per D tile for
-    # the down kernel
-    n_counts = (0 if h_in_down else top_k * nF) + nD + (top_k + 1 if plan.one_launch else 0)  # one_launch: h
-    # ready per choice, ticket
+    # merge: one counter per (expert, F tile) for the gate/up kernel (unless h_in_down), one per D tile for the
+    # down kernel, and with one_launch one per choice (its h is ready) and the ticket
+    n_counts = (0 if h_in_down else top_k * nF) + nD + (top_k + 1 if plan.one_launch else 0)
     counts = [jnp.zeros((n_counts,), jnp.int32)] if merge else []
     count_shape = jax.ShapeDtypeStruct((n_counts,), jnp.int32)
     gu_shape = jax.ShapeDtypeStruct((S * top_k * 2, F), jnp.float32)  # partial gate/up sums
