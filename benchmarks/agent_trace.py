@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -576,9 +575,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     import jax
 
+    from codegen_jax.jit_cache import enable_compilation_cache
+
     # every server compiles the same programs: the second and third load them from the persistent cache
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/codegen-jax/jax"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    enable_compilation_cache(min_compile_time_s=0)
     jax.monitoring.register_event_duration_secs_listener(TRACES)
     if args.tiny:
         jax.config.update("jax_default_matmul_precision", "highest")  # as the tests: exact across cache paths

@@ -118,17 +118,16 @@ def _add_serve(sub) -> None:
 
 
 def _generate(args) -> int:
-    import jax
     import jax.numpy as jnp
 
     from codegen_jax.checkpoint import load_model
     from codegen_jax.engine import EngineConfig
+    from codegen_jax.jit_cache import enable_compilation_cache
     from codegen_jax.parallel import replica_engine, replica_mesh
     from codegen_jax.sampling import SamplingParams
     from codegen_jax.tokenizer import Tokenizer
 
-    # Compiled programs are cached across runs of the CLI.
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/codegen-jax/jax"))
+    enable_compilation_cache()  # compiled programs are cached across runs of the CLI
     try:
         mesh = replica_mesh(args.tp, args.ep)
         _strategy(args.tp_strategy)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -151,10 +150,11 @@ def _fingerprint(model_dir: str) -> str:
 def run(cfg: ServeConfig) -> int:
     """Serves until SIGTERM or SIGINT: new requests then get 503, in-flight ones finish (up to
     drain_timeout_s), and the process exits 0."""
-    import jax
     import uvicorn
 
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/codegen-jax/jax"))
+    from codegen_jax.jit_cache import enable_compilation_cache
+
+    enable_compilation_cache()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing ("no TPU") is not the server's news
     sys.setswitchinterval(cfg.switch_interval_ms / 1e3)  # the whole process's: set here, not by build/assemble

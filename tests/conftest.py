@@ -14,6 +14,10 @@ FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe"]
 
 # The suite runs on the CPU unless a test is marked gpu; tests compare exact tokens, so keep matmuls in f32.
 jax.config.update("jax_default_matmul_precision", "highest")
+# The CLI, the server and the benchmarks cache compiled programs (codegen_jax/jit_cache.py): the suite's own cache,
+# empty at the start, which its subprocesses inherit, rather than the user's ~/.cache (whose entries from earlier
+# runs, or runs beside this one, the suite would otherwise read)
+os.environ.setdefault("CODEGEN_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="codegen-jax-jit-cache-"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -108,3 +108,28 @@ def test_serve_remote_hit_flags_reach_the_config(monkeypatch, flags, overlap, le
     monkeypatch.setattr(serve.server, "run", lambda cfg: seen.append(cfg) or 0)
     assert main(["serve", "--model", str(FIXTURES / "qwen2"), "--remote", "memory://", *flags]) == 0
     assert (seen[0].remote_overlap, seen[0].remote_min_tokens) == (overlap, least)
+
+
+def test_compilation_cache_takes_its_directory_and_a_size_limit(tmp_path, monkeypatch):
+    """codegen_jax.jit_cache: the directory from $CODEGEN_JAX_CACHE_DIR, and a size limit, which makes JAX's cache
+    take a file lock around its reads and writes (without one a process can read an entry another is still writing
+    and crash deserialising it)."""
+    import jax
+    from jax._src.lru_cache import LRUCache
+
+    from codegen_jax import jit_cache
+
+    names = ("jax_compilation_cache_dir", "jax_compilation_cache_max_size",
+             "jax_persistent_cache_min_compile_time_secs")
+    before = {name: getattr(jax.config, name) for name in names}
+    monkeypatch.setenv(jit_cache.CACHE_DIR_ENV, str(tmp_path / "jit"))
+    try:
+        assert jit_cache.enable_compilation_cache(min_compile_time_s=0) == str(tmp_path / "jit")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jit")
+        assert jax.config.jax_compilation_cache_max_size == jit_cache.MAX_BYTES > 0
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+        cache = LRUCache(jax.config.jax_compilation_cache_dir, max_size=jax.config.jax_compilation_cache_max_size)
+        assert cache.eviction_enabled and cache.lock is not None
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
