@@ -273,10 +273,10 @@ class TritonMoEConfig:
             raise ValueError("one_launch runs the merged split path: it needs merge=True")
         if not 0 <= self.prefetch <= MAX_PREFETCH:
             raise ValueError(f"prefetch={self.prefetch} must be in [0, {MAX_PREFETCH}]")
-        if self.prefetch and (self.fused_route != "split" or (bm is not None and bm != 1) or self.w8a8):
+        split_gemv = self.fused_route == "split" and bm in (None, 1) and not self.w8a8
+        if self.prefetch and not split_gemv:
             raise ValueError("prefetch is the split path's GEMV mode's (fused_route='split', block_m 1 or None)")
-        if self.h_in_down and (self.fused_route != "split" or (bm is not None and bm != 1) or self.w8a8
-                               or self.one_launch):
+        if self.h_in_down and (not split_gemv or self.one_launch):
             raise ValueError("h_in_down is the split path's GEMV mode's (fused_route='split', block_m 1 or None), "
                              "not w8a8's or one_launch's")
         if self.w8a8 and (self.fused_combine or self.fused_route not in ("none", "inline", "split")
