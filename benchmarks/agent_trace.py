@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from codegen_jax.jit_cache import enable_compilation_cache
 
-    # every server compiles the same programs: the second and third load them from the persistent cache
+    # every server compiles the same programs: on a GPU the second and third load them from the persistent cache
     enable_compilation_cache(min_compile_time_s=0)
     jax.monitoring.register_event_duration_secs_listener(TRACES)
     if args.tiny:

@@ -6,15 +6,22 @@ CACHE_DIR_ENV = "CODEGEN_JAX_CACHE_DIR"  # where the cache lives; default ~/.cac
 MAX_BYTES = 8 << 30  # least recently used entries go past this
 
 
-def enable_compilation_cache(min_compile_time_s: float | None = None) -> str:
+def enable_compilation_cache(min_compile_time_s: float | None = None) -> str | None:
     """Turns on JAX's persistent compilation cache in $CODEGEN_JAX_CACHE_DIR (default ~/.cache/codegen-jax/jax)
-    and returns the directory. The cache gets a size limit, which makes JAX evict least recently used entries and
-    take a file lock around every read and write of it. Without the lock JAX writes an entry in place, so another
-    process (a server beside a CLI run, the test suite's subprocesses) can read it half-written and crash
-    deserialising it: a CI run here segfaulted in that read (2026-12-02). min_compile_time_s: cache programs that
-    took at least this long to compile (JAX's default where None)."""
+    and returns the directory; on the CPU backend it leaves the cache off and returns None.
+
+    Why not on the CPU: twice (2026-12-01 and -02, a clean clone here and the project's CI) the test process died
+    of a segfault in `compilation_cache.get_executable_and_time`, deserialising an XLA:CPU executable that the
+    CLI's cache (on in that process since an earlier in-process CLI test) had stored. The entry cannot have been
+    a torn write: entries are zlib streams, so a truncated one raises, and JAX turns that into a recompile. CPU
+    programs here are small models that compile in seconds, so the cache buys little there.
+
+    The size limit makes JAX evict least recently used entries (and lock the directory around reads and writes).
+    min_compile_time_s: cache programs that took at least this long to compile (JAX's default where None)."""
     import jax
 
+    if jax.default_backend() == "cpu":
+        return None
     path = os.environ.get(CACHE_DIR_ENV) or os.path.expanduser("~/.cache/codegen-jax/jax")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)

@@ -111,9 +111,9 @@ def test_serve_remote_hit_flags_reach_the_config(monkeypatch, flags, overlap, le
 
 
 def test_compilation_cache_takes_its_directory_and_a_size_limit(tmp_path, monkeypatch):
-    """codegen_jax.jit_cache: the directory from $CODEGEN_JAX_CACHE_DIR, and a size limit, which makes JAX's cache
-    take a file lock around its reads and writes (without one a process can read an entry another is still writing
-    and crash deserialising it)."""
+    """codegen_jax.jit_cache on a GPU: the directory from $CODEGEN_JAX_CACHE_DIR, and a size limit, which makes JAX's
+    cache evict least recently used entries and lock its files. On the CPU backend it leaves the cache off: the
+    suite's process died twice deserialising a cached XLA:CPU executable (the module's docstring)."""
     import jax
     from jax._src.lru_cache import LRUCache
 
@@ -123,6 +123,10 @@ def test_compilation_cache_takes_its_directory_and_a_size_limit(tmp_path, monkey
              "jax_persistent_cache_min_compile_time_secs")
     before = {name: getattr(jax.config, name) for name in names}
     monkeypatch.setenv(jit_cache.CACHE_DIR_ENV, str(tmp_path / "jit"))
+    assert jax.default_backend() == "cpu"
+    assert jit_cache.enable_compilation_cache(min_compile_time_s=0) is None
+    assert {name: getattr(jax.config, name) for name in names} == before
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     try:
         assert jit_cache.enable_compilation_cache(min_compile_time_s=0) == str(tmp_path / "jit")
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jit")
