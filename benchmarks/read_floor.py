@@ -32,7 +32,7 @@ from pallas_kernels import tuning  # noqa: E402
 ROTATE_BYTES = 400 << 20  # the input sets of one case together: several times the H200's L2
 
 
-def triton_read(rows: int, cols: int, block_rows: int, warps: int):
+def triton_read(rows: int, cols: int, block_rows: int, warps: int, interpret: bool = False):
     """A kernel reading x [rows, cols] once: program i loads rows [i * block_rows, (i + 1) * block_rows) and writes
     the float32 sum of them (16 copies: a store block of one element is not a power of two above 1 in every path)."""
     grid = rows // block_rows
@@ -43,19 +43,20 @@ def triton_read(rows: int, cols: int, block_rows: int, warps: int):
     call = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((grid * 16,), jnp.float32), grid=(grid,),
                           in_specs=[pl.BlockSpec((block_rows, cols), lambda i: (i, 0))],
                           out_specs=pl.BlockSpec((16,), lambda i: (i,)),
-                          compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1))
-    return lambda x: jnp.sum(call(x))
+                          compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1),
+                          interpret=interpret)
+    return lambda x: jnp.sum(call(x)[::16])
 
 
 def xla_read(x):
     return jnp.sum(x, dtype=jnp.float32)
 
 
-def sets_of(rows: int, cols: int, dtype) -> list[tuple]:
+def sets_of(rows: int, cols: int, dtype, rotate_bytes: int = ROTATE_BYTES) -> list[tuple]:
     nbytes = rows * cols * jnp.dtype(dtype).itemsize
     key = jax.random.key(0)
     out = []
-    for i in range(max(2, math.ceil(ROTATE_BYTES / nbytes))):
+    for i in range(max(2, math.ceil(rotate_bytes / nbytes))):
         x = jax.random.randint(jax.random.fold_in(key, i), (rows, cols), -8, 8, jnp.int32).astype(dtype)
         out.append((x,))
     return out
@@ -68,33 +69,41 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes, the kernels in interpret mode: runs on the CPU")
     args = p.parse_args(argv)
 
-    h, f, k = args.hidden, args.ffn, args.top_k
+    h, f, k = (64, 48, 2) if args.tiny else (args.hidden, args.ffn, args.top_k)
+    interpret, rotate = (True, 0) if args.tiny else (False, ROTATE_BYTES)
     # rows of `h` columns: gate/up is 2 * f * k rows, down is f * k rows' worth of bytes (as h-wide rows)
     shapes = {"gate_up": 2 * f * k, "down": f * k, "both": 3 * f * k}
     dtypes = {"bf16": jnp.bfloat16, "int8": jnp.int8}
-    configs = [(br, w) for br in (2, 4, 8, 16, 32) for w in (4, 8)]
+    configs = [(8, 4)] if args.tiny else [(br, w) for br in (2, 4, 8, 16, 32) for w in (4, 8)]
+    repeats = 1 if args.tiny else args.repeats
 
-    rows_out, best = [], {}
+    rows_out, best, config_of = [], {}, {}
     for part, rows in shapes.items():
         for dname, dtype in dtypes.items():
-            sets = sets_of(rows, h, dtype)
+            sets = sets_of(rows, h, dtype, rotate)
             nbytes = rows * h * jnp.dtype(dtype).itemsize
             cases = {"xla": (xla_read, sets)}
+            want = float(xla_read(*sets[0]))
             for br, w in configs:
                 if rows % br == 0 and br * h * jnp.dtype(dtype).itemsize <= 64 << 10:
-                    cases[f"triton br{br} w{w}"] = (triton_read(rows, h, br, w), sets)
+                    fn = triton_read(rows, h, br, w, interpret)
+                    got = float(jax.jit(fn)(*sets[0]))  # every block read once: the same sum as XLA's
+                    assert abs(got - want) <= 1e-5 * max(abs(want), 1.0), (part, dname, br, w, got, want)
+                    cases[f"triton br{br} w{w}"] = (fn, sets)
+                    config_of[f"triton br{br} w{w}"] = br, w
             errors = {}
-            timed = tuning.time_interleaved(cases, repeats=args.repeats, errors=errors)
+            timed = tuning.time_interleaved(cases, repeats=repeats, errors=errors)
             for name, t in timed.items():
                 rows_out.append({"part": part, "dtype": dname, "bytes": nbytes, "impl": name, **t,
                                  "gb_s": nbytes / t["us"] / 1e3})
             tri = {n: t for n, t in timed.items() if n.startswith("triton")}
             name = min(tri, key=lambda n: tri[n]["us"])
-            best[(part, dname)] = name
+            best[(part, dname)] = config_of[name]
             print(f"{part:8s} {dname:5s} {nbytes / 2**20:7.1f} MiB  xla {timed['xla']['us']:7.2f} us "
-                  f"({nbytes / timed['xla']['us'] / 1e3:6.0f} GB/s)  best triton {name}: {tri[name]['us']:7.2f} us "
+                  f"({nbytes / timed['xla']['us'] / 1e3:6.0f} GB/s)  best {name}: {tri[name]['us']:7.2f} us "
                   f"({nbytes / tri[name]['us'] / 1e3:6.0f} GB/s)" + (f"  errors {errors}" if errors else ""),
                   flush=True)
 
@@ -103,9 +112,9 @@ def main(argv=None) -> int:
     for dname, dtype in dtypes.items():
         fns = []
         for part in ("gate_up", "down"):
-            br, w = (int(s[2:]) for s in best[(part, dname)].split()[1:])
-            fns.append(triton_read(shapes[part], h, br, w))
-        gu_sets, dn_sets = sets_of(shapes["gate_up"], h, dtype), sets_of(shapes["down"], h, dtype)
+            br, w = best[(part, dname)]
+            fns.append(triton_read(shapes[part], h, br, w, interpret))
+        gu_sets, dn_sets = sets_of(shapes["gate_up"], h, dtype, rotate), sets_of(shapes["down"], h, dtype, rotate)
         n = max(len(gu_sets), len(dn_sets))
         sets = [(gu_sets[i % len(gu_sets)][0], dn_sets[i % len(dn_sets)][0]) for i in range(n)]
 
@@ -114,7 +123,7 @@ def main(argv=None) -> int:
             return fns[1](b + (s * 0).astype(b.dtype))  # the down read waits for the gate/up read
 
         two[dname] = both, sets
-    timed = tuning.time_interleaved({f"two-kernel {d}": c for d, c in two.items()}, repeats=args.repeats)
+    timed = tuning.time_interleaved({f"two-kernel {d}": c for d, c in two.items()}, repeats=repeats)
     for name, t in timed.items():
         dname = name.split()[1]
         nbytes = shapes["both"] * h * jnp.dtype(dtypes[dname]).itemsize
