@@ -5,9 +5,11 @@ For each size and dtype it times, in one process and interleaved (`tuning.time_i
   xla      jnp.sum of the array in float32 (XLA's reduction);
   triton   a Pallas (Triton) kernel whose programs each load a block of rows and write one partial sum, at the
            fastest of a few block sizes and warp counts;
+  mosaic   a Mosaic GPU kernel streaming tiles into shared memory by TMA through a ring of buffers and using none
+           of them (the copy engine's floor, without a GEMV's work), over tile sizes, stages and CTA counts;
 and then the MoE layer's two-kernel shape: a read of the gate/up bytes, then (depending on it) a read of the down
-bytes, for bf16 and int8, with each read the fastest triton config of its size. Inputs rotate over sets that
-together exceed L2 several times, so every call reads HBM.
+bytes, for bf16 and int8, per family with each read the family's fastest config of its size. Inputs rotate over
+sets that together exceed L2 several times, so every call reads HBM.
 
     python benchmarks/read_floor.py                   # Qwen3-30B-A3B: hidden 2048, expert FFN 768, top-8
     python benchmarks/read_floor.py --hidden 4096 --ffn 1536
@@ -17,11 +19,14 @@ Prints a table (us and GB/s per size) and the floor ratio bf16 / int8; JSON unde
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -48,6 +53,56 @@ def triton_read(rows: int, cols: int, block_rows: int, warps: int, interpret: bo
     return lambda x: jnp.sum(call(x)[::16])
 
 
+def mosaic_read(rows: int, cols: int, dtype, block_rows: int, block_cols: int, stages: int, ctas: int,
+                interpret: bool = False) -> tuple[Callable, Callable]:
+    """A Mosaic GPU kernel that streams x [rows, cols] HBM -> shared memory by TMA, [block_rows, block_cols] tiles
+    through a ring of `stages` buffers, and does nothing with them: the memory system's floor, without the work a
+    GEMV adds. CTA g takes the contiguous run of steps = blocks / ctas tiles from tile g * steps. To show that every
+    copy landed, each CTA writes the first 8 rows of its last tile back (8 * block_cols elements per CTA, ~1-2% of
+    the bytes read). Returns (kernel, expected) where expected(x) is the output a correct run gives."""
+    nb_c = cols // block_cols
+    nblocks = rows // block_rows * nb_c
+    if rows % block_rows or cols % block_cols or nblocks % ctas or block_rows % 8:
+        raise ValueError(f"tiles {block_rows}x{block_cols} and {ctas} CTAs do not divide [{rows}, {cols}]")
+    steps = nblocks // ctas
+
+    def kernel(x_ref, o_ref, smem, bars):
+        g = lax.axis_index("g")
+
+        def issue(step, slot):
+            b = g * steps + step
+            r0 = pl.multiple_of((b // nb_c) * block_rows, block_rows)
+            c0 = pl.multiple_of((b % nb_c) * block_cols, block_cols)
+            plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(r0, block_rows), pl.ds(c0, block_cols)], smem.at[slot],
+                                    bars.at[slot])
+
+        for i in range(min(stages, steps)):
+            issue(i, i)
+
+        def body(step, carry):
+            slot = lax.rem(step, stages)
+            plgpu.barrier_wait(bars.at[slot])
+            pl.when(step + stages < steps)(lambda: issue(step + stages, slot))
+            return carry
+
+        lax.fori_loop(0, steps, body, 0)
+        plgpu.copy_smem_to_gmem(smem.at[(steps - 1) % stages, pl.ds(0, 8)], o_ref.at[g])
+        plgpu.wait_smem_to_gmem(0)
+
+    call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((ctas, 8, block_cols), dtype),
+                        scratch_types=(plgpu.SMEM((stages, block_rows, block_cols), dtype),
+                                       plgpu.Barrier(num_arrivals=1, num_barriers=stages)),
+                        grid=(ctas,), grid_names=("g",),
+                        interpret=plgpu.InterpretGPUParams() if interpret else False)
+
+    def expected(x):
+        last = jnp.arange(ctas) * steps + steps - 1
+        tiles = x.reshape(rows // block_rows, block_rows, nb_c, block_cols)
+        return tiles[last // nb_c, :8, last % nb_c]
+
+    return call, expected
+
+
 def xla_read(x):
     return jnp.sum(x, dtype=jnp.float32)
 
@@ -62,6 +117,40 @@ def sets_of(rows: int, cols: int, dtype, rotate_bytes: int = ROTATE_BYTES) -> li
     return out
 
 
+def candidates(rows: int, cols: int, dtype, tiny: bool) -> list[tuple[str, Callable, Callable]]:
+    """(name, kernel, check) for every kernel config that fits [rows, cols] of dtype; check(x) is True where the
+    kernel's output on x is what a read of every byte gives."""
+    itemsize = jnp.dtype(dtype).itemsize
+    out = []
+    triton = [(8, 4)] if tiny else [(br, w) for br in (2, 4, 8, 16, 32) for w in (4, 8)]
+    for br, w in triton:
+        if rows % br == 0 and br * cols * itemsize <= 64 << 10:
+            fn = triton_read(rows, cols, br, w, tiny)
+            check = lambda x, fn=fn: abs(float(fn(x)) - float(xla_read(x))) <= 1e-5 * max(abs(float(xla_read(x))), 1)
+            out.append((f"triton br{br} w{w}", fn, check))
+    # Mosaic: tiles of 16 and 32 KB (256-byte rows), 4 or 8 stages, about 1, 2 or 3 CTAs an SM (132 SMs)
+    mosaic = [(16, 64 // itemsize, 2, 6)] if tiny else [
+        (tr, 256 // itemsize, st, ctas) for tr, st in ((64, 4), (64, 8), (128, 4)) for ctas in (128, 132, 192, 256,
+                                                                                                264, 384, 396)]
+    seen_per_sm = set()
+    for tr, tc, st, ctas in mosaic:
+        nblocks = rows // tr * (cols // tc)
+        per_sm = round(ctas / 132)
+        if rows % tr or cols % tc or nblocks % ctas or (tr, st, per_sm) in seen_per_sm:
+            continue
+        seen_per_sm.add((tr, st, per_sm))  # one CTA count per (tile, stages, CTAs an SM)
+        fn, expected = mosaic_read(rows, cols, dtype, tr, tc, st, ctas, tiny)
+        check = lambda x, fn=fn, expected=expected: bool(jnp.array_equal(jax.jit(fn)(x), expected(x)))
+        out.append((f"mosaic {tr}x{tc} s{st} c{ctas}", fn, check))
+    return out
+
+
+def link(out, x):
+    """x made to depend on the output of the previous read (0 * one of its elements)."""
+    leaf = jax.tree.leaves(out)[0]
+    return x + (leaf.reshape(-1)[0].astype(jnp.float32) * 0).astype(x.dtype)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=2048)
@@ -73,74 +162,66 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     h, f, k = (64, 48, 2) if args.tiny else (args.hidden, args.ffn, args.top_k)
-    interpret, rotate = (True, 0) if args.tiny else (False, ROTATE_BYTES)
+    rotate = 0 if args.tiny else ROTATE_BYTES
     # rows of `h` columns: gate/up is 2 * f * k rows, down is f * k rows' worth of bytes (as h-wide rows)
     shapes = {"gate_up": 2 * f * k, "down": f * k, "both": 3 * f * k}
     dtypes = {"bf16": jnp.bfloat16, "int8": jnp.int8}
-    configs = [(8, 4)] if args.tiny else [(br, w) for br in (2, 4, 8, 16, 32) for w in (4, 8)]
     # tiny: one run of the shortest chains (the interpreter's calls take ms; the figures mean nothing there)
     repeats, target_ms = (1, 0.0) if args.tiny else (args.repeats, 2.0)
 
-    rows_out, best, config_of = [], {}, {}
+    rows_out, best = [], {}
     for part, rows in shapes.items():
         for dname, dtype in dtypes.items():
             sets = sets_of(rows, h, dtype, rotate)
             nbytes = rows * h * jnp.dtype(dtype).itemsize
-            cases = {"xla": (xla_read, sets)}
-            want = float(xla_read(*sets[0]))
-            for br, w in configs:
-                if rows % br == 0 and br * h * jnp.dtype(dtype).itemsize <= 64 << 10:
-                    fn = triton_read(rows, h, br, w, interpret)
-                    got = float(jax.jit(fn)(*sets[0]))  # every block read once: the same sum as XLA's
-                    assert abs(got - want) <= 1e-5 * max(abs(want), 1.0), (part, dname, br, w, got, want)
-                    cases[f"triton br{br} w{w}"] = (fn, sets)
-                    config_of[f"triton br{br} w{w}"] = br, w
+            cases, kernels = {"xla": (xla_read, sets)}, {}
+            for name, fn, check in candidates(rows, h, dtype, args.tiny):
+                assert check(sets[0][0]), f"{name} did not read {part} {dname} right"
+                cases[name], kernels[name] = (fn, sets), fn
             errors = {}
             timed = tuning.time_interleaved(cases, repeats=repeats, target_ms=target_ms, errors=errors)
             for name, t in timed.items():
                 rows_out.append({"part": part, "dtype": dname, "bytes": nbytes, "impl": name, **t,
                                  "gb_s": nbytes / t["us"] / 1e3})
-            tri = {n: t for n, t in timed.items() if n.startswith("triton")}
-            name = min(tri, key=lambda n: tri[n]["us"])
-            best[(part, dname)] = config_of[name]
-            print(f"{part:8s} {dname:5s} {nbytes / 2**20:7.1f} MiB  xla {timed['xla']['us']:7.2f} us "
-                  f"({nbytes / timed['xla']['us'] / 1e3:6.0f} GB/s)  best {name}: {tri[name]['us']:7.2f} us "
-                  f"({nbytes / tri[name]['us'] / 1e3:6.0f} GB/s)" + (f"  errors {errors}" if errors else ""),
-                  flush=True)
+            line = f"{part:8s} {dname:5s} {nbytes / 2**20:7.1f} MiB"
+            for family in ("xla", "triton", "mosaic"):
+                mine = {n: t for n, t in timed.items() if n.split()[0] == family}
+                if mine:
+                    name = min(mine, key=lambda n: mine[n]["us"])
+                    best[(part, dname, family)] = kernels.get(name)
+                    line += f"  {name}: {mine[name]['us']:.2f} us ({nbytes / mine[name]['us'] / 1e3:.0f} GB/s)"
+            print(line + (f"  errors {errors}" if errors else ""), flush=True)
 
-    # the MoE layer's two-kernel shape: gate/up bytes, then the down bytes, dependent; per dtype, best configs
+    # the MoE layer's two-kernel shape: gate/up bytes, then the down bytes, dependent; per dtype and kernel family,
+    # the family's fastest config of each size
     two = {}
     for dname, dtype in dtypes.items():
-        fns = []
-        for part in ("gate_up", "down"):
-            br, w = best[(part, dname)]
-            fns.append(triton_read(shapes[part], h, br, w, interpret))
         gu_sets, dn_sets = sets_of(shapes["gate_up"], h, dtype, rotate), sets_of(shapes["down"], h, dtype, rotate)
         n = max(len(gu_sets), len(dn_sets))
         sets = [(gu_sets[i % len(gu_sets)][0], dn_sets[i % len(dn_sets)][0]) for i in range(n)]
-
-        def both(a, b, fns=fns):
-            s = fns[0](a)
-            return fns[1](b + (s * 0).astype(b.dtype))  # the down read waits for the gate/up read
-
-        two[dname] = both, sets
-    timed = tuning.time_interleaved({f"two-kernel {d}": c for d, c in two.items()}, repeats=repeats,
-                                    target_ms=target_ms)
+        for family in ("triton", "mosaic"):
+            gu, dn = best.get(("gate_up", dname, family)), best.get(("down", dname, family))
+            if gu is not None and dn is not None:
+                two[f"two-kernel {family} {dname}"] = (lambda a, b, gu=gu, dn=dn: dn(link(gu(a), b))), sets
+    errors = {}
+    timed = tuning.time_interleaved(two, repeats=repeats, target_ms=target_ms, errors=errors)
     for name, t in timed.items():
-        dname = name.split()[1]
+        dname = name.split()[-1]
         nbytes = shapes["both"] * h * jnp.dtype(dtypes[dname]).itemsize
         rows_out.append({"part": "two-kernel", "dtype": dname, "bytes": nbytes, "impl": name, **t,
                          "gb_s": nbytes / t["us"] / 1e3})
 
     print()
-    print(f"{'part':10s} {'dtype':5s} {'MiB':>7s} {'impl':18s} {'us':>8s} {'GB/s':>7s}")
+    print(f"{'part':10s} {'dtype':5s} {'MiB':>7s} {'impl':26s} {'us':>8s} {'GB/s':>7s}")
     for r in rows_out:
-        print(f"{r['part']:10s} {r['dtype']:5s} {r['bytes'] / 2**20:7.1f} {r['impl']:18s} {r['us']:8.2f} "
+        print(f"{r['part']:10s} {r['dtype']:5s} {r['bytes'] / 2**20:7.1f} {r['impl']:26s} {r['us']:8.2f} "
               f"{r['gb_s']:7.0f}")
+    if errors:
+        print(f"errors: {errors}")
     one = {d: min(r["us"] for r in rows_out if r["part"] == "both" and r["dtype"] == d) for d in dtypes}
-    tw = {d: timed[f"two-kernel {d}"]["us"] for d in dtypes}
+    tw = {d: min(t["us"] for n, t in timed.items() if n.endswith(d)) for d in dtypes}
     ratios = {"one_read": one["bf16"] / one["int8"], "two_kernel": tw["bf16"] / tw["int8"]}
-    print(f"floor ratio bf16/int8: one read {ratios['one_read']:.2f}x, two dependent kernels "
+    print(f"floor ratio bf16/int8 (fastest of each): one read {ratios['one_read']:.2f}x, two dependent kernels "
           f"{ratios['two_kernel']:.2f}x")
     if not args.no_write:
         write_result("read_floor", {"args": vars(args), "rows": rows_out, "floor_ratio": ratios,
