@@ -1,3 +1,4 @@
+import gc
 import os
 import subprocess
 import tempfile
@@ -98,6 +99,19 @@ def pytest_sessionfinish(session):
         _STOP.set()
     for job in BACKGROUND.values():  # a failed test's siblings still running
         job.kill()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """After each module, drops JAX's caches of compiled programs. Every XLA:CPU executable keeps its code and data
+    mapped (~3 memory mappings each), and the suite's one process held ~28,000 mappings a quarter of the way
+    through (2026-12-02). Past the kernel's vm.max_map_count (65,530 here) an mmap fails, and the JIT's next
+    compile or cache load crashed the process: CI died of a segfault near the end of the suite three times, in
+    a compile and in a persistent-cache read. Clearing the caches after tests/test_attention_triton.py took its
+    mappings from 5,221 back to 543."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
