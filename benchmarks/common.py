@@ -72,11 +72,13 @@ def run_worker(module: str, args: list[str], env_extra: dict, *, tiny: bool, tim
                xla_flags: str = "") -> tuple[dict | None, str]:
     """`python -m <module> --worker <args>` in a fresh process (NCCL and XLA read their environment when JAX
     starts) with `env_extra` set, on 2 simulated CPU devices when `tiny` (the GPU flags are unknown to the CPU
-    backend); `xla_flags` go after either's XLA_FLAGS. (its JSON result, "") or (None, why it gave none)."""
+    backend; the caller's other XLA flags are kept); `xla_flags` go after either's XLA_FLAGS. (its JSON result,
+    "") or (None, why it gave none)."""
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, **env_extra, "PYTHONPATH": str(root)}
-    if tiny:
-        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    if tiny:  # the caller's XLA flags stay (the test suite's compile-speed flag), but not its device count
+        kept = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device")]
+        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join([*kept, "--xla_force_host_platform_device_count=2"]))
     if xla_flags:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
     cmd = [sys.executable, "-m", module, "--worker", *args] + (["--tiny"] if tiny else [])

@@ -21,6 +21,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 os.environ.setdefault("CODEGEN_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="codegen-jax-jit-cache-"))
 
 
+def xla_flags(*flags: str) -> str:
+    """XLA_FLAGS for a subprocess that sets its own: `flags` after the suite's compile-speed flags
+    (scripts/test.sh's `--xla_backend_optimization_level`, where set), without the rest of this process's."""
+    keep = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_backend_optimization_level")]
+    return " ".join([*keep, *flags])
+
+
 def pytest_collection_modifyitems(config, items):
     on_gpu = jax.default_backend() == "gpu"
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine)")

@@ -8,7 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 from benchmarks import read_floor
 
@@ -18,7 +18,7 @@ def background_commands(items) -> dict:
     if not any(item.originalname == "test_read_floor_tiny" for item in items):
         return {}
     return {"read-floor": ([sys.executable, str(ROOT / "benchmarks/read_floor.py"), "--tiny", "--no-write"],
-                           {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, None)}
+                           {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "XLA_FLAGS": xla_flags()}, None)}
 
 
 def test_read_floor_tiny(background):

@@ -11,7 +11,7 @@ import sys
 
 import jax
 import pytest
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, xla_flags
 
 from codegen_jax import load_model
 from sharding import distributed
@@ -23,6 +23,7 @@ from sharding.rules import PARAM_AXES, ShardingRules, logical_axes, param_shardi
 def cpu_env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "COORDINATOR", "NUM_PROCESSES",
                                                           "PROCESS_ID")}
+    extra["XLA_FLAGS"] = xla_flags(*extra.get("XLA_FLAGS", "").split())
     return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **extra}
 
 

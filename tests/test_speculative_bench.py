@@ -4,7 +4,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 
 def background_commands(items) -> dict:
@@ -14,7 +14,7 @@ def background_commands(items) -> dict:
     home = Path(tempfile.mkdtemp(prefix="codegen-jax-speculative-"))
     # a compilation cache of its own (empty at the start): the script warms each drafter on one decoder and times
     # a second, which compiles the very same programs again; its compiles_while_timed counts traces, not these
-    env = {"JAX_PLATFORMS": "cpu", "HOME": str(home), "PATH": "/usr/bin:/bin",
+    env = {"JAX_PLATFORMS": "cpu", "HOME": str(home), "PATH": "/usr/bin:/bin", "XLA_FLAGS": xla_flags(),
            "JAX_COMPILATION_CACHE_DIR": str(home / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     return {"speculative-benchmark": ([sys.executable, str(ROOT / "benchmarks/speculative.py"), "--tiny",
                                        "--no-write"], env, home)}
