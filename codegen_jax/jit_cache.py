@@ -10,11 +10,11 @@ def enable_compilation_cache(min_compile_time_s: float | None = None) -> str | N
     """Turns on JAX's persistent compilation cache in $CODEGEN_JAX_CACHE_DIR (default ~/.cache/codegen-jax/jax)
     and returns the directory; on the CPU backend it leaves the cache off and returns None.
 
-    Why not on the CPU: twice (2026-12-01 and -02, a clean clone here and the project's CI) the test process died
-    of a segfault in `compilation_cache.get_executable_and_time`, deserialising an XLA:CPU executable that the
-    CLI's cache (on in that process since an earlier in-process CLI test) had stored. The entry cannot have been
-    a torn write: entries are zlib streams, so a truncated one raises, and JAX turns that into a recompile. CPU
-    programs here are small models that compile in seconds, so the cache buys little there.
+    Why not on the CPU: programs there are small models that compile in seconds, and the cache costs more than it
+    saves. The test suite runs the CLI in its own process, and JAX's cache is process-wide config: once on, every
+    later compile of the suite hashed its program for a key, took the cache's lock and scanned the directory for
+    eviction (a clean-clone run took 38 min against 20-23, 2026-12-01). The segfaults CI had then were not the
+    cache's: the process ran out of memory mappings (tests/conftest.py, `_free_compiled_programs`).
 
     The size limit makes JAX evict least recently used entries (and lock the directory around reads and writes).
     min_compile_time_s: cache programs that took at least this long to compile (JAX's default where None)."""

@@ -112,8 +112,8 @@ def test_serve_remote_hit_flags_reach_the_config(monkeypatch, flags, overlap, le
 
 def test_compilation_cache_takes_its_directory_and_a_size_limit(tmp_path, monkeypatch):
     """codegen_jax.jit_cache on a GPU: the directory from $CODEGEN_JAX_CACHE_DIR, and a size limit, which makes JAX's
-    cache evict least recently used entries and lock its files. On the CPU backend it leaves the cache off: the
-    suite's process died twice deserialising a cached XLA:CPU executable (the module's docstring)."""
+    cache evict least recently used entries and lock its files. On the CPU backend it leaves the cache off (the
+    module's docstring says why) and JAX's config as it was."""
     import jax
     from jax._src.lru_cache import LRUCache
 
