@@ -362,13 +362,36 @@ def hdown_configs(D: int, F: int) -> list:
             for m in (False, True)]
 
 
+# (block_f, block_k, k_splits, block_d, block_kf, f_splits, num_warps) of "routed"'s GEMV configs: int8's tuned T=1
+# entry at 8 and 4 warps and one 4-warp neighbour of "prefetch"
+ROUTED_GEMV = [(256, 32, 8, 256, 32, 4, 8), (256, 32, 8, 256, 32, 4, 4), (128, 64, 8, 256, 32, 4, 4)]
+
+
+def routed_configs(D: int, F: int) -> list:
+    """The "routed" family (T=1): the split path routed once before its kernels (TritonMoEConfig.topk "kernel" and
+    "xla") beside the same configs routing in every program ("rank"): the first two dot-mode merge picks (bf16's
+    tuned T=1 entry first) and ROUTED_GEMV with the byte permute one step ahead (int8's tuned entry first), with
+    XLA's merge and with the kernels'. Each program's routing had cost more at 8 warps than at 4
+    (.gpu_moe_parts.py's run, moe_parts_30b_h200_30ba836.log), so 4-warp GEMV configs come back in."""
+    from pallas_kernels.moe import TritonMoEConfig
+
+    dots = [TritonMoEConfig(block_m=16, block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs,
+                            fused_route="split", merge=True)
+            for bf, bk, ks, bd, bkf, fs in SPLIT_DOT_PICKS[:2] if split_fits(D, F, bf, bk, ks, bd, bkf, fs)]
+    gemv = [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs, num_warps=w,
+                            fused_route="split", dequant="prmt", prefetch=1, merge=m)
+            for bf, bk, ks, bd, bkf, fs, w in ROUTED_GEMV if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
+            for m in (False, True)]
+    return [dataclasses.replace(c, topk=t) for c in dots + gemv for t in ("rank", "kernel", "xla")]
+
+
 def one_launch_configs(D: int, F: int) -> list:
     """The "one" family (T=1): the "merge" family with both kernels in one launch (TritonMoEConfig.one_launch)."""
     return [dataclasses.replace(c, one_launch=True) for c in merge_configs(D, F)]
 
 
 FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "sweep", "wide", "merge", "one",
-            "prefetch", "hdown", "w8a8", "mosaic")  # --families
+            "prefetch", "hdown", "routed", "w8a8", "mosaic")  # --families
 # what --tune searches unless --families says otherwise: "wide" lost every trial at Qwen3-30B, T=1 on the H200
 # (5a1676f: int8 41.6-48.7 us against the sweep's 38.8, bf16 45.4-57.2 against 44.6), and "one" was 1-3 us
 # behind the same blocks in two launches with bf16 weights there (23601ce, moe_one_30b_h200_23601ce.log), so both
@@ -382,7 +405,7 @@ def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048
     stages, wider row tiles at T >= 64 ("dot"), the GEMV mode and fused_combine at decode sizes ("gemv",
     "fused"), inline routing, the one-kernel and the split two-kernel paths at T=1 ("inline", "single", "split",
     "sweep", "wide", "merge", "one"), the register prefetch and byte permute ("prefetch"), h made in the down
-    kernel ("hdown");
+    kernel ("hdown"), routing once before the kernels ("routed");
     `families` picks among them."""
     from pallas_kernels.moe import TritonMoEConfig
     from pallas_kernels.moe.triton_moe import gemv_expected
@@ -417,6 +440,8 @@ def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048
         configs += prefetch_configs(D, F)
     if T == 1 and "hdown" in families:
         configs += hdown_configs(D, F)
+    if T == 1 and "routed" in families:
+        configs += routed_configs(D, F)
     return list(dict.fromkeys(configs))
 
 

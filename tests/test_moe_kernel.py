@@ -32,7 +32,17 @@ from pallas_kernels.moe import (
     quantize_int8,
     triton_available,
 )
-from pallas_kernels.moe.triton_moe import DEQUANTS, MAX_TOKENS, TOPKS, _kth_choice, _to_f32, group_by_expert, plan
+from pallas_kernels.moe.triton_moe import (
+    DEQUANTS,
+    IN_KERNEL_TOPKS,
+    MAX_TOKENS,
+    ROUTED_TOPKS,
+    _kth_choice,
+    _route_table,
+    _to_f32,
+    group_by_expert,
+    plan,
+)
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
@@ -231,14 +241,22 @@ def test_dequant_prmt_is_exact_on_the_gpu():
     np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
 
 
-@pytest.mark.parametrize("topk", TOPKS)
+@pytest.mark.parametrize("topk", IN_KERNEL_TOPKS + ROUTED_TOPKS)
 @pytest.mark.parametrize("norm", [True, False], ids=["renorm", "softmax"])
 @pytest.mark.parametrize("E,top_k", [(128, 8), (8, 2)])
 def test_kth_choice_matches_route_with_ties(rng, topk, norm, E, top_k):
     # logits with many exact ties (a few distinct values): lax.top_k takes the lowest index among equals, and so
     # must every program of the in-kernel routing, each finding its own k-th choice
+    # (topk "kernel" and "xla": the routing table made before the kernels, from x = e_0 and the logits as router
+    # column 0, each value exact in bf16; the programs read their choice from it)
     logits = rng.choice(np.float32([-1.5, 0.25, 0.5, 2.0]), size=(1, E)).astype(np.float32)
     logits[0, rng.integers(E)] = 3.0
+    given = jnp.asarray(logits)
+    if topk in ROUTED_TOPKS:
+        x = jnp.zeros((1, 16), jnp.bfloat16).at[0, 0].set(1)
+        router = jnp.zeros((E, 16), jnp.bfloat16).at[:, 0].set(jnp.asarray(logits[0], jnp.bfloat16))
+        given = _route_table(x, router, top_k=top_k, norm_topk_prob=norm, topk=topk, interpret=INTERPRET)
+        assert given.shape == (2, top_k) and given.dtype == jnp.float32
 
     def kernel(l_ref, e_ref, w_ref):
         k = pl.program_id(0)
@@ -248,11 +266,11 @@ def test_kth_choice_matches_route_with_ties(rng, topk, norm, E, top_k):
 
     e, w = pl.pallas_call(
         kernel, grid=(top_k,),
-        in_specs=[pl.BlockSpec((1, E), lambda k: (0, 0))],
+        in_specs=[pl.BlockSpec(given.shape, lambda k: (0, 0))],
         out_specs=[pl.BlockSpec((top_k,), lambda k: (0,))] * 2,
         out_shape=[jax.ShapeDtypeStruct((top_k,), jnp.int32), jax.ShapeDtypeStruct((top_k,), jnp.float32)],
         interpret=INTERPRET,
-    )(jnp.asarray(logits))
+    )(given)
     probs = jax.nn.softmax(jnp.asarray(logits[0]))
     want_w, want_e = jax.lax.top_k(probs, top_k)
     if norm:
@@ -365,14 +383,23 @@ ONE_TOKEN_CONFIGS = {
                                             merge=True),
     "split-dot16-merge": TritonMoEConfig(block_m=16, block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
                                          fused_route="split", topk="rank", merge=True),
+    # routed once before the two kernels, which read their choices from a [2, K] table: by a one-program Triton
+    # kernel (GEMV, loading ahead) and by XLA (merged dots); a choice read from the wrong column picks the wrong
+    # expert or weight and fails the comparison
+    "split-s2-prefetch-kernelroute": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
+                                                     fused_route="split", topk="kernel", prefetch=1),
+    "split-dot16-merge-xlaroute": TritonMoEConfig(block_m=16, block_f=16, block_d=16, block_k=16, block_kf=16,
+                                                  k_splits=2, fused_route="split", topk="xla", merge=True),
 }
 # one_launch: both merged kernels in one launch, work by ticket, the down work after its expert's h tiles. A ticket
 # decoded wrong leaves a tile unwritten or written twice; on the GPU a down program that did not wait for its h
 # would read it unwritten (the interpreter runs tickets in order). One D range and two, both modes; the routing is
 # the merged path's own, so one routing mode each. The merge configs above, in one launch (but for the byte
-# permute's: the conversion is the same in both forms; and h_in_down's, which one launch does not take)
+# permute's: the conversion is the same in both forms; and h_in_down's and the routed table's, which one launch does
+# not take)
 ONE_LAUNCH_CONFIGS = {name.replace("merge", "one"): dataclasses.replace(c, one_launch=True)
-                      for name, c in ONE_TOKEN_CONFIGS.items() if c.merge and c.dequant != "prmt" and not c.h_in_down}
+                      for name, c in ONE_TOKEN_CONFIGS.items()
+                      if c.merge and c.dequant != "prmt" and not c.h_in_down and c.topk not in ("kernel", "xla")}
 
 
 @pytest.mark.parametrize("norm", [True, False], ids=["renorm", "softmax"])
@@ -505,9 +532,15 @@ def test_fused_combine_is_a_tuner_candidate():
     # h made in the down kernel, with and without the down kernel's merge (the "hdown" family, a default one)
     assert {c.merge for c in split if c.h_in_down} == {True, False}
     assert not any(c.fused_route == "split" for c in triton_configs(8, E, K, F, quick=False))
-    # the split path in every in-kernel routing x int8 conversion, inline in both routings
-    assert {(c.topk, c.dequant) for c in split} == {(t, d) for t in TOPKS for d in DEQUANTS}
-    assert {c.topk for c in inline} == set(TOPKS)
+    # the split path in every in-kernel routing x int8 conversion, inline in both routings; routed once before
+    # the kernels (the "routed" family), both ways, in both modes, with and without the kernels' merge
+    in_kernel = [c for c in split if c.topk in IN_KERNEL_TOPKS]
+    assert {(c.topk, c.dequant) for c in in_kernel} == {(t, d) for t in IN_KERNEL_TOPKS for d in DEQUANTS}
+    assert {c.topk for c in inline} == set(IN_KERNEL_TOPKS)
+    routed = [c for c in split if c.topk in ROUTED_TOPKS]
+    assert {(c.topk, c.block_m, c.merge) for c in routed} == {
+        (t, bm, m) for t in ROUTED_TOPKS for bm in (None, 16) for m in (False, True)} - {
+        (t, 16, False) for t in ROUTED_TOPKS}
     assert not TritonMoEConfig().fused_combine  # the default stays unfused until the tuned table picks it
     # the "wide" family only when asked for (it lost every trial on the H200)
     wide = set(wide_configs(D, F))
@@ -622,7 +655,9 @@ def test_config_validates_itself():
                dict(prefetch=1, block_m=16, fused_route="split"), dict(prefetch=3, fused_route="split"),
                dict(prefetch=-1, fused_route="split"), dict(h_in_down=True),
                dict(h_in_down=True, fused_route="inline"), dict(h_in_down=True, block_m=16, fused_route="split"),
-               dict(h_in_down=True, one_launch=True, merge=True, fused_route="split")):
+               dict(h_in_down=True, one_launch=True, merge=True, fused_route="split"), dict(topk="kernel"),
+               dict(topk="xla", fused_route="inline"), dict(topk="xla", fused_route="single"),
+               dict(topk="kernel", fused_route="split", merge=True, one_launch=True)):
         with pytest.raises(ValueError):
             TritonMoEConfig(**kw)
     for bm in (1, 2, 4, 8, 16, 128):  # GEMV rows per pass, dot rows
@@ -697,7 +732,12 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
                     TritonMoEConfig(block_m=16, block_f=128, block_d=128, block_k=64, block_kf=64, k_splits=8,
                                     f_splits=2, fused_route="split", topk="rank", merge=True),
                     TritonMoEConfig(block_m=16, block_f=128, block_d=128, block_k=64, block_kf=64, k_splits=8,
-                                    f_splits=2, fused_route="split", topk="rank", merge=True, one_launch=True)]
+                                    f_splits=2, fused_route="split", topk="rank", merge=True, one_launch=True),
+                    # routed once before the kernels: by a third Triton kernel, and by XLA
+                    TritonMoEConfig(block_f=256, block_d=256, block_k=32, block_kf=32, k_splits=8, f_splits=4,
+                                    num_warps=8, fused_route="split", topk="kernel", dequant="prmt", prefetch=1),
+                    TritonMoEConfig(block_m=16, block_f=128, block_d=128, block_k=64, block_kf=64, k_splits=8,
+                                    f_splits=2, fused_route="split", topk="xla", merge=True)]
     if int8:  # int8 x int8 dots, both routings at T=1
         configs += [TritonMoEConfig(w8a8=True)] + ([TritonMoEConfig(w8a8=True, block_f=64, block_d=64,
                                                                     fused_route="inline"),
@@ -710,6 +750,6 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
         for config in configs:
             fn = jax.jit(lambda *a, c=config: moe_triton(*a, top_k=top_k, norm_topk_prob=True, config=c))
             text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-            routed = config is not None and config.fused_route in ("topk", "all")
+            routed = config is not None and (config.fused_route in ("topk", "all") or config.topk == "kernel")
             single = config is not None and (config.fused_route == "single" or config.one_launch)
             assert text.count("__gpu$xla.gpu.triton") == (1 if single else 2 + routed)

@@ -73,7 +73,10 @@ FUSED_ROUTES = ("none", "topk", "all")  # TritonMoEConfig.fused_route with fused
 ONE_TOKEN_ROUTES = ("inline", "single", "split")
 ROUTES = FUSED_ROUTES + ONE_TOKEN_ROUTES
 DEQUANTS = ("convert", "bits", "prmt")  # TritonMoEConfig.dequant
-TOPKS = ("rounds", "rank")  # TritonMoEConfig.topk
+IN_KERNEL_TOPKS = ("rounds", "rank")  # TritonMoEConfig.topk: every program routes the token itself
+ROUTED_TOPKS = ("kernel", "xla")  # fused_route "split": routed once before the kernels, which read a [2, K] table
+TOPKS = IN_KERNEL_TOPKS + ROUTED_TOPKS
+ROUTE_TABLE_WARPS = 1  # topk="kernel": the one-program routing kernel's warps (K rounds of max over E values)
 # dequant="bits": int8 v + MAGIC_BITS read as float32 is 2^23 + 128 + v exactly (v + 128 fills the low mantissa
 # byte), so subtracting MAGIC_FLOAT gives v: an integer add and a float subtract where `sitofp` is an I2F
 # instruction, a quarter of the integer rate on Hopper (16 per SM per clock)
@@ -213,7 +216,14 @@ class TritonMoEConfig:
       logits. "rounds": K rounds of (max, lowest index of the max), each a reduction across the program's warps
       before any weight load can start; "rank": every logit's rank (how many beat it: larger, or equal at a lower
       index) from an [E, 32] comparison per 32 logits, then one masked sum each for the expert id, the softmax
-      maximum, its denominator and the weight: 4 reductions however large K is.
+      maximum, its denominator and the weight: 4 reductions however large K is. (fused_route "split" only)
+      "kernel" and "xla": the token is routed once before the two kernels, which read their choice from a [2, K]
+      float32 table (row 0 the weights, row 1 the expert ids; exact as floats below 2^24): "kernel" by XLA's
+      logits and a one-program, one-warp Triton kernel (`_route_kernel`), "xla" by `reference.route` in XLA. On
+      the H200 at Qwen3-30B int8, T=1 (.gpu_moe_parts.py, moe_parts_30b_h200_30ba836.log) the in-kernel "rank"
+      cost 3.6 us in the gate/up kernel and 3.7 in the down kernel at 8 warps (1.9 and 1.4 in bf16's at 4): the
+      kernels with e = k instead took 9.9 and 5.5 us against 13.6 and 9.4, and with the id behind one dependent
+      load the same.
     """
 
     block_m: int | None = None
@@ -266,6 +276,9 @@ class TritonMoEConfig:
             raise ValueError(f"dequant={self.dequant!r} must be one of {', '.join(DEQUANTS)}")
         if self.topk not in TOPKS:
             raise ValueError(f"topk={self.topk!r} must be one of {', '.join(TOPKS)}")
+        if self.topk in ROUTED_TOPKS and (self.fused_route != "split" or self.one_launch):
+            raise ValueError(f"topk={self.topk!r} routes before the split path's two launches: it needs "
+                             "fused_route='split' and not one_launch")
         if self.merge and (self.fused_route != "split" or self.w8a8):
             raise ValueError("merge is the split path's (fused_route='split') and not w8a8's (h's int8 rows take "
                              "a scale over all of F, which no one program sees)")
@@ -807,6 +820,8 @@ def _kth_choice(logits_ref, k, top_k: int, norm_topk_prob: bool, topk: str = "ro
     """The one token's k-th expert and its routing weight from its [1, E] logits (k traced), as `reference.route`
     chooses (lowest index among equal logits). "rounds": `_topk`, then a select per choice; "rank": see
     TritonMoEConfig.topk."""
+    if topk in ROUTED_TOPKS:  # logits_ref is the [2, K] routing table (see TritonMoEConfig.topk)
+        return logits_ref[1, k].astype(jnp.int32), logits_ref[0, k]
     E = logits_ref.shape[1]
     logits = logits_ref[0, pl.ds(0, E)]
     if topk == "rounds":
@@ -1108,6 +1123,7 @@ def _route_kernel(
     top_k: int,
     norm_topk_prob: bool,
     block_k: int,
+    table: bool = False,  # (block_k 0, one token) the only output is the [2, K] table of TritonMoEConfig.topk
 ):
     """fused_route: program t takes token t's router logits (computes them with block_k: float32 FMAs over
     [E, block_k] router tiles), then softmax, top-k (K rounds of max, lowest id among equals, as lax.top_k) and
@@ -1125,6 +1141,13 @@ def _route_kernel(
 
         acc = lax.fori_loop(0, D // block_k, k_step, jnp.zeros((E, block_k), jnp.float32))
         logits = jnp.sum(acc, axis=1)  # [E]
+    elif table:
+        logits_ref, table_ref = refs
+        chosen, weights = _topk(logits_ref[0, pl.ds(0, logits_ref.shape[1])], top_k, norm_topk_prob)
+        for k, (e, w) in enumerate(zip(chosen, weights, strict=True)):
+            table_ref[0, k] = w
+            table_ref[1, k] = e.astype(jnp.float32)
+        return
     else:
         logits_ref, w_ref, ex_ref, *meta = refs
         E = logits_ref.shape[1]
@@ -1219,6 +1242,27 @@ def _route_fused(x, router, *, top_k, norm_topk_prob, block_k, interpret):
         interpret=interpret,
         name=f"moe_route_bk{block_k}" if block_k else "moe_route_topk",
     )(*args)
+
+
+def _route_table(x, router, *, top_k, norm_topk_prob, topk, interpret):
+    """One token's [2, K] float32 routing table (row 0 the weights, row 1 the expert ids) for TritonMoEConfig.topk
+    "kernel" (XLA's logits, then `_route_kernel` in one program of ROUTE_TABLE_WARPS warps) or "xla"
+    (`reference.route`)."""
+    if topk == "xla":
+        weights, experts = route(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob)  # [1, K] each
+        return jnp.concatenate([weights, experts.astype(jnp.float32)], axis=0)
+    logits = jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32)  # [1, E]
+    spec = lambda shape: pl.BlockSpec(shape, lambda t: (0,) * len(shape))  # noqa: E731
+    return pl.pallas_call(
+        functools.partial(_route_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_k=0, table=True),
+        grid=(1,),
+        in_specs=[spec(logits.shape)],
+        out_specs=spec((2, top_k)),
+        out_shape=jax.ShapeDtypeStruct((2, top_k), jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=ROUTE_TABLE_WARPS, num_stages=1),
+        interpret=interpret,
+        name="moe_route_table",
+    )(logits)
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "norm_topk_prob", "plan", "interpret"))
@@ -1386,7 +1430,11 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
     mode = dict(dequant=plan.dequant, topk=plan.topk, dot=not plan.gemv, w8a8=plan.w8a8, prefetch=plan.prefetch)
     tag = ("_w8a8" if plan.w8a8 else "_dot") if not plan.gemv else (f"_pf{plan.prefetch}" if plan.prefetch else "")
     ws = [w.values if quantized else w for w in (w_gate, w_up, w_down)]
-    logits = jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32)  # [1, E]
+    if plan.topk in ROUTED_TOPKS:  # the kernels read their choices from the table in the logits' place
+        logits = _route_table(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob, topk=plan.topk,
+                              interpret=interpret)
+    else:
+        logits = jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32)  # [1, E]
     params = pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
 
     def full(shape):  # whole arrays: the kernels index them themselves
