@@ -161,7 +161,8 @@ MERGE_SPLIT_FACTORS = (0.25, 0.5, 1, 1.25, 1.5, 2)
 
 def triton_candidates(shape, N: int) -> list[dict]:
     """TRITON_CANDIDATES, and for decode the split count halved and doubled, the in-kernel merge at
-    MERGE_SPLIT_FACTORS of the default splits (and twice it with 3 stages), and 128-token KV blocks."""
+    MERGE_SPLIT_FACTORS of the default splits (and twice it with 3 stages), 128-token KV blocks, and V loaded
+    beside K (early_v) alone and with the merge at 1, 1/2 and 1/4 of the default splits."""
     from pallas_kernels.attention.triton_paged import TritonAttentionConfig, plan, trim_splits
 
     B, L, S, T = shape
@@ -176,6 +177,12 @@ def triton_candidates(shape, N: int) -> list[dict]:
         out += [{"combine_in_kernel": True, "num_splits": merge[-1], "num_stages": 3}]
         if 128 // S >= 1 and 128 % S == 0:
             out += [{"pages_per_block": 128 // S, "num_warps": 8}, {"pages_per_block": 128 // S, "num_stages": 3}]
+        # V loaded beside K (TritonAttentionConfig.early_v): the default, and the merge at the default's splits,
+        # half of them and a quarter (fewer, longer programs, whose steps wait on their loads)
+        quarter = trim_splits(blocks, max(1, round(base.num_splits / 4)))
+        out += [{"early_v": True}] + [
+            {"early_v": True, "combine_in_kernel": True, **({"num_splits": n} if n != base.num_splits else {})}
+            for n in sorted({base.num_splits, trim_splits(blocks, max(1, base.num_splits // 2)), quarter})]
     return out
 
 

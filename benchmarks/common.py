@@ -53,8 +53,10 @@ def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(text + "\n")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"{name}.json").write_text(text + "\n")
+    if os.environ.get("OUT"):  # made if missing: a run that measured everything should not die saving it
+        out = Path(os.environ["OUT"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(text + "\n")
     return path
 
 

@@ -14,7 +14,15 @@ sets that together exceed L2 several times, so every call reads HBM.
     python benchmarks/read_floor.py                   # Qwen3-30B-A3B: hidden 2048, expert FFN 768, top-8
     python benchmarks/read_floor.py --hidden 4096 --ffn 1536
 
-Prints a table (us and GB/s per size) and the floor ratio bf16 / int8; JSON under benchmarks/results/."""
+Prints a table (us and GB/s per size) and the floor ratio bf16 / int8; JSON under benchmarks/results/.
+
+Its first H200 run (30ba836; benchmarks/results/logs/read_floor_30b_h200_30ba836.log and _235b_) showed that only
+the XLA rows are floors: XLA's sum read bf16 at 2.9-4.4 TB/s and int8 at 1.7-2.4, but the two Pallas readers as
+written reached 1.0-1.2 TB/s on bf16 and 0.6-0.7 on int8, below the MoE kernels themselves (bf16 gate/up: 48 MiB
+in 19.1 us, 2.6 TB/s). Each Triton program reduces one whole [block_rows, D] tile (one load, nothing pipelined;
+int8 twice the values a byte), and the Mosaic ring waits on every tile's barrier in turn. Both runs (30B, 235B)
+ended at their 230 s and 200 s limits before the two-kernel stage. From the XLA rows: 24 MiB more bf16 costs
+6.6 us (3.8 TB/s) over a fixed ~1.5 us a read."""
 
 import argparse
 import math

@@ -105,12 +105,16 @@ CONFIGS = [
     # several splits merged by the last split of each tile to arrive instead of XLA's combine passes
     TritonAttentionConfig(block_q=16, num_splits=3, combine_in_kernel=True),
     TritonAttentionConfig(num_splits=64, combine_in_kernel=True),  # splits with nothing to do arrive too
+    # V loaded beside K: one split over many blocks, and merged in the kernel over 2 query tiles
+    TritonAttentionConfig(pages_per_block=1, num_splits=1, early_v=True),
+    TritonAttentionConfig(block_q=16, num_splits=3, combine_in_kernel=True, early_v=True),
 ]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"ppb{c.pages_per_block}-bq{c.block_q}-s{c.num_splits}"
                                                           f"-w{c.num_warps}-st{c.num_stages}"
-                                                          f"{'-combine_in_kernel' if c.combine_in_kernel else ''}")
+                                                          f"{'-combine_in_kernel' if c.combine_in_kernel else ''}"
+                                                          f"{'-early_v' if c.early_v else ''}")
 def test_configs(rng, config):
     check(rng, T=3, Hq=8, Hkv=1, D=128, S=16, kv_lens=[300, 17, 64, 5, 0], q_lens=[3, 1, 2, 3, 0],
           config=config)
@@ -212,6 +216,8 @@ def test_trim_splits_and_the_tuners_merge_counts(monkeypatch):
         blocks = L // 64
         merge = {c.get("num_splits", 5 if B == 8 else 32) for c in cands if c.get("combine_in_kernel")}
         assert want <= merge and all(trim_splits(blocks, n) == n for n in merge), merge
+        # V beside K, alone and with the merge at fewer, longer splits
+        assert {"early_v": True} in cands and len({c.get("num_splits") for c in cands if c.get("early_v")}) >= 3
         for c in cands:
             plan((B, T, 32, 128), (8, B * N + 1, S, 128), N, TritonAttentionConfig(**c))
 
@@ -265,7 +271,8 @@ def test_lowers_to_triton(B, T, Hq, Hkv, D, S, N):
     a100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA A100-SXM4-80GB", 108, "gpu"))
     with jax.sharding.use_abstract_mesh(a100):
         for kw in ({}, {"sliding_window": 100, "soft_cap": 30.0},
-                   {"config": TritonAttentionConfig(combine_in_kernel=True)}):
+                   {"config": TritonAttentionConfig(combine_in_kernel=True)},
+                   {"config": TritonAttentionConfig(combine_in_kernel=True, early_v=True)}):
             fn = jax.jit(lambda *a, kw=kw: paged_attention_triton(*a, scale=D ** -0.5, **kw))
             text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
             assert "__gpu$xla.gpu.triton" in text

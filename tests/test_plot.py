@@ -38,3 +38,14 @@ def test_shapes_in_numeric_order():
     shapes = ["B8 S32768", "B64 S2048", "B8 S2048", "B8 S8192", "B1 S2048"]
     assert sorted(shapes, key=plot._natural) == ["B1 S2048", "B8 S2048", "B8 S8192", "B8 S32768", "B64 S2048"]
     assert sorted([64, 8, 256, 1], key=plot._natural) == [1, 8, 64, 256]
+
+
+def test_write_result_makes_the_out_folder(tmp_path, monkeypatch):
+    # the device machine's $OUT/<step> may not exist yet: the result still lands there and in benchmarks/results
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    monkeypatch.setenv("OUT", str(tmp_path / "out" / "step"))
+    path = common.write_result("probe", {"rows": [1]})
+    copy = tmp_path / "out" / "step" / "probe.json"
+    assert json.loads(path.read_text())["rows"] == [1] and copy.read_text() == path.read_text()

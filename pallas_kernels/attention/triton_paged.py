@@ -86,6 +86,12 @@ class TritonAttentionConfig:
       group's rows (4 of a 16-row decode tile at G=4) in a few independent [chunk, rows, D] loads; its first
       form, one dependent load per split, lost everywhere but B=8, L=8k, page 64 on the H200 (31.4 against 12.7
       us at B=1, L=2k; benchmarks/results/logs/README.md, session 12). Off by default; the tuner tries it.
+    early_v: each KV step issues its V tile's load beside its K tile's, before the QK dot and the softmax, so the
+      two loads' latencies overlap instead of following one another; V's tile then stays in registers across the
+      QK dot. Where a program walks few KV blocks (small batches, short sequences) each step waits on its loads
+      (the page ids, then K, then V): on the H200 at B=1, L=2k the in-kernel merge took 15.8 us at 8 splits (4
+      blocks a program) against 13.5 at 32 (one block each; attn_fused_merge_h200_db3eaa5.log). Off by
+      default; the tuner tries it.
     """
 
     pages_per_block: int | None = None
@@ -94,6 +100,7 @@ class TritonAttentionConfig:
     num_warps: int | None = None
     num_stages: int = 2
     combine_in_kernel: bool = False
+    early_v: bool = False
 
     def __post_init__(self):
         if self.pages_per_block is not None and not (_pow2(self.pages_per_block) and self.pages_per_block <= 64):
@@ -119,6 +126,7 @@ class Plan(NamedTuple):
     num_warps: int
     num_stages: int
     combine_in_kernel: bool
+    early_v: bool = False
 
 
 def check_supported(q_shape, k_shape, dtype) -> None:
@@ -175,7 +183,7 @@ def plan(q_shape, k_shape, num_pages: int, config: TritonAttentionConfig, sms: i
     if config.num_splits is None:
         splits = trim_splits(max_blocks, splits)
     warps = config.num_warps or (8 if R * D >= 64 * 128 else 4)
-    return Plan(ppb, BK, R, nqt, splits, warps, config.num_stages, config.combine_in_kernel)
+    return Plan(ppb, BK, R, nqt, splits, warps, config.num_stages, config.combine_in_kernel, config.early_v)
 
 
 def _kernel(
@@ -199,6 +207,7 @@ def _kernel(
     normalise: bool,
     fused: bool,
     interpret: bool,
+    early_v: bool = False,
 ):
     h, tile, split = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     T, _, D = q_ref.shape
@@ -248,6 +257,8 @@ def _kernel(
         kv_idx = (pid[:, None], slot[:, None], cols[None, :])
         live2 = jnp.broadcast_to(live[:, None], (BK, D))
         k = pltriton.load(k_ref.at[kv_idx], mask=live2, other=0)  # [BK, D]
+        # V past the sequence loads as 0: p = 0 alone would not cancel NaN garbage inside the dot
+        v = pltriton.load(v_ref.at[kv_idx], mask=live2, other=0) if early_v else None  # [BK, D]
         s = pltriton.dot(q, k, trans_b=True)  # [R, BK] float32
         if soft_cap is None:
             s = s * (scale * LOG2E)
@@ -261,8 +272,8 @@ def _kernel(
         alpha = jnp.exp2(m - m_new)
         p = jnp.where(valid, jnp.exp2(s - m_new[:, None]), 0.0)
         l = l * alpha + p.sum(axis=1)
-        # V past the sequence loads as 0: p = 0 alone would not cancel NaN garbage inside the dot
-        v = pltriton.load(v_ref.at[kv_idx], mask=live2, other=0)  # [BK, D]
+        if not early_v:
+            v = pltriton.load(v_ref.at[kv_idx], mask=live2, other=0)  # [BK, D]
         acc = acc * alpha[:, None] + pltriton.dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
@@ -377,7 +388,7 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
     B, T, Hq, D = q.shape
     Hkv, P, S, _ = k_pages.shape
     N = page_table.shape[1]
-    ppb, _, R, nqt, splits, num_warps, num_stages, fused = plan
+    ppb, _, R, nqt, splits, num_warps, num_stages, fused, early_v = plan
     # the kernel reads q, the lengths and the page table as the caller holds them (no XLA pass before it);
     # the table is padded only where its last block would end past it
     n_pad = -(-N // ppb) * ppb
@@ -388,7 +399,7 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
     fused = fused and not normalise
     kernel = functools.partial(_kernel, pages_per_block=ppb, splits=splits, num_pages=N, scale=scale,
                                sliding_window=sliding_window, soft_cap=soft_cap, rows=R, group=Hq // Hkv,
-                               normalise=normalise, fused=fused, interpret=interpret)
+                               normalise=normalise, fused=fused, interpret=interpret, early_v=early_v)
     f32 = jnp.float32
     final_spec = pl.BlockSpec((None, T, Hq, D), lambda b, h, t, s: (b, 0, 0, 0))
     final_shape = jax.ShapeDtypeStruct((B, T, Hq, D), q.dtype)
@@ -439,7 +450,7 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
         input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"paged_attention_triton_bq{R}_bk{ppb * S}",
+        name=f"paged_attention_triton_bq{R}_bk{ppb * S}{'_ev' if early_v else ''}",
     )(kv_lens.astype(jnp.int32), q_lens.astype(jnp.int32), page_table, q, k_pages, v_pages, *extra_in)
     if normalise:
         return out

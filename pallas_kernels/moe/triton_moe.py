@@ -223,7 +223,10 @@ class TritonMoEConfig:
       the H200 at Qwen3-30B int8, T=1 (.gpu_moe_parts.py, moe_parts_30b_h200_30ba836.log) the in-kernel "rank"
       cost 3.6 us in the gate/up kernel and 3.7 in the down kernel at 8 warps (1.9 and 1.4 in bf16's at 4): the
       kernels with e = k instead took 9.9 and 5.5 us against 13.6 and 9.4, and with the id behind one dependent
-      load the same.
+      load the same. In the tune that followed (e5ab985, moe_routed_30b_h200_e5ab985.log: 8 split configs, each
+      routed all three ways) "kernel" beat "rank" on every config, by 0.7-3.5 us with bf16 weights and 1.0-4.7
+      with int8, and "xla" lost to both by 4-6 us (its top-k and softmax are several XLA kernels); the routing
+      kernel itself takes 2.2 us of the call. Both formats' tuned T=1 entries route with "kernel" since.
     """
 
     block_m: int | None = None
