@@ -372,7 +372,7 @@ def routed_configs(D: int, F: int) -> list:
     "xla") beside the same configs routing in every program ("rank"): the first two dot-mode merge picks (bf16's
     tuned T=1 entry first) and ROUTED_GEMV with the byte permute one step ahead (int8's tuned entry first), with
     XLA's merge and with the kernels'. Each program's routing had cost more at 8 warps than at 4
-    (.gpu_moe_parts.py's run, moe_parts_30b_h200_30ba836.log), so 4-warp GEMV configs come back in."""
+    (moe_parts_30b_h200_30ba836.log), so 4-warp GEMV configs come back in."""
     from pallas_kernels.moe import TritonMoEConfig
 
     dots = [TritonMoEConfig(block_m=16, block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs,

@@ -216,17 +216,18 @@ class TritonMoEConfig:
       logits. "rounds": K rounds of (max, lowest index of the max), each a reduction across the program's warps
       before any weight load can start; "rank": every logit's rank (how many beat it: larger, or equal at a lower
       index) from an [E, 32] comparison per 32 logits, then one masked sum each for the expert id, the softmax
-      maximum, its denominator and the weight: 4 reductions however large K is. (fused_route "split" only)
-      "kernel" and "xla": the token is routed once before the two kernels, which read their choice from a [2, K]
-      float32 table (row 0 the weights, row 1 the expert ids; exact as floats below 2^24): "kernel" by XLA's
-      logits and a one-program, one-warp Triton kernel (`_route_kernel`), "xla" by `reference.route` in XLA. On
-      the H200 at Qwen3-30B int8, T=1 (.gpu_moe_parts.py, moe_parts_30b_h200_30ba836.log) the in-kernel "rank"
-      cost 3.6 us in the gate/up kernel and 3.7 in the down kernel at 8 warps (1.9 and 1.4 in bf16's at 4): the
-      kernels with e = k instead took 9.9 and 5.5 us against 13.6 and 9.4, and with the id behind one dependent
-      load the same. In the tune that followed (e5ab985, moe_routed_30b_h200_e5ab985.log: 8 split configs, each
-      routed all three ways) "kernel" beat "rank" on every config, by 0.7-3.5 us with bf16 weights and 1.0-4.7
-      with int8, and "xla" lost to both by 4-6 us (its top-k and softmax are several XLA kernels); the routing
-      kernel itself takes 2.2 us of the call. Both formats' tuned T=1 entries route with "kernel" since.
+      maximum, its denominator and the weight: 4 reductions however large K is.
+      "kernel" and "xla" (fused_route "split" only): the token is routed once before the two kernels, which read
+      their choice from a [2, K] float32 table (row 0 the weights, row 1 the expert ids; exact as floats below
+      2^24): "kernel" by XLA's logits and a one-program, one-warp Triton kernel (`_route_kernel`), "xla" by
+      `reference.route` in XLA. On the H200 at Qwen3-30B int8, T=1 (moe_parts_30b_h200_30ba836.log, its script
+      beside it) the in-kernel "rank" cost 3.6 us in the gate/up kernel and 3.7 in the down kernel at 8 warps (1.9
+      and 1.4 in bf16's at 4): the kernels with e = k instead took 9.9 and 5.5 us against 13.6 and 9.4, and with the
+      id behind one dependent load the same. In the tune that followed (e5ab985, moe_routed_30b_h200_e5ab985.log: 8
+      split configs, each routed all three ways) "kernel" beat "rank" on every config, by 0.7-3.5 us with bf16
+      weights and 1.0-4.7 with int8, and "xla" was 4.7-8.8 us slower than "kernel" on each (its top-k and softmax
+      are several XLA kernels); the routing kernel itself takes 2.2 us of the call. Both formats' tuned T=1 entries
+      route with "kernel" since.
     """
 
     block_m: int | None = None
