@@ -162,7 +162,8 @@ MERGE_SPLIT_FACTORS = (0.25, 0.5, 1, 1.25, 1.5, 2)
 def triton_candidates(shape, N: int) -> list[dict]:
     """TRITON_CANDIDATES, and for decode the split count halved and doubled, the in-kernel merge at
     MERGE_SPLIT_FACTORS of the default splits (and twice it with 3 stages), 128-token KV blocks, and V loaded
-    beside K (early_v) alone and with the merge at 1, 1/2 and 1/4 of the default splits."""
+    beside K (early_v) alone and with the merge at 1, 1/2 and 1/4 of the default splits, and the splits merged by
+    a second kernel (combine_kernel)."""
     from pallas_kernels.attention.triton_paged import TritonAttentionConfig, plan, trim_splits
 
     B, L, S, T = shape
@@ -183,6 +184,10 @@ def triton_candidates(shape, N: int) -> list[dict]:
         out += [{"early_v": True}] + [
             {"early_v": True, "combine_in_kernel": True, **({"num_splits": n} if n != base.num_splits else {})}
             for n in sorted({base.num_splits, trim_splits(blocks, max(1, base.num_splits // 2)), quarter})]
+        # the splits merged by a second kernel (TritonAttentionConfig.combine_kernel), with and without early_v,
+        # and at half the splits
+        out += [{"combine_kernel": True}, {"combine_kernel": True, "early_v": True},
+                {"combine_kernel": True, "num_splits": trim_splits(blocks, max(1, base.num_splits // 2))}]
     return out
 
 

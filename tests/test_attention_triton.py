@@ -108,13 +108,17 @@ CONFIGS = [
     # V loaded beside K: one split over many blocks, and merged in the kernel over 2 query tiles
     TritonAttentionConfig(pages_per_block=1, num_splits=1, early_v=True),
     TritonAttentionConfig(block_q=16, num_splits=3, combine_in_kernel=True, early_v=True),
+    # the splits merged by a second kernel, one program per query tile (2 tiles here), instead of XLA's passes
+    TritonAttentionConfig(block_q=16, num_splits=3, combine_kernel=True),
+    TritonAttentionConfig(num_splits=64, combine_kernel=True, early_v=True),
 ]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"ppb{c.pages_per_block}-bq{c.block_q}-s{c.num_splits}"
                                                           f"-w{c.num_warps}-st{c.num_stages}"
                                                           f"{'-combine_in_kernel' if c.combine_in_kernel else ''}"
-                                                          f"{'-early_v' if c.early_v else ''}")
+                                                          f"{'-early_v' if c.early_v else ''}"
+                                                          f"{'-combine_kernel' if c.combine_kernel else ''}")
 def test_configs(rng, config):
     check(rng, T=3, Hq=8, Hkv=1, D=128, S=16, kv_lens=[300, 17, 64, 5, 0], q_lens=[3, 1, 2, 3, 0],
           config=config)
@@ -125,10 +129,12 @@ def test_configs(rng, config):
 # splits of 16-split chunks at G=4, D=128), every split its own chunk (G=16, D=256: 2 splits a chunk)
 @pytest.mark.parametrize("Hq,Hkv,D,S,splits", [(8, 2, 128, 16, 5), (8, 2, 128, 16, 40), (2, 2, 64, 32, 7),
                                                 (16, 1, 256, 16, 9)])
-def test_decode_combine_in_kernel(rng, Hq, Hkv, D, S, splits):
+@pytest.mark.parametrize("mode", ["combine_in_kernel", "combine_kernel"])
+def test_decode_combine_in_kernel(rng, Hq, Hkv, D, S, splits, mode):
+    # (and the same merge run by a second kernel after the first: combine_kernel)
     kv_lens = [S - 1, 40 * S + 3, S + 1, 1, 0, int(rng.integers(1, 12 * S + 1))]
     q_lens = [1, 1, 1, 1, 0, 1]
-    config = TritonAttentionConfig(pages_per_block=1, num_splits=splits, combine_in_kernel=True)
+    config = TritonAttentionConfig(pages_per_block=1, num_splits=splits, **{mode: True})
     check(rng, T=1, Hq=Hq, Hkv=Hkv, D=D, S=S, kv_lens=kv_lens, q_lens=q_lens, config=config)
 
 
@@ -164,7 +170,7 @@ def test_unsupported_raise_not_implemented(dtype, D, S, config):
 
 @pytest.mark.parametrize("kw", [{"pages_per_block": 3}, {"pages_per_block": 128}, {"block_q": 8},
                                 {"block_q": 48}, {"block_q": 256}, {"num_splits": 0}, {"num_warps": 3},
-                                {"num_stages": 0}])
+                                {"num_stages": 0}, {"combine_kernel": True, "combine_in_kernel": True}])
 def test_config_validates_itself(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         TritonAttentionConfig(**kw)
@@ -218,6 +224,8 @@ def test_trim_splits_and_the_tuners_merge_counts(monkeypatch):
         assert want <= merge and all(trim_splits(blocks, n) == n for n in merge), merge
         # V beside K, alone and with the merge at fewer, longer splits
         assert {"early_v": True} in cands and len({c.get("num_splits") for c in cands if c.get("early_v")}) >= 3
+        # the second-kernel merge, with and without V beside K
+        assert {"combine_kernel": True} in cands and {"combine_kernel": True, "early_v": True} in cands
         for c in cands:
             plan((B, T, 32, 128), (8, B * N + 1, S, 128), N, TritonAttentionConfig(**c))
 
@@ -272,7 +280,8 @@ def test_lowers_to_triton(B, T, Hq, Hkv, D, S, N):
     with jax.sharding.use_abstract_mesh(a100):
         for kw in ({}, {"sliding_window": 100, "soft_cap": 30.0},
                    {"config": TritonAttentionConfig(combine_in_kernel=True)},
-                   {"config": TritonAttentionConfig(combine_in_kernel=True, early_v=True)}):
+                   {"config": TritonAttentionConfig(combine_in_kernel=True, early_v=True)},
+                   {"config": TritonAttentionConfig(combine_kernel=True)}):
             fn = jax.jit(lambda *a, kw=kw: paged_attention_triton(*a, scale=D ** -0.5, **kw))
             text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
             assert "__gpu$xla.gpu.triton" in text

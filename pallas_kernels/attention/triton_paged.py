@@ -92,6 +92,10 @@ class TritonAttentionConfig:
       (the page ids, then K, then V): on the H200 at B=1, L=2k the in-kernel merge took 15.8 us at 8 splits (4
       blocks a program) against 13.5 at 32 (one block each; attn_fused_merge_h200_db3eaa5.log). Off by
       default; the tuner tries it.
+    combine_kernel: with several splits, a second small Triton kernel (one program per query tile) merges the
+      partial outputs and writes the final rows, instead of XLA's combine passes (four kernels, ~4.9 us of a 14.2
+      us call at B=1, L=2k on the H200: attn_profile_small_h200_30ba836.log); unlike combine_in_kernel no program
+      waits for the others. Excludes combine_in_kernel. Off by default; the tuner tries it.
     """
 
     pages_per_block: int | None = None
@@ -101,8 +105,11 @@ class TritonAttentionConfig:
     num_stages: int = 2
     combine_in_kernel: bool = False
     early_v: bool = False
+    combine_kernel: bool = False
 
     def __post_init__(self):
+        if self.combine_kernel and self.combine_in_kernel:
+            raise ValueError("combine_kernel and combine_in_kernel are two ways to merge the splits: pick one")
         if self.pages_per_block is not None and not (_pow2(self.pages_per_block) and self.pages_per_block <= 64):
             raise ValueError(f"pages_per_block={self.pages_per_block} must be a power of two in [1, 64]")
         if self.block_q is not None and not (_pow2(self.block_q) and MIN_DOT <= self.block_q <= 128):
@@ -127,6 +134,7 @@ class Plan(NamedTuple):
     num_stages: int
     combine_in_kernel: bool
     early_v: bool = False
+    combine_kernel: bool = False
 
 
 def check_supported(q_shape, k_shape, dtype) -> None:
@@ -183,7 +191,8 @@ def plan(q_shape, k_shape, num_pages: int, config: TritonAttentionConfig, sms: i
     if config.num_splits is None:
         splits = trim_splits(max_blocks, splits)
     warps = config.num_warps or (8 if R * D >= 64 * 128 else 4)
-    return Plan(ppb, BK, R, nqt, splits, warps, config.num_stages, config.combine_in_kernel, config.early_v)
+    return Plan(ppb, BK, R, nqt, splits, warps, config.num_stages, config.combine_in_kernel, config.early_v,
+                config.combine_kernel)
 
 
 def _kernel(
@@ -226,14 +235,7 @@ def _kernel(
     first = blk_lo + split * per_split
     nsteps = jnp.maximum(jnp.minimum(per_split, blk_hi - first), 0)
 
-    # query row n = t * G + g of this KV head is query head h * G + g of new token t; the last tile's rows past
-    # the group repeat its last row (the same values computed twice and stored to the same place, so stores
-    # need no mask and no two lanes of a store ever write different values to one address)
-    def tile_rows(count: int):  # (token t, query head) of the tile's first `count` rows
-        n = jnp.minimum(tile * R + jnp.arange(count, dtype=jnp.int32), T * G - 1)
-        return lax.div(n, G), h * G + lax.rem(n, G)
-
-    t, head = tile_rows(R)  # [R]
+    t, head = _tile_rows(h, tile, R, rows=R, group=G, tokens=T)  # [R]
     row_live = t < q_len
     qpos = jnp.where(row_live, kv_len - q_len + t, -1)  # [R]; -1 sees nothing
     cols = jnp.arange(D, dtype=jnp.int32)
@@ -283,13 +285,7 @@ def _kernel(
     acc, m, l = lax.fori_loop(0, nsteps, body, (acc, m, l))
 
     def write_final(o_ref, acc, l):
-        # the tile's first acc.shape[0] rows, straight into the caller's [T, Hq, D] layout (dead rows 0)
-        idx, live = q_idx, row_live
-        if acc.shape[0] != R:  # the in-kernel merge's rows (merge_rows)
-            t_, head_ = tile_rows(acc.shape[0])
-            idx, live = (t_[:, None], head_[:, None], cols[None, :]), t_ < q_len
-        o = jnp.where(live[:, None], acc / jnp.where(l == 0, 1.0, l)[:, None], 0.0)
-        pltriton.store(o_ref.at[idx], o.astype(o_ref.dtype))
+        _write_rows(o_ref, acc, l, h, tile, q_len, rows=R, group=G)
 
     if normalise:  # one split
         write_final(out_refs[0], acc, l)
@@ -306,6 +302,34 @@ def _kernel(
         o_ref[...] = acc
         m_ref[...] = m
         l_ref[...] = l
+
+
+def _tile_rows(h, tile, count: int, *, rows: int, group: int, tokens: int):
+    """(token t, query head) of query tile `tile`'s first `count` rows for KV head h: row n = t * G + g is query
+    head h * G + g of new token t. The last tile's rows past the group repeat its last row (the same values
+    computed twice and stored to the same place, so stores need no mask and no two lanes of a store ever write
+    different values to one address)."""
+    n = jnp.minimum(tile * rows + jnp.arange(count, dtype=jnp.int32), tokens * group - 1)
+    return lax.div(n, group), h * group + lax.rem(n, group)
+
+
+def _write_rows(o_ref, acc, l, h, tile, q_len, *, rows: int, group: int):
+    """The tile's first acc.shape[0] rows (acc [n, D] unnormalised, l [n] its sums), normalised, straight into the
+    caller's [T, Hq, D] layout o_ref; rows of tokens past q_len are written 0."""
+    T, _, D = o_ref.shape
+    t, head = _tile_rows(h, tile, acc.shape[0], rows=rows, group=group, tokens=T)
+    cols = jnp.arange(D, dtype=jnp.int32)
+    o = jnp.where((t < q_len)[:, None], acc / jnp.where(l == 0, 1.0, l)[:, None], 0.0)
+    pltriton.store(o_ref.at[(t[:, None], head[:, None], cols[None, :])], o.astype(o_ref.dtype))
+
+
+def _combine_kernel(q_len_ref, op_ref, mp_ref, lp_ref, o_ref, *, splits: int, rows: int, group: int):
+    """combine_kernel: program (b, h, tile) merges the tile's split partials (o [splits, R, D], m, l [splits, R])
+    as the in-kernel merge does (`_merge_splits`) and writes its rows of o [T, Hq, D]."""
+    h, tile = pl.program_id(1), pl.program_id(2)
+    T = o_ref.shape[0]
+    acc, l = _merge_splits(op_ref, mp_ref, lp_ref, splits, merge_rows(rows, T * group))
+    _write_rows(o_ref, acc, l, h, tile, q_len_ref[0], rows=rows, group=group)
 
 
 MERGE_VALUES = 8192  # float32 partial-output values one merge step loads: 64 registers a thread at 4 warps
@@ -388,7 +412,7 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
     B, T, Hq, D = q.shape
     Hkv, P, S, _ = k_pages.shape
     N = page_table.shape[1]
-    ppb, _, R, nqt, splits, num_warps, num_stages, fused, early_v = plan
+    ppb, _, R, nqt, splits, num_warps, num_stages, fused, early_v, combine_kernel = plan
     # the kernel reads q, the lengths and the page table as the caller holds them (no XLA pass before it);
     # the table is padded only where its last block would end past it
     n_pad = -(-N // ppb) * ppb
@@ -456,5 +480,18 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
         return out
     if fused:
         return out[0]
+    if combine_kernel:
+        part = lambda *tail: pl.BlockSpec((None, None, None, splits, *tail),  # noqa: E731
+                                          lambda b, h, t: (b, h, t, 0) + (0,) * len(tail))
+        return pl.pallas_call(
+            functools.partial(_combine_kernel, splits=splits, rows=R, group=Hq // Hkv),
+            grid=(B, Hkv, nqt),
+            in_specs=[pl.BlockSpec((1,), lambda b, h, t: (b,)), part(R, D), part(R), part(R)],
+            out_specs=pl.BlockSpec((None, T, Hq, D), lambda b, h, t: (b, 0, 0, 0)),
+            out_shape=final_shape,
+            compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+            interpret=interpret,
+            name=f"paged_attention_triton_combine_s{splits}",
+        )(q_lens.astype(jnp.int32), *out)
     row_ok = jnp.arange(T)[None, :] < q_lens[:, None]  # [B, T]
     return output_rows(*out, row_ok, num_q_heads=Hq, dtype=q.dtype)
