@@ -158,10 +158,10 @@ def inline_configs(*, quick: bool) -> list:
     and the GEMV mode's two best block pairs of the last H200 tune, the first also with the rank routing and the
     int8 bit conversion; unless quick, each dot block also at 4 stages. 7 candidates (9 when not quick)."""
     from pallas_kernels.moe import TritonMoEConfig
-    from pallas_kernels.moe.triton_moe import TOPKS
+    from pallas_kernels.moe.triton_moe import IN_KERNEL_TOPKS
 
     out = [TritonMoEConfig(block_m=16, block_f=bf, block_d=bf, fused_route="inline", topk=t)
-           for bf in (32, 64) for t in TOPKS]
+           for bf in (32, 64) for t in IN_KERNEL_TOPKS]
     if not quick:
         out += [TritonMoEConfig(block_m=16, block_f=bf, block_d=bf, num_stages=4, fused_route="inline")
                 for bf in (32, 64)]
@@ -215,7 +215,7 @@ def split_configs(D: int, F: int, *, quick: bool) -> list:
     Then SPLIT_DOT_PICKS on the tensor cores, each with and without w8a8 (int8 weights only).
     23 candidates at Qwen3-30B (27 when not quick)."""
     from pallas_kernels.moe import TritonMoEConfig
-    from pallas_kernels.moe.triton_moe import DEQUANTS, TOPKS
+    from pallas_kernels.moe.triton_moe import DEQUANTS, IN_KERNEL_TOPKS
 
     # (block_f, block_k, k_splits, block_d, block_kf, f_splits). Wide rows: a weight tile's rows are block_f
     # (block_d) contiguous elements, and the first H200 tune (a8851dc) ranked 16- and 32-column tiles last
@@ -232,7 +232,7 @@ def split_configs(D: int, F: int, *, quick: bool) -> list:
         if not split_fits(D, F, bf, bk, splits, bd, bkf, fsplits):
             continue
         # the first pick in each routing x conversion (what each is worth alone), the rest with both new ones
-        for topk, dequant in itertools.product(TOPKS, DEQUANTS) if i == 0 else [("rank", "bits")]:
+        for topk, dequant in itertools.product(IN_KERNEL_TOPKS, DEQUANTS) if i == 0 else [("rank", "bits")]:
             out.append(TritonMoEConfig(block_f=bf, block_k=bk, k_splits=splits, block_d=bd, block_kf=bkf,
                                        f_splits=fsplits, fused_route="split", topk=topk, dequant=dequant))
     # the tensor cores (block_m 16: the row in a 16-row tile), bf16 dots and, for int8 weights, w8a8's int8 dots
