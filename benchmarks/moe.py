@@ -461,14 +461,28 @@ def mosaic_configs(T: int) -> list:
 INT8_TUNE_T = (1, 8)  # decode sizes, where int8's halved bytes should show; larger T keeps plan's choice
 
 
+def candidate(impl: str, config, top_k: int):
+    """The search loop's candidate running `impl` ("triton" or "mosaic") with `config` (its config class, or a
+    dict of one as the tuned table holds it) at Qwen3's routing (top_k, norm_topk_prob)."""
+    import functools
+
+    from pallas_kernels import tuning
+    from pallas_kernels.moe import TritonMoEConfig, moe_triton
+    from pallas_kernels.moe.mosaic_moe import MosaicMoEConfig, moe_mosaic
+
+    cls, fn = {"triton": (TritonMoEConfig, moe_triton), "mosaic": (MosaicMoEConfig, moe_mosaic)}[impl]
+    config = cls(**config) if isinstance(config, dict) else config
+    return tuning.Candidate(impl, config, functools.partial(fn, top_k=top_k, norm_topk_prob=True, config=config))
+
+
 def tune(shape_name, tokens, *, quick, families=DEFAULT_FAMILIES, formats=("bf16", "int8")) -> list[dict]:
     """The search loop over Triton (and Mosaic) configs for each T, bf16 weights and, at decode sizes, int8;
     winners go to pallas_kernels/tuned/moe.json."""
     import functools
 
     from pallas_kernels import tuning
-    from pallas_kernels.moe import TritonMoEConfig, dispatch, moe_reference, moe_triton, quantize_int8
-    from pallas_kernels.moe.mosaic_moe import MAX_TOKENS, moe_mosaic
+    from pallas_kernels.moe import TritonMoEConfig, dispatch, moe_reference, quantize_int8
+    from pallas_kernels.moe.mosaic_moe import MAX_TOKENS
 
     D, F, E, K = SHAPES[shape_name]
     rows = []
@@ -484,18 +498,20 @@ def tune(shape_name, tokens, *, quick, families=DEFAULT_FAMILIES, formats=("bf16
             configs = list(dict.fromkeys(dataclasses.replace(c, dequant=default) for c in configs if not c.w8a8))
         if fmt == "int8" and "w8a8" in families:
             configs += w8a8_configs(T, quick=quick)
-        cands = [tuning.Candidate("triton", c, functools.partial(moe_triton, top_k=K, norm_topk_prob=True,
-                                                                 config=c)) for c in configs]
+        cands = [candidate("triton", c, K) for c in configs]
         if T <= MAX_TOKENS and fmt == "bf16" and "mosaic" in families:  # the Mosaic kernel has no int8 path
-            cands += [tuning.Candidate("mosaic", c, functools.partial(moe_mosaic, top_k=K, norm_topk_prob=True,
-                                                                      config=c)) for c in mosaic_configs(T)]
+            cands += [candidate("mosaic", c, K) for c in mosaic_configs(T)]
         ref = functools.partial(moe_reference, top_k=K, norm_topk_prob=True)
+        key = dispatch.shape_key((T, D), sets[0][2], K, sets[0][0].dtype)
+        # the table's current entry timed beside the families: a family it is not in cannot replace it with a
+        # slower winner
+        cands = tuning.with_incumbent(cands, dispatch.DISPATCH.tuned(key),
+                                      lambda impl, config: candidate(impl, config, K))
         best, trials = tuning.search(cands, ref, sets, tol=TOL if fmt == "bf16" else TOL_INT8)
         for t in trials:
             if t.error:
                 log(f"tune T={T} {t.config}: {t.error}")
         if best is not None:
-            key = dispatch.shape_key((T, D), sets[0][2], K, sets[0][0].dtype)
             path = dispatch.DISPATCH.record(key, best)
             if os.environ.get("OUT"):
                 # named apart from the benchmark's own moe.json, which write_result also puts under $OUT

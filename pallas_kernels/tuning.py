@@ -251,6 +251,27 @@ def search(candidates: Sequence[Candidate], reference: Callable, inputs: tuple |
     return replace(trials[best], us=trials[best].rerun_us), trials
 
 
+def with_incumbent(candidates: Sequence[Candidate], incumbent: dict | None,
+                   make: Callable[[str, dict], Candidate]) -> list[Candidate]:
+    """`candidates`, and last the table's current winner for the shape (`incumbent`: the entry `lookup` or a
+    dispatcher's `tuned` gives, or None) as `make(impl, config)` makes it, unless a candidate already runs the same
+    implementation with the same config. `record` stores whatever the search picked; with the incumbent timed
+    in the same run, a search over a family it is not in cannot put a slower winner in its place. An entry the
+    current config classes no longer accept (`make` raises TypeError or ValueError) is left out."""
+    out = list(candidates)
+    if incumbent is None:
+        return out
+    try:
+        mine = make(incumbent["impl"], dict(incumbent["config"]))
+    except (TypeError, ValueError):
+        return out
+
+    def key(c: Candidate) -> tuple[str, str]:
+        return c.impl, json.dumps(_config_dict(c.config), sort_keys=True, default=str)
+
+    return out if key(mine) in {key(c) for c in out} else [*out, mine]
+
+
 def _path(op: str, directory: Path | None) -> Path:
     return (directory or TUNED_DIR) / f"{op}.json"
 

@@ -285,3 +285,23 @@ def test_lowers_to_triton(B, T, Hq, Hkv, D, S, N):
             fn = jax.jit(lambda *a, kw=kw: paged_attention_triton(*a, scale=D ** -0.5, **kw))
             text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
             assert "__gpu$xla.gpu.triton" in text
+
+
+def test_tuned_entries_are_candidates_of_the_search():
+    # every entry of the committed attention table still builds as the search loop's candidate (the tune times
+    # the table's entry beside its candidates: tuning.with_incumbent)
+    import json
+    import sys
+    from pathlib import Path
+
+    from pallas_kernels import tuning
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, as tests/test_plot.py
+    from benchmarks.attention import candidate
+
+    table = json.loads((Path(tuning.TUNED_DIR) / "paged_attention.json").read_text())
+    entries = [e for kind in table.values() for e in kind.values()]
+    assert entries
+    for e in entries:
+        c = candidate(e["impl"], e["config"], 0.1)
+        assert (c.impl, c.config) == (e["impl"], e["config"])

@@ -753,3 +753,28 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
             routed = config is not None and (config.fused_route in ("topk", "all") or config.topk == "kernel")
             single = config is not None and (config.fused_route == "single" or config.one_launch)
             assert text.count("__gpu$xla.gpu.triton") == (1 if single else 2 + routed)
+
+
+def test_tuned_entries_are_candidates_of_the_search():
+    # every entry of the committed MoE table still builds as the search loop's candidate (the tune times the
+    # table's entry beside its families: tuning.with_incumbent), and an entry a family holds is not added twice
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, as tests/test_plot.py
+    from benchmarks.moe import SHAPES, candidate, routed_configs
+
+    table = json.loads((Path(tuning.TUNED_DIR) / "moe.json").read_text())
+    entries = [e for kind in table.values() for e in kind.values()]
+    assert entries
+    for e in entries:
+        c = candidate(e["impl"], e["config"], 8)
+        assert c.impl == e["impl"] and c.fn.keywords["config"] == c.config
+    D, F, E, K = SHAPES["30b"]
+    family = [candidate("triton", c, K) for c in routed_configs(D, F)]
+    h200 = table["NVIDIA H200"]
+    t1 = [e for key, e in h200.items() if key.startswith("T1-D2048-F768")]
+    assert len(t1) == 2  # bf16 and int8 weights
+    for e in t1:
+        assert tuning.with_incumbent(family, e, lambda i, cfg: candidate(i, cfg, K)) == family

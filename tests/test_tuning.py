@@ -264,3 +264,25 @@ def test_committed_tables_are_at_the_kernels_revisions():
         for kind, key, e in entries:
             assert e["impl"] in dispatcher.implementations, (kind, key)
             assert e.get("rev", 1) == dispatcher.revs[e["impl"]], (kind, key, e)
+
+
+def test_with_incumbent_times_the_tables_entry_beside_the_candidates():
+    made = []
+
+    def make(impl, config):
+        if config.get("bad"):
+            raise TypeError("unexpected keyword argument 'bad'")
+        made.append((impl, config))
+        return tuning.Candidate(impl, dict(config), _ref)
+
+    cands = [tuning.Candidate("k", {"block": 1}, _ref), tuning.Candidate("k", {"block": 2}, _ref)]
+    # no entry, or one the current config classes no longer take: the candidates as they are
+    assert tuning.with_incumbent(cands, None, make) == cands
+    assert tuning.with_incumbent(cands, {"impl": "k", "config": {"bad": 1}}, make) == cands
+    # an entry among them (same implementation and config, keys in any order) is not added twice
+    assert tuning.with_incumbent(cands, {"impl": "k", "config": {"block": 2}, "us": 5.0}, make) == cands
+    # one outside them goes last, made by `make`; the same config under another implementation is another one
+    for entry in ({"impl": "k", "config": {"block": 3}}, {"impl": "other", "config": {"block": 1}}):
+        out = tuning.with_incumbent(cands, entry, make)
+        assert out[:2] == cands and len(out) == 3
+        assert (out[2].impl, out[2].config) == (entry["impl"], entry["config"])
