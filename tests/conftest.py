@@ -139,3 +139,15 @@ def rel_err(a, b) -> float:
     """||a - b|| / ||b|| (L2 over all elements)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def tuned_entries(op: str) -> list[dict]:
+    """Every entry (all device kinds) of the committed tuned table pallas_kernels/tuned/<op>.json."""
+    import json
+
+    from pallas_kernels import tuning
+
+    table = json.loads((Path(tuning.TUNED_DIR) / f"{op}.json").read_text())
+    entries = [e for kind in table.values() for e in kind.values()]
+    assert entries, f"the committed {op} table is empty"
+    return entries

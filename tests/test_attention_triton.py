@@ -290,18 +290,14 @@ def test_lowers_to_triton(B, T, Hq, Hkv, D, S, N):
 def test_tuned_entries_are_candidates_of_the_search():
     # every entry of the committed attention table still builds as the search loop's candidate (the tune times
     # the table's entry beside its candidates: tuning.with_incumbent)
-    import json
     import sys
     from pathlib import Path
 
-    from pallas_kernels import tuning
+    from conftest import tuned_entries
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, as tests/test_plot.py
     from benchmarks.attention import candidate
 
-    table = json.loads((Path(tuning.TUNED_DIR) / "paged_attention.json").read_text())
-    entries = [e for kind in table.values() for e in kind.values()]
-    assert entries
-    for e in entries:
+    for e in tuned_entries("paged_attention"):
         c = candidate(e["impl"], e["config"], 0.1)
         assert (c.impl, c.config) == (e["impl"], e["config"])

@@ -758,23 +758,21 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
 def test_tuned_entries_are_candidates_of_the_search():
     # every entry of the committed MoE table still builds as the search loop's candidate (the tune times the
     # table's entry beside its families: tuning.with_incumbent), and an entry a family holds is not added twice
-    import json
     import sys
     from pathlib import Path
+
+    from conftest import tuned_entries
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, as tests/test_plot.py
     from benchmarks.moe import SHAPES, candidate, routed_configs
 
-    table = json.loads((Path(tuning.TUNED_DIR) / "moe.json").read_text())
-    entries = [e for kind in table.values() for e in kind.values()]
-    assert entries
-    for e in entries:
+    for e in tuned_entries("moe"):
         c = candidate(e["impl"], e["config"], 8)
         assert c.impl == e["impl"] and c.fn.keywords["config"] == c.config
+    # the H200's Qwen3-30B T=1 entries (bf16 and int8 weights) are in the "routed" family
     D, F, E, K = SHAPES["30b"]
     family = [candidate("triton", c, K) for c in routed_configs(D, F)]
-    h200 = table["NVIDIA H200"]
-    t1 = [e for key, e in h200.items() if key.startswith("T1-D2048-F768")]
-    assert len(t1) == 2  # bf16 and int8 weights
-    for e in t1:
+    for w in ("bfloat16", "int8"):
+        e = tuning.lookup("moe", f"T1-D2048-F768-E128-K8-bfloat16-w{w}", kind="NVIDIA H200")
+        assert e is not None and e["config"]["topk"] == "kernel"
         assert tuning.with_incumbent(family, e, lambda i, cfg: candidate(i, cfg, K)) == family
