@@ -399,7 +399,7 @@ ONE_TOKEN_CONFIGS = {
 # not take)
 ONE_LAUNCH_CONFIGS = {name.replace("merge", "one"): dataclasses.replace(c, one_launch=True)
                       for name, c in ONE_TOKEN_CONFIGS.items()
-                      if c.merge and c.dequant != "prmt" and not c.h_in_down and c.topk not in ("kernel", "xla")}
+                      if c.merge and c.dequant != "prmt" and not c.h_in_down and c.topk not in ROUTED_TOPKS}
 
 
 @pytest.mark.parametrize("norm", [True, False], ids=["renorm", "softmax"])
