@@ -180,14 +180,15 @@ def triton_candidates(shape, N: int) -> list[dict]:
             out += [{"pages_per_block": 128 // S, "num_warps": 8}, {"pages_per_block": 128 // S, "num_stages": 3}]
         # V loaded beside K (TritonAttentionConfig.early_v): the default, and the merge at the default's splits,
         # half of them and a quarter (fewer, longer programs, whose steps wait on their loads)
+        half = trim_splits(blocks, max(1, base.num_splits // 2))
         quarter = trim_splits(blocks, max(1, round(base.num_splits / 4)))
         out += [{"early_v": True}] + [
             {"early_v": True, "combine_in_kernel": True, **({"num_splits": n} if n != base.num_splits else {})}
-            for n in sorted({base.num_splits, trim_splits(blocks, max(1, base.num_splits // 2)), quarter})]
+            for n in sorted({base.num_splits, half, quarter})]
         # the splits merged by a second kernel (TritonAttentionConfig.combine_kernel), with and without early_v,
         # and at half the splits
         out += [{"combine_kernel": True}, {"combine_kernel": True, "early_v": True},
-                {"combine_kernel": True, "num_splits": trim_splits(blocks, max(1, base.num_splits // 2))}]
+                {"combine_kernel": True, "num_splits": half}]
     return out
 
 

@@ -375,9 +375,7 @@ def routed_configs(D: int, F: int) -> list:
     (moe_parts_30b_h200_30ba836.log), so 4-warp GEMV configs come back in."""
     from pallas_kernels.moe import TritonMoEConfig
 
-    dots = [TritonMoEConfig(block_m=16, block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs,
-                            fused_route="split", merge=True)
-            for bf, bk, ks, bd, bkf, fs in SPLIT_DOT_PICKS[:2] if split_fits(D, F, bf, bk, ks, bd, bkf, fs)]
+    dots = [c for c in merge_configs(D, F) if c.block_m == 16][:2]  # SPLIT_DOT_PICKS' first two, merged
     gemv = [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs, num_warps=w,
                             fused_route="split", dequant="prmt", prefetch=1, merge=m)
             for bf, bk, ks, bd, bkf, fs, w in ROUTED_GEMV if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
