@@ -163,7 +163,7 @@ def triton_candidates(shape, N: int) -> list[dict]:
     """TRITON_CANDIDATES, and for decode the split count halved and doubled, the in-kernel merge at
     MERGE_SPLIT_FACTORS of the default splits (and twice it with 3 stages), 128-token KV blocks, and V loaded
     beside K (early_v) alone and with the merge at 1, 1/2 and 1/4 of the default splits, and the splits merged by
-    a second kernel (combine_kernel)."""
+    a second kernel (combine_kernel) at 1 and 1/2 of them, with early_v at 1, 1/2 and 1/4."""
     from pallas_kernels.attention.triton_paged import TritonAttentionConfig, plan, trim_splits
 
     B, L, S, T = shape
@@ -186,9 +186,10 @@ def triton_candidates(shape, N: int) -> list[dict]:
             {"early_v": True, "combine_in_kernel": True, **({"num_splits": n} if n != base.num_splits else {})}
             for n in sorted({base.num_splits, half, quarter})]
         # the splits merged by a second kernel (TritonAttentionConfig.combine_kernel), with and without early_v,
-        # and at half the splits
+        # at the default splits, half of them and (early_v) a quarter
         out += [{"combine_kernel": True}, {"combine_kernel": True, "early_v": True},
                 {"combine_kernel": True, "num_splits": half}]
+        out += [{"combine_kernel": True, "early_v": True, "num_splits": n} for n in sorted({half, quarter})]
     return out
 
 
