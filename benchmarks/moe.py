@@ -372,7 +372,9 @@ def routed_configs(D: int, F: int) -> list:
     "xla") beside the same configs routing in every program ("rank"): the first two dot-mode merge picks (bf16's
     tuned T=1 entry first) and ROUTED_GEMV with the byte permute one step ahead (int8's tuned entry first), with
     XLA's merge and with the kernels'. Each program's routing had cost more at 8 warps than at 4
-    (moe_parts_30b_h200_30ba836.log), so 4-warp GEMV configs come back in."""
+    (moe_parts_30b_h200_30ba836.log), so 4-warp GEMV configs come back in. Then ROUTED_GEMV routed by the kernel
+    with h made in the down kernel (TritonMoEConfig.h_in_down, no XLA pass between the kernels), with and without
+    the down kernel's merge: with "rank" routing that had won the "hdown" tune (moe_tune_hdown_30b_h200_0e8b8a3)."""
     from pallas_kernels.moe import TritonMoEConfig
 
     dots = [c for c in merge_configs(D, F) if c.block_m == 16][:2]  # SPLIT_DOT_PICKS' first two, merged
@@ -380,7 +382,8 @@ def routed_configs(D: int, F: int) -> list:
                             fused_route="split", dequant="prmt", prefetch=1, merge=m)
             for bf, bk, ks, bd, bkf, fs, w in ROUTED_GEMV if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
             for m in (False, True)]
-    return [dataclasses.replace(c, topk=t) for c in dots + gemv for t in ("rank", "kernel", "xla")]
+    hdown = [dataclasses.replace(c, topk="kernel", h_in_down=True) for c in gemv]
+    return [dataclasses.replace(c, topk=t) for c in dots + gemv for t in ("rank", "kernel", "xla")] + hdown
 
 
 def one_launch_configs(D: int, F: int) -> list:

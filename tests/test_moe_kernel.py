@@ -390,6 +390,10 @@ ONE_TOKEN_CONFIGS = {
                                                      fused_route="split", topk="kernel", prefetch=1),
     "split-dot16-merge-xlaroute": TritonMoEConfig(block_m=16, block_f=16, block_d=16, block_k=16, block_kf=16,
                                                   k_splits=2, fused_route="split", topk="xla", merge=True),
+    # and the kernel's table read by the down kernel that makes h from the partials and merges its rows
+    "split-s2-hdown-merge-kernelroute": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
+                                                        fused_route="split", topk="kernel", prefetch=1,
+                                                        h_in_down=True, merge=True),
 }
 # one_launch: both merged kernels in one launch, work by ticket, the down work after its expert's h tiles. A ticket
 # decoded wrong leaves a tile unwritten or written twice; on the GPU a down program that did not wait for its h
@@ -541,6 +545,8 @@ def test_fused_combine_is_a_tuner_candidate():
     assert {(c.topk, c.block_m, c.merge) for c in routed} == {
         (t, bm, m) for t in ROUTED_TOPKS for bm in (None, 16) for m in (False, True)} - {
         (t, 16, False) for t in ROUTED_TOPKS}
+    # and routed by the kernel with h made in the down kernel, with and without its merge
+    assert {c.merge for c in routed if c.h_in_down and c.topk == "kernel"} == {True, False}
     assert not TritonMoEConfig().fused_combine  # the default stays unfused until the tuned table picks it
     # the "wide" family only when asked for (it lost every trial on the H200)
     wide = set(wide_configs(D, F))
