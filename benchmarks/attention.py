@@ -228,7 +228,7 @@ def tune(shapes, args) -> list[dict]:
         best, trials = tuning.search(cands, lambda *a: paged_attention_reference(*a, scale=scale), sets, tol=TOL,
                                      **TIMING)
         for t in trials:  # each trial in the log too: a run cut short by its time limit writes no JSON
-            log(f"  {t.impl} {t.config}: ok={t.ok} us={t.us:.2f} rerun={t.rerun_us} {t.error[:120]}")
+            log(t.line())
             rows.append({"shape": key, "config": t.config, "ok": t.ok, "max_rel_err": t.max_rel_err,
                          "us": round(t.us, 2), "rerun_us": t.rerun_us and round(t.rerun_us, 2),
                          "error": t.error[:200]})

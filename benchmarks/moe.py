@@ -509,9 +509,8 @@ def tune(shape_name, tokens, *, quick, families=DEFAULT_FAMILIES, formats=("bf16
         cands = tuning.with_incumbent(cands, dispatch.DISPATCH.tuned(key),
                                       lambda impl, config: candidate(impl, config, K))
         best, trials = tuning.search(cands, ref, sets, tol=TOL if fmt == "bf16" else TOL_INT8)
-        for t in trials:
-            if t.error:
-                log(f"tune T={T} {t.config}: {t.error}")
+        for t in trials:  # each trial in the log too (the JSON is written only at the end)
+            log(t.line())
         if best is not None:
             path = dispatch.DISPATCH.record(key, best)
             if os.environ.get("OUT"):

@@ -44,6 +44,11 @@ class Trial:
     error: str = ""
     rerun_us: float | None = None  # the finalists' time in the confirming round (see `search`)
 
+    def line(self) -> str:
+        """One log line: a tune cut short by its time limit writes no JSON, so each trial goes to the log too."""
+        rerun = "" if self.rerun_us is None else f" rerun={self.rerun_us:.2f}"
+        return f"  {self.impl} {self.config}: ok={self.ok} us={self.us:.2f}{rerun} {self.error[:120]}".rstrip()
+
 
 def device_kind() -> str:
     return jax.devices()[0].device_kind

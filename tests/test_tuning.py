@@ -40,6 +40,14 @@ def test_search_with_no_passing_candidate_returns_none(rng):
     assert best is None and len(trials) == 1 and not trials[0].ok
 
 
+def test_trial_line_names_config_time_and_error():
+    # the tunes log each trial on its own line: a run cut short by its time limit writes no JSON
+    line = tuning.Trial("triton", {"splits": 4}, True, 1e-3, 12.345, rerun_us=11.9).line()
+    assert line == "  triton {'splits': 4}: ok=True us=12.35 rerun=11.90"
+    line = tuning.Trial("mosaic", {}, False, float("inf"), float("inf"), "ValueError: " + "x" * 300).line()
+    assert line.startswith("  mosaic {}: ok=False us=inf ValueError: x") and len(line) < 170
+
+
 def test_record_and_lookup_round_trip(tmp_path):
     trial = tuning.Trial("triton", {"splits": 4}, True, 1e-3, 12.5)
     tuning.record("attn", "B8-T1", trial, kind="GPU-X", directory=tmp_path)
