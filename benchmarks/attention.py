@@ -16,8 +16,9 @@ their difference / n (a run's fixed cost cancels): device time per call, as the 
 Each output is checked against the XLA reference (L2 relative error <= 2e-2, NaN-free) before it is timed.
 
 --tune runs the search loop first on the shapes of --tune-shapes (default: the issue's bar shapes): every
-Mosaic candidate config is verified and timed, and the winner per shape goes into pallas_kernels/tuned/ (and
-$OUT), which `ours` then uses.
+Mosaic and Triton candidate config (--tune-impls: one kernel's only) is verified and timed beside the table's
+current entry, and the winner per shape goes into pallas_kernels/tuned/ (and $OUT), which `ours` then uses; each
+trial is logged as it is known. --tune-only stops there (the trials go to attention_tune.json).
 
 Run on the GPU machine:  python benchmarks/attention.py [--tune] [--quick]      (CPU: --tiny, a smoke test)
 Writes benchmarks/results/attention.json; `python benchmarks/plot.py` draws it (attention.png).
@@ -220,8 +221,8 @@ def tune(shapes, args) -> list[dict]:
         B, L, S, T = shape
         N = L // S
         sets = make_sets(B, L, S, T, HQ, HKV, D, copies=copies_for(B, L, S), seed=7)
-        cands = [candidate("mosaic", cfg, scale) for cfg in mosaic_candidates(shape, N)]
-        cands += [candidate("triton", cfg, scale) for cfg in triton_candidates(shape, N)]
+        proposals = {"mosaic": mosaic_candidates, "triton": triton_candidates}
+        cands = [candidate(impl, cfg, scale) for impl in args.tune_impls for cfg in proposals[impl](shape, N)]
         key = shape_key(sets[0][0].shape, sets[0][1].shape, N, sets[0][0].dtype)
         # the table's current entry timed beside the candidates: they cannot replace it with a slower winner
         cands = tuning.with_incumbent(cands, DISPATCH.tuned(key), lambda impl, cfg: candidate(impl, cfg, scale))
@@ -340,11 +341,20 @@ def main() -> None:
     p.add_argument("--only", type=parse_shapes, default=None, help='shapes "B,L,page,T;..."')
     p.add_argument("--tune", action="store_true", help="run the search loop first and record winners")
     p.add_argument("--tune-shapes", type=parse_shapes, default=None, help='shapes to tune (default: the bar shapes)')
+    p.add_argument("--tune-impls", default="mosaic,triton",
+                   help="kernels whose candidates --tune proposes, comma-separated (default: mosaic,triton); the "
+                        "table's current entry is timed beside them whatever its kernel")
+    p.add_argument("--tune-only", action="store_true", help="with --tune: no benchmark after the search")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test in interpret mode (no timing)")
     p.add_argument("--profile", action="store_true",
                    help="also time the chain's own cost (chain_floor) and profile ours, triton and jax_paged: "
                         "time per kernel, busy vs span")
     args = p.parse_args()
+    args.tune_impls = tuple(i for i in args.tune_impls.split(",") if i)
+    if not args.tune_impls or set(args.tune_impls) - {"mosaic", "triton"}:
+        p.error(f"--tune-impls: comma-separated names among mosaic, triton, got {','.join(args.tune_impls)!r}")
+    if args.tune_only and not args.tune:
+        p.error("--tune-only needs --tune")
     import jax
 
     shapes = TINY if args.tiny else args.only or (QUICK if args.quick else DECODE + VERIFY)
@@ -353,6 +363,11 @@ def main() -> None:
         from pallas_kernels.tuning import TUNED_DIR
 
         shutil.copy(TUNED_DIR / "paged_attention.json", Path(os.environ["OUT"], "tuned_paged_attention.json"))
+    if args.tune_only:
+        path = write_result("attention_tune", {"device": device(), "versions": versions("jax", "jaxlib"),
+                                               "tuning": tuning_rows})
+        print(f"wrote {path}")
+        return
     rows = [r for shape in shapes for r in run_shape(shape, args)]
     summary = summarize(rows)
     cols = list(dict.fromkeys(c for line in summary for c in line))

@@ -230,6 +230,21 @@ def test_trim_splits_and_the_tuners_merge_counts(monkeypatch):
             plan((B, T, 32, 128), (8, B * N + 1, S, 128), N, TritonAttentionConfig(**c))
 
 
+@pytest.mark.parametrize("argv,field", [(["--tune-only"], "--tune-only"),
+                                        (["--tune", "--tune-impls", "triton,cuda"], "--tune-impls"),
+                                        (["--tune", "--tune-impls", ","], "--tune-impls")])
+def test_benchmark_rejects_bad_tune_options(argv, field):
+    # benchmarks/attention.py: a bad tune option is exit code 2 and one line naming it, before any work
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "benchmarks/attention.py", *argv], cwd=root, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and field in p.stderr.strip().splitlines()[-1], p.stderr
+
+
 def test_picked_on_nvidia_and_for_hopper_decode(monkeypatch):
     fn, _ = IMPLEMENTATIONS["triton"]
     assert fn is paged_attention_triton
