@@ -4,8 +4,8 @@ Every implementation runs on the same inputs in the same process: GQA 32/8, head
 full KV length, page ids shuffled over the pool.
   ours          what the engine gets: `pallas_kernels.paged_attention` (the tuned table's winner for the device
                 and shape, else the default kernel for the device)
-  mosaic        our Mosaic GPU kernel with its default plan (what untuned shapes get on Hopper)
-  triton        our Triton kernel, where it is registered
+  mosaic        our Mosaic GPU kernel with its default plan (what untuned verify and prefill shapes get on Hopper)
+  triton        our Triton kernel with its default plan (what untuned decode shapes get, Hopper's included)
   xla_reference `paged_attention_reference` compiled by XLA (gather the pages, then attend)
   jax_paged     `jax.experimental.pallas.ops.gpu.paged_attention` (Triton; decode only)
   jax_gqa       `jax.experimental.pallas.ops.gpu.decode_attention.gqa` over a contiguous cache (decode only)
