@@ -386,13 +386,32 @@ def routed_configs(D: int, F: int) -> list:
     return [dataclasses.replace(c, topk=t) for c in dots + gemv for t in ("rank", "kernel", "xla")] + hdown
 
 
+# (block_f, block_k, k_splits, block_d, block_kf, f_splits, num_warps) of "fold": int8's tuned T=1 blocks with
+# 64- and 128-row k-steps (down: 64 and 128), at 8 and 4 warps
+FOLD_GEMV = [(256, 64, 8, 256, 64, 4, 8), (256, 64, 8, 256, 64, 4, 4), (256, 128, 8, 256, 64, 4, 8),
+             (256, 64, 4, 256, 128, 2, 8)]
+
+
+def fold_configs(D: int, F: int) -> list:
+    """The "fold" family (T=1): the split path's GEMV mode with k-steps taller than its accumulator, folded into
+    it (TritonMoEConfig.fold: twice to four times the bytes in flight a step), routed by the kernel, loading 0 and
+    1 steps ahead, h made in XLA and in the down kernel."""
+    from pallas_kernels.moe import TritonMoEConfig
+
+    return [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs, num_warps=w,
+                            fused_route="split", topk="kernel", dequant="prmt", prefetch=pf, h_in_down=hd,
+                            fold=True)
+            for bf, bk, ks, bd, bkf, fs, w in FOLD_GEMV if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
+            for pf in (0, 1) for hd in (False, True)]
+
+
 def one_launch_configs(D: int, F: int) -> list:
     """The "one" family (T=1): the "merge" family with both kernels in one launch (TritonMoEConfig.one_launch)."""
     return [dataclasses.replace(c, one_launch=True) for c in merge_configs(D, F)]
 
 
 FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "sweep", "wide", "merge", "one",
-            "prefetch", "hdown", "routed", "w8a8", "mosaic")  # --families
+            "prefetch", "hdown", "routed", "fold", "w8a8", "mosaic")  # --families
 # what --tune searches unless --families says otherwise: "wide" lost every trial at Qwen3-30B, T=1 on the H200
 # (5a1676f: int8 41.6-48.7 us against the sweep's 38.8, bf16 45.4-57.2 against 44.6), and "one" was 1-3 us
 # behind the same blocks in two launches with bf16 weights there (23601ce, moe_one_30b_h200_23601ce.log), so both
@@ -406,7 +425,7 @@ def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048
     stages, wider row tiles at T >= 64 ("dot"), the GEMV mode and fused_combine at decode sizes ("gemv",
     "fused"), inline routing, the one-kernel and the split two-kernel paths at T=1 ("inline", "single", "split",
     "sweep", "wide", "merge", "one"), the register prefetch and byte permute ("prefetch"), h made in the down
-    kernel ("hdown"), routing once before the kernels ("routed");
+    kernel ("hdown"), routing once before the kernels ("routed"), tall k-steps folded into the accumulator ("fold");
     `families` picks among them."""
     from pallas_kernels.moe import TritonMoEConfig
     from pallas_kernels.moe.triton_moe import gemv_expected
@@ -443,6 +462,8 @@ def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048
         configs += hdown_configs(D, F)
     if T == 1 and "routed" in families:
         configs += routed_configs(D, F)
+    if T == 1 and "fold" in families:
+        configs += fold_configs(D, F)
     return list(dict.fromkeys(configs))
 
 

@@ -430,6 +430,32 @@ def test_one_launch(rng, config, E, top_k, D, F, norm, int8):
         check(rng, 1, E, D, F, top_k, norm_topk_prob=norm, config=ONE_LAUNCH_CONFIGS[config])
 
 
+def test_fold_accumulator_height():
+    from pallas_kernels.moe.triton_moe import GEMV_ACC2D_MAX, _acc_rows
+
+    # gate and up over 256 columns: 512 accumulator values a row; 32 rows fill GEMV_ACC2D_MAX
+    assert GEMV_ACC2D_MAX == 16384
+    assert _acc_rows(32, 512, False) == _acc_rows(32, 512, True) == 32  # the whole step fits: no pieces
+    assert _acc_rows(64, 512, False) == 0  # reduced every step
+    assert _acc_rows(64, 512, True) == _acc_rows(128, 512, True) == 32  # pieces of 32 rows
+    assert _acc_rows(128, 256, True) == 64 and _acc_rows(16, 2**15, True) == 1
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
+@pytest.mark.parametrize("variant", [dict(), dict(prefetch=1, h_in_down=True), dict(prefetch=2, merge=True)],
+                         ids=["plain", "prefetch-hdown", "prefetch2-merge"])
+def test_fold_tall_k_steps(rng, monkeypatch, int8, variant):
+    # TritonMoEConfig.fold with the accumulator capped at 128 values: gate/up (2 x 16 columns) loads each 16-row
+    # k-step as 4 pieces of 4 rows, the down kernel (16 columns) as 2 of 8; a piece read at the wrong rows, or
+    # one left out of the sum, fails the comparison
+    from pallas_kernels.moe import triton_moe
+
+    monkeypatch.setattr(triton_moe, "GEMV_ACC2D_MAX", 128)
+    config = TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2, fused_route="split",
+                             topk="kernel", fold=True, **variant)
+    (check_int8 if int8 else check)(rng, 1, 128, 64, 32, 8, config=config)
+
+
 @pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
 def test_split_over_four_d_ranges(rng, int8):
     # Qwen3-30B-A3B's E and top-k at D=64: four ranges of one 16-row k-step each, the down kernel summing all four
@@ -547,6 +573,9 @@ def test_fused_combine_is_a_tuner_candidate():
         (t, 16, False) for t in ROUTED_TOPKS}
     # and routed by the kernel with h made in the down kernel, with and without its merge
     assert {c.merge for c in routed if c.h_in_down and c.topk == "kernel"} == {True, False}
+    # and tall k-steps folded into the accumulator (the "fold" family), h made in XLA and in the down kernel
+    fold = [c for c in split if c.fold]
+    assert fold and {c.h_in_down for c in fold} == {True, False} and {c.block_k for c in fold} >= {64, 128}
     assert not TritonMoEConfig().fused_combine  # the default stays unfused until the tuned table picks it
     # the "wide" family only when asked for (it lost every trial on the H200)
     wide = set(wide_configs(D, F))
@@ -663,7 +692,9 @@ def test_config_validates_itself():
                dict(h_in_down=True, fused_route="inline"), dict(h_in_down=True, block_m=16, fused_route="split"),
                dict(h_in_down=True, one_launch=True, merge=True, fused_route="split"), dict(topk="kernel"),
                dict(topk="xla", fused_route="inline"), dict(topk="xla", fused_route="single"),
-               dict(topk="kernel", fused_route="split", merge=True, one_launch=True)):
+               dict(topk="kernel", fused_route="split", merge=True, one_launch=True), dict(fold=True),
+               dict(fold=True, fused_route="inline"), dict(fold=True, block_m=16, fused_route="split"),
+               dict(fold=True, w8a8=True, fused_route="split")):
         with pytest.raises(ValueError):
             TritonMoEConfig(**kw)
     for bm in (1, 2, 4, 8, 16, 128):  # GEMV rows per pass, dot rows
@@ -743,7 +774,11 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
                     TritonMoEConfig(block_f=256, block_d=256, block_k=32, block_kf=32, k_splits=8, f_splits=4,
                                     num_warps=8, fused_route="split", topk="kernel", dequant="prmt", prefetch=1),
                     TritonMoEConfig(block_m=16, block_f=128, block_d=128, block_k=64, block_kf=64, k_splits=8,
-                                    f_splits=2, fused_route="split", topk="xla", merge=True)]
+                                    f_splits=2, fused_route="split", topk="xla", merge=True),
+                    # tall k-steps folded into one accumulator (two 32-row pieces a step), h made in the down kernel
+                    TritonMoEConfig(block_f=256, block_d=256, block_k=64, block_kf=64, k_splits=8, f_splits=4,
+                                    num_warps=8, fused_route="split", topk="kernel", dequant="prmt", prefetch=1,
+                                    h_in_down=True, fold=True)]
     if int8:  # int8 x int8 dots, both routings at T=1
         configs += [TritonMoEConfig(w8a8=True)] + ([TritonMoEConfig(w8a8=True, block_f=64, block_d=64,
                                                                     fused_route="inline"),

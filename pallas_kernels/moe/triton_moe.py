@@ -191,6 +191,13 @@ class TritonMoEConfig:
       the down kernel still merges its rows (so the op is logits, a memset, 2 kernels). On the H200 at Qwen3-30B
       int8 T=1 the pass it removes took 1.3 us and the down kernel 1.0 us more (0e8b8a3's profile): within the
       noise in two interleaved runs, and 6fcf3bd's tune kept h in XLA (28.3 us against 28.9).
+    fold: (fused_route "split", GEMV mode) k-steps taller than the float32 accumulator load as accumulator-high
+      pieces that all fold into one [rows, block_c] accumulator, reduced once after the loop, instead of a
+      cross-warp reduction every step. Without it a k-step whose tile would make more than GEMV_ACC2D_MAX
+      accumulator values reduces every step, so the tall steps (more bytes in flight a program) have lost: at
+      Qwen3-30B int8 the 64-row steps took 39.3 us against 32-row steps' 27.4-28.3 (0e8b8a3). The int8 gate/up
+      kernel reads 25 MB in 12.3 us (2.0 TB/s) where the bf16 dot kernel's pipelined loads read 50 MB in 17.3
+      (moe_t1_bench_30b_h200_2e4775d.log): the GEMV programs have too few bytes in flight. Not yet timed.
     one_launch: (merge) both kernels in one launch (`_split_one_launch_kernel`): each program takes a ticket from
       an atomic counter; the first K * F / block_f * k_splits tickets are gate/up work, the rest down work, in
       that order, and a down program waits until every h tile of its expert is written (a counter per expert).
@@ -248,6 +255,7 @@ class TritonMoEConfig:
     one_launch: bool = False  # merge: the gate/up and down kernels as one launch (see above)
     prefetch: int = 0  # split GEMV: k-steps whose weight tiles load ahead of the arithmetic (0-2, see above)
     h_in_down: bool = False  # split GEMV: the down kernel makes h from the gate/up partials (see above)
+    fold: bool = False  # split GEMV: tall k-steps fold into one accumulator (see above)
 
     def __post_init__(self):
         for name in ("block_f", "block_k", "block_d", "block_kf"):
@@ -293,6 +301,8 @@ class TritonMoEConfig:
         split_gemv = self.fused_route == "split" and bm in (None, 1) and not self.w8a8
         if self.prefetch and not split_gemv:
             raise ValueError("prefetch is the split path's GEMV mode's (fused_route='split', block_m 1 or None)")
+        if self.fold and not split_gemv:
+            raise ValueError("fold is the split path's GEMV mode's (fused_route='split', block_m 1 or None)")
         if self.h_in_down and (not split_gemv or self.one_launch):
             raise ValueError("h_in_down is the split path's GEMV mode's (fused_route='split', block_m 1 or None), "
                              "not w8a8's or one_launch's")
@@ -323,6 +333,7 @@ class Plan(NamedTuple):
     one_launch: bool = False
     prefetch: int = 0
     h_in_down: bool = False
+    fold: bool = False
 
     @property
     def gemv(self) -> bool:
@@ -413,7 +424,7 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
             rbk //= 2
     return Plan(bm, bf, bk, bd, bkf, slots, config.num_warps, config.num_stages, config.fused_combine,
                 config.fused_route, rbk, config.w8a8, config.k_splits, config.f_splits, config.dequant,
-                config.topk, config.merge, config.one_launch, config.prefetch, config.h_in_down)
+                config.topk, config.merge, config.one_launch, config.prefetch, config.h_in_down, config.fold)
 
 
 def gemv_expected(T: int, E: int, top_k: int) -> bool:
@@ -588,44 +599,69 @@ def _to_int8(y):
     return jnp.clip(q, -127.0, 127.0).astype(jnp.int32).astype(jnp.int8)
 
 
+def _acc_rows(block_k: int, values_per_row: int, fold: bool) -> int:
+    """Rows of a GEMV program's float32 accumulators (values_per_row values a row, all of them together): the
+    whole k-step where they fit GEMV_ACC2D_MAX; else with fold (TritonMoEConfig.fold) the most that fit, the
+    step's tiles then loading in pieces of that height; else 0 (each step reduces its products at once)."""
+    if block_k * values_per_row <= GEMV_ACC2D_MAX:
+        return block_k
+    if not fold:
+        return 0
+    rows = 1
+    while rows * 2 <= block_k and rows * 2 * values_per_row <= GEMV_ACC2D_MAX:
+        rows *= 2
+    return rows
+
+
+def _pieces(k0, block_k: int, height: int) -> list:
+    """The first rows of a k-step's `height`-row pieces (k0 the step's first, a multiple of block_k)."""
+    return [k0 if j == 0 else pl.multiple_of(k0 + j * height, height) for j in range(block_k // height)]
+
+
 def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block_k: int, one_token: bool = False,
-               k_lo=0, k_len: int | None = None, dequant: str = "bits", prefetch: int = 0):
+               k_lo=0, k_len: int | None = None, dequant: str = "bits", prefetch: int = 0, fold: bool = False):
     """One pass over columns [c0, c0 + block_c) of expert e's weights for the sorted rows r0 .. r0 + rows - 1:
     returns acc[i][j] = x[r0 + i] @ w_refs[j][e, :, c0:c0 + block_c] in float32 ([block_c] each). Each k-step
     loads every weight tile once and shares it across the rows; row 0 is always live, rows i >= live are skipped
     by a branch (nothing loaded, accumulators stay 0). one_token: x_ref is x [1, D], every row token 0's.
     k_lo, k_len: only the contracted rows [k_lo, k_lo + k_len) (default all), a partial sum. prefetch: see
-    TritonMoEConfig.prefetch (one row of one token)."""
+    TritonMoEConfig.prefetch (one row of one token); fold: TritonMoEConfig.fold."""
     K = x_ref.shape[1] if k_len is None else k_len
     # [BK, BC] float32 accumulators reduced once after the loop, where they fit in registers: a reduction over
     # BK every k-step is a cross-warp shared-memory round trip (H100, Qwen3-30B T=1: 77 vs 82 us at
-    # block_f=64, block_k=128); past GEMV_ACC2D_MAX values per program they would spill
-    acc2d = rows * len(w_refs) * block_k * block_c <= GEMV_ACC2D_MAX
+    # block_f=64, block_k=128); past GEMV_ACC2D_MAX values per program they would spill, so with fold a taller
+    # step loads in pieces of the accumulator's height
+    height = _acc_rows(block_k, rows * len(w_refs) * block_c, fold)
+    acc2d = height > 0
+    height = height or block_k
 
     if prefetch and not (one_token and rows == 1):
         raise NotImplementedError("prefetch runs one row of one token")
 
-    def load(kk):  # the k-step's raw weight tiles ([BK, BC] each) and, with prefetch, x's slice
-        k0 = pl.multiple_of(k_lo + kk * block_k, block_k)
-        ws = tuple(w_ref[e, pl.ds(k0, block_k), pl.ds(c0, block_c)] for w_ref in w_refs)
-        return (ws, x_ref[0, pl.ds(k0, block_k)]) if prefetch else (ws, None)
+    def load(kk):  # the k-step's raw weight tiles ([height, BC] pieces of each) and, with prefetch, x's slices
+        offs = _pieces(pl.multiple_of(k_lo + kk * block_k, block_k), block_k, height)
+        ws = tuple(tuple(w_ref[e, pl.ds(o, height), pl.ds(c0, block_c)] for o in offs) for w_ref in w_refs)
+        return (ws, tuple(x_ref[0, pl.ds(o, height)] for o in offs)) if prefetch else (ws, None)
 
     def k_step(kk, loaded, acc):
-        k0 = pl.multiple_of(k_lo + kk * block_k, block_k)
+        offs = _pieces(pl.multiple_of(k_lo + kk * block_k, block_k), block_k, height)
         # int8 or bf16 -> float32 in registers; the multiply-reduce runs on the CUDA cores
-        ws = [_to_f32(w, dequant) for w in loaded[0]]  # [BK, BC]
+        ws = [[_to_f32(w, dequant) for w in tiles] for tiles in loaded[0]]  # [height, BC] pieces
 
         def row(i, a):
-            xs = loaded[1] if prefetch else x_ref[0 if one_token else r0 + i, pl.ds(k0, block_k)]
-            x = xs.astype(jnp.float32)[:, None]  # [BK, 1]
-            if acc2d:  # reduce once after the loop
-                return tuple(a_j + x * w for a_j, w in zip(a, ws, strict=True))
-            return tuple(a_j + jnp.sum(x * w, axis=0) for a_j, w in zip(a, ws, strict=True))
+            xs = loaded[1] if prefetch else [x_ref[0 if one_token else r0 + i, pl.ds(o, height)] for o in offs]
+            xs = [x.astype(jnp.float32)[:, None] for x in xs]  # [height, 1] each
+            out = []
+            for a_j, tiles in zip(a, ws, strict=True):
+                for x, w in zip(xs, tiles, strict=True):  # acc2d: reduced once after the loop
+                    a_j = a_j + (x * w if acc2d else jnp.sum(x * w, axis=0))
+                out.append(a_j)
+            return tuple(out)
 
         return tuple(row(0, acc[0]) if i == 0 else lax.cond(i < live, functools.partial(row, i), lambda a: a, acc[i])
                      for i in range(rows))
 
-    shape = (block_k, block_c) if acc2d else (block_c,)
+    shape = (height, block_c) if acc2d else (block_c,)
     acc = _k_loop(K // block_k, load, k_step, (tuple(jnp.zeros(shape, jnp.float32) for _ in w_refs),) * rows,
                   prefetch)
     return tuple(tuple(jnp.sum(a, axis=0) for a in r) for r in acc) if acc2d else acc
@@ -949,6 +985,7 @@ def _split_gate_up_kernel(
     w8a8: bool = False,  # (dot) x rounded to int8 here, int8 x int8 dots
     merge: bool = False,  # the last of an (expert, F tile)'s programs writes its h columns (TritonMoEConfig.merge)
     prefetch: int = 0,  # (GEMV) TritonMoEConfig.prefetch
+    fold: bool = False,  # (GEMV) TritonMoEConfig.fold
     interpret: bool = False,
     ids=None,  # (k, j, s) where the caller assigns the work (one_launch), else the program ids
     h_written=None,  # (merge) called with k once this program has written h columns of choice k
@@ -970,7 +1007,8 @@ def _split_gate_up_kernel(
                              k_len=k_len, quantize=w8a8)
     else:
         ((g, u),) = _gemv_pass(x_ref, (wg_ref, wu_ref), e, 0, 1, f0, rows=1, block_c=block_f, block_k=block_k,
-                               one_token=True, k_lo=s * k_len, k_len=k_len, dequant=dequant, prefetch=prefetch)
+                               one_token=True, k_lo=s * k_len, k_len=k_len, dequant=dequant, prefetch=prefetch,
+                               fold=fold)
     if quantized:  # per-column scales: linear, so each partial takes them
         g = g * scales[0][e, pl.ds(f0, block_f)]
         u = u * scales[1][e, pl.ds(f0, block_f)]
@@ -1025,6 +1063,7 @@ def _split_down_kernel(
     count_base: int = 0,  # (merge) the first of the D tiles' counters
     prefetch: int = 0,  # (GEMV) TritonMoEConfig.prefetch
     h_dtype=None,  # (GEMV) TritonMoEConfig.h_in_down: x's dtype; h_ref is then gu, the gate/up kernel's partials
+    fold: bool = False,  # (GEMV) TritonMoEConfig.fold
     interpret: bool = False,
     ids=None,  # (k, i, r) where the caller assigns the work (one_launch), else the program ids
 ):
@@ -1043,20 +1082,25 @@ def _split_down_kernel(
                              k_len=f_len, quantize=False)
         o = o * (w * ins[1][k] if w8a8 else w)
     else:
-        acc2d = block_kf * block_d <= GEMV_ACC2D_MAX  # reduce over F once after the loop (see _gemv_pass)
+        height = _acc_rows(block_kf, block_d, fold)  # reduce over F once after the loop (see _gemv_pass)
+        acc2d = height > 0
+        height = height or block_kf
 
-        def load(n):  # the step's h slice (with h_dtype: its gate/up partials) and weight tile
-            f0 = pl.multiple_of(r * f_len + n * block_kf, block_kf)
-            h = h_ref[k, pl.ds(f0, block_kf)] if h_dtype is None else _h_partials(h_ref, k, top_k, f0, block_kf)
-            return h, wd_ref[e, pl.ds(f0, block_kf), pl.ds(d0, block_d)]
+        def load(n):  # the step's h slices (with h_dtype: their gate/up partials) and weight tiles, by piece
+            offs = _pieces(pl.multiple_of(r * f_len + n * block_kf, block_kf), block_kf, height)
+            hs = tuple(h_ref[k, pl.ds(o, height)] if h_dtype is None else _h_partials(h_ref, k, top_k, o, height)
+                       for o in offs)
+            return hs, tuple(wd_ref[e, pl.ds(o, height), pl.ds(d0, block_d)] for o in offs)
 
         def step(n, loaded, acc):
-            h = loaded[0] if h_dtype is None else _h_from_partials(*loaded[0], h_dtype)
-            y = h.astype(jnp.float32)[:, None] * _to_f32(loaded[1], dequant)  # [BKF, BD]
-            return acc + (y if acc2d else jnp.sum(y, axis=0))
+            for h, wt in zip(*loaded, strict=True):
+                h = h if h_dtype is None else _h_from_partials(*h, h_dtype)
+                y = h.astype(jnp.float32)[:, None] * _to_f32(wt, dequant)  # [height, BD]
+                acc = acc + (y if acc2d else jnp.sum(y, axis=0))
+            return acc
 
         acc = _k_loop(f_len // block_kf, load, step,
-                      jnp.zeros((block_kf, block_d) if acc2d else (block_d,), jnp.float32), prefetch)
+                      jnp.zeros((height, block_d) if acc2d else (block_d,), jnp.float32), prefetch)
         o = (jnp.sum(acc, axis=0) if acc2d else acc) * w
     if quantized:
         o = o * ins[0][e, pl.ds(d0, block_d)]
@@ -1431,8 +1475,10 @@ def _moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, 
     E, _, F = w_gate.shape
     bf, bk, bd, bkf, S, R = plan.block_f, plan.block_k, plan.block_d, plan.block_kf, plan.k_splits, plan.f_splits
     quantized = isinstance(w_gate, QuantizedWeight)
-    mode = dict(dequant=plan.dequant, topk=plan.topk, dot=not plan.gemv, w8a8=plan.w8a8, prefetch=plan.prefetch)
+    mode = dict(dequant=plan.dequant, topk=plan.topk, dot=not plan.gemv, w8a8=plan.w8a8, prefetch=plan.prefetch,
+                fold=plan.fold)
     tag = ("_w8a8" if plan.w8a8 else "_dot") if not plan.gemv else (f"_pf{plan.prefetch}" if plan.prefetch else "")
+    tag += "_fold" if plan.fold else ""
     ws = [w.values if quantized else w for w in (w_gate, w_up, w_down)]
     if plan.topk in ROUTED_TOPKS:  # the kernels read their choices from the table in the logits' place
         logits = _route_table(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob, topk=plan.topk,
