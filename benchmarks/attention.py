@@ -17,8 +17,8 @@ Each output is checked against the XLA reference (L2 relative error <= 2e-2, NaN
 
 --tune runs the search loop first on the shapes of --tune-shapes (default: the issue's bar shapes): every
 Mosaic and Triton candidate config (--tune-impls: one kernel's only) is verified and timed beside the table's
-current entry, and the winner per shape goes into pallas_kernels/tuned/ (and $OUT), which `ours` then uses; each
-trial is logged as it is known. --tune-only stops there (the trials go to attention_tune.json).
+current entry, and the winner per shape goes into pallas_kernels/tuned/ (and $OUT), which `ours` then uses; a
+shape's trials are logged as its search ends. --tune-only stops there (the trials go to attention_tune.json).
 
 Run on the GPU machine:  python benchmarks/attention.py [--tune] [--quick]      (CPU: --tiny, a smoke test)
 Writes benchmarks/results/attention.json; `python benchmarks/plot.py` draws it (attention.png).
