@@ -38,11 +38,11 @@ from pallas_kernels.moe.triton_moe import (
     MAX_TOKENS,
     ROUTED_TOPKS,
     _kth_choice,
-    _route_table,
     _to_f32,
     group_by_expert,
     plan,
 )
+from pallas_kernels.moe.triton_split import route_table
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
@@ -255,7 +255,7 @@ def test_kth_choice_matches_route_with_ties(rng, topk, norm, E, top_k):
     if topk in ROUTED_TOPKS:
         x = jnp.zeros((1, 16), jnp.bfloat16).at[0, 0].set(1)
         router = jnp.zeros((E, 16), jnp.bfloat16).at[:, 0].set(jnp.asarray(logits[0], jnp.bfloat16))
-        given = _route_table(x, router, top_k=top_k, norm_topk_prob=norm, topk=topk, interpret=INTERPRET)
+        given = route_table(x, router, top_k=top_k, norm_topk_prob=norm, topk=topk, interpret=INTERPRET)
         assert given.shape == (2, top_k) and given.dtype == jnp.float32
 
     def kernel(l_ref, e_ref, w_ref):
