@@ -42,9 +42,14 @@ def dequantize(w: jax.Array | QuantizedWeight, dtype) -> jax.Array:
     return w
 
 
+def router_logits(x: jax.Array, router: jax.Array) -> jax.Array:
+    """x [T, D] @ router [E, D]^T -> [T, E] float32 logits (the kernels' routing starts from these same values)."""
+    return jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32)
+
+
 def route(x: jax.Array, router: jax.Array, *, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
     """Softmax router and top-k: ([T, K] float32 weights, [T, K] int32 expert ids)."""
-    logits = jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32)
+    logits = router_logits(x, router)
     probs = jax.nn.softmax(logits, axis=-1)
     weights, experts = jax.lax.top_k(probs, top_k)  # [T, K]
     if norm_topk_prob:

@@ -57,7 +57,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.moe.reference import QuantizedWeight, route
+from pallas_kernels.moe.reference import QuantizedWeight, route, router_logits
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 MIN_DOT = 16  # Triton's tl.dot needs M, N, K >= 16
@@ -1080,7 +1080,7 @@ def _route_fused(x, router, *, top_k, norm_topk_prob, block_k, interpret):
     """`_route_kernel` over T programs: ([T, K] float32 weights, [T, K] int32 experts, + [K, 4] slot table at
     T=1). block_k 0: the logits come from XLA's matmul."""
     T = x.shape[0]
-    args = (x, router) if block_k else (jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32),)
+    args = (x, router) if block_k else (router_logits(x, router),)
     out_shape = [jax.ShapeDtypeStruct((T, top_k), jnp.float32), jax.ShapeDtypeStruct((T, top_k), jnp.int32)]
     if T == 1:
         out_shape.append(jax.ShapeDtypeStruct((top_k, 4), jnp.int32))
@@ -1121,7 +1121,7 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
         # at T=1 the route kernel wrote the slot table
         order, meta = (None, meta[0]) if meta else group_by_expert(experts, E, S)
     elif inline:  # the gate/up kernel routes and writes the slot table and pair weights
-        logits = jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32)  # [1, E]
+        logits = router_logits(x, router)  # [1, E]
         order = meta = None
     else:
         weights, experts = route(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob)  # [T, K]
@@ -1233,7 +1233,7 @@ def _moe_single(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan,
     quantized = isinstance(w_gate, QuantizedWeight)
     ws = [w.values if quantized else w for w in (w_gate, w_up, w_down)]
     scales = [w.scale for w in (w_gate, w_up, w_down)] if quantized else []
-    logits = jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32)  # [1, E]
+    logits = router_logits(x, router)  # [1, E]
 
     def full(shape):
         return pl.BlockSpec(shape, lambda k, j: (0,) * len(shape))

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.moe.reference import QuantizedWeight, route
+from pallas_kernels.moe.reference import QuantizedWeight, route, router_logits
 from pallas_kernels.moe.triton_moe import (
     ROUTE_TABLE_WARPS,
     ROUTED_TOPKS,
@@ -245,7 +245,7 @@ def route_table(x, router, *, top_k, norm_topk_prob, topk, interpret):
     if topk == "xla":
         weights, experts = route(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob)  # [1, K] each
         return jnp.concatenate([weights, experts.astype(jnp.float32)], axis=0)
-    logits = jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32)  # [1, E]
+    logits = router_logits(x, router)  # [1, E]
     spec = lambda shape: pl.BlockSpec(shape, lambda t: (0,) * len(shape))  # noqa: E731
     return pl.pallas_call(
         functools.partial(_route_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_k=0, table=True),
@@ -273,9 +273,9 @@ def moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, i
     ws = [w.values if quantized else w for w in (w_gate, w_up, w_down)]
     if plan.topk in ROUTED_TOPKS:  # the kernels read their choices from the table in the logits' place
         logits = route_table(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob, topk=plan.topk,
-                              interpret=interpret)
+                             interpret=interpret)
     else:
-        logits = jnp.einsum("td,ed->te", x, router, preferred_element_type=jnp.float32)  # [1, E]
+        logits = router_logits(x, router)  # [1, E]
     params = pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
 
     def full(shape):  # whole arrays: the kernels index them themselves
