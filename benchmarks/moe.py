@@ -390,19 +390,28 @@ def routed_configs(D: int, F: int) -> list:
 # 64- and 128-row k-steps (down: 64 and 128), at 8 and 4 warps
 FOLD_GEMV = [(256, 64, 8, 256, 64, 4, 8), (256, 64, 8, 256, 64, 4, 4), (256, 128, 8, 256, 64, 4, 8),
              (256, 64, 4, 256, 128, 2, 8)]
+# and neighbours of the last one, which won at Qwen3-235B (moe_tune_fold_235b_h200_858eed8.log: 59.2 us against
+# 66.1-86.3 for the other three, its four D ranges giving each program twice the bytes): taller steps, narrower
+# gate/up or down tiles, 16 warps, two D ranges; loading 1 and 2 steps ahead, h made in XLA (the down kernel's
+# h lost every pair there)
+FOLD_DEEP = [(256, 128, 4, 256, 128, 2, 8), (128, 64, 4, 256, 128, 2, 8), (256, 64, 4, 128, 128, 2, 8),
+             (256, 64, 4, 256, 128, 2, 16), (256, 64, 2, 256, 128, 2, 8)]
 
 
 def fold_configs(D: int, F: int) -> list:
     """The "fold" family (T=1): the split path's GEMV mode with k-steps taller than its accumulator, folded into
     it (TritonMoEConfig.fold: twice to four times the bytes in flight a step), routed by the kernel, loading 0 and
-    1 steps ahead, h made in XLA and in the down kernel."""
+    1 steps ahead, h made in XLA and in the down kernel; then FOLD_DEEP 1 and 2 steps ahead, h made in XLA."""
     from pallas_kernels.moe import TritonMoEConfig
 
-    return [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs, num_warps=w,
-                            fused_route="split", topk="kernel", dequant="prmt", prefetch=pf, h_in_down=hd,
-                            fold=True)
-            for bf, bk, ks, bd, bkf, fs, w in FOLD_GEMV if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
-            for pf in (0, 1) for hd in (False, True)]
+    def config(bf, bk, ks, bd, bkf, fs, w, pf, hd):
+        return TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs,
+                               num_warps=w, fused_route="split", topk="kernel", dequant="prmt", prefetch=pf,
+                               h_in_down=hd, fold=True)
+
+    return [config(*blocks, pf, hd) for blocks in FOLD_GEMV if split_fits(D, F, *blocks[:6])
+            for pf in (0, 1) for hd in (False, True)] + \
+        [config(*blocks, pf, False) for blocks in FOLD_DEEP if split_fits(D, F, *blocks[:6]) for pf in (1, 2)]
 
 
 def one_launch_configs(D: int, F: int) -> list:
