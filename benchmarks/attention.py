@@ -304,9 +304,14 @@ def run_shape(shape, args) -> list[dict]:
     return rows
 
 
+STALE = 0.97  # ours / our kernels' default plans below this: the tuned entry has gone stale (see summarize)
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """One line per shape: GB/s of each implementation, ours over the best baseline and over jax_paged, and for
-    verify shapes the time over the T=1 time of the same (B, L, page)."""
+    """One line per shape: GB/s of each implementation, ours over the best baseline and over jax_paged, ours over
+    the faster of our two kernels with their default plans ("ours/default": below 1, the tuned table's entry for
+    the shape lost to a plan it should have beaten, as when a kernel changes under an entry), and for verify
+    shapes the time over the T=1 time of the same (B, L, page)."""
     by_shape: dict[tuple, dict] = {}
     for r in rows:
         by_shape.setdefault((r["B"], r["L"], r["page"], r["T"]), {})[r["impl"]] = r
@@ -325,10 +330,20 @@ def summarize(rows: list[dict]) -> list[dict]:
             line["ours/best baseline"] = round(min(base) / ours, 2)
         if ours and impls.get("jax_paged", {}).get("us"):
             line["ours/jax_paged"] = round(impls["jax_paged"]["us"] / ours, 2)
+        own = [impls[n]["us"] for n in ("triton", "mosaic") if impls.get(n, {}).get("ok") and impls[n].get("us")]
+        if ours and own:
+            line["ours/default"] = round(min(own) / ours, 2)
         if ours and T > 1 and t1.get((B, L, S)):
             line["time vs T=1"] = round(ours / t1[(B, L, S)], 3)
         out.append(line)
     return out
+
+
+def stale(summary: list[dict]) -> list[str]:
+    """A line for each shape whose "ours/default" is below STALE."""
+    return [f"stale: B={line['B']} L={line['L']} page={line['page']} T={line['T']}: ours (the tuned table's pick) "
+            f"ran at {line['ours/default']}x our kernels' faster default plan; retune the shape"
+            for line in summary if line.get("ours/default", 1) < STALE]
 
 
 def parse_shapes(text: str) -> list[tuple]:
@@ -372,6 +387,8 @@ def main() -> None:
     summary = summarize(rows)
     cols = list(dict.fromkeys(c for line in summary for c in line))
     print(table([{c: line.get(c, "") for c in cols} for line in summary], cols))
+    for message in stale(summary):
+        print(message)
     if args.tiny:
         assert all(r["ok"] for r in rows if r["impl"] in ("ours", "mosaic", "xla_reference")), rows
         return

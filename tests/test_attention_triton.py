@@ -245,6 +245,30 @@ def test_benchmark_rejects_bad_tune_options(argv, field):
     assert p.returncode == 2 and field in p.stderr.strip().splitlines()[-1], p.stderr
 
 
+def test_benchmark_summary_flags_a_stale_entry():
+    # benchmarks/attention.py: ours over jax_paged and over our kernels' faster default plan; a shape where the
+    # tuned entry lost to a default plan (B=8 L=2k page 16 in attn_b8_h200_2e4775d.log: 30.08 against 27.56) is
+    # named, a shape where it won (or no default plan ran) is not
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.attention import stale, summarize
+
+    def row(B, impl, us, ok=True):
+        return {"B": B, "L": 2048, "page": 16, "T": 1, "impl": impl, "us": us, "ok": ok, "GB/s": 1.0}
+
+    rows = [row(8, "ours", 30.08), row(8, "triton", 27.56), row(8, "mosaic", 33.3), row(8, "jax_paged", 50.64),
+            row(1, "ours", 12.9), row(1, "triton", 14.0), row(1, "mosaic", 9.0, ok=False), row(1, "jax_paged", 15.08),
+            row(32, "ours", 80.0), row(32, "jax_paged", 150.0)]
+    lines = {line["B"]: line for line in summarize(rows)}
+    assert lines[8]["ours/jax_paged"] == 1.68 and lines[8]["ours/default"] == 0.92
+    assert lines[1]["ours/default"] == 1.09  # the failed Mosaic trial is not a default to beat
+    assert "ours/default" not in lines[32]
+    (message,) = stale(list(lines.values()))
+    assert message.startswith("stale: B=8 L=2048 page=16 T=1") and "0.92" in message
+
+
 def test_picked_on_nvidia_and_for_hopper_decode(monkeypatch):
     fn, _ = IMPLEMENTATIONS["triton"]
     assert fn is paged_attention_triton

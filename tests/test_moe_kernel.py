@@ -808,15 +808,17 @@ def test_tuned_entries_are_candidates_of_the_search():
     from conftest import tuned_entries
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, as tests/test_plot.py
-    from benchmarks.moe import SHAPES, candidate, routed_configs
+    from benchmarks.moe import SHAPES, candidate, fold_configs, routed_configs
 
     for e in tuned_entries("moe"):
         c = candidate(e["impl"], e["config"], 8)
         assert c.impl == e["impl"] and c.fn.keywords["config"] == c.config
-    # the H200's Qwen3-30B T=1 entries (bf16 and int8 weights) are in the "routed" family
-    D, F, E, K = SHAPES["30b"]
-    family = [candidate("triton", c, K) for c in routed_configs(D, F)]
-    for w in ("bfloat16", "int8"):
-        e = tuning.lookup("moe", f"T1-D2048-F768-E128-K8-bfloat16-w{w}", kind="NVIDIA H200")
+    # the H200's T=1 entries are in their families: Qwen3-30B's bf16 in "routed", its int8 and Qwen3-235B's int8
+    # in "fold"
+    for shape, w, configs in (("30b", "bfloat16", routed_configs), ("30b", "int8", fold_configs),
+                              ("235b", "int8", fold_configs)):
+        D, F, E, K = SHAPES[shape]
+        family = [candidate("triton", c, K) for c in configs(D, F)]
+        e = tuning.lookup("moe", f"T1-D{D}-F{F}-E{E}-K{K}-bfloat16-w{w}", kind="NVIDIA H200")
         assert e is not None and e["config"]["topk"] == "kernel"
-        assert tuning.with_incumbent(family, e, lambda i, cfg: candidate(i, cfg, K)) == family
+        assert tuning.with_incumbent(family, e, lambda i, cfg, K=K: candidate(i, cfg, K)) == family
