@@ -414,13 +414,33 @@ def fold_configs(D: int, F: int) -> list:
         [config(*blocks, pf, False) for blocks in FOLD_DEEP if split_fits(D, F, *blocks[:6]) for pf in (1, 2)]
 
 
+# (block_f, block_k, k_splits, block_d, block_kf, f_splits, num_warps) of "persist": both tuned fold configs' blocks
+# (Qwen3-30B's, then 235B's) over 16 and 32 D ranges (short units: 2 and 1 64-row steps at 30B, 4 and 2 at 235B),
+# and the "routed" entry's 32-row blocks over 16
+PERSIST_GEMV = [(256, 64, 16, 256, 64, 4, 8), (256, 64, 32, 256, 64, 4, 8), (256, 64, 16, 256, 128, 2, 8),
+                (256, 64, 32, 256, 128, 2, 8), (256, 32, 16, 256, 32, 4, 4)]
+
+
+def persist_configs(D: int, F: int) -> list:
+    """The "persist" family (T=1): the gate/up kernel as 1 and 2 programs an SM, each over a strided share of the
+    short work units of PERSIST_GEMV's blocks (TritonMoEConfig.persistent), beside the same blocks with a program
+    per unit; folded steps, one step ahead, routed by the kernel, h made in XLA."""
+    from pallas_kernels.moe import TritonMoEConfig
+
+    return [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs,
+                            num_warps=w, fused_route="split", topk="kernel", dequant="prmt", prefetch=1, fold=True,
+                            persistent=per)
+            for bf, bk, ks, bd, bkf, fs, w in PERSIST_GEMV if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
+            for per in (1, 2, 0)]
+
+
 def one_launch_configs(D: int, F: int) -> list:
     """The "one" family (T=1): the "merge" family with both kernels in one launch (TritonMoEConfig.one_launch)."""
     return [dataclasses.replace(c, one_launch=True) for c in merge_configs(D, F)]
 
 
 FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "sweep", "wide", "merge", "one",
-            "prefetch", "hdown", "routed", "fold", "w8a8", "mosaic")  # --families
+            "prefetch", "hdown", "routed", "fold", "persist", "w8a8", "mosaic")  # --families
 # what --tune searches unless --families says otherwise: "wide" lost every trial at Qwen3-30B, T=1 on the H200
 # (5a1676f: int8 41.6-48.7 us against the sweep's 38.8, bf16 45.4-57.2 against 44.6), and "one" was 1-3 us
 # behind the same blocks in two launches with bf16 weights there (23601ce, moe_one_30b_h200_23601ce.log), so both
@@ -434,8 +454,8 @@ def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048
     stages, wider row tiles at T >= 64 ("dot"), the GEMV mode and fused_combine at decode sizes ("gemv",
     "fused"), inline routing, the one-kernel and the split two-kernel paths at T=1 ("inline", "single", "split",
     "sweep", "wide", "merge", "one"), the register prefetch and byte permute ("prefetch"), h made in the down
-    kernel ("hdown"), routing once before the kernels ("routed"), tall k-steps folded into the accumulator ("fold");
-    `families` picks among them."""
+    kernel ("hdown"), routing once before the kernels ("routed"), tall k-steps folded into the accumulator ("fold"),
+    the gate/up kernel as a few programs an SM over short units ("persist"); `families` picks among them."""
     from pallas_kernels.moe import TritonMoEConfig
     from pallas_kernels.moe.triton_moe import gemv_expected
 
@@ -473,6 +493,8 @@ def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048
         configs += routed_configs(D, F)
     if T == 1 and "fold" in families:
         configs += fold_configs(D, F)
+    if T == 1 and "persist" in families:
+        configs += persist_configs(D, F)
     return list(dict.fromkeys(configs))
 
 

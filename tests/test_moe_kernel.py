@@ -457,6 +457,27 @@ def test_fold_tall_k_steps(rng, monkeypatch, int8, variant):
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
+@pytest.mark.parametrize("variant", [dict(), dict(prefetch=1, h_in_down=True), dict(prefetch=2, fold=True),
+                                     dict(persistent=4, prefetch=1)],
+                         ids=["plain", "prefetch-hdown", "prefetch2-fold", "program-per-unit"])
+def test_persistent_gate_up(rng, monkeypatch, int8, variant):
+    # TritonMoEConfig.persistent on a 1-SM device: 3 programs over the 8 choices x 2 F tiles x 2 D ranges = 32
+    # units (11, 11 and 10 each, two 16-row k-steps a unit), loading ahead across the units' edges; a unit left
+    # out, written to another's rows or loaded from the wrong expert, rows or columns fails the comparison. With
+    # fold the accumulator is capped at 64 values, so each k-step loads as 2 pieces of 8 rows. "program-per-unit":
+    # 4 programs an SM on 132 SMs is more than the units, so there is one program per unit
+    from pallas_kernels.moe import triton_moe
+
+    sms = 132 if "persistent" in variant else 1  # the SMs the interpreter plans for
+    monkeypatch.setattr(triton_moe, "DEFAULT_SMS", sms)
+    monkeypatch.setattr(triton_moe, "GEMV_ACC2D_MAX", 256 if variant.get("fold") else triton_moe.GEMV_ACC2D_MAX)
+    config = TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2, fused_route="split",
+                             topk="kernel", **{"persistent": 3, **variant})
+    assert triton_moe.plan(1, 64, 32, 128, 8, config, sms=sms).gate_up_programs == (32 if sms > 1 else 3)
+    (check_int8 if int8 else check)(rng, 1, 128, 64, 32, 8, config=config)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
 def test_split_over_four_d_ranges(rng, int8):
     # Qwen3-30B-A3B's E and top-k at D=64: four ranges of one 16-row k-step each, the down kernel summing all four
     config = TritonMoEConfig(block_f=16, block_d=32, block_k=16, k_splits=4, fused_route="split")
@@ -579,6 +600,9 @@ def test_fused_combine_is_a_tuner_candidate():
     # and the deeper ones (FOLD_DEEP): 2 steps ahead, 16 warps, two D ranges
     assert {c.prefetch for c in fold} == {0, 1, 2} and 16 in {c.num_warps for c in fold}
     assert 2 in {c.k_splits for c in fold}
+    # and the gate/up kernel as 1 and 2 programs an SM over short units ("persist"), beside a program per unit
+    persist = [c for c in split if c.k_splits >= 16 and c.fold]
+    assert {c.persistent for c in persist} == {0, 1, 2} and all(c.topk in ROUTED_TOPKS for c in persist)
     assert not TritonMoEConfig().fused_combine  # the default stays unfused until the tuned table picks it
     # the "wide" family only when asked for (it lost every trial on the H200)
     wide = set(wide_configs(D, F))
@@ -697,7 +721,12 @@ def test_config_validates_itself():
                dict(topk="xla", fused_route="inline"), dict(topk="xla", fused_route="single"),
                dict(topk="kernel", fused_route="split", merge=True, one_launch=True), dict(fold=True),
                dict(fold=True, fused_route="inline"), dict(fold=True, block_m=16, fused_route="split"),
-               dict(fold=True, w8a8=True, fused_route="split")):
+               dict(fold=True, w8a8=True, fused_route="split"), dict(persistent=1),
+               dict(persistent=1, fused_route="split"), dict(persistent=1, fused_route="split", topk="rank"),
+               dict(persistent=1, fused_route="split", topk="kernel", merge=True),
+               dict(persistent=1, fused_route="split", topk="kernel", block_m=16),
+               dict(persistent=5, fused_route="split", topk="kernel"),
+               dict(persistent=-1, fused_route="split", topk="kernel")):
         with pytest.raises(ValueError):
             TritonMoEConfig(**kw)
     for bm in (1, 2, 4, 8, 16, 128):  # GEMV rows per pass, dot rows
@@ -781,7 +810,13 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
                     # tall k-steps folded into one accumulator (two 32-row pieces a step), h made in the down kernel
                     TritonMoEConfig(block_f=256, block_d=256, block_k=64, block_kf=64, k_splits=8, f_splits=4,
                                     num_warps=8, fused_route="split", topk="kernel", dequant="prmt", prefetch=1,
-                                    h_in_down=True, fold=True)]
+                                    h_in_down=True, fold=True),
+                    # the gate/up kernel as one program an SM over short units, two steps ahead, and none ahead
+                    TritonMoEConfig(block_f=256, block_d=256, block_k=64, block_kf=64, k_splits=16, f_splits=4,
+                                    num_warps=8, fused_route="split", topk="kernel", dequant="prmt", prefetch=2,
+                                    fold=True, persistent=1),
+                    TritonMoEConfig(block_f=128, block_d=256, block_k=32, block_kf=32, k_splits=16, f_splits=4,
+                                    fused_route="split", topk="xla", persistent=2)]
     if int8:  # int8 x int8 dots, both routings at T=1
         configs += [TritonMoEConfig(w8a8=True)] + ([TritonMoEConfig(w8a8=True, block_f=64, block_d=64,
                                                                     fused_route="inline"),

@@ -68,6 +68,7 @@ GEMV_ROWS = (1, 2, 4, 8)  # block_m values selecting GEMV mode: rows one pass ov
 # 235B bf16 162 vs 166, int8 135 vs 148), at T=8 (~1.2 rows) GEMV lost clearly (336 vs 244 us at 30B bf16).
 # The tuned table overrides this per shape.
 GEMV_MAX_MEAN_ROWS = 1.1
+MAX_PERSISTENT = 4  # TritonMoEConfig.persistent: gate/up programs per SM
 MAX_PREFETCH = 2  # TritonMoEConfig.prefetch: k-steps loaded ahead (3 spilled registers on the H200, a9a357e)
 GEMV_ACC2D_MAX = 16384  # float32 accumulator values per GEMV program (128 registers a thread at 4 warps)
 FUSED_ROUTES = ("none", "topk", "all")  # TritonMoEConfig.fused_route with fused_combine
@@ -199,7 +200,18 @@ class TritonMoEConfig:
       accumulator values reduces every step, so the tall steps (more bytes in flight a program) have lost: at
       Qwen3-30B int8 the 64-row steps took 39.3 us against 32-row steps' 27.4-28.3 (0e8b8a3). The int8 gate/up
       kernel reads 25 MB in 12.3 us (2.0 TB/s) where the bf16 dot kernel's pipelined loads read 50 MB in 17.3
-      (moe_t1_bench_30b_h200_2e4775d.log): the GEMV programs have too few bytes in flight. Not yet timed.
+      (moe_t1_bench_30b_h200_2e4775d.log): the GEMV programs have too few bytes in flight. First tunes (H200,
+      int8, T=1): at Qwen3-30B the best fold config tied the unfolded entry (27.0 against 26.9 us in one run,
+      moe_tune_fold_30b_h200_18e8a40.log); at 235B fold with four D ranges took the call from 67.5 to 59.2 us
+      (moe_tune_fold_235b_h200_858eed8.log).
+    persistent: (fused_route "split", GEMV mode, topk "kernel" or "xla", not merge) the gate/up kernel runs
+      min(units, persistent * SMs) programs instead of one per work unit (an (expert, F tile, D range) of the
+      K * F / block_f * k_splits): program p takes units p, p + P, p + 2P, ... in one loop over their k-steps,
+      loading `prefetch` steps ahead across the units' edges, and writes each unit's partial sums where its own
+      program would have (`triton_split._split_gate_up_persistent_kernel`; the same bits). The point is the tail:
+      both tuned fold configs run 192 gate/up programs, 1.45 per SM on a 132-SM H200, so about 60 SMs carry a
+      second program after the rest have finished; with k_splits 16-32 the units are short and every program
+      gets within one of the same number. Not yet timed.
     one_launch: (merge) both kernels in one launch (`_split_one_launch_kernel`): each program takes a ticket from
       an atomic counter; the first K * F / block_f * k_splits tickets are gate/up work, the rest down work, in
       that order, and a down program waits until every h tile of its expert is written (a counter per expert).
@@ -258,6 +270,7 @@ class TritonMoEConfig:
     prefetch: int = 0  # split GEMV: k-steps whose weight tiles load ahead of the arithmetic (0-2, see above)
     h_in_down: bool = False  # split GEMV: the down kernel makes h from the gate/up partials (see above)
     fold: bool = False  # split GEMV: tall k-steps fold into one accumulator (see above)
+    persistent: int = 0  # split GEMV, routed: gate/up programs per SM, each over a strided set of work units
 
     def __post_init__(self):
         for name in ("block_f", "block_k", "block_d", "block_kf"):
@@ -305,6 +318,11 @@ class TritonMoEConfig:
             raise ValueError("prefetch is the split path's GEMV mode's (fused_route='split', block_m 1 or None)")
         if self.fold and not split_gemv:
             raise ValueError("fold is the split path's GEMV mode's (fused_route='split', block_m 1 or None)")
+        if not 0 <= self.persistent <= MAX_PERSISTENT:
+            raise ValueError(f"persistent={self.persistent} must be in [0, {MAX_PERSISTENT}] (programs per SM)")
+        if self.persistent and (not split_gemv or self.topk not in ROUTED_TOPKS or self.merge):
+            raise ValueError("persistent is the split path's GEMV mode's (fused_route='split', block_m 1 or None) "
+                             "routed before the kernels (topk 'kernel' or 'xla'), without merge")
         if self.h_in_down and (not split_gemv or self.one_launch):
             raise ValueError("h_in_down is the split path's GEMV mode's (fused_route='split', block_m 1 or None), "
                              "not w8a8's or one_launch's")
@@ -336,6 +354,7 @@ class Plan(NamedTuple):
     prefetch: int = 0
     h_in_down: bool = False
     fold: bool = False
+    gate_up_programs: int = 0  # TritonMoEConfig.persistent: the gate/up grid (0: a program per work unit)
 
     @property
     def gemv(self) -> bool:
@@ -424,9 +443,12 @@ def plan(T: int, D: int, F: int, E: int, top_k: int, config: TritonMoEConfig, sm
         rbk = max(1, min(D, ROUTE_ACC_MAX // E))
         while D % rbk:
             rbk //= 2
+    # persistent: as many gate/up programs as asked per SM, never more than the work units
+    programs = min(top_k * (F // bf) * config.k_splits, config.persistent * (sms or _sm_count()))
     return Plan(bm, bf, bk, bd, bkf, slots, config.num_warps, config.num_stages, config.fused_combine,
                 config.fused_route, rbk, config.w8a8, config.k_splits, config.f_splits, config.dequant,
-                config.topk, config.merge, config.one_launch, config.prefetch, config.h_in_down, config.fold)
+                config.topk, config.merge, config.one_launch, config.prefetch, config.h_in_down, config.fold,
+                programs)
 
 
 def gemv_expected(T: int, E: int, top_k: int) -> bool:
@@ -641,9 +663,8 @@ def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block
         raise NotImplementedError("prefetch runs one row of one token")
 
     def load(kk):  # the k-step's raw weight tiles ([height, BC] pieces of each) and, with prefetch, x's slices
-        offs = _pieces(pl.multiple_of(k_lo + kk * block_k, block_k), block_k, height)
-        ws = tuple(tuple(w_ref[e, pl.ds(o, height), pl.ds(c0, block_c)] for o in offs) for w_ref in w_refs)
-        return (ws, tuple(x_ref[0, pl.ds(o, height)] for o in offs)) if prefetch else (ws, None)
+        return _gemv_load(x_ref, w_refs, e, pl.multiple_of(k_lo + kk * block_k, block_k), c0, block_k=block_k,
+                          height=height, block_c=block_c, with_x=bool(prefetch))
 
     def k_step(kk, loaded, acc):
         offs = _pieces(pl.multiple_of(k_lo + kk * block_k, block_k), block_k, height)
@@ -652,13 +673,7 @@ def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block
 
         def row(i, a):
             xs = loaded[1] if prefetch else [x_ref[0 if one_token else r0 + i, pl.ds(o, height)] for o in offs]
-            xs = [x.astype(jnp.float32)[:, None] for x in xs]  # [height, 1] each
-            out = []
-            for a_j, tiles in zip(a, ws, strict=True):
-                for x, w in zip(xs, tiles, strict=True):  # acc2d: reduced once after the loop
-                    a_j = a_j + (x * w if acc2d else jnp.sum(x * w, axis=0))
-                out.append(a_j)
-            return tuple(out)
+            return _gemv_fma(ws, xs, a, acc2d)
 
         return tuple(row(0, acc[0]) if i == 0 else lax.cond(i < live, functools.partial(row, i), lambda a: a, acc[i])
                      for i in range(rows))
@@ -667,6 +682,27 @@ def _gemv_pass(x_ref, w_refs, e, r0, live, c0, *, rows: int, block_c: int, block
     acc = _k_loop(K // block_k, load, k_step, (tuple(jnp.zeros(shape, jnp.float32) for _ in w_refs),) * rows,
                   prefetch)
     return tuple(tuple(jnp.sum(a, axis=0) for a in r) for r in acc) if acc2d else acc
+
+
+def _gemv_load(x_ref, w_refs, e, k0, c0, *, block_k: int, height: int, block_c: int, with_x: bool):
+    """A GEMV k-step's loads from row k0 (a multiple of block_k): ([height, block_c] pieces of expert e's columns
+    [c0, c0 + block_c) of each weight, x's [height] slices of the one token (with_x) or None)."""
+    offs = _pieces(k0, block_k, height)
+    ws = tuple(tuple(w_ref[e, pl.ds(o, height), pl.ds(c0, block_c)] for o in offs) for w_ref in w_refs)
+    return ws, (tuple(x_ref[0, pl.ds(o, height)] for o in offs) if with_x else None)
+
+
+def _gemv_fma(ws, xs, acc, acc2d: bool) -> tuple:
+    """One row's k-step on the CUDA cores: acc[j] += x . ws[j] over the step's pieces (ws[j] the float32
+    [height, BC] pieces of weight j, xs the row's [height] slices); acc2d: [height, BC] accumulators, reduced once
+    after the loop, else [BC] ones, reduced here."""
+    xs = [x.astype(jnp.float32)[:, None] for x in xs]  # [height, 1] each
+    out = []
+    for a_j, tiles in zip(acc, ws, strict=True):
+        for x, w in zip(xs, tiles, strict=True):
+            a_j = a_j + (x * w if acc2d else jnp.sum(x * w, axis=0))
+        out.append(a_j)
+    return tuple(out)
 
 
 def _k_loop(n: int, load, step, init, prefetch: int):

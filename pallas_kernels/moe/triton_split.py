@@ -2,7 +2,8 @@
 programs, or both in one launch.
 
     gate/up: program (k, j, s) sums choice k's gate and up columns [j * block_f, ...) over the s-th of k_splits D
-             ranges (partials in float32; with merge the last of a tile's programs makes its h columns)
+             ranges (partials in float32; with merge the last of a tile's programs makes its h columns); with
+             TritonMoEConfig.persistent a few programs an SM each run a strided share of those (k, j, s) units
     down:    program (k, i, r) multiplies h_k's r-th F range by the expert's down rows for the i-th D tile (partials
              again; with merge the last of a D tile's programs writes out's columns)
 
@@ -19,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -28,6 +30,8 @@ from pallas_kernels.moe.triton_moe import (
     ROUTED_TOPKS,
     _acc_rows,
     _dot_row_pass,
+    _gemv_fma,
+    _gemv_load,
     _gemv_pass,
     _k_loop,
     _kth_choice,
@@ -101,6 +105,77 @@ def _split_gate_up_kernel(
         h_written(k)
 
     last_arrival(count_ref, k * (h_ref.shape[1] // block_f) + j, S, merge_tile, interpret)
+
+
+def _split_gate_up_persistent_kernel(
+    table_ref,  # [2, K] float32 routing table (TritonMoEConfig.topk "kernel" or "xla")
+    x_ref,  # [1, D]
+    wg_ref,  # [E, D, F] (int8 when quantised)
+    wu_ref,  # [E, D, F]
+    *rest,  # (sg_ref [E, F], su_ref [E, F] float32 when quantised), gu_ref out [k_splits * K * 2, F] float32
+    top_k: int,
+    programs: int,
+    block_f: int,
+    block_k: int,
+    quantized: bool,
+    dequant: str,
+    topk: str,
+    prefetch: int,
+    fold: bool,
+):
+    """TritonMoEConfig.persistent: program p of `programs` runs work units u = p, p + programs, ... of the
+    `_split_gate_up_kernel` grid (u = (k * F / block_f + j) * k_splits + s for its program (k, j, s)) in one loop
+    over their k-steps, loading `prefetch` steps ahead across the units' edges, and writes each unit's partial
+    gate and up sums to rows 2 (s K + k) and +1 of gu, as that unit's own program would."""
+    *scales, gu_ref = rest
+    S = gu_ref.shape[0] // (2 * top_k)  # k_splits
+    n_f = gu_ref.shape[1] // block_f
+    k_len = x_ref.shape[1] // S
+    steps = k_len // block_k  # a unit's k-steps
+    p = pl.program_id(0)
+    n_units = lax.div(top_k * n_f * S - 1 - p, programs) + 1  # programs <= units: every program has one
+    last = n_units * steps - 1  # the program's last k-step
+    height = _acc_rows(block_k, 2 * block_f, fold)
+    acc2d = height > 0
+    height = height or block_k
+
+    def unit(i):  # the program's i-th unit: (choice k, its expert e, F offset, D range s)
+        u = p + i * programs
+        k, j, s = lax.div(u, n_f * S), lax.rem(lax.div(u, S), n_f), lax.rem(u, S)
+        e, _ = _kth_choice(table_ref, k, top_k, True, topk)
+        return k, e, pl.multiple_of(j * block_f, block_f), s
+
+    def load(g):  # the program's g-th k-step's tiles and x slices
+        _, e, f0, s = unit(lax.div(g, steps))
+        k0 = pl.multiple_of(s * k_len + lax.rem(g, steps) * block_k, block_k)
+        return _gemv_load(x_ref, (wg_ref, wu_ref), e, k0, f0, block_k=block_k, height=height, block_c=block_f,
+                          with_x=True)
+
+    def step(loaded, acc):
+        return _gemv_fma([[_to_f32(w, dequant) for w in tiles] for tiles in loaded[0]], loaded[1], acc, acc2d)
+
+    def run_unit(i, ahead):
+        def k_step(t, carry):
+            ahead, acc = carry
+            if not prefetch:
+                return ahead, step(load(i * steps + t), acc)
+            return (*ahead[1:], load(jnp.minimum(i * steps + t + prefetch, last))), step(ahead[0], acc)
+
+        zero = jnp.zeros((height, block_f) if acc2d else (block_f,), jnp.float32)
+        ahead, (g, u) = lax.fori_loop(0, steps, k_step, (ahead, (zero, zero)))
+        if acc2d:
+            g, u = jnp.sum(g, axis=0), jnp.sum(u, axis=0)
+        k, e, f0, s = unit(i)
+        if quantized:  # per-column scales: linear, so each partial takes them
+            g = g * scales[0][e, pl.ds(f0, block_f)]
+            u = u * scales[1][e, pl.ds(f0, block_f)]
+        row = 2 * (s * top_k + k)
+        gu_ref[row, pl.ds(f0, block_f)] = g
+        gu_ref[row + 1, pl.ds(f0, block_f)] = u
+        return ahead
+
+    first = tuple(load(jnp.minimum(jnp.int32(g), last)) for g in range(prefetch))
+    lax.fori_loop(0, n_units, run_unit, first)
 
 
 def _h_partials(gu_ref, k, top_k: int, c0, width: int):
@@ -313,10 +388,17 @@ def moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, i
         return out[3]
     args = (logits, x, ws[0], ws[1], *([w_gate.scale, w_up.scale] if quantized else []),
             *(counts if merge_gate_up else []))
+    P = plan.gate_up_programs  # TritonMoEConfig.persistent: P programs over the K * nF * S units
+    if P:
+        kernel = functools.partial(_split_gate_up_persistent_kernel, top_k=top_k, programs=P, block_f=bf,
+                                   block_k=bk, quantized=quantized, dequant=plan.dequant, topk=plan.topk,
+                                   prefetch=plan.prefetch, fold=plan.fold)
+    else:
+        kernel = functools.partial(_split_gate_up_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_f=bf,
+                                   block_k=bk, quantized=quantized, merge=merge_gate_up, interpret=interpret, **mode)
     gu = pl.pallas_call(
-        functools.partial(_split_gate_up_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_f=bf, block_k=bk,
-                          quantized=quantized, merge=merge_gate_up, interpret=interpret, **mode),
-        grid=(top_k, nF, S),
+        kernel,
+        grid=(P,) if P else (top_k, nF, S),
         in_specs=[full(a.shape) for a in args],
         out_specs=([full(o.shape) for o in (gu_shape, h_shape, count_shape)] if merge_gate_up
                    else full(gu_shape.shape)),
@@ -324,7 +406,7 @@ def moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, i
         input_output_aliases={len(args) - 1: 2} if merge_gate_up else {},
         compiler_params=params,
         interpret=interpret,
-        name=f"moe_split_gate_up{tag}_bf{bf}_bk{bk}_s{S}{'_merge' if merge_gate_up else ''}",
+        name=f"moe_split_gate_up{f'_p{P}' if P else ''}{tag}_bf{bf}_bk{bk}_s{S}{'_merge' if merge_gate_up else ''}",
     )(*args)
     count, h_scale = (counts[0] if merge else None), None
     if merge_gate_up:
