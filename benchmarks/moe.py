@@ -392,8 +392,9 @@ FOLD_GEMV = [(256, 64, 8, 256, 64, 4, 8), (256, 64, 8, 256, 64, 4, 4), (256, 128
              (256, 64, 4, 256, 128, 2, 8)]
 # and neighbours of the last one, which won at Qwen3-235B (moe_tune_fold_235b_h200_858eed8.log: 59.2 us against
 # 66.1-86.3 for the other three, its four D ranges giving each program twice the bytes): taller steps, narrower
-# gate/up or down tiles, 16 warps, two D ranges; loading 1 and 2 steps ahead, h made in XLA (the down kernel's
-# h lost every pair there)
+# gate/up or down tiles, 16 warps, two D ranges; one step ahead, h made in XLA (the down kernel's h lost every
+# pair there). None beat it at 235B (moe_tune_folddeep_235b_h200_9c0ade7.log: 63.3-73.6 us against 58.5; two
+# steps ahead, since dropped, 94.7-2,155: registers spilled)
 FOLD_DEEP = [(256, 128, 4, 256, 128, 2, 8), (128, 64, 4, 256, 128, 2, 8), (256, 64, 4, 128, 128, 2, 8),
              (256, 64, 4, 256, 128, 2, 16), (256, 64, 2, 256, 128, 2, 8)]
 
@@ -401,7 +402,7 @@ FOLD_DEEP = [(256, 128, 4, 256, 128, 2, 8), (128, 64, 4, 256, 128, 2, 8), (256, 
 def fold_configs(D: int, F: int) -> list:
     """The "fold" family (T=1): the split path's GEMV mode with k-steps taller than its accumulator, folded into
     it (TritonMoEConfig.fold: twice to four times the bytes in flight a step), routed by the kernel, loading 0 and
-    1 steps ahead, h made in XLA and in the down kernel; then FOLD_DEEP 1 and 2 steps ahead, h made in XLA."""
+    1 steps ahead, h made in XLA and in the down kernel; then FOLD_DEEP one step ahead, h made in XLA."""
     from pallas_kernels.moe import TritonMoEConfig
 
     def config(bf, bk, ks, bd, bkf, fs, w, pf, hd):
@@ -411,7 +412,7 @@ def fold_configs(D: int, F: int) -> list:
 
     return [config(*blocks, pf, hd) for blocks in FOLD_GEMV if split_fits(D, F, *blocks[:6])
             for pf in (0, 1) for hd in (False, True)] + \
-        [config(*blocks, pf, False) for blocks in FOLD_DEEP if split_fits(D, F, *blocks[:6]) for pf in (1, 2)]
+        [config(*blocks, 1, False) for blocks in FOLD_DEEP if split_fits(D, F, *blocks[:6])]
 
 
 # (block_f, block_k, k_splits, block_d, block_kf, f_splits, num_warps) of "persist": both tuned fold configs' blocks

@@ -597,8 +597,8 @@ def test_fused_combine_is_a_tuner_candidate():
     # and tall k-steps folded into the accumulator (the "fold" family), h made in XLA and in the down kernel
     fold = [c for c in split if c.fold]
     assert fold and {c.h_in_down for c in fold} == {True, False} and {c.block_k for c in fold} >= {64, 128}
-    # and the deeper ones (FOLD_DEEP): 2 steps ahead, 16 warps, two D ranges
-    assert {c.prefetch for c in fold} == {0, 1, 2} and 16 in {c.num_warps for c in fold}
+    # and the deeper ones (FOLD_DEEP): 16 warps, two D ranges, one step ahead
+    assert {c.prefetch for c in fold} == {0, 1} and 16 in {c.num_warps for c in fold}
     assert 2 in {c.k_splits for c in fold}
     # and the gate/up kernel as 1 and 2 programs an SM over short units ("persist"), beside a program per unit
     persist = [c for c in split if c.k_splits >= 16 and c.fold]
