@@ -234,6 +234,29 @@ def test_search_picks_the_winner_of_the_finalists_round(rng, monkeypatch):
     assert seen == [[0, 1, 2, 3]] and best.impl == "a" and best.us == 1.0 and best.rerun_us is None
 
 
+@pytest.mark.parametrize("incumbent,rerun,winner", [(2, 1.52, "c"), (2, 1.6, "b"), (3, 1.5, "b"), (1, 1.5, "b")],
+                         ids=["held-within-margin", "beaten-past-margin", "not-a-finalist", "incumbent-fastest"])
+def test_search_keeps_the_incumbent_within_the_margin(rng, monkeypatch, incumbent, rerun, winner):
+    # the table's entry (marked by with_incumbent) keeps its place unless the finalists' round has another
+    # candidate faster by more than INCUMBENT_MARGIN (3%); an incumbent that is not a finalist has lost anyway
+    x = jnp.asarray(rng.standard_normal((8, 8)), jnp.float32)
+    rounds = [{0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}, {0: 5.0, 1: 1.5, 2: rerun}]
+    seen = []
+
+    def fake(cases, **kw):
+        seen.append(sorted(cases))
+        return {i: {"us": rounds[len(seen) - 1][i], "lo": 0.0, "hi": 0.0} for i in cases}
+
+    monkeypatch.setattr(tuning, "time_interleaved", fake)
+    assert tuning.INCUMBENT_MARGIN == 0.03
+    candidates = [tuning.Candidate(name, {"i": i}, _ref) for i, name in enumerate("abcd")]
+    entry = {"impl": "abcd"[incumbent], "config": {"i": incumbent}}
+    candidates = tuning.with_incumbent(candidates, entry, lambda impl, config: tuning.Candidate(impl, config, _ref))
+    assert len(candidates) == 4 and [c.incumbent for c in candidates] == [i == incumbent for i in range(4)]
+    best, _ = tuning.search(candidates, _ref, (x,), tol=1e-6, finalists=3)
+    assert best.impl == winner and best.us == {"b": 1.5, "c": rerun}[winner]
+
+
 def test_dispatcher_passes_over_entries_of_another_revision(tmp_path, monkeypatch):
     from pallas_kernels.registry import Dispatcher
 
@@ -294,3 +317,6 @@ def test_with_incumbent_times_the_tables_entry_beside_the_candidates():
         out = tuning.with_incumbent(cands, entry, make)
         assert out[:2] == cands and len(out) == 3
         assert (out[2].impl, out[2].config) == (entry["impl"], entry["config"])
+        assert [c.incumbent for c in out] == [False, False, True]  # marked for search's margin
+    found = tuning.with_incumbent(cands, {"impl": "k", "config": {"block": 2}}, make)
+    assert [c.incumbent for c in found] == [False, True] and not any(c.incumbent for c in cands)
