@@ -659,6 +659,21 @@ def bench(shape_name, T, *, tiny, profile: bool = False) -> list[dict]:
         rows.append({"shape": shape_name, "T": T, "impl": "chain_floor", "us": round(times["chain_floor"]["us"], 1)})
     del sets, qsets, timed
     jax.clear_caches()
+    return add_ratios(rows)
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """One shape's rows, each timed one given its ratio to ours (bf16 weights) in the same run: "ours x" on the
+    other implementations (their time over ours: how many times faster ours is) and "x bf16" on ours_int8 (ours'
+    time over its: the quantised format's speedup, the issue's 1.6x bar at T=1)."""
+    ours = next((r.get("us") for r in rows if r["impl"] == "ours"), None)
+    for r in rows:
+        if not ours or not r.get("us") or r["impl"] in ("ours", "chain_floor"):
+            continue
+        if r["impl"] == "ours_int8":
+            r["x bf16"] = round(ours / r["us"], 2)
+        else:
+            r["ours x"] = round(r["us"] / ours, 2)
     return rows
 
 
@@ -704,7 +719,8 @@ def main() -> None:
         for T in (TINY_TOKENS if args.tiny else args.tokens):
             rows += bench(shape, T, tiny=args.tiny, profile=args.profile)
             save()
-    cols = ["shape", "T", "impl", "experts_touched", "us", "GB/s", "max_rel_err", "picked", "error"]
+    cols = ["shape", "T", "impl", "experts_touched", "us", "GB/s", "ours x", "x bf16", "max_rel_err", "picked",
+            "error"]
     print(table(rows, [c for c in cols if any(c in r for r in rows)]))
     print(f"wrote {save()}")
     if any("error" in r for r in rows if r["impl"] in ("ours", "ours_int8")):

@@ -834,6 +834,23 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
             assert text.count("__gpu$xla.gpu.triton") == (1 if single else 2 + routed)
 
 
+def test_benchmark_ratios():
+    # benchmarks/moe.py: each timed row's ratio to ours in the same run; a failed or skipped row has none
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.moe import add_ratios
+
+    rows = add_ratios([{"impl": "ours", "us": 37.3}, {"impl": "ours_int8", "us": 27.0},
+                       {"impl": "ragged_dot", "us": 315.3}, {"impl": "mosaic", "error": "skipped"},
+                       {"impl": "chain_floor", "us": -1.3}])
+    assert rows[1]["x bf16"] == 1.38 and rows[2]["ours x"] == 8.45
+    assert "ours x" not in rows[0] and "ours x" not in rows[3] and "ours x" not in rows[4]
+    # without a time for ours nothing is compared
+    assert "x bf16" not in add_ratios([{"impl": "ours", "error": "x"}, {"impl": "ours_int8", "us": 27.0}])[1]
+
+
 def test_tuned_entries_are_candidates_of_the_search():
     # every entry of the committed MoE table still builds as the search loop's candidate (the tune times the
     # table's entry beside its families: tuning.with_incumbent), and an entry a family holds is not added twice
