@@ -285,11 +285,11 @@ def with_incumbent(candidates: Sequence[Candidate], incumbent: dict | None,
     def key(c: Candidate) -> tuple[str, str]:
         return c.impl, json.dumps(_config_dict(c.config), sort_keys=True, default=str)
 
-    mine = replace(mine, incumbent=True)
     keys = [key(c) for c in out]
     if key(mine) not in keys:
-        return [*out, mine]
-    out[keys.index(key(mine))] = replace(out[keys.index(key(mine))], incumbent=True)
+        return [*out, replace(mine, incumbent=True)]
+    i = keys.index(key(mine))
+    out[i] = replace(out[i], incumbent=True)
     return out
 
 

@@ -142,7 +142,7 @@ def _split_gate_up_persistent_kernel(
     def unit(i):  # the program's i-th unit: (choice k, its expert e, F offset, D range s)
         u = p + i * programs
         k, j, s = lax.div(u, n_f * S), lax.rem(lax.div(u, S), n_f), lax.rem(u, S)
-        e, _ = _kth_choice(table_ref, k, top_k, True, topk)
+        e, _ = _kth_choice(table_ref, k, top_k, True, topk)  # a table read (routed: norm_topk_prob unused)
         return k, e, pl.multiple_of(j * block_f, block_f), s
 
     def load(g):  # the program's g-th k-step's tiles and x slices
