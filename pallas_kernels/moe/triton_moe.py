@@ -209,9 +209,10 @@ class TritonMoEConfig:
       K * F / block_f * k_splits): program p takes units p, p + P, p + 2P, ... in one loop over their k-steps,
       loading `prefetch` steps ahead across the units' edges, and writes each unit's partial sums where its own
       program would have (`triton_split._split_gate_up_persistent_kernel`; the same bits). The point is the tail:
-      both tuned fold configs run 192 gate/up programs, 1.45 per SM on a 132-SM H200, so about 60 SMs carry a
-      second program after the rest have finished; with k_splits 16-32 the units are short and every program
-      gets within one of the same number. Not yet timed.
+      both tuned fold configs run 192 gate/up programs, 1.45 per SM on a 132-SM H200; if one 8-warp program
+      fills an SM's registers (not measured), about 60 SMs run a second one after the rest have finished. With
+      k_splits 16-32 the units are short and every program gets within one of the same number. Not yet timed:
+      the tune family "persist" is the test of that guess.
     one_launch: (merge) both kernels in one launch (`_split_one_launch_kernel`): each program takes a ticket from
       an atomic counter; the first K * F / block_f * k_splits tickets are gate/up work, the rest down work, in
       that order, and a down program waits until every h tile of its expert is written (a counter per expert).
