@@ -207,6 +207,16 @@ def split_fits(D, F, bf, bk, splits, bd, bkf, fsplits) -> bool:
     return not (F % bf or F % (bkf * fsplits) or D % (bk * splits) or D % bd)
 
 
+def gemv_split(D: int, F: int, blocks: list, **options) -> list:
+    """The split path's GEMV configs of `blocks` ((block_f, block_k, k_splits, block_d, block_kf, f_splits,
+    num_warps) each) that divide the shape, with `options` (TritonMoEConfig fields) on each."""
+    from pallas_kernels.moe import TritonMoEConfig
+
+    return [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs, num_warps=w,
+                            fused_route="split", **options)
+            for bf, bk, ks, bd, bkf, fs, w in blocks if split_fits(D, F, bf, bk, ks, bd, bkf, fs)]
+
+
 def split_configs(D: int, F: int, *, quick: bool) -> list:
     """fused_route="split" candidates (T=1, two kernels of many short programs: gate/up partial sums over
     k_splits D ranges per (expert, F tile), then the down projection per (expert, D tile)): column blocks 32..256,
@@ -330,17 +340,12 @@ def prefetch_configs(D: int, F: int) -> list:
     The first H200 run (962f3a7, moe_int8_30b_h200_962f3a7.log) had "bits" one step ahead 8-16 us behind "bits"
     alone, and "prmt" alone 1-3 us behind "bits" alone, so those are left out; the family's first tune (a9a357e,
     moe_tune_prefetch_30b_h200_a9a357e.log) had 3 steps ahead last everywhere (registers spilled)."""
-    from pallas_kernels.moe import TritonMoEConfig
-
-    out = [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs, num_warps=w,
-                           fused_route="split", topk="rank", dequant=dq, prefetch=pf)
-           for bf, bk, ks, bd, bkf, fs, w in PREFETCH_GEMV if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
-           for dq, pf in (("prmt", 1), ("prmt", 2), ("bits", 0))]
+    out = [c for blocks in PREFETCH_GEMV for dq, pf in (("prmt", 1), ("prmt", 2), ("bits", 0))
+           for c in gemv_split(D, F, [blocks], topk="rank", dequant=dq, prefetch=pf)]
     # and int8's tuned T=1 blocks with the in-kernel merge (TritonMoEConfig.merge), 1 and 2 steps ahead
-    return out + [TritonMoEConfig(block_f=256, block_k=32, k_splits=8, block_d=256, block_kf=32, f_splits=4,
-                                  num_warps=w, fused_route="split", topk="rank", dequant="prmt", prefetch=pf,
-                                  merge=True)
-                  for w in (4, 8) for pf in (1, 2) if split_fits(D, F, 256, 32, 8, 256, 32, 4)]
+    return out + [c for w in (4, 8) for pf in (1, 2)
+                  for c in gemv_split(D, F, [(256, 32, 8, 256, 32, 4, w)], topk="rank", dequant="prmt", prefetch=pf,
+                                      merge=True)]
 
 
 # (block_f, block_k, k_splits, block_d, block_kf, f_splits, num_warps) of "hdown": int8's tuned T=1 entry at 4 and 8
@@ -354,12 +359,8 @@ def hdown_configs(D: int, F: int) -> list:
     partials (TritonMoEConfig.h_in_down: no XLA pass between the kernels), with and without the down kernel's
     merge, byte permute one step ahead (as the "prefetch" family's winner); "prefetch" has the same blocks
     without h_in_down."""
-    from pallas_kernels.moe import TritonMoEConfig
-
-    return [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs, num_warps=w,
-                            fused_route="split", topk="rank", dequant="prmt", prefetch=1, h_in_down=True, merge=m)
-            for bf, bk, ks, bd, bkf, fs, w in HDOWN_GEMV if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
-            for m in (False, True)]
+    return [c for blocks in HDOWN_GEMV for m in (False, True)
+            for c in gemv_split(D, F, [blocks], topk="rank", dequant="prmt", prefetch=1, h_in_down=True, merge=m)]
 
 
 # (block_f, block_k, k_splits, block_d, block_kf, f_splits, num_warps) of "routed"'s GEMV configs: int8's tuned T=1
@@ -375,13 +376,9 @@ def routed_configs(D: int, F: int) -> list:
     (moe_parts_30b_h200_30ba836.log), so 4-warp GEMV configs come back in. Then ROUTED_GEMV routed by the kernel
     with h made in the down kernel (TritonMoEConfig.h_in_down, no XLA pass between the kernels), with and without
     the down kernel's merge: with "rank" routing that had won the "hdown" tune (moe_tune_hdown_30b_h200_0e8b8a3)."""
-    from pallas_kernels.moe import TritonMoEConfig
-
     dots = [c for c in merge_configs(D, F) if c.block_m == 16][:2]  # SPLIT_DOT_PICKS' first two, merged
-    gemv = [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs, num_warps=w,
-                            fused_route="split", dequant="prmt", prefetch=1, merge=m)
-            for bf, bk, ks, bd, bkf, fs, w in ROUTED_GEMV if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
-            for m in (False, True)]
+    gemv = [c for blocks in ROUTED_GEMV for m in (False, True)
+            for c in gemv_split(D, F, [blocks], dequant="prmt", prefetch=1, merge=m)]
     hdown = [dataclasses.replace(c, topk="kernel", h_in_down=True) for c in gemv]
     return [dataclasses.replace(c, topk=t) for c in dots + gemv for t in ("rank", "kernel", "xla")] + hdown
 
@@ -403,16 +400,9 @@ def fold_configs(D: int, F: int) -> list:
     """The "fold" family (T=1): the split path's GEMV mode with k-steps taller than its accumulator, folded into
     it (TritonMoEConfig.fold: twice to four times the bytes in flight a step), routed by the kernel, loading 0 and
     1 steps ahead, h made in XLA and in the down kernel; then FOLD_DEEP one step ahead, h made in XLA."""
-    from pallas_kernels.moe import TritonMoEConfig
-
-    def config(bf, bk, ks, bd, bkf, fs, w, pf, hd):
-        return TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs,
-                               num_warps=w, fused_route="split", topk="kernel", dequant="prmt", prefetch=pf,
-                               h_in_down=hd, fold=True)
-
-    return [config(*blocks, pf, hd) for blocks in FOLD_GEMV if split_fits(D, F, *blocks[:6])
-            for pf in (0, 1) for hd in (False, True)] + \
-        [config(*blocks, 1, False) for blocks in FOLD_DEEP if split_fits(D, F, *blocks[:6])]
+    return [c for blocks in FOLD_GEMV for pf in (0, 1) for hd in (False, True)
+            for c in gemv_split(D, F, [blocks], topk="kernel", dequant="prmt", prefetch=pf, h_in_down=hd, fold=True)
+            ] + gemv_split(D, F, FOLD_DEEP, topk="kernel", dequant="prmt", prefetch=1, fold=True)
 
 
 # (block_f, block_k, k_splits, block_d, block_kf, f_splits, num_warps) of "persist": both tuned fold configs' blocks
@@ -426,13 +416,9 @@ def persist_configs(D: int, F: int) -> list:
     """The "persist" family (T=1): the gate/up kernel as 1 and 2 programs an SM, each over a strided share of the
     short work units of PERSIST_GEMV's blocks (TritonMoEConfig.persistent), beside the same blocks with a program
     per unit; folded steps, one step ahead, routed by the kernel, h made in XLA."""
-    from pallas_kernels.moe import TritonMoEConfig
-
-    return [TritonMoEConfig(block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf, f_splits=fs,
-                            num_warps=w, fused_route="split", topk="kernel", dequant="prmt", prefetch=1, fold=True,
-                            persistent=per)
-            for bf, bk, ks, bd, bkf, fs, w in PERSIST_GEMV if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
-            for per in (1, 2, 0)]
+    return [c for blocks in PERSIST_GEMV for per in (1, 2, 0)
+            for c in gemv_split(D, F, [blocks], topk="kernel", dequant="prmt", prefetch=1, fold=True,
+                                persistent=per)]
 
 
 def one_launch_configs(D: int, F: int) -> list:

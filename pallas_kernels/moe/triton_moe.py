@@ -706,6 +706,12 @@ def _gemv_fma(ws, xs, acc, acc2d: bool) -> tuple:
     return tuple(out)
 
 
+def _scaled(values, scale_refs, e, c0, block_c: int) -> list:
+    """Each of `values` ([block_c] float32 sums over int8 weights' columns [c0, c0 + block_c) of expert e) times
+    its weight's per-column scales there. Linear, so a partial sum takes them as the whole would."""
+    return [v * sc[e, pl.ds(c0, block_c)] for v, sc in zip(values, scale_refs, strict=True)]
+
+
 def _k_loop(n: int, load, step, init, prefetch: int):
     """fori_loop over n k-steps, step(i, load(i), acc) -> acc. prefetch (TritonMoEConfig.prefetch) = p > 0: the loop
     carries the loads of steps i .. i + p - 1; step i issues load(i + p) (past the end: the last step's again,
@@ -763,8 +769,7 @@ def _gemv_slot(meta_ref, x_ref, w_refs, scale_refs, c0, store, *, block_m: int, 
         acc = _gemv_pass(x_ref, w_refs, e, r0, live, c0, rows=block_m, block_c=block_c, block_k=block_k,
                          one_token=one_token, dequant=dequant)
         for i, results in enumerate(acc):
-            results = [y * sc[e, pl.ds(c0, block_c)] for y, sc in zip(results, scale_refs, strict=True)] \
-                if scale_refs else list(results)
+            results = _scaled(results, scale_refs, e, c0, block_c) if scale_refs else list(results)
             row_store = functools.partial(store, r0 + i, *results)
             if i == 0:
                 row_store()
@@ -990,8 +995,7 @@ def _single_kernel(
     ((g, u),) = _gemv_pass(x_ref, (wg_ref, wu_ref), e, 0, 1, f0, rows=1, block_c=block_f, block_k=block_k,
                            one_token=True, dequant=dequant)
     if quantized:
-        g = g * rest[0][e, pl.ds(f0, block_f)]
-        u = u * rest[1][e, pl.ds(f0, block_f)]
+        g, u = _scaled((g, u), rest[:2], e, f0, block_f)
     h = (_silu(g) * u).astype(x_ref.dtype).astype(jnp.float32) * w  # [BF], rounded as the reference's h
 
     def d_step(jd, carry):

@@ -39,6 +39,7 @@ from pallas_kernels.moe.triton_moe import (
     _pieces,
     _quantize_rows,
     _route_kernel,
+    _scaled,
     _silu,
     _to_f32,
 )
@@ -87,16 +88,13 @@ def _split_gate_up_kernel(
         ((g, u),) = _gemv_pass(x_ref, (wg_ref, wu_ref), e, 0, 1, f0, rows=1, block_c=block_f, block_k=block_k,
                                one_token=True, k_lo=s * k_len, k_len=k_len, dequant=dequant, prefetch=prefetch,
                                fold=fold)
-    if quantized:  # per-column scales: linear, so each partial takes them
-        g = g * scales[0][e, pl.ds(f0, block_f)]
-        u = u * scales[1][e, pl.ds(f0, block_f)]
+    if quantized:
+        g, u = _scaled((g, u), scales, e, f0, block_f)
     if merge and S == 1:  # nothing to merge: h at once
         h_ref[k, pl.ds(f0, block_f)] = (_silu(g) * u).astype(h_ref.dtype)
         h_written(k)
         return
-    row = 2 * (s * top_k + k)
-    gu_ref[row, pl.ds(f0, block_f)] = g
-    gu_ref[row + 1, pl.ds(f0, block_f)] = u
+    _write_partials(gu_ref, k, s, f0, g, u, top_k=top_k, block_f=block_f)
     if not merge:
         return
 
@@ -166,16 +164,21 @@ def _split_gate_up_persistent_kernel(
         if acc2d:
             g, u = jnp.sum(g, axis=0), jnp.sum(u, axis=0)
         k, e, f0, s = unit(i)
-        if quantized:  # per-column scales: linear, so each partial takes them
-            g = g * scales[0][e, pl.ds(f0, block_f)]
-            u = u * scales[1][e, pl.ds(f0, block_f)]
-        row = 2 * (s * top_k + k)
-        gu_ref[row, pl.ds(f0, block_f)] = g
-        gu_ref[row + 1, pl.ds(f0, block_f)] = u
+        if quantized:
+            g, u = _scaled((g, u), scales, e, f0, block_f)
+        _write_partials(gu_ref, k, s, f0, g, u, top_k=top_k, block_f=block_f)
         return ahead
 
     first = tuple(load(jnp.minimum(jnp.int32(g), last)) for g in range(prefetch))
     lax.fori_loop(0, n_units, run_unit, first)
+
+
+def _write_partials(gu_ref, k, s, f0, g, u, *, top_k: int, block_f: int):
+    """Choice k's partial gate and up sums over the s-th D range, columns [f0, f0 + block_f): rows 2 (s K + k) and
+    +1 of gu (where `_h_partials` reads them)."""
+    row = 2 * (s * top_k + k)
+    gu_ref[row, pl.ds(f0, block_f)] = g
+    gu_ref[row + 1, pl.ds(f0, block_f)] = u
 
 
 def _h_partials(gu_ref, k, top_k: int, c0, width: int):
