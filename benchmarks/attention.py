@@ -164,7 +164,8 @@ def triton_candidates(shape, N: int) -> list[dict]:
     """TRITON_CANDIDATES, and for decode the split count halved and doubled, the in-kernel merge at
     MERGE_SPLIT_FACTORS of the default splits (and twice it with 3 stages), 128-token KV blocks, and V loaded
     beside K (early_v) alone and with the merge at 1, 1/2 and 1/4 of the default splits, and the splits merged by
-    a second kernel (combine_kernel) at 1 and 1/2 of them, with early_v at 1, 1/2 and 1/4."""
+    a second kernel (combine_kernel) at 1 and 1/2 of them, with early_v at 1, 1/2 and 1/4, and at 2 and 4 times them
+    (where the KV has that many blocks) with and without early_v."""
     from pallas_kernels.attention.triton_paged import TritonAttentionConfig, plan, trim_splits
 
     B, L, S, T = shape
@@ -191,6 +192,12 @@ def triton_candidates(shape, N: int) -> list[dict]:
         out += [{"combine_kernel": True}, {"combine_kernel": True, "early_v": True},
                 {"combine_kernel": True, "num_splits": half}]
         out += [{"combine_kernel": True, "early_v": True, "num_splits": n} for n in sorted({half, quarter})]
+        # and at twice and four times them, where the KV has the blocks: at B=1 L=8k twice the default splits
+        # with XLA's merge beat the default by 10% (attn_tune_b1_8k_h200_dbc28b3.log), a second kernel's merge
+        # costs the same for any count, and more programs fill the SMs when B x KV heads is small
+        more = sorted({trim_splits(blocks, min(blocks, base.num_splits * f)) for f in (2, 4)} - {base.num_splits})
+        out += [{"combine_kernel": True, "early_v": True, "num_splits": n} for n in more]
+        out += [{"combine_kernel": True, "num_splits": n} for n in more]
     return out
 
 

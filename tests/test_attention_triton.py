@@ -216,6 +216,7 @@ def test_trim_splits_and_the_tuners_merge_counts(monkeypatch):
     # the search proposes, on an H200's 132 SMs, the split counts that won the sweep (attn_splits_h200_7d60785):
     # 6 and 8 at B=8 L=8k, 64 at B=1 L=32k; each merge count is trimmed, and every candidate plans
     monkeypatch.setattr(triton_paged, "_sm_count", lambda: 132)
+    want_base = {8: 5, 1: 32}
     for (B, L, S, T), want in [((8, 8192, 16, 1), {6, 8}), ((8, 8192, 64, 1), {6, 8}), ((1, 32768, 16, 1), {64})]:
         N = L // S
         cands = triton_candidates((B, L, S, T), N)
@@ -226,6 +227,9 @@ def test_trim_splits_and_the_tuners_merge_counts(monkeypatch):
         assert {"early_v": True} in cands and len({c.get("num_splits") for c in cands if c.get("early_v")}) >= 3
         # the second-kernel merge, with and without V beside K
         assert {"combine_kernel": True} in cands and {"combine_kernel": True, "early_v": True} in cands
+        # and at twice and four times the default splits (B=1: 32 on 132 SMs), trimmed and within the KV's blocks
+        more = {c["num_splits"] for c in cands if c.get("combine_kernel") and c.get("num_splits", 0) > want_base[B]}
+        assert more == ({64, 128} if B == 1 else {10, 19}), more
         for c in cands:
             plan((B, T, 32, 128), (8, B * N + 1, S, 128), N, TritonAttentionConfig(**c))
 
