@@ -431,8 +431,9 @@ FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "swe
 # what --tune searches unless --families says otherwise: "wide" lost every trial at Qwen3-30B, T=1 on the H200
 # (5a1676f: int8 41.6-48.7 us against the sweep's 38.8, bf16 45.4-57.2 against 44.6), and "one" was 1-3 us
 # behind the same blocks in two launches with bf16 weights there (23601ce, moe_one_30b_h200_23601ce.log), so both
-# are opt-in
-DEFAULT_FAMILIES = tuple(f for f in FAMILIES if f not in ("wide", "one"))
+# are opt-in, as is "persist": every persistent trial lost to the same blocks with a program per unit, by 7-44% at
+# Qwen3-30B and 5-90% at 235B (int8, T=1, moe_tune_persist_*_h200_dbc28b3.log)
+DEFAULT_FAMILIES = tuple(f for f in FAMILIES if f not in ("wide", "one", "persist"))
 
 
 def triton_configs(T: int, E: int, K: int, F: int, *, quick: bool, D: int = 2048,

@@ -211,8 +211,11 @@ class TritonMoEConfig:
       program would have (`triton_split._split_gate_up_persistent_kernel`; the same bits). The point is the tail:
       both tuned fold configs run 192 gate/up programs, 1.45 per SM on a 132-SM H200; if one 8-warp program
       fills an SM's registers (not measured), about 60 SMs run a second one after the rest have finished. With
-      k_splits 16-32 the units are short and every program gets within one of the same number. Not yet timed:
-      the tune family "persist" is the test of that guess.
+      k_splits 16-32 the units are short and every program gets within one of the same number. It lost every
+      trial of its first tune (H200, int8, T=1, the same blocks with a program per unit beside it): at Qwen3-30B
+      34.4-43.0 us against 29.9-32.6, at 235B 82.3-118.2 against 62.1-92.0, 5-90% behind the same blocks
+      (moe_tune_persist_*_h200_dbc28b3.log). So the guess was wrong, or the loop over units costs more than the
+      tail did; the "persist" family is opt-in.
     one_launch: (merge) both kernels in one launch (`_split_one_launch_kernel`): each program takes a ticket from
       an atomic counter; the first K * F / block_f * k_splits tickets are gate/up work, the rest down work, in
       that order, and a down program waits until every h tile of its expert is written (a counter per expert).
