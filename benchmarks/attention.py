@@ -193,8 +193,8 @@ def triton_candidates(shape, N: int) -> list[dict]:
                 {"combine_kernel": True, "num_splits": half}]
         out += [{"combine_kernel": True, "early_v": True, "num_splits": n} for n in sorted({half, quarter})]
         # and at twice and four times them, where the KV has the blocks: at B=1 L=8k twice the default splits
-        # with XLA's merge beat the default by 10% (attn_tune_b1_8k_h200_dbc28b3.log), a second kernel's merge
-        # costs the same for any count, and more programs fill the SMs when B x KV heads is small
+        # with XLA's merge beat the default by 10% (attn_tune_b1_8k_h200_dbc28b3.log); the second kernel's merge is
+        # one launch whatever the count, and more programs fill the SMs when B x KV heads is small
         more = sorted({trim_splits(blocks, min(blocks, base.num_splits * f)) for f in (2, 4)} - {base.num_splits})
         out += [{"combine_kernel": True, "early_v": True, "num_splits": n} for n in more]
         out += [{"combine_kernel": True, "num_splits": n} for n in more]

@@ -602,7 +602,7 @@ def test_fused_combine_is_a_tuner_candidate():
     assert 2 in {c.k_splits for c in fold}
     # the gate/up kernel as 1 and 2 programs an SM over short units ("persist"), beside a program per unit, only
     # when asked for (it lost every trial on the H200)
-    persist = [c for c in triton_configs(1, E, K, F, quick=True, families=("persist",))]
+    persist = triton_configs(1, E, K, F, quick=True, families=("persist",))
     assert {c.persistent for c in persist} == {0, 1, 2} and all(c.topk in ROUTED_TOPKS for c in persist)
     assert not any(c.persistent for c in split)
     assert not TritonMoEConfig().fused_combine  # the default stays unfused until the tuned table picks it
