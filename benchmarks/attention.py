@@ -19,6 +19,8 @@ Each output is checked against the XLA reference (L2 relative error <= 2e-2, NaN
 Mosaic and Triton candidate config (--tune-impls: one kernel's only) is verified and timed beside the table's
 current entry, and the winner per shape goes into pallas_kernels/tuned/ (and $OUT), which `ours` then uses; a
 shape's trials are logged as its search ends. --tune-only stops there (the trials go to attention_tune.json).
+--tune-configs '[["triton", {"num_stages": 1}], ...]' proposes exactly those configs instead (a few targeted trials
+in a short device call; the table's entry is still timed beside them).
 
 Run on the GPU machine:  python benchmarks/attention.py [--tune] [--quick]      (CPU: --tiny, a smoke test)
 Writes benchmarks/results/attention.json; `python benchmarks/plot.py` draws it (attention.png).
@@ -27,6 +29,7 @@ Writes benchmarks/results/attention.json; `python benchmarks/plot.py` draws it (
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -165,7 +168,7 @@ def triton_candidates(shape, N: int) -> list[dict]:
     MERGE_SPLIT_FACTORS of the default splits (and twice it with 3 stages), 128-token KV blocks, and V loaded
     beside K (early_v) alone and with the merge at 1, 1/2 and 1/4 of the default splits, and the splits merged by
     a second kernel (combine_kernel) at 1 and 1/2 of them, with early_v at 1, 1/2 and 1/4, and at 2 and 4 times them
-    (where the KV has that many blocks) with and without early_v."""
+    (where the KV has that many blocks) with and without early_v, and those with early_v with one stage."""
     from pallas_kernels.attention.triton_paged import TritonAttentionConfig, plan, trim_splits
 
     B, L, S, T = shape
@@ -198,6 +201,12 @@ def triton_candidates(shape, N: int) -> list[dict]:
         more = sorted({trim_splits(blocks, min(blocks, base.num_splits * f)) for f in (2, 4)} - {base.num_splits})
         out += [{"combine_kernel": True, "early_v": True, "num_splits": n} for n in more]
         out += [{"combine_kernel": True, "num_splits": n} for n in more]
+        # and with no software pipeline (one stage) at the default splits and at those: a program's loads go out at
+        # once and it holds one K and one V tile, not a ring of them, so more programs can share an SM (reasoned,
+        # not yet measured). On the H200 at B=1 L=8k the kernel ran 13.9 us for 33.5 MB (2.4 TB/s), programs of 4
+        # blocks each, 2 stages (attn_profile_b1_h200_ddced1f.log)
+        out += [{"combine_kernel": True, "early_v": True, "num_stages": 1,
+                 **({"num_splits": n} if n != base.num_splits else {})} for n in [base.num_splits, *more]]
     return out
 
 
@@ -229,7 +238,8 @@ def tune(shapes, args) -> list[dict]:
         N = L // S
         sets = make_sets(B, L, S, T, HQ, HKV, D, copies=copies_for(B, L, S), seed=7)
         proposals = {"mosaic": mosaic_candidates, "triton": triton_candidates}
-        cands = [candidate(impl, cfg, scale) for impl in args.tune_impls for cfg in proposals[impl](shape, N)]
+        configs = args.tune_configs or [(impl, cfg) for impl in args.tune_impls for cfg in proposals[impl](shape, N)]
+        cands = [candidate(impl, cfg, scale) for impl, cfg in configs]
         key = shape_key(sets[0][0].shape, sets[0][1].shape, N, sets[0][0].dtype)
         # the table's current entry timed beside the candidates: they cannot replace it with a slower winner
         cands = tuning.with_incumbent(cands, DISPATCH.tuned(key), lambda impl, cfg: candidate(impl, cfg, scale))
@@ -357,6 +367,24 @@ def parse_shapes(text: str) -> list[tuple]:
     return [tuple(int(x) for x in part.split(",")) for part in text.split(";") if part.strip()]
 
 
+def parse_configs(text: str) -> list[tuple[str, dict]]:
+    """--tune-configs: a JSON list of [impl, config] pairs, each config one its kernel's config class takes."""
+    try:
+        pairs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(pairs, list) or not pairs or not all(
+            isinstance(p, list) and len(p) == 2 and p[0] in ("mosaic", "triton") and isinstance(p[1], dict)
+            for p in pairs):
+        raise argparse.ArgumentTypeError('want a non-empty list of ["mosaic" or "triton", {config}] pairs')
+    for impl, cfg in pairs:
+        try:
+            candidate(impl, cfg, 1.0)
+        except (TypeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(f"{impl} {json.dumps(cfg)}: {str(e).splitlines()[0]}") from None
+    return [(impl, cfg) for impl, cfg in pairs]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the issue's bar shapes and a few more, not the whole grid")
@@ -367,6 +395,9 @@ def main() -> None:
                    help="kernels whose candidates --tune proposes, comma-separated (default: mosaic,triton); the "
                         "table's current entry is timed beside them whatever its kernel")
     p.add_argument("--tune-only", action="store_true", help="with --tune: no benchmark after the search")
+    p.add_argument("--tune-configs", type=parse_configs, default=None,
+                   help='with --tune: the configs to try, as JSON [["mosaic" or "triton", {config}], ...], instead '
+                        "of the search's proposals (--tune-impls is then not used)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test in interpret mode (no timing)")
     p.add_argument("--profile", action="store_true",
                    help="also time the chain's own cost (chain_floor) and profile ours, triton and jax_paged: "
@@ -377,6 +408,8 @@ def main() -> None:
         p.error(f"--tune-impls: comma-separated names among mosaic, triton, got {','.join(args.tune_impls)!r}")
     if args.tune_only and not args.tune:
         p.error("--tune-only needs --tune")
+    if args.tune_configs and not args.tune:
+        p.error("--tune-configs needs --tune")
     import jax
 
     shapes = TINY if args.tiny else args.only or (QUICK if args.quick else DECODE + VERIFY)

@@ -230,13 +230,24 @@ def test_trim_splits_and_the_tuners_merge_counts(monkeypatch):
         # and at twice and four times the default splits (B=1: 32 on 132 SMs), trimmed and within the KV's blocks
         more = {c["num_splits"] for c in cands if c.get("combine_kernel") and c.get("num_splits", 0) > want_base[B]}
         assert more == ({64, 128} if B == 1 else {10, 19}), more
+        # and without the software pipeline, at the default splits and at those
+        one = {c.get("num_splits", want_base[B]) for c in cands if c.get("num_stages") == 1}
+        assert one == {want_base[B]} | more and all(c.get("combine_kernel") and c.get("early_v") for c in cands
+                                                    if c.get("num_stages") == 1), one
         for c in cands:
             plan((B, T, 32, 128), (8, B * N + 1, S, 128), N, TritonAttentionConfig(**c))
 
 
 @pytest.mark.parametrize("argv,field", [(["--tune-only"], "--tune-only"),
                                         (["--tune", "--tune-impls", "triton,cuda"], "--tune-impls"),
-                                        (["--tune", "--tune-impls", ","], "--tune-impls")])
+                                        (["--tune", "--tune-impls", ","], "--tune-impls"),
+                                        (["--tune", "--tune-configs", "[[triton"], "--tune-configs"),
+                                        (["--tune", "--tune-configs", '[["cuda", {}]]'], "--tune-configs"),
+                                        (["--tune", "--tune-configs", '[["triton", {"num_stages": 0}]]'],
+                                         "--tune-configs"),
+                                        (["--tune", "--tune-configs", '[["mosaic", {"warps": 4}]]'],
+                                         "--tune-configs"),
+                                        (["--tune-configs", '[["triton", {}]]'], "--tune-configs")])
 def test_benchmark_rejects_bad_tune_options(argv, field):
     # benchmarks/attention.py: a bad tune option is exit code 2 and one line naming it, before any work
     import subprocess
@@ -247,6 +258,30 @@ def test_benchmark_rejects_bad_tune_options(argv, field):
     p = subprocess.run([sys.executable, "benchmarks/attention.py", *argv], cwd=root, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and field in p.stderr.strip().splitlines()[-1], p.stderr
+
+
+def test_tune_configs_are_the_searchs_only_proposals(monkeypatch):
+    # benchmarks/attention.py --tune-configs: the search is handed exactly the configs given, in order (and would be
+    # handed the table's entry after them); without it, every kernel's proposals of --tune-impls
+    import argparse
+    import sys
+    from pathlib import Path
+
+    from pallas_kernels import tuning
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import attention as bench
+
+    given = bench.parse_configs('[["triton", {"num_stages": 1, "combine_kernel": true}], ["mosaic", {}]]')
+    assert given == [("triton", {"num_stages": 1, "combine_kernel": True}), ("mosaic", {})]
+    seen = []
+    monkeypatch.setattr(tuning, "search", lambda cands, *a, **k: (seen.append([(c.impl, c.config) for c in cands]),
+                                                                  (None, []))[1])
+    shape = (2, 128, 16, 1)
+    bench.tune([shape], argparse.Namespace(tune_configs=given, tune_impls=("mosaic", "triton")))
+    bench.tune([shape], argparse.Namespace(tune_configs=None, tune_impls=("triton",)))
+    assert seen[0] == given
+    assert seen[1] == [("triton", c) for c in bench.triton_candidates(shape, 128 // 16)]
 
 
 def test_benchmark_summary_flags_a_stale_entry():
