@@ -168,7 +168,7 @@ def triton_candidates(shape, N: int) -> list[dict]:
     MERGE_SPLIT_FACTORS of the default splits (and twice it with 3 stages), 128-token KV blocks, and V loaded
     beside K (early_v) alone and with the merge at 1, 1/2 and 1/4 of the default splits, and the splits merged by
     a second kernel (combine_kernel) at 1 and 1/2 of them, with early_v at 1, 1/2 and 1/4, and at 2 and 4 times them
-    (where the KV has that many blocks) with and without early_v, and those with early_v with one stage."""
+    (where the KV has that many blocks) with and without early_v."""
     from pallas_kernels.attention.triton_paged import TritonAttentionConfig, plan, trim_splits
 
     B, L, S, T = shape
@@ -201,12 +201,8 @@ def triton_candidates(shape, N: int) -> list[dict]:
         more = sorted({trim_splits(blocks, min(blocks, base.num_splits * f)) for f in (2, 4)} - {base.num_splits})
         out += [{"combine_kernel": True, "early_v": True, "num_splits": n} for n in more]
         out += [{"combine_kernel": True, "num_splits": n} for n in more]
-        # and with no software pipeline (one stage) at the default splits and at those: a program's loads go out at
-        # once and it holds one K and one V tile, not a ring of them, so more programs can share an SM (reasoned,
-        # not yet measured). On the H200 at B=1 L=8k the kernel ran 13.9 us for 33.5 MB (2.4 TB/s), programs of 4
-        # blocks each, 2 stages (attn_profile_b1_h200_ddced1f.log)
-        out += [{"combine_kernel": True, "early_v": True, "num_stages": 1,
-                 **({"num_splits": n} if n != base.num_splits else {})} for n in [base.num_splits, *more]]
+        # (not proposed: the second-kernel merge with one stage, no software pipeline, at these split counts; it lost
+        # each time at B=1, 20.3-25.7 us at L=8k against 19.4-19.6 with two, attn_t_b1_8k_p16_h200_212111c.log)
     return out
 
 
@@ -244,7 +240,7 @@ def tune(shapes, args) -> list[dict]:
         # the table's current entry timed beside the candidates: they cannot replace it with a slower winner
         cands = tuning.with_incumbent(cands, DISPATCH.tuned(key), lambda impl, cfg: candidate(impl, cfg, scale))
         best, trials = tuning.search(cands, lambda *a: paged_attention_reference(*a, scale=scale), sets, tol=TOL,
-                                     **TIMING)
+                                     progress=log, **TIMING)
         for t in trials:  # each trial in the log too: a run cut short by its time limit writes no JSON
             log(t.line())
             rows.append({"shape": key, "config": t.config, "ok": t.ok, "max_rel_err": t.max_rel_err,

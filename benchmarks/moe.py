@@ -548,7 +548,8 @@ def tune(shape_name, tokens, *, quick, families=DEFAULT_FAMILIES, formats=("bf16
         # slower winner
         cands = tuning.with_incumbent(cands, dispatch.DISPATCH.tuned(key),
                                       lambda impl, config: candidate(impl, config, K))
-        best, trials = tuning.search(cands, ref, sets, tol=TOL if fmt == "bf16" else TOL_INT8)
+        best, trials = tuning.search(cands, ref, sets, tol=TOL if fmt == "bf16" else TOL_INT8,
+                                     progress=log)
         for t in trials:  # each trial in the log too (the JSON is written only at the end)
             log(t.line())
         if best is not None:

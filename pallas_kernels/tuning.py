@@ -215,7 +215,7 @@ def warm_up(runs: Sequence[Callable[[], object]], seconds: float | None = None) 
 
 def search(candidates: Sequence[Candidate], reference: Callable, inputs: tuple | Sequence[tuple], *, tol: float,
            repeats: int = 7, target_ms: float = 2.0, max_calls: int = 64,
-           finalists: int = 3) -> tuple[Trial | None, list[Trial]]:
+           finalists: int = 3, progress: Callable[[str], None] | None = None) -> tuple[Trial | None, list[Trial]]:
     """Verifies every candidate against `reference` on the first input set, times those within `tol` (over all
     sets, rotating; `time_interleaved`'s repeats, target_ms and max_calls), returns (best, all trials).
 
@@ -225,7 +225,10 @@ def search(candidates: Sequence[Candidate], reference: Callable, inputs: tuple |
     75.0 in the benchmark right after it. An incumbent (the table's entry) among the finalists stays the winner
     unless that round's best beats it by more than INCUMBENT_MARGIN: on the H200 a tune replaced Qwen3-30B's int8
     entry on 27.12 against 27.80 us in that round, where the first round had the two 27.03 and 26.85 the other
-    way (moe_tune_fold_30b_h200_18e8a40.log), and a table that follows such noise changes for nothing."""
+    way (moe_tune_fold_30b_h200_18e8a40.log), and a table that follows such noise changes for nothing.
+
+    progress: called with a line as each candidate is verified and as each timing round starts, so that a run
+    its time limit ends mid-search still shows how far it got (the trials' times come only at the end)."""
     sets = [inputs] if isinstance(inputs, tuple) else list(inputs)
     ref = np.asarray(jax.block_until_ready(jax.jit(reference)(*sets[0])))
     trials, verified = [], {}
@@ -238,8 +241,14 @@ def search(candidates: Sequence[Candidate], reference: Callable, inputs: tuple |
         except Exception as e:  # a candidate that fails to compile or run is recorded, not fatal
             trials.append(Trial(c.impl, _config_dict(c.config), False, math.inf, math.inf,
                                 f"{type(e).__name__}: {str(e)[:300]}"))
+        if progress:
+            t = trials[-1]
+            progress(f"verified {i + 1}/{len(candidates)}: {t.impl} {t.config} "
+                     + (f"max_rel_err={t.max_rel_err:.2g}" if not t.error else t.error[:120]))
     # the verified ones timed round-robin: one timed after another, a drift of the device picked the winner
     errors: dict[int, str] = {}
+    if progress:
+        progress(f"timing the {len(verified)} verified candidates")
     for i, t in time_interleaved(verified, repeats=repeats, target_ms=target_ms, max_calls=max_calls,
                                  errors=errors).items():
         trials[i] = replace(trials[i], us=t["us"])
@@ -249,6 +258,8 @@ def search(candidates: Sequence[Candidate], reference: Callable, inputs: tuple |
     final = ranked[:finalists]
     if len(final) > 1:
         errors.clear()
+        if progress:
+            progress(f"timing the {len(final)} finalists again")
         for i, t in time_interleaved({i: verified[i] for i in final}, repeats=repeats, target_ms=target_ms,
                                      max_calls=max_calls, errors=errors).items():
             trials[i] = replace(trials[i], rerun_us=t["us"])

@@ -25,8 +25,13 @@ def test_search_keeps_only_verified_candidates_and_picks_the_fastest(rng):
         tuning.Candidate("nan", {"block": 3}, lambda x: _ref(x).at[3, 4].set(jnp.nan)),
         tuning.Candidate("raises", {"block": 4}, broken),
     ]
-    best, trials = tuning.search(candidates, _ref, (x,), tol=1e-6, repeats=3)
+    lines = []
+    best, trials = tuning.search(candidates, _ref, (x,), tol=1e-6, repeats=3, progress=lines.append)
     assert best is not None and best.impl == "exact" and best.config == {"block": 1}
+    # a line per candidate as it is verified (a run cut by its time limit shows how far it got), then the timing
+    assert [line.split(":")[0] for line in lines[:4]] == [f"verified {i}/4" for i in (1, 2, 3, 4)], lines
+    assert "exact {'block': 1} max_rel_err=0" in lines[0] and "does not lower" in lines[3]
+    assert lines[4:] == ["timing the 1 verified candidates"], lines
     by_impl = {t.impl: t for t in trials}
     assert by_impl["exact"].ok and by_impl["exact"].max_rel_err == 0.0 and np.isfinite(by_impl["exact"].us)
     assert not by_impl["wrong"].ok and 0.04 < by_impl["wrong"].max_rel_err < 0.06
