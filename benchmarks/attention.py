@@ -19,8 +19,8 @@ Each output is checked against the XLA reference (L2 relative error <= 2e-2, NaN
 Mosaic and Triton candidate config (--tune-impls: one kernel's only) is verified and timed beside the table's
 current entry, and the winner per shape goes into pallas_kernels/tuned/ (and $OUT), which `ours` then uses; a
 shape's trials are logged as its search ends. --tune-only stops there (the trials go to attention_tune.json).
---tune-configs '[["triton", {"num_stages": 1}], ...]' proposes exactly those configs instead (a few targeted trials
-in a short device call; the table's entry is still timed beside them).
+--tune-configs '[["triton", {"combine_kernel": true}], ...]' proposes exactly those configs instead (a few
+targeted trials in a short device call; the table's entry is still timed beside them).
 
 Run on the GPU machine:  python benchmarks/attention.py [--tune] [--quick]      (CPU: --tiny, a smoke test)
 Writes benchmarks/results/attention.json; `python benchmarks/plot.py` draws it (attention.png).
