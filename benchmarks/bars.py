@@ -32,8 +32,9 @@ VERIFY = [(8, 8192, 16), (8, 8192, 64)]
 XLA_MOE = ("ragged_dot", "gather_einsum")  # the MoE op's XLA baselines
 
 
-def runs(prefix: str, device: str, directory: Path = RESULTS) -> list[tuple[dict, str]]:
-    """(file's JSON, file name) of every `prefix`*.json run on a device whose name holds `device`, newest first."""
+def runs(prefix: str, device: str, key, directory: Path = RESULTS) -> list[tuple[dict, str, dict]]:
+    """(shape key -> impl -> row, file name, file's JSON) of every `prefix`*.json run on a device whose name holds
+    `device`, newest first; only rows that verified and were timed, grouped by `key(row)` once per file."""
     out = []
     for path in directory.glob(f"{prefix}*.json"):
         try:
@@ -41,24 +42,20 @@ def runs(prefix: str, device: str, directory: Path = RESULTS) -> list[tuple[dict
         except (OSError, json.JSONDecodeError):
             continue
         if isinstance(d, dict) and device in str(d.get("device", "")) and isinstance(d.get("rows"), list):
-            out.append((d, path.name))
-    return sorted(out, key=lambda x: str(x[0].get("date", "")), reverse=True)
+            timed: dict = {}
+            for r in d["rows"]:
+                if (isinstance(r, dict) and r.get("ok") is not False and isinstance(r.get("us"), (int, float))
+                        and r["us"] > 0):
+                    timed.setdefault(key(r), {})[r["impl"]] = r
+            out.append((timed, path.name, d))
+    return sorted(out, key=lambda x: str(x[2].get("date", "")), reverse=True)
 
 
-def _timed(rows: list[dict], key) -> dict:
-    """shape key -> impl -> microseconds (rows that verified and were timed)."""
-    by: dict = {}
-    for r in rows:
-        if isinstance(r, dict) and r.get("ok") is not False and isinstance(r.get("us"), (int, float)) and r["us"] > 0:
-            by.setdefault(key(r), {})[r["impl"]] = r
-    return by
-
-
-def newest(found: list[tuple[dict, str]], key, shape, need: tuple[str, ...], any_of: tuple[str, ...] = ()):
+def newest(found: list[tuple[dict, str, dict]], shape, need: tuple[str, ...], any_of: tuple[str, ...] = ()):
     """(impl -> row, file name, JSON) of the newest run holding every impl of `need` (and one of `any_of`, where
     given) for `shape`, else None."""
-    for d, name in found:
-        impls = _timed(d["rows"], key).get(shape, {})
+    for timed, name, d in found:
+        impls = timed.get(shape, {})
         if all(n in impls for n in need) and (not any_of or any(n in impls for n in any_of)):
             return impls, name, d
     return None
@@ -73,15 +70,12 @@ def _line(bar: str, shape: str, value, need: str, met: bool | None, hit=None) ->
 
 
 def attention_bars(device: str, directory: Path = RESULTS) -> list[dict]:
-    found = runs("attention", device, directory)
-
-    def key(r):
-        return r.get("B"), r.get("L"), r.get("page"), r.get("T")
+    found = runs("attention", device, lambda r: (r.get("B"), r.get("L"), r.get("page"), r.get("T")), directory)
 
     lines = []
     for B, L, S, T in DECODE:
         name = f"B={B} L={L} page {S}"
-        hit = newest(found, key, (B, L, S, T), ("ours", "jax_paged"))
+        hit = newest(found, (B, L, S, T), ("ours", "jax_paged"))
         if hit is None:
             lines.append(_line("attn ours/jax_paged", name, "no run", ">= 1.8", None))
             continue
@@ -89,14 +83,13 @@ def attention_bars(device: str, directory: Path = RESULTS) -> list[dict]:
         lines.append(_line("attn ours/jax_paged", name, ratio, ">= 1.8", ratio >= 1.8, hit))
     for B, L, S in ATTN_GBPS:
         name = f"B={B} L={L} page {S}"
-        hit = newest(found, key, (B, L, S, 1), ("ours",))
+        hit = newest(found, (B, L, S, 1), ("ours",))
         gbps = hit and hit[0]["ours"].get("GB/s")
         lines.append(_line("attn GB/s", name, gbps or "no run", ">= 2000", None if not gbps else gbps >= 2000, hit))
     for B, L, S in VERIFY:  # T=64 and T=1 of the same run
         name = f"B={B} L={L} page {S}"
         hit = None
-        for d, fname in found:
-            t = _timed(d["rows"], key)
+        for t, fname, d in found:
             if "ours" in t.get((B, L, S, 64), {}) and "ours" in t.get((B, L, S, 1), {}):
                 hit = ({"64": t[(B, L, S, 64)]["ours"], "1": t[(B, L, S, 1)]["ours"]}, fname, d)
                 break
@@ -107,27 +100,24 @@ def attention_bars(device: str, directory: Path = RESULTS) -> list[dict]:
 
 
 def moe_bars(device: str, directory: Path = RESULTS) -> list[dict]:
-    found = runs("moe", device, directory)
-
-    def key(r):
-        return r.get("shape"), r.get("T")
+    found = runs("moe", device, lambda r: (r.get("shape"), r.get("T")), directory)
 
     lines = []
     for T, floor in ((1, 1800), (8, 1800), (64, 2000)):
-        hit = newest(found, key, ("30b", T), ("ours",))
+        hit = newest(found, ("30b", T), ("ours",))
         gbps = hit and hit[0]["ours"].get("GB/s")
         lines.append(_line("moe bf16 GB/s", f"30b T={T}", gbps or "no run", f">= {floor}",
                            None if not gbps else gbps >= floor, hit))
     for shape in ("30b", "235b"):
         for T in (1, 8, 64, 256):
             # the faster of the baselines that ran (gather+einsum does not at 235B, T=256: its gathered weights)
-            hit = newest(found, key, (shape, T), ("ours",), any_of=XLA_MOE)
+            hit = newest(found, (shape, T), ("ours",), any_of=XLA_MOE)
             if hit is None:
                 lines.append(_line("moe bf16 / best XLA", f"{shape} T={T}", "no run", ">= 1.0", None))
                 continue
             ratio = round(min(hit[0][n]["us"] for n in XLA_MOE if n in hit[0]) / hit[0]["ours"]["us"], 2)
             lines.append(_line("moe bf16 / best XLA", f"{shape} T={T}", ratio, ">= 1.0", ratio >= 1.0, hit))
-        hit = newest(found, key, (shape, 1), ("ours", "ours_int8"))
+        hit = newest(found, (shape, 1), ("ours", "ours_int8"))
         ratio = hit and round(hit[0]["ours"]["us"] / hit[0]["ours_int8"]["us"], 2)
         lines.append(_line("moe int8 speedup", f"{shape} T=1", ratio or "no run", ">= 1.6",
                            None if not ratio else ratio >= 1.6, hit))

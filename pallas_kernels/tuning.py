@@ -229,6 +229,7 @@ def search(candidates: Sequence[Candidate], reference: Callable, inputs: tuple |
 
     progress: called with a line as each candidate is verified and as each timing round starts, so that a run
     its time limit ends mid-search still shows how far it got (the trials' times come only at the end)."""
+    progress = progress or (lambda line: None)
     sets = [inputs] if isinstance(inputs, tuple) else list(inputs)
     ref = np.asarray(jax.block_until_ready(jax.jit(reference)(*sets[0])))
     trials, verified = [], {}
@@ -241,14 +242,12 @@ def search(candidates: Sequence[Candidate], reference: Callable, inputs: tuple |
         except Exception as e:  # a candidate that fails to compile or run is recorded, not fatal
             trials.append(Trial(c.impl, _config_dict(c.config), False, math.inf, math.inf,
                                 f"{type(e).__name__}: {str(e)[:300]}"))
-        if progress:
-            t = trials[-1]
-            progress(f"verified {i + 1}/{len(candidates)}: {t.impl} {t.config} "
-                     + (f"max_rel_err={t.max_rel_err:.2g}" if not t.error else t.error[:120]))
+        t = trials[-1]
+        progress(f"verified {i + 1}/{len(candidates)}: {t.impl} {t.config} "
+                 + (f"max_rel_err={t.max_rel_err:.2g}" if not t.error else t.error[:120]))
     # the verified ones timed round-robin: one timed after another, a drift of the device picked the winner
     errors: dict[int, str] = {}
-    if progress:
-        progress(f"timing the {len(verified)} verified candidates")
+    progress(f"timing the {len(verified)} verified candidates")
     for i, t in time_interleaved(verified, repeats=repeats, target_ms=target_ms, max_calls=max_calls,
                                  errors=errors).items():
         trials[i] = replace(trials[i], us=t["us"])
@@ -258,8 +257,7 @@ def search(candidates: Sequence[Candidate], reference: Callable, inputs: tuple |
     final = ranked[:finalists]
     if len(final) > 1:
         errors.clear()
-        if progress:
-            progress(f"timing the {len(final)} finalists again")
+        progress(f"timing the {len(final)} finalists again")
         for i, t in time_interleaved({i: verified[i] for i in final}, repeats=repeats, target_ms=target_ms,
                                      max_calls=max_calls, errors=errors).items():
             trials[i] = replace(trials[i], rerun_us=t["us"])
