@@ -203,8 +203,8 @@ def _kernel(
     k_ref,  # [P, S, D] the head's whole pool
     v_ref,  # [P, S, D]
     *out_refs,  # normalise: o [T, Hq, D] in q's dtype; fused: the tile's arrival counter [1] int32 (input), o,
-    # every split's o [splits, R, D] float32 unnormalised, m, l [splits, R] float32, the counter (output, the same
-    # buffer); else o [R, D] float32 unnormalised, m, l [R] float32
+    # every split's o [splits, M, D] float32 unnormalised, m, l [splits, M] float32, the counter (output, the same
+    # buffer); else o [M, D] float32 unnormalised, m, l [M] float32; M = merge_rows(R, T * G) <= R
     pages_per_block: int,
     splits: int,
     num_pages: int,
@@ -289,19 +289,37 @@ def _kernel(
 
     if normalise:  # one split
         write_final(out_refs[0], acc, l)
-    elif fused:
+        return
+    if fused:
         _, o_ref, op_ref, mp_ref, lp_ref, count_ref = out_refs
-        op_ref.at[split][...] = acc
-        mp_ref.at[split][...] = m
-        lp_ref.at[split][...] = l
+        _store_partial(op_ref, mp_ref, lp_ref, acc, m, l, split)
         last_arrival(count_ref, jnp.int32(0), splits,
-                     lambda: write_final(o_ref, *_merge_splits(op_ref, mp_ref, lp_ref, splits, merge_rows(R, T * G))),
+                     lambda: write_final(o_ref, *_merge_splits(op_ref, mp_ref, lp_ref, splits, op_ref.shape[1])),
                      interpret)
     else:
-        o_ref, m_ref, l_ref = out_refs
-        o_ref[...] = acc
-        m_ref[...] = m
-        l_ref[...] = l
+        _store_partial(*out_refs, acc, m, l)
+
+
+def _store_partial(o_ref, m_ref, l_ref, acc, m, l, split=None):
+    """A split's partial (acc [R, D], m, l [R]) into its refs (o [M, D], m, l [M], or with `split` their
+    [splits, M, ...] forms), which hold only the M rows a merge reads (`merge_rows`): a decode tile pads the
+    group's G rows to 16, and the rows past them are never merged, so their float32 stores (3/4 of a G=4 tile's
+    bytes) are left out."""
+    lead = () if split is None else (split,)
+    keep, R = o_ref.shape[len(lead)], acc.shape[0]
+    if keep == R:
+        for ref, val in ((o_ref, acc), (m_ref, m), (l_ref, l)):
+            (ref.at[split] if lead else ref)[...] = val
+        return
+    # rows past M index past the ref, masked: the GPU stores nothing there, the interpreter drops them (a
+    # scatter's out-of-bounds updates); a clamped index would give the interpreter duplicate addresses
+    r = jnp.arange(R, dtype=jnp.int32)
+    live = r < keep
+    cols = jnp.arange(acc.shape[1], dtype=jnp.int32)
+    pltriton.store(o_ref.at[(*lead, r[:, None], cols[None, :])], acc,
+                   mask=jnp.broadcast_to(live[:, None], acc.shape))
+    pltriton.store(m_ref.at[(*lead, r)], m, mask=live)
+    pltriton.store(l_ref.at[(*lead, r)], l, mask=live)
 
 
 def _tile_rows(h, tile, count: int, *, rows: int, group: int, tokens: int):
@@ -421,6 +439,7 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
         page_table = jnp.pad(page_table, ((0, 0), (0, n_pad - N)))
     normalise = splits == 1
     fused = fused and not normalise
+    keep = merge_rows(R, T * (Hq // Hkv))  # the partials' rows: those a merge reads (`_store_partial`)
     kernel = functools.partial(_kernel, pages_per_block=ppb, splits=splits, num_pages=N, scale=scale,
                                sliding_window=sliding_window, soft_cap=soft_cap, rows=R, group=Hq // Hkv,
                                normalise=normalise, fused=fused, interpret=interpret, early_v=early_v)
@@ -433,30 +452,30 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
     elif fused:  # partials of every split of the tile; one arrival counter per tile, zeroed per call
         out_specs = [
             final_spec,
-            pl.BlockSpec((None, None, None, splits, R, D), lambda b, h, t, s: (b, h, t, 0, 0, 0)),
-            pl.BlockSpec((None, None, None, splits, R), lambda b, h, t, s: (b, h, t, 0, 0)),
-            pl.BlockSpec((None, None, None, splits, R), lambda b, h, t, s: (b, h, t, 0, 0)),
+            pl.BlockSpec((None, None, None, splits, keep, D), lambda b, h, t, s: (b, h, t, 0, 0, 0)),
+            pl.BlockSpec((None, None, None, splits, keep), lambda b, h, t, s: (b, h, t, 0, 0)),
+            pl.BlockSpec((None, None, None, splits, keep), lambda b, h, t, s: (b, h, t, 0, 0)),
             pl.BlockSpec((None, None, None, 1), lambda b, h, t, s: (b, h, t, 0)),
         ]
         out_shape = [
             final_shape,
-            jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R, D), f32),
-            jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R), f32),
-            jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R), f32),
+            jax.ShapeDtypeStruct((B, Hkv, nqt, splits, keep, D), f32),
+            jax.ShapeDtypeStruct((B, Hkv, nqt, splits, keep), f32),
+            jax.ShapeDtypeStruct((B, Hkv, nqt, splits, keep), f32),
             jax.ShapeDtypeStruct((B, Hkv, nqt, 1), jnp.int32),
         ]
         extra_in = [jnp.zeros((B, Hkv, nqt, 1), jnp.int32)]
         aliases = {6: 4}  # the counter: input 6 (after the lengths, table, q, k, v) is output 4
     else:
         out_specs = [
-            pl.BlockSpec((None, None, None, None, R, D), lambda b, h, t, s: (b, h, t, s, 0, 0)),
-            pl.BlockSpec((None, None, None, None, R), lambda b, h, t, s: (b, h, t, s, 0)),
-            pl.BlockSpec((None, None, None, None, R), lambda b, h, t, s: (b, h, t, s, 0)),
+            pl.BlockSpec((None, None, None, None, keep, D), lambda b, h, t, s: (b, h, t, s, 0, 0)),
+            pl.BlockSpec((None, None, None, None, keep), lambda b, h, t, s: (b, h, t, s, 0)),
+            pl.BlockSpec((None, None, None, None, keep), lambda b, h, t, s: (b, h, t, s, 0)),
         ]
         out_shape = [
-            jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R, D), f32),
-            jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R), f32),
-            jax.ShapeDtypeStruct((B, Hkv, nqt, splits, R), f32),
+            jax.ShapeDtypeStruct((B, Hkv, nqt, splits, keep, D), f32),
+            jax.ShapeDtypeStruct((B, Hkv, nqt, splits, keep), f32),
+            jax.ShapeDtypeStruct((B, Hkv, nqt, splits, keep), f32),
         ]
     out = pl.pallas_call(
         kernel,
@@ -486,7 +505,7 @@ def _paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_lens, *, scale,
         return pl.pallas_call(
             functools.partial(_combine_kernel, splits=splits, rows=R, group=Hq // Hkv),
             grid=(B, Hkv, nqt),
-            in_specs=[pl.BlockSpec((1,), lambda b, h, t: (b,)), part(R, D), part(R), part(R)],
+            in_specs=[pl.BlockSpec((1,), lambda b, h, t: (b,)), part(keep, D), part(keep), part(keep)],
             out_specs=pl.BlockSpec((None, T, Hq, D), lambda b, h, t: (b, 0, 0, 0)),
             out_shape=final_shape,
             compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
