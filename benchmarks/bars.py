@@ -30,6 +30,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ATTN_GBPS = [(8, 8192, 16), (8, 8192, 64), (1, 32768, 16), (1, 32768, 64)]  # (B, L, page) at T=1
 VERIFY = [(8, 8192, 16), (8, 8192, 64)]
 XLA_MOE = ("ragged_dot", "gather_einsum")  # the MoE op's XLA baselines
+INT8_MOE = ("ours_int8", "ours_int8k")
 
 
 def runs(prefix: str, device: str, key, directory: Path = RESULTS) -> list[tuple[dict, str, dict]]:
@@ -117,8 +118,9 @@ def moe_bars(device: str, directory: Path = RESULTS) -> list[dict]:
                 continue
             ratio = round(min(hit[0][n]["us"] for n in XLA_MOE if n in hit[0]) / hit[0]["ours"]["us"], 2)
             lines.append(_line("moe bf16 / best XLA", f"{shape} T={T}", ratio, ">= 1.0", ratio >= 1.0, hit))
-        hit = newest(found, (shape, 1), ("ours", "ours_int8"))
-        ratio = hit and round(hit[0]["ours"]["us"] / hit[0]["ours_int8"]["us"], 2)
+        # the faster of the int8 layouts that ran ([E, In, Out] and k-major: one format, stored two ways)
+        hit = newest(found, (shape, 1), ("ours",), any_of=INT8_MOE)
+        ratio = hit and round(hit[0]["ours"]["us"] / min(hit[0][n]["us"] for n in INT8_MOE if n in hit[0]), 2)
         lines.append(_line("moe int8 speedup", f"{shape} T=1", ratio or "no run", ">= 1.6",
                            None if not ratio else ratio >= 1.6, hit))
     return lines

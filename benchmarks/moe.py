@@ -4,6 +4,8 @@ GB/s counts the bytes of the experts the call's tokens actually chose (3 x D x F
 storage width; int8 adds its scales), each counted once: the least any implementation must read.
   ours          what the model gets: `pallas_kernels.moe` (the tuned table's winner, else the default kernel)
   ours_int8     what the model gets with int8 per-output-channel weights (quantised from the same bf16 weights)
+  ours_int8k    the same int8 weights stored k-major ([E, Out, In]: `quantize_int8(w, k_major=True)`), the layout
+                int8 x int8 tensor-core dots read without a transpose
   ragged_dot    `moe_reference`: routing, sort, three `jax.lax.ragged_dot`s, scatter-add
   gather_einsum routing, then each (token, expert) pair's weights gathered and contracted with einsum
 Shapes: Qwen3-30B-A3B (hidden 2048, expert FFN 768) and Qwen3-235B-A22B (4096, 1536), 128 experts, top-8,
@@ -21,7 +23,8 @@ kernel), fused_route="single" (one kernel: gate/up and the down projection's par
 fused_route="split" (two kernels of many short programs; "merge": their partial sums merged by the last program
 of each tile, no XLA pass between or after them; "one": those in one launch); with int8 weights also w8a8 (int8
 activations: int8 x int8 dots). --families limits the search to some of these (e.g. `--families dot,inline,single`),
---formats to bf16 or int8 weights.
+--formats to bf16, int8 or int8k weights (int8k: k-major int8, searched over the dot modes alone: "kmajor" at T=1,
+else "dot" and "w8a8").
 
 The result JSON is rewritten after every tuned T and every benchmarked shape, so a run cut off by a time limit
 keeps what it measured.
@@ -502,6 +505,31 @@ def mosaic_configs(T: int) -> list:
 INT8_TUNE_T = (1, 8)  # decode sizes, where int8's halved bytes should show; larger T keeps plan's choice
 
 
+# (block_f, block_k, k_splits, block_d, block_kf, f_splits, num_warps, num_stages) of "kmajor": the split path's dot
+# mode over k-major int8 weights at T=1. A one-off gate/up pass (session 25's moe_layout_*_h200_d37c3d3.log) streamed
+# k-major int8 tiles at 3.1 TB/s (Qwen3-235B; 2.1 at 30B) with 128-wide tiles of 128-row steps over 4 D ranges,
+# against 2.3 (1.6) in the [E, In, Out] layout; its best blocks, wider and narrower neighbours, and the down kernel
+# at the same tile shape over 2 and 4 F ranges
+KMAJOR_DOT = [(128, 128, 4, 128, 128, 2, 4, 3), (128, 128, 4, 128, 128, 4, 4, 3), (256, 128, 4, 256, 128, 2, 8, 3),
+              (128, 256, 2, 128, 128, 2, 4, 3), (128, 128, 8, 128, 64, 4, 4, 3), (64, 128, 8, 64, 128, 2, 4, 3),
+              (128, 128, 4, 64, 128, 2, 4, 4), (128, 64, 8, 128, 64, 4, 4, 4)]
+
+
+def kmajor_configs(T: int, E: int, K: int, D: int, F: int, *, quick: bool, families=DEFAULT_FAMILIES) -> list:
+    """The k-major int8 format's candidates (moe_triton reads k-major weights in any mode, but GEMV transposes each
+    tile through registers): at T=1 KMAJOR_DOT with and without w8a8, routed by the table kernel, where the blocks
+    divide the shape; at other T the "dot" family and w8a8's per-slot kernels."""
+    from pallas_kernels.moe import TritonMoEConfig
+
+    if T == 1:
+        return [TritonMoEConfig(block_m=16, block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf,
+                                f_splits=fs, num_warps=w, num_stages=st, fused_route="split", topk="kernel",
+                                w8a8=w8a8)
+                for bf, bk, ks, bd, bkf, fs, w, st in KMAJOR_DOT if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
+                for w8a8 in (False, True)]
+    return triton_configs(T, E, K, F, quick=quick, D=D, families=("dot",)) + w8a8_configs(T, quick=quick)
+
+
 def candidate(impl: str, config, top_k: int):
     """The search loop's candidate running `impl` ("triton" or "mosaic") with `config` (its config class, or a
     dict of one as the tuned table holds it) at Qwen3's routing (top_k, norm_topk_prob)."""
@@ -516,7 +544,7 @@ def candidate(impl: str, config, top_k: int):
     return tuning.Candidate(impl, config, functools.partial(fn, top_k=top_k, norm_topk_prob=True, config=config))
 
 
-def tune(shape_name, tokens, *, quick, families=DEFAULT_FAMILIES, formats=("bf16", "int8")) -> list[dict]:
+def tune(shape_name, tokens, *, quick, families=DEFAULT_FAMILIES, formats=("bf16", "int8", "int8k")) -> list[dict]:
     """The search loop over Triton (and Mosaic) configs for each T, bf16 weights and, at decode sizes, int8;
     winners go to pallas_kernels/tuned/moe.json."""
     import functools
@@ -528,16 +556,19 @@ def tune(shape_name, tokens, *, quick, families=DEFAULT_FAMILIES, formats=("bf16
     D, F, E, K = SHAPES[shape_name]
     rows = []
     for T, fmt in [(T, "bf16") for T in tokens if "bf16" in formats] + [
-            (T, "int8") for T in tokens if T in INT8_TUNE_T and "int8" in formats]:
+            (T, f) for f in ("int8", "int8k") for T in tokens if T in INT8_TUNE_T and f in formats]:
         sets = make_sets(T, D, F, E, K)
-        if fmt == "int8":
-            q = [quantize_int8(w) for w in sets[0][2:]]
+        if fmt != "bf16":
+            q = [quantize_int8(w, k_major=fmt == "int8k") for w in sets[0][2:]]
             sets = [(x, r, *q) for x, r, *_ in sets]
-        configs = triton_configs(T, E, K, F, quick=quick, D=D, families=families)
+        if fmt == "int8k":
+            configs = kmajor_configs(T, E, K, D, F, quick=quick, families=families)
+        else:
+            configs = triton_configs(T, E, K, F, quick=quick, D=D, families=families)
         if fmt == "bf16":  # dequant is the int8 conversion: bf16 weights would run the same kernel twice
             default = TritonMoEConfig().dequant
             configs = list(dict.fromkeys(dataclasses.replace(c, dequant=default) for c in configs if not c.w8a8))
-        if fmt == "int8" and "w8a8" in families:
+        if fmt == "int8" and "w8a8" in families:  # (int8k's own list has them)
             configs += w8a8_configs(T, quick=quick)
         cands = [candidate("triton", c, K) for c in configs]
         if T <= MAX_TOKENS and fmt == "bf16" and "mosaic" in families:  # the Mosaic kernel has no int8 path
@@ -590,10 +621,11 @@ def bench(shape_name, T, *, tiny, profile: bool = False) -> list[dict]:
     ref = jax.jit(impls["ragged_dot"])(*sets[0])
     rows = []
     timed = {}  # name -> (fn, input sets, touched bytes) of those that passed their check
-    for name in ["ours", "ours_int8", "ragged_dot", "gather_einsum", "mosaic"]:
+    quantised = ("ours_int8", "ours_int8k")
+    for name in ["ours", *quantised, "ragged_dot", "gather_einsum", "mosaic"]:
         bytes_per_expert = 3 * D * F * 2
-        if name == "ours_int8":
-            q = [quantize_int8(w) for w in sets[0][2:]]
+        if name in quantised:
+            q = [quantize_int8(w, k_major=name == "ours_int8k") for w in sets[0][2:]]
             qsets = [(x, r, *q) for x, r, *_ in sets]
             fn = functools.partial(moe_triton, **kw, interpret=True) if tiny else functools.partial(moe, **kw)
             bytes_per_expert = 3 * D * F + 4 * (2 * F + D)
@@ -609,10 +641,10 @@ def bench(shape_name, T, *, tiny, profile: bool = False) -> list[dict]:
             row["error"] = f"skipped: the Mosaic kernel declines T > {MOSAIC_MAX_TOKENS}; the dispatcher falls back"
             rows.append(row)
             continue
-        weights = qsets[0][2] if name == "ours_int8" else sets[0][2]
-        if name in ("ours", "ours_int8") and tiny:
+        weights = qsets[0][2] if name in quantised else sets[0][2]
+        if name in ("ours", *quantised) and tiny:
             row["picked"] = "triton (interpreter)"
-        elif name in ("ours", "ours_int8"):
+        elif name in ("ours", *quantised):
             entry = dispatch.tuned((T, D), weights, K, sets[0][0].dtype)
             row["picked"] = f"tuned {entry['impl']} {entry['config']}" if entry else dispatch.choose()
         try:
@@ -640,7 +672,7 @@ def bench(shape_name, T, *, tiny, profile: bool = False) -> list[dict]:
             row["error"] = errors[name]
         log(f"{shape_name} T={T} {name}: {row.get('us', '-')} us, {row.get('GB/s', '-')} GB/s "
             f"{row.get('error', '')}")
-        if profile and name in ("ours", "ours_int8") and name in times:  # where one call's time goes, by kernel
+        if profile and name in ("ours", *quantised) and name in times:  # where one call's time goes, by kernel
             row["profile"], line = gpu_trace.profile_call(*timed[name][:2], max_calls=SETS)
             log(f"  {line}")
     if "chain_floor" in times:
@@ -652,13 +684,13 @@ def bench(shape_name, T, *, tiny, profile: bool = False) -> list[dict]:
 
 def add_ratios(rows: list[dict]) -> list[dict]:
     """One shape's rows, each timed one given its ratio to ours (bf16 weights) in the same run: "ours x" on the
-    other implementations (their time over ours: how many times faster ours is) and "x bf16" on ours_int8 (ours'
-    time over its: the quantised format's speedup, the issue's 1.6x bar at T=1)."""
+    other implementations (their time over ours: how many times faster ours is) and "x bf16" on ours_int8 and
+    ours_int8k (ours' time over theirs: the quantised format's speedup, the issue's 1.6x bar at T=1)."""
     ours = next((r.get("us") for r in rows if r["impl"] == "ours"), None)
     for r in rows:
         if not ours or not r.get("us") or r["impl"] in ("ours", "chain_floor"):
             continue
-        if r["impl"] == "ours_int8":
+        if r["impl"] in ("ours_int8", "ours_int8k"):
             r["x bf16"] = round(ours / r["us"], 2)
         else:
             r["ours x"] = round(r["us"] / ours, 2)
@@ -671,7 +703,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     p.add_argument("--tune", action="store_true", help="search Triton configs for --shapes first")
     p.add_argument("--quick-tune", action="store_true", help="fewer configs in --tune")
-    p.add_argument("--formats", default="bf16,int8", help="weight formats --tune searches (default: bf16,int8)")
+    p.add_argument("--formats", default="bf16,int8,int8k",
+                   help="weight formats --tune searches (default: bf16,int8,int8k)")
     p.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
                    help=f"config families --tune searches, comma-separated, of {','.join(FAMILIES)} (default: all "
                         "but wide)")
@@ -683,8 +716,8 @@ def main() -> None:
     if not families or set(families) - set(FAMILIES):
         p.error(f"--families: comma-separated names among {', '.join(FAMILIES)}, got {args.families!r}")
     formats = tuple(f for f in args.formats.split(",") if f)
-    if not formats or set(formats) - {"bf16", "int8"}:
-        p.error(f"--formats: bf16, int8 or both (comma-separated), got {args.formats!r}")
+    if not formats or set(formats) - {"bf16", "int8", "int8k"}:
+        p.error(f"--formats: some of bf16, int8, int8k (comma-separated), got {args.formats!r}")
     import jax
 
     shapes = list(TINY) if args.tiny else args.shapes
@@ -711,7 +744,7 @@ def main() -> None:
             "error"]
     print(table(rows, [c for c in cols if any(c in r for r in rows)]))
     print(f"wrote {save()}")
-    if any("error" in r for r in rows if r["impl"] in ("ours", "ours_int8")):
+    if any("error" in r for r in rows if r["impl"] in ("ours", "ours_int8", "ours_int8k")):
         raise SystemExit("our kernel failed on some shape (see the error column)")
 
 

@@ -150,17 +150,22 @@ def test_configs(rng, config):
     check(rng, 64, 128, 64, 32, 8, config=config)
 
 
-def check_int8(rng, T, E, D, F, top_k, *, bias=None, config=None, tol_deq=TOL, tol=TOL_INT8):
+def check_int8(rng, T, E, D, F, top_k, *, bias=None, config=None, tol_deq=TOL, tol=TOL_INT8, k_major=False):
     """The quantised format: against the dequantised weights it is the same computation (scale after the dot
-    instead of before), against the bf16 weights it was made from the quantisation error is bounded."""
+    instead of before), against the bf16 weights it was made from the quantisation error is bounded. k_major: the
+    values stored [E, Out, In] (QuantizedWeight.k_major)."""
     x, router, wg, wu, wd = bf16_inputs(rng, T, E, D, F, top_k, bias)
     want = naive_moe(x, router, wg, wu, wd, top_k=top_k, norm_topk_prob=True)
     experts, _, _ = naive_routing(x, router, top_k, True)
-    q = [quantize_int8(jnp.asarray(w, jnp.bfloat16)) for w in (wg, wu, wd)]
-    deq = [np.asarray(w.values, np.float64) * np.asarray(w.scale, np.float64)[:, None, :] for w in q]
+    q = [quantize_int8(jnp.asarray(w, jnp.bfloat16), k_major=k_major) for w in (wg, wu, wd)]
+    for w, a in zip(q, (wg, wu, wd), strict=True):
+        E_, n_in, n_out = a.shape
+        assert w.shape == a.shape and w.values.shape == ((E_, n_out, n_in) if k_major else a.shape)
+    deq = [np.asarray(w.io_values(), np.float64) * np.asarray(w.scale, np.float64)[:, None, :] for w in q]
     want_deq = naive_moe(x, router, *deq, top_k=top_k, norm_topk_prob=True)
     # the unused experts' scales are NaN: reading them would poison the output
-    q = [QuantizedWeight(w.values, jnp.asarray(poison_unused(experts, np.asarray(w.scale))[0])) for w in q]
+    q = [QuantizedWeight(w.values, jnp.asarray(poison_unused(experts, np.asarray(w.scale))[0]), w.k_major)
+         for w in q]
     got = run(x, router, *q, top_k=top_k, config=config)
     err_deq = rel_err(got, want_deq)
     assert err_deq <= tol_deq, f"int8 vs its dequantised weights: rel err {err_deq:.3g} > {tol_deq}"
@@ -529,6 +534,49 @@ def test_w8a8(rng, config, T, D):
     assert T != 64 or (experts[:, 0] == hot).all()
 
 
+# k-major int8 weights ([E, Out, In], QuantizedWeight.k_major) through every path: each kernel reads them through
+# the same [e, In rows, Out columns] indexing (triton_moe._KMajor), so a row/column mix-up in any of them reads the
+# wrong weights. D != F so a transposed tile cannot line up by accident; a hot expert at T=7 and T=64.
+K_MAJOR_CASES = {
+    "default-t1": (None, 1), "default-t7": (None, 7), "default-t64": (None, 64),
+    "gemv1-t1": (GEMV_CONFIGS[1], 1), "gemv4-t7": (GEMV_CONFIGS[4], 7),
+    "fused-gemv1": (FUSED_CONFIGS["gemv1-route_all"], 1), "fused-dot16": (FUSED_CONFIGS["dot16-route_topk"], 7),
+    "inline-gemv1": (ONE_TOKEN_CONFIGS["inline-gemv1"], 1), "inline-dot16": (ONE_TOKEN_CONFIGS["inline-dot16"], 1),
+    "single": (ONE_TOKEN_CONFIGS["single-bd32"], 1), "split-s2": (ONE_TOKEN_CONFIGS["split-s2-prefetch"], 1),
+    "split-dot16": (ONE_TOKEN_CONFIGS["split-dot16"], 1),
+    "split-dot16-merge": (ONE_TOKEN_CONFIGS["split-dot16-merge"], 1),
+    "split-dot16-one": (ONE_LAUNCH_CONFIGS["split-dot16-one"], 1),
+    "w8a8-none-t7": (W8A8_CONFIGS["none"], 7), "w8a8-split": (W8A8_CONFIGS["split"], 1),
+}
+
+
+@pytest.mark.parametrize("case", list(K_MAJOR_CASES))
+def test_int8_k_major(rng, case):
+    config, T = K_MAJOR_CASES[case]
+    E, top_k, D, F = 128, 8, 128, 64
+    hot = int(rng.integers(E))
+    tol = TOL_W8A8 if config is not None and config.w8a8 else None
+    tols = dict(tol_deq=tol, tol=tol) if tol else {}
+    *_, experts = check_int8(rng, T, E, D, F, top_k, bias=hot_expert(hot) if T > 1 else None, config=config,
+                             k_major=True, **tols)
+    assert T == 1 or (experts[:, 0] == hot).all()
+
+
+def test_k_major_defaults_to_the_dot_mode(monkeypatch):
+    # plan's GEMV default would read k-major tiles transposed through registers: moe_triton asks for the dot
+    from pallas_kernels.moe import triton_moe
+
+    seen = []
+    real = triton_moe.plan
+    monkeypatch.setattr(triton_moe, "plan", lambda *a, **kw: seen.append(a[5]) or real(*a, **kw))
+    x = jnp.zeros((1, 32), jnp.bfloat16)
+    for k_major in (False, True):
+        w = [quantize_int8(jnp.ones((8, a, b), jnp.bfloat16), k_major=k_major) for a, b in ((32, 16), (32, 16),
+                                                                                           (16, 32))]
+        moe_triton(x, jnp.ones((8, 32), jnp.bfloat16), *w, top_k=2, norm_topk_prob=True, interpret=True)
+    assert [c.block_m for c in seen] == [None, 16]
+
+
 def test_split_w8a8_over_f_ranges(rng):
     # the down kernel's two F ranges of two 32-row int8 steps each, summed in XLA; four D ranges of one step
     config = dataclasses.replace(W8A8_CONFIGS["split"], k_splits=4, f_splits=2)
@@ -762,6 +810,8 @@ LOWERING = [
     (8, 4096, 1536, 128, 8, False),
     (256, 4096, 1536, 128, 8, False),
     (1, 4096, 1536, 128, 8, True),
+    (1, 4096, 1536, 128, 8, "k_major"),  # every path reads [E, Out, In] weights through the same indexing
+    (64, 2048, 768, 128, 8, "k_major"),
 ]
 
 
@@ -776,6 +826,8 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
     sds = jax.ShapeDtypeStruct
 
     def w(a, b):
+        if int8 == "k_major":
+            return QuantizedWeight(sds((E, b, a), jnp.int8), sds((E, b), jnp.float32), True)
         if int8:
             return QuantizedWeight(sds((E, a, b), jnp.int8), sds((E, b), jnp.float32))
         return sds((E, a, b), jnp.bfloat16)
@@ -846,9 +898,10 @@ def test_benchmark_ratios():
 
     rows = add_ratios([{"impl": "ours", "us": 37.3}, {"impl": "ours_int8", "us": 27.0},
                        {"impl": "ragged_dot", "us": 315.3}, {"impl": "mosaic", "error": "skipped"},
-                       {"impl": "chain_floor", "us": -1.3}])
-    assert rows[1]["x bf16"] == 1.38 and rows[2]["ours x"] == 8.45
+                       {"impl": "chain_floor", "us": -1.3}, {"impl": "ours_int8k", "us": 20.0}])
+    assert rows[1]["x bf16"] == 1.38 and rows[2]["ours x"] == 8.45 and rows[5]["x bf16"] == 1.86
     assert "ours x" not in rows[0] and "ours x" not in rows[3] and "ours x" not in rows[4]
+    assert "ours x" not in rows[5]
     # without a time for ours nothing is compared
     assert "x bf16" not in add_ratios([{"impl": "ours", "error": "x"}, {"impl": "ours_int8", "us": 27.0}])[1]
 

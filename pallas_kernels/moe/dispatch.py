@@ -19,7 +19,10 @@ def shape_key(x_shape, w_gate, top_k: int, dtype) -> str:
     """The tuned table's key: every static shape and format the kernels' plans depend on."""
     T, D = x_shape
     E, _, F = w_gate.shape
-    wfmt = "int8" if isinstance(w_gate, QuantizedWeight) else jax.numpy.dtype(w_gate.dtype).name
+    if isinstance(w_gate, QuantizedWeight):
+        wfmt = "int8k" if w_gate.k_major else "int8"
+    else:
+        wfmt = jax.numpy.dtype(w_gate.dtype).name
     return f"T{T}-D{D}-F{F}-E{E}-K{top_k}-{jax.numpy.dtype(dtype).name}-w{wfmt}"
 
 

@@ -462,6 +462,49 @@ def gemv_expected(T: int, E: int, top_k: int) -> bool:
     return T * top_k <= GEMV_MAX_MEAN_ROWS * touched
 
 
+class _KMajor:
+    """A k-major weight ref ([E, Out, In], QuantizedWeight.k_major) read as the kernels index weights, [E, In, Out]:
+    ref[e, rows, cols] loads the [cols, rows] tile and transposes it in registers (for a dot, Triton's operand
+    view of the tile as loaded: the tensor cores read it K-major)."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    @property
+    def shape(self):
+        E, out, inp = self.ref.shape
+        return (E, inp, out)
+
+    @property
+    def dtype(self):
+        return self.ref.dtype
+
+    def __getitem__(self, idx):
+        e, rows, cols = idx
+        return self.ref[e, cols, rows].T
+
+
+def _read_k_major(kernel, positions, *refs, **kw):
+    return kernel(*(_KMajor(r) if i in positions else r for i, r in enumerate(refs)), **kw)
+
+
+def k_major_values(*weights) -> tuple:
+    """The stored values of the k-major QuantizedWeights among `weights`, for `pallas_call`."""
+    return tuple(w.values for w in weights if isinstance(w, QuantizedWeight) and w.k_major)
+
+
+def pallas_call(kernel, k_major=(), **kw):
+    """pl.pallas_call(kernel, **kw) whose kernel gets the arguments that are k-major weight values (`k_major`, by
+    identity) as `_KMajor` views, so every kernel indexes weights [e, In rows, Out columns] in either layout."""
+
+    def call(*args):
+        positions = {i for i, a in enumerate(args) if any(a is w for w in k_major)}
+        body = functools.partial(_read_k_major, kernel, positions) if positions else kernel
+        return pl.pallas_call(body, **kw)(*args)
+
+    return call
+
+
 def check_supported(x_shape, x_dtype, w_gate, w_up, w_down) -> None:
     """Raises NotImplementedError for what this kernel does not handle (the dispatcher then falls back)."""
     if jnp.dtype(x_dtype) not in map(jnp.dtype, SUPPORTED_DTYPES):
@@ -1113,6 +1156,13 @@ def moe_triton(
         raise NotImplementedError("w8a8 needs int8 (QuantizedWeight) expert weights")
     T, D = x.shape
     E, _, F = w_gate.shape
+    if k_major_values(w_gate, w_up, w_down) and config.block_m is None:
+        # the GEMV mode reads k-major tiles transposed through registers: the dot mode reads them as stored, where
+        # the config's path has one ("single", loading ahead and folding are GEMV's alone)
+        try:
+            config = dataclasses.replace(config, block_m=MIN_DOT)
+        except ValueError:
+            pass
     p = plan(T, D, F, E, top_k, config, sms=DEFAULT_SMS if interpret else None)
     if interpret and p.dequant == "prmt":  # PTX has no interpreter; "bits" gives the same values
         p = p._replace(dequant="bits")
@@ -1184,6 +1234,7 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
 
     meta_spec = pl.BlockSpec((None, 4), lambda s, j: (s, 0))
     params = pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
+    km = k_major_values(w_gate, w_up, w_down)
     if quantized:
         wg, wu, wd = w_gate.values, w_up.values, w_down.values
         gu_scales, d_scales = (w_gate.scale, w_up.scale), (w_down.scale,)
@@ -1208,7 +1259,7 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
     gu_specs = [full(a.shape) for a in gu_in]
     h_specs = [full(s.shape) for s in h_shapes]
     if inline:  # the kernel also writes the slot table and the pair weights (its j=0 programs)
-        *hh, meta, pw = pl.pallas_call(
+        *hh, meta, pw = pallas_call(
             functools.partial(_inline_routed, gate_up, top_k=top_k, norm_topk_prob=norm_topk_prob, topk=plan.topk,
                               **gu_kw, **dq),
             grid=(S, F // bf),
@@ -1219,9 +1270,10 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
             compiler_params=params,
             interpret=interpret,
             name=f"moe_route_gate_up_{mode}{bm}_bf{bf}_bk{bk}",
+            k_major=km,
         )(logits, *gu_in)
     else:
-        hh = pl.pallas_call(
+        hh = pallas_call(
             functools.partial(gate_up, **gu_kw, **dq, **(dict(one_token=True) if one_token else {})),
             grid=(S, F // bf),
             in_specs=[meta_spec] + gu_specs,
@@ -1230,27 +1282,29 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
             compiler_params=params,
             interpret=interpret,
             name=f"moe_gate_up_{mode}{bm}_bf{bf}_bk{bk}",
+            k_major=km,
         )(meta, *gu_in)
     h = hh[0]
 
     if fused:
         # h row of each pair in token order: pair t*K + k sits at sorted position inv[t*K + k]
         pos = () if one_token else (jnp.zeros((P,), jnp.int32).at[order].set(jnp.arange(P, dtype=jnp.int32)),)
-        return pl.pallas_call(
+        return pallas_call(
             functools.partial(_down_combine_kernel, top_k=top_k, block_d=bd, block_kf=bkf, gemv=plan.gemv,
                               quantized=quantized, one_token=one_token, **dq),
             grid=(T, D // bd),
-            in_specs=[full((P,)), full((P,)), full((Ppad, F)), full((E, F, D))] + [full((P,))] * len(pos)
+            in_specs=[full((P,)), full((P,)), full((Ppad, F)), full(wd.shape)] + [full((P,))] * len(pos)
             + [full((E, D))] * len(d_scales),
             out_specs=full((T, D)),
             out_shape=jax.ShapeDtypeStruct((T, D), x.dtype),
             compiler_params=params,
             interpret=interpret,
             name=f"moe_down_combine_{mode}_bd{bd}_bk{bkf}",
+            k_major=km,
         )(experts.reshape(-1), weights.reshape(-1), h, wd, *pos, *d_scales)
 
     down_in = (h, pw, wd, *d_scales, *hh[1:])  # w8a8: h's scales last
-    out = pl.pallas_call(
+    out = pallas_call(
         functools.partial(down, block_m=bm, block_d=bd, block_kf=bkf, quantized=quantized, **dq,
                           **(dict(w8a8=True) if plan.w8a8 else {})),
         grid=(S, D // bd),
@@ -1260,6 +1314,7 @@ def _moe(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, interp
         compiler_params=params,
         interpret=interpret,
         name=f"moe_down_{mode}{bm}_bd{bd}_bk{bkf}",
+        k_major=km,
     )(meta, *down_in)
 
     if T == 1:
@@ -1283,7 +1338,7 @@ def _moe_single(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan,
         return pl.BlockSpec(shape, lambda k, j: (0,) * len(shape))
 
     args = (logits, x, *ws, *scales, jnp.zeros((1, D), jnp.float32))
-    out = pl.pallas_call(
+    out = pallas_call(
         functools.partial(_single_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_f=bf, block_k=bk,
                           block_d=bd, quantized=quantized, dequant=plan.dequant, topk=plan.topk),
         grid=(top_k, F // bf),
@@ -1294,5 +1349,6 @@ def _moe_single(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan,
         compiler_params=pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
         interpret=interpret,
         name=f"moe_single_bf{bf}_bk{bk}_bd{bd}",
+        k_major=k_major_values(w_gate, w_up, w_down),
     )(*args)
     return out.astype(x.dtype)

@@ -42,6 +42,8 @@ from pallas_kernels.moe.triton_moe import (
     _scaled,
     _silu,
     _to_f32,
+    k_major_values,
+    pallas_call,
 )
 from pallas_kernels.triton_sync import arrive, last_arrival, wait_for
 
@@ -349,6 +351,7 @@ def moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, i
     tag = ("_w8a8" if plan.w8a8 else "_dot") if not plan.gemv else (f"_pf{plan.prefetch}" if plan.prefetch else "")
     tag += "_fold" if plan.fold else ""
     ws = [w.values if quantized else w for w in (w_gate, w_up, w_down)]
+    km = k_major_values(w_gate, w_up, w_down)
     if plan.topk in ROUTED_TOPKS:  # the kernels read their choices from the table in the logits' place
         logits = route_table(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob, topk=plan.topk,
                              interpret=interpret)
@@ -375,7 +378,7 @@ def moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, i
         args = (logits, x, *ws, *([w_gate.scale, w_up.scale, w_down.scale] if quantized else []), *counts)
         shapes = [gu_shape, h_shape, o_shape, out_shape, count_shape]
         kw = dict(mode, norm_topk_prob=norm_topk_prob)
-        out = pl.pallas_call(
+        out = pallas_call(
             functools.partial(_split_one_launch_kernel, top_k=top_k, block_f=bf, block_d=bd, k_splits=S,
                               quantized=quantized, interpret=interpret, gate_up=dict(kw, block_k=bk),
                               down=dict(kw, block_kf=bkf)),
@@ -387,6 +390,7 @@ def moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, i
             compiler_params=params,
             interpret=interpret,
             name=f"moe_split_one{tag}_bf{bf}_bk{bk}_s{S}_bd{bd}_bkf{bkf}_r{R}",
+            k_major=km,
         )(*args)
         return out[3]
     args = (logits, x, ws[0], ws[1], *([w_gate.scale, w_up.scale] if quantized else []),
@@ -399,7 +403,7 @@ def moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, i
     else:
         kernel = functools.partial(_split_gate_up_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_f=bf,
                                    block_k=bk, quantized=quantized, merge=merge_gate_up, interpret=interpret, **mode)
-    gu = pl.pallas_call(
+    gu = pallas_call(
         kernel,
         grid=(P,) if P else (top_k, nF, S),
         in_specs=[full(a.shape) for a in args],
@@ -410,6 +414,7 @@ def moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, i
         compiler_params=params,
         interpret=interpret,
         name=f"moe_split_gate_up{f'_p{P}' if P else ''}{tag}_bf{bf}_bk{bk}_s{S}{'_merge' if merge_gate_up else ''}",
+        k_major=km,
     )(*args)
     count, h_scale = (counts[0] if merge else None), None
     if merge_gate_up:
@@ -426,7 +431,7 @@ def moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, i
         h, h_scale = _quantize_rows(h) if plan.w8a8 else (h.astype(x.dtype), None)
     args = (logits, h, ws[2], *([w_down.scale] if quantized else []), *([h_scale] if plan.w8a8 else []),
             *([count] if merge else []))
-    out = pl.pallas_call(
+    out = pallas_call(
         functools.partial(_split_down_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_d=bd,
                           block_kf=bkf, quantized=quantized, merge=merge, count_base=n_counts - nD,
                           h_dtype=x.dtype if h_in_down else None, interpret=interpret, **mode),
@@ -438,6 +443,7 @@ def moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, i
         compiler_params=params,
         interpret=interpret,
         name=f"moe_split_down{tag}{'_hd' if h_in_down else ''}_bd{bd}_bkf{bkf}_r{R}{'_merge' if merge else ''}",
+        k_major=km,
     )(*args)
     if merge:
         return out[1]
