@@ -506,27 +506,35 @@ INT8_TUNE_T = (1, 8)  # decode sizes, where int8's halved bytes should show; lar
 
 
 # (block_f, block_k, k_splits, block_d, block_kf, f_splits, num_warps, num_stages) of "kmajor": the split path's dot
-# mode over k-major int8 weights at T=1. A one-off gate/up pass (session 25's moe_layout_*_h200_d37c3d3.log) streamed
-# k-major int8 tiles at 3.1 TB/s (Qwen3-235B; 2.1 at 30B) with 128-wide tiles of 128-row steps over 4 D ranges,
-# against 2.3 (1.6) in the [E, In, Out] layout; its best blocks, wider and narrower neighbours, and the down kernel
-# at the same tile shape over 2 and 4 F ranges
+# mode over k-major int8 weights at T=1. A one-off gate/up pass (session 25's int8_layout_*_h200_d37c3d3.log)
+# streamed k-major int8 tiles at 3.1 TB/s (Qwen3-235B; 2.1 at 30B) with 128-wide tiles of 128-row steps over 4 D
+# ranges, against 2.3 (1.6) in the [E, In, Out] layout; its best blocks, wider and narrower neighbours, and the down
+# kernel at the same tile shape over 2 and 4 F ranges. Each with and without w8a8.
 KMAJOR_DOT = [(128, 128, 4, 128, 128, 2, 4, 3), (128, 128, 4, 128, 128, 4, 4, 3), (256, 128, 4, 256, 128, 2, 8, 3),
               (128, 256, 2, 128, 128, 2, 4, 3), (128, 128, 8, 128, 64, 4, 4, 3), (64, 128, 8, 64, 128, 2, 4, 3),
               (128, 128, 4, 64, 128, 2, 4, 4), (128, 64, 8, 128, 64, 4, 4, 4)]
+# w8a8 only (the first tune, 658dac3, had w8a8 ahead at 15 of 16 blocks): the winners' blocks at 2 stages (a
+# 128 x 128 int8 gate/up step is 32 KB of tiles: 3 programs an SM fit beside 2 at 3 stages, and Qwen3-235B's 384
+# gate/up programs then run in one wave of 396, not 1.5 of 264), with 8 D ranges, with 64-row steps at 4 stages,
+# and 256-row down steps over the whole F
+KMAJOR_W8A8 = [(128, 128, 4, 128, 128, 2, 4, 2), (128, 128, 4, 128, 128, 4, 4, 2), (128, 128, 8, 128, 128, 2, 4, 2),
+               (128, 64, 4, 128, 128, 2, 4, 4), (64, 128, 8, 64, 128, 2, 4, 2), (128, 128, 4, 128, 256, 1, 4, 2),
+               (128, 128, 4, 256, 128, 2, 8, 2), (64, 128, 4, 64, 128, 2, 4, 3)]
 
 
 def kmajor_configs(T: int, E: int, K: int, D: int, F: int, *, quick: bool, families=DEFAULT_FAMILIES) -> list:
     """The k-major int8 format's candidates (moe_triton reads k-major weights in any mode, but GEMV transposes each
-    tile through registers): at T=1 KMAJOR_DOT with and without w8a8, routed by the table kernel, where the blocks
-    divide the shape; at other T the "dot" family and w8a8's per-slot kernels."""
+    tile through registers): at T=1 KMAJOR_DOT with and without w8a8 and KMAJOR_W8A8 with it, routed by the table
+    kernel, where the blocks divide the shape; at other T the "dot" family and w8a8's per-slot kernels."""
     from pallas_kernels.moe import TritonMoEConfig
 
     if T == 1:
         return [TritonMoEConfig(block_m=16, block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf,
                                 f_splits=fs, num_warps=w, num_stages=st, fused_route="split", topk="kernel",
                                 w8a8=w8a8)
-                for bf, bk, ks, bd, bkf, fs, w, st in KMAJOR_DOT if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
-                for w8a8 in (False, True)]
+                for blocks, modes in ((KMAJOR_DOT, (False, True)), (KMAJOR_W8A8, (True,)))
+                for bf, bk, ks, bd, bkf, fs, w, st in blocks if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
+                for w8a8 in modes]
     return triton_configs(T, E, K, F, quick=quick, D=D, families=("dot",)) + w8a8_configs(T, quick=quick)
 
 

@@ -915,15 +915,16 @@ def test_tuned_entries_are_candidates_of_the_search():
     from conftest import tuned_entries
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, as tests/test_plot.py
-    from benchmarks.moe import SHAPES, candidate, fold_configs, routed_configs
+    from benchmarks.moe import SHAPES, candidate, fold_configs, kmajor_configs, routed_configs
 
     for e in tuned_entries("moe"):
         c = candidate(e["impl"], e["config"], 8)
         assert c.impl == e["impl"] and c.fn.keywords["config"] == c.config
     # the H200's T=1 entries are in their families: Qwen3-30B's bf16 in "routed", its int8 and Qwen3-235B's int8
-    # in "fold"
+    # in "fold", both k-major int8 entries in "kmajor"
+    kmajor = lambda D, F: kmajor_configs(1, 128, 8, D, F, quick=True)  # noqa: E731
     for shape, w, configs in (("30b", "bfloat16", routed_configs), ("30b", "int8", fold_configs),
-                              ("235b", "int8", fold_configs)):
+                              ("235b", "int8", fold_configs), ("30b", "int8k", kmajor), ("235b", "int8k", kmajor)):
         D, F, E, K = SHAPES[shape]
         family = [candidate("triton", c, K) for c in configs(D, F)]
         e = tuning.lookup("moe", f"T1-D{D}-F{F}-E{E}-K{K}-bfloat16-w{w}", kind="NVIDIA H200")
