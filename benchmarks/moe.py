@@ -23,8 +23,8 @@ kernel), fused_route="single" (one kernel: gate/up and the down projection's par
 fused_route="split" (two kernels of many short programs; "merge": their partial sums merged by the last program
 of each tile, no XLA pass between or after them; "one": those in one launch); with int8 weights also w8a8 (int8
 activations: int8 x int8 dots). --families limits the search to some of these (e.g. `--families dot,inline,single`),
---formats to bf16, int8 or int8k weights (int8k: k-major int8, searched over the dot modes alone: "kmajor" at T=1,
-else "dot" and "w8a8").
+--formats to bf16, int8 or int8k weights (int8k: k-major int8, searched over the dot modes alone: "kmajor" and
+"kmerge" at T=1, else "dot" and "w8a8").
 
 The result JSON is rewritten after every tuned T and every benchmarked shape, so a run cut off by a time limit
 keeps what it measured.
@@ -430,7 +430,8 @@ def one_launch_configs(D: int, F: int) -> list:
 
 
 FAMILIES = ("default", "dot", "gemv", "fused", "inline", "single", "split", "sweep", "wide", "merge", "one",
-            "prefetch", "hdown", "routed", "fold", "persist", "w8a8", "mosaic")  # --families
+            "prefetch", "hdown", "routed", "fold", "persist", "w8a8", "mosaic", "kmajor", "kmerge")  # --families
+# ("kmajor" and "kmerge" are the int8k format's own, at T=1: kmajor_configs)
 # what --tune searches unless --families says otherwise: "wide" lost every trial at Qwen3-30B, T=1 on the H200
 # (5a1676f: int8 41.6-48.7 us against the sweep's 38.8, bf16 45.4-57.2 against 44.6), and "one" was 1-3 us
 # behind the same blocks in two launches with bf16 weights there (23601ce, moe_one_30b_h200_23601ce.log), so both
@@ -520,19 +521,27 @@ KMAJOR_DOT = [(128, 128, 4, 128, 128, 2, 4, 3), (128, 128, 4, 128, 128, 4, 4, 3)
 KMAJOR_W8A8 = [(128, 128, 4, 128, 128, 2, 4, 2), (128, 128, 4, 128, 128, 4, 4, 2), (128, 128, 8, 128, 128, 2, 4, 2),
                (128, 64, 4, 128, 128, 2, 4, 4), (64, 128, 8, 64, 128, 2, 4, 2), (128, 128, 4, 128, 256, 1, 4, 2),
                (128, 128, 4, 256, 128, 2, 8, 2), (64, 128, 4, 64, 128, 2, 4, 3)]
+# "kmerge": w8a8 with merge (h's int8 rows by one Pallas program per choice, the down rows summed in the down
+# kernel: 9.8 kernels a call at f92c202, ~6 us of them XLA's passes at Qwen3-30B), at the two tunes' winners
+# (Qwen3-235B's 128 x 128 tiles at 2 and 3 stages, 30B's 64-wide at 3 and 2) and 235B's over 4 F ranges
+KMAJOR_MERGE = [(128, 128, 4, 128, 128, 2, 4, 2), (128, 128, 4, 128, 128, 2, 4, 3), (64, 128, 8, 64, 128, 2, 4, 3),
+                (64, 128, 8, 64, 128, 2, 4, 2), (128, 128, 4, 128, 128, 4, 4, 2)]
 
 
 def kmajor_configs(T: int, E: int, K: int, D: int, F: int, *, quick: bool, families=DEFAULT_FAMILIES) -> list:
     """The k-major int8 format's candidates (moe_triton reads k-major weights in any mode, but GEMV transposes each
-    tile through registers): at T=1 KMAJOR_DOT with and without w8a8 and KMAJOR_W8A8 with it, routed by the table
-    kernel, where the blocks divide the shape; at other T the "dot" family and w8a8's per-slot kernels."""
+    tile through registers): at T=1 ("kmajor") KMAJOR_DOT with and without w8a8 and KMAJOR_W8A8 with it, and
+    ("kmerge") KMAJOR_MERGE with w8a8 and merge, routed by the table kernel, where the blocks divide the shape; at
+    other T the "dot" family and w8a8's per-slot kernels."""
     from pallas_kernels.moe import TritonMoEConfig
 
     if T == 1:
+        groups = ([(KMAJOR_DOT, (False, True), False), (KMAJOR_W8A8, (True,), False)] if "kmajor" in families
+                  else []) + ([(KMAJOR_MERGE, (True,), True)] if "kmerge" in families else [])
         return [TritonMoEConfig(block_m=16, block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf,
                                 f_splits=fs, num_warps=w, num_stages=st, fused_route="split", topk="kernel",
-                                w8a8=w8a8)
-                for blocks, modes in ((KMAJOR_DOT, (False, True)), (KMAJOR_W8A8, (True,)))
+                                w8a8=w8a8, merge=merge)
+                for blocks, modes, merge in groups
                 for bf, bk, ks, bd, bkf, fs, w, st in blocks if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
                 for w8a8 in modes]
     return triton_configs(T, E, K, F, quick=quick, D=D, families=("dot",)) + w8a8_configs(T, quick=quick)

@@ -520,14 +520,19 @@ W8A8_CONFIGS = {
     # the split path: x rounded in the gate/up kernel, h per row in XLA; two D ranges
     "split": TritonMoEConfig(w8a8=True, block_f=32, block_k=32, block_d=32, block_kf=32, k_splits=2,
                              fused_route="split"),
+    # merge: h's int8 rows by one Pallas program per choice (test_w8a8 also at F=96: a row loaded as the next
+    # power of two, masked), the down kernel's rows summed by the last program of each D tile
+    "split-merge": TritonMoEConfig(w8a8=True, block_f=32, block_k=32, block_d=32, block_kf=32, k_splits=2,
+                                   fused_route="split", merge=True),
 }
 
 
-@pytest.mark.parametrize("config,T,D", [("none", 1, 64), ("inline", 1, 64), ("inline", 1, 96), ("split", 1, 128),
-                                        ("none", 7, 64), ("none", 64, 64)])
-def test_w8a8(rng, config, T, D):
+@pytest.mark.parametrize("config,T,D,F", [("none", 1, 64, 32), ("inline", 1, 64, 32), ("inline", 1, 96, 32),
+                                          ("split", 1, 128, 32), ("split-merge", 1, 128, 32),
+                                          ("split-merge", 1, 64, 96), ("none", 7, 64, 32), ("none", 64, 64, 32)])
+def test_w8a8(rng, config, T, D, F):
     # inline at D=64: the gate/up kernel rounds the token's row itself; at D=96 (not a power of two) XLA does
-    E, top_k, F = 128, 8, 32
+    E, top_k = 128, 8
     hot = int(rng.integers(E))
     *_, experts = check_int8(rng, T, E, D, F, top_k, bias=hot_expert(hot) if T == 64 else None,
                              config=W8A8_CONFIGS[config], tol_deq=TOL_W8A8, tol=TOL_W8A8)
@@ -547,6 +552,7 @@ K_MAJOR_CASES = {
     "split-dot16-merge": (ONE_TOKEN_CONFIGS["split-dot16-merge"], 1),
     "split-dot16-one": (ONE_LAUNCH_CONFIGS["split-dot16-one"], 1),
     "w8a8-none-t7": (W8A8_CONFIGS["none"], 7), "w8a8-split": (W8A8_CONFIGS["split"], 1),
+    "w8a8-split-merge": (W8A8_CONFIGS["split-merge"], 1),
 }
 
 
@@ -762,7 +768,7 @@ def test_config_validates_itself():
                dict(block_m=4, fused_route="split"), dict(w8a8=True, block_m=1, fused_route="split"),
                dict(fused_combine=True, fused_route="split"), dict(f_splits=2), dict(f_splits=3, fused_route="split"),
                dict(dequant="magic"), dict(topk="sort"), dict(merge=True), dict(merge=True, fused_route="inline"),
-               dict(merge=True, w8a8=True, fused_route="split"),
+               dict(merge=True, w8a8=True, fused_route="split", one_launch=True),
                dict(one_launch=True, fused_route="split"), dict(prefetch=1), dict(prefetch=1, fused_route="inline"),
                dict(prefetch=1, block_m=16, fused_route="split"), dict(prefetch=3, fused_route="split"),
                dict(prefetch=-1, fused_route="split"), dict(h_in_down=True),
@@ -876,7 +882,10 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
                                                                     fused_route="inline"),
                                                     TritonMoEConfig(w8a8=True, block_f=128, block_d=128, block_k=64,
                                                                     block_kf=64, k_splits=8, f_splits=2,
-                                                                    fused_route="split", topk="rank")]
+                                                                    fused_route="split", topk="rank"),
+                                                    TritonMoEConfig(w8a8=True, block_f=128, block_d=128, block_k=128,
+                                                                    block_kf=128, k_splits=4, f_splits=2,
+                                                                    fused_route="split", topk="kernel", merge=True)]
                                                    if T == 1 else [])
     a100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA A100-SXM4-80GB", 108, "gpu"))
     with jax.sharding.use_abstract_mesh(a100):
@@ -885,7 +894,8 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
             text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
             routed = config is not None and (config.fused_route in ("topk", "all") or config.topk == "kernel")
             single = config is not None and (config.fused_route == "single" or config.one_launch)
-            assert text.count("__gpu$xla.gpu.triton") == (1 if single else 2 + routed)
+            h_kernel = config is not None and config.w8a8 and config.merge  # h's int8 rows: a third kernel
+            assert text.count("__gpu$xla.gpu.triton") == (1 if single else 2 + routed + h_kernel)
 
 
 def test_benchmark_ratios():
@@ -922,7 +932,7 @@ def test_tuned_entries_are_candidates_of_the_search():
         assert c.impl == e["impl"] and c.fn.keywords["config"] == c.config
     # the H200's T=1 entries are in their families: Qwen3-30B's bf16 in "routed", its int8 and Qwen3-235B's int8
     # in "fold", both k-major int8 entries in "kmajor"
-    kmajor = lambda D, F: kmajor_configs(1, 128, 8, D, F, quick=True)  # noqa: E731
+    kmajor = lambda D, F: kmajor_configs(1, 128, 8, D, F, quick=True, families=("kmajor", "kmerge"))  # noqa: E731
     for shape, w, configs in (("30b", "bfloat16", routed_configs), ("30b", "int8", fold_configs),
                               ("235b", "int8", fold_configs), ("30b", "int8k", kmajor), ("235b", "int8k", kmajor)):
         D, F, E, K = SHAPES[shape]

@@ -172,12 +172,15 @@ class TritonMoEConfig:
       91dc255's tune (the tuned table's H200 T=1 entries): bf16 weights on the tensor cores 39.7 us at 30B
       (inline: 42.1) and 94.4 at 235B (inline 94.7); int8 in the GEMV mode 37.3 and 76.1, with the dot and w8a8
       modes 1-5 us behind. At 30B no mode reads int8 faster than ~1.5 TB/s: the programs are latency-bound.
-    merge: (fused_route "split", not w8a8) the two XLA passes between and after the kernels move into them: the
+    merge: (fused_route "split") the two XLA passes between and after the kernels move into them: the
       last gate/up program of an (expert, F tile) to finish (a counter each, bumped atomically) sums the tile's
       k_splits partials and writes its h columns, and the last down program of a D tile sums its f_splits * K
       rows and writes out's columns in x's dtype. One memset (the counters) instead of two fusions and their
       launches; the sums run in a fixed order, so the result is the same bits every run. Off until a GPU tune
-      picks it.
+      picks it. With w8a8 the h rows are int8 with a scale over all of F, which no gate/up program sees: h is made
+      by one Pallas program per choice (`triton_split._h_w8a8_kernel`, in place of XLA's 3-4 fusions: ~6 us of
+      a 26 us call at Qwen3-30B with k-major weights, 9.8 kernels a call, f92c202's profile) and only the down
+      kernel merges. Not with one_launch.
     prefetch: (fused_route "split", GEMV mode) how many k-steps ahead both kernels load (0: none). Each k-step
       issues the weight tile loads (and the token's x slice) of the step `prefetch` ahead before its own
       conversions and FMAs, carrying the loaded tiles in registers, so a program has that many steps' loads in
@@ -310,9 +313,11 @@ class TritonMoEConfig:
         if self.topk in ROUTED_TOPKS and (self.fused_route != "split" or self.one_launch):
             raise ValueError(f"topk={self.topk!r} routes before the split path's two launches: it needs "
                              "fused_route='split' and not one_launch")
-        if self.merge and (self.fused_route != "split" or self.w8a8):
-            raise ValueError("merge is the split path's (fused_route='split') and not w8a8's (h's int8 rows take "
-                             "a scale over all of F, which no one program sees)")
+        if self.merge and self.fused_route != "split":
+            raise ValueError("merge is the split path's (fused_route='split')")
+        if self.one_launch and self.w8a8:
+            raise ValueError("one_launch merges h in its gate/up work, and w8a8's int8 h rows take a scale over all "
+                             "of F, which no one program sees")
         if self.one_launch and not self.merge:
             raise ValueError("one_launch runs the merged split path: it needs merge=True")
         if not 0 <= self.prefetch <= MAX_PREFETCH:
