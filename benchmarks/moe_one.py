@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="30b", choices=list(SHAPES))
     p.add_argument("--tokens", type=int, default=1)
-    p.add_argument("--format", default="bf16", choices=["bf16", "int8"])
+    p.add_argument("--format", default="bf16", choices=["bf16", "int8", "int8k"],
+                   help="expert weights: bf16, int8 ([E, In, Out]) or int8k (int8 stored k-major)")
     p.add_argument("--config", default=None, help="TritonMoEConfig fields as JSON (default: the tuned pick)")
     p.add_argument("--calls", type=int, default=3)
     args = p.parse_args(argv)
@@ -49,15 +50,15 @@ def main(argv=None) -> int:
     D, F, E, K = SHAPES[args.shape]
     x, router, *ws = make_sets(args.tokens, D, F, E, K)[0]
     ref = jax.jit(functools.partial(moe_reference, top_k=K, norm_topk_prob=True))(x, router, *ws)
-    if args.format == "int8":
-        ws = [quantize_int8(w) for w in ws]
+    if args.format != "bf16":
+        ws = [quantize_int8(w, k_major=args.format == "int8k") for w in ws]
     if cfg is None:
         fn = functools.partial(moe, top_k=K, norm_topk_prob=True)
     else:
         fn = functools.partial(moe_triton, top_k=K, norm_topk_prob=True, config=cfg)
     fn = jax.jit(fn)
     err = tuning.max_rel_err(fn(x, router, *ws), ref)
-    tol = TOL_INT8 if args.format == "int8" else TOL
+    tol = TOL if args.format == "bf16" else TOL_INT8
     print(f"{args.shape} T={args.tokens} {args.format} config={config}: max rel err {err:.2e} (bound {tol})")
     if not err <= tol:
         print("output does not match the reference", file=sys.stderr)

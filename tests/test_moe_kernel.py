@@ -694,6 +694,21 @@ def test_moe_one_refuses_a_bad_config(capsys):
         assert said in capsys.readouterr().err
 
 
+def test_moe_benchmark_refuses_a_bad_format(capsys, monkeypatch):
+    # --formats names the weight formats --tune searches: anything else is exit code 2 naming the option
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import moe as moe_bench
+
+    for bad in ("int4", "bf16,int8kk", ","):
+        monkeypatch.setattr(sys, "argv", ["moe.py", "--tune", "--formats", bad])
+        with pytest.raises(SystemExit) as e:
+            moe_bench.main()
+        assert e.value.code == 2 and "--formats" in capsys.readouterr().err
+
+
 def test_group_by_expert():
     experts = jnp.array([[3, 1], [1, 0], [3, 2]], jnp.int32)  # pairs 0..5 -> experts 3 1 1 0 3 2
     order, meta = group_by_expert(experts, 8, 6)
