@@ -521,9 +521,10 @@ KMAJOR_DOT = [(128, 128, 4, 128, 128, 2, 4, 3), (128, 128, 4, 128, 128, 4, 4, 3)
 KMAJOR_W8A8 = [(128, 128, 4, 128, 128, 2, 4, 2), (128, 128, 4, 128, 128, 4, 4, 2), (128, 128, 8, 128, 128, 2, 4, 2),
                (128, 64, 4, 128, 128, 2, 4, 4), (64, 128, 8, 64, 128, 2, 4, 2), (128, 128, 4, 128, 256, 1, 4, 2),
                (128, 128, 4, 256, 128, 2, 8, 2), (64, 128, 4, 64, 128, 2, 4, 3)]
-# "kmerge": w8a8 with merge (h's int8 rows by one Pallas program per choice, the down rows summed in the down
-# kernel: 9.8 kernels a call at f92c202, ~6 us of them XLA's passes at Qwen3-30B), at the two tunes' winners
-# (Qwen3-235B's 128 x 128 tiles at 2 and 3 stages, 30B's 64-wide at 3 and 2) and 235B's over 4 F ranges
+# "kmerge": w8a8 with merge (h merged by the gate/up kernel, rounded to int8 by each down program, the down rows
+# summed in the down kernel: 9.8 kernels a call at f92c202, ~6 us of them XLA's passes at Qwen3-30B), at the two
+# tunes' winners (Qwen3-235B's 128 x 128 tiles at 2 and 3 stages, 30B's 64-wide at 3 and 2) and 235B's over 4 F
+# ranges
 KMAJOR_MERGE = [(128, 128, 4, 128, 128, 2, 4, 2), (128, 128, 4, 128, 128, 2, 4, 3), (64, 128, 8, 64, 128, 2, 4, 3),
                 (64, 128, 8, 64, 128, 2, 4, 2), (128, 128, 4, 128, 128, 4, 4, 2)]
 

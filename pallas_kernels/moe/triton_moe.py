@@ -177,10 +177,11 @@ class TritonMoEConfig:
       k_splits partials and writes its h columns, and the last down program of a D tile sums its f_splits * K
       rows and writes out's columns in x's dtype. One memset (the counters) instead of two fusions and their
       launches; the sums run in a fixed order, so the result is the same bits every run. Off until a GPU tune
-      picks it. With w8a8 the h rows are int8 with a scale over all of F, which no gate/up program sees: h is made
-      by one Pallas program per choice (`triton_split._h_w8a8_kernel`, in place of XLA's 3-4 fusions: ~6 us of
-      a 26 us call at Qwen3-30B with k-major weights, 9.8 kernels a call, f92c202's profile) and only the down
-      kernel merges. Not with one_launch.
+      picks it. With w8a8 the merged h is written in x's dtype and each down program rounds its row to int8
+      itself (the row's max |h| over all of F, from L2, as the gate/up kernel rounds x): XLA's h pass (3-4 fusions,
+      with the row sum ~6 us of a 26 us call at Qwen3-30B with k-major weights, f92c202's profile) is gone. (A
+      first form made h's int8 rows in one Pallas program per choice: no faster than XLA's fusions, c8f2944.) Not
+      with one_launch.
     prefetch: (fused_route "split", GEMV mode) how many k-steps ahead both kernels load (0: none). Each k-step
       issues the weight tile loads (and the token's x slice) of the step `prefetch` ahead before its own
       conversions and FMAs, carrying the loaded tiles in registers, so a program has that many steps' loads in
@@ -787,7 +788,13 @@ def _dot_row_pass(x_ref, row, w_refs, e, c0, *, block_c: int, block_k: int, k_lo
     w8a8) or when `quantize` rounds the bf16 row here (its max |x| over the whole row, from L2, / 127): int32 dots,
     no conversion of the weights; else they convert to x's dtype."""
     if quantize:
-        x_scale = _int8_scale(jnp.max(jnp.abs(x_ref[row, pl.ds(0, x_ref.shape[1])].astype(jnp.float32))))
+        n = x_ref.shape[1]
+        if _pow2(n):
+            whole = x_ref[row, pl.ds(0, n)]
+        else:  # (h's rows at F = 768) one block of the next power of two, the columns past the row masked to 0
+            cols = jnp.arange(_next_pow2(n), dtype=jnp.int32)
+            whole = pltriton.load(x_ref.at[(row, cols)], mask=cols < n, other=0)
+        x_scale = _int8_scale(jnp.max(jnp.abs(whole.astype(jnp.float32))))
 
     def step(kk, acc):
         k0 = pl.multiple_of(k_lo + kk * block_k, block_k)

@@ -33,7 +33,6 @@ from pallas_kernels.moe.triton_moe import (
     _gemv_fma,
     _gemv_load,
     _gemv_pass,
-    _int8_scale,
     _k_loop,
     _kth_choice,
     _next_pow2,
@@ -43,7 +42,6 @@ from pallas_kernels.moe.triton_moe import (
     _scaled,
     _silu,
     _to_f32,
-    _to_int8,
     k_major_values,
     pallas_call,
 )
@@ -197,21 +195,6 @@ def _h_partials(gu_ref, k, top_k: int, c0, width: int, limit: int | None = None)
                  for r in (rows, rows + 1))
 
 
-def _h_w8a8_kernel(gu_ref, h_ref, hs_ref, *, top_k: int):
-    """merge with w8a8: program k makes choice k's h row [F] from the gate/up partials as the XLA pass does
-    (summed, SiLU(g) * u in float32) and rounds it to int8 with the row's scale (max |h| / 127), one launch where
-    XLA took 3-4 fusions. F need not be a power of two: the row is loaded as the next one, the rest masked (0)."""
-    k = pl.program_id(0)
-    F = h_ref.shape[1]
-    width = _next_pow2(F)
-    g, u = _h_partials(gu_ref, k, top_k, 0, width, limit=F)
-    h = _silu(jnp.sum(g, axis=0)) * jnp.sum(u, axis=0)  # [width]; 0 past F
-    scale = _int8_scale(jnp.max(jnp.abs(h)))
-    cols = jnp.arange(width, dtype=jnp.int32)
-    # columns past F index past the row, masked: nothing stored (the interpreter drops out-of-bounds updates)
-    pltriton.store(h_ref.at[(k, cols)], _to_int8(h / scale), mask=cols < F)
-    hs_ref[k] = scale
-
 
 def _h_from_partials(g_parts, u_parts, dtype):
     """h from `_h_partials` as the XLA pass makes it: the partials summed, SiLU(g) * u, rounded to dtype."""
@@ -253,9 +236,12 @@ def _split_down_kernel(
     d0 = pl.multiple_of(i * block_d, block_d)
     e, w = _kth_choice(logits_ref, k, top_k, norm_topk_prob, topk)
     if dot:
+        # w8a8 takes h as int8 rows with their scales (XLA's pass), or with merge as the gate/up kernel wrote it
+        # (x's dtype), rounded here: the row's max |h| over all of F (from L2) / 127, as the gate/up kernel rounds x
+        quantize = w8a8 and h_ref.dtype != jnp.int8
         (o,) = _dot_row_pass(h_ref, k, (wd_ref,), e, d0, block_c=block_d, block_k=block_kf, k_lo=r * f_len,
-                             k_len=f_len, quantize=False)
-        o = o * (w * ins[1][k] if w8a8 else w)
+                             k_len=f_len, quantize=quantize)
+        o = o * (w * ins[1][k] if w8a8 and not quantize else w)
     else:
         height = _acc_rows(block_kf, block_d, fold)  # reduce over F once after the loop (see _gemv_pass)
         acc2d = height > 0
@@ -384,12 +370,11 @@ def moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, i
         return pl.BlockSpec(shape, lambda *ids: (0,) * len(shape))
 
     merge, h_in_down = plan.merge, plan.h_in_down
-    # h_in_down: the down kernel makes h from the partials; w8a8: `_h_w8a8_kernel` does
-    merge_gate_up = merge and not h_in_down and not plan.w8a8
+    merge_gate_up = merge and not h_in_down  # h_in_down: the down kernel makes h from the partials
     nF, nD = F // bf, D // bd
     # merge: one counter per (expert, F tile) for the gate/up kernel (unless h_in_down), one per D tile for the
     # down kernel, and with one_launch one per choice (its h is ready) and the ticket
-    n_counts = (top_k * nF if merge_gate_up or plan.one_launch else 0) + nD + (top_k + 1 if plan.one_launch else 0)
+    n_counts = (0 if h_in_down else top_k * nF) + nD + (top_k + 1 if plan.one_launch else 0)
     counts = [jnp.zeros((n_counts,), jnp.int32)] if merge else []
     count_shape = jax.ShapeDtypeStruct((n_counts,), jnp.int32)
     gu_shape = jax.ShapeDtypeStruct((S * top_k * 2, F), jnp.float32)  # partial gate/up sums
@@ -443,17 +428,6 @@ def moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, i
         _, h, count = gu
     elif h_in_down:  # the down kernel sums the partials itself
         h = gu
-    elif plan.w8a8 and merge:  # h's int8 rows by one program per choice (see TritonMoEConfig.merge)
-        h, h_scale = pallas_call(
-            functools.partial(_h_w8a8_kernel, top_k=top_k),
-            grid=(top_k,),
-            in_specs=[full(gu.shape)],
-            out_specs=[full((top_k, F)), full((top_k,))],
-            out_shape=[jax.ShapeDtypeStruct((top_k, F), jnp.int8), jax.ShapeDtypeStruct((top_k,), jnp.float32)],
-            compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1),
-            interpret=interpret,
-            name="moe_split_h_w8a8",
-        )(gu)
     else:
         # h once, in XLA (a few KB). h_in_down has every down program read the k_splits partials of its F range
         # and apply SiLU itself: with the first H200 profile's narrow down tiles that re-read as many bytes from L2
@@ -462,7 +436,7 @@ def moe_split(x, router, w_gate, w_up, w_down, *, top_k, norm_topk_prob, plan, i
         h = jax.nn.silu(g) * u
         # [K, F], rounded as the reference's h; with w8a8 to int8, a scale per row
         h, h_scale = _quantize_rows(h) if plan.w8a8 else (h.astype(x.dtype), None)
-    args = (logits, h, ws[2], *([w_down.scale] if quantized else []), *([h_scale] if plan.w8a8 else []),
+    args = (logits, h, ws[2], *([w_down.scale] if quantized else []), *([h_scale] if h_scale is not None else []),
             *([count] if merge else []))
     out = pallas_call(
         functools.partial(_split_down_kernel, top_k=top_k, norm_topk_prob=norm_topk_prob, block_d=bd,
