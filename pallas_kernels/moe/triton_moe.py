@@ -35,7 +35,10 @@ routing is `_route_kernel` (softmax, top-k, renormalisation in Pallas; "all" als
 one-token slot table): route, gate/up, down = 3 launches in all.
 
 Int8 weights (`QuantizedWeight`) load as int8 (half the bytes), convert to the activation dtype in registers
-(exact for |v| <= 127) and the float32 dot result is scaled per output column.
+(exact for |v| <= 127) and the float32 dot result is scaled per output column. Stored k-major ([E, Out, In],
+QuantizedWeight.k_major), every kernel reads them through `_KMajor` views (see `pallas_call`): the same [e, In rows,
+Out columns] indexing, each tile loaded as stored and transposed in registers, which a dot takes as its K-major
+operand (int8 x int8 dots need one: on the H200 a Qwen3-235B gate/up pass streamed 3.1 TB/s k-major against 2.3).
 
 At T=1 the tuned table's paths are one kernel ("single") and the split two-kernel path (`triton_split.py`, see
 TritonMoEConfig); this module holds the config, the plan, the building blocks both share and the entry point.
@@ -179,9 +182,10 @@ class TritonMoEConfig:
       launches; the sums run in a fixed order, so the result is the same bits every run. Off until a GPU tune
       picks it. With w8a8 the merged h is written in x's dtype and each down program rounds its row to int8
       itself (the row's max |h| over all of F, from L2, as the gate/up kernel rounds x): XLA's h pass (3-4 fusions,
-      with the row sum ~6 us of a 26 us call at Qwen3-30B with k-major weights, f92c202's profile) is gone. (A
-      first form made h's int8 rows in one Pallas program per choice: no faster than XLA's fusions, c8f2944.) Not
-      with one_launch.
+      with the row sum ~6 us of a 26 us call at Qwen3-30B with k-major weights, f92c202's profile) is gone. This
+      form is checked in the interpreter and lowered for CUDA, not yet timed on a GPU (session 25's device time
+      ran out); a first form, h's int8 rows made by one Pallas program per choice, ran no faster than XLA's fusions
+      (c8f2944). Not with one_launch.
     prefetch: (fused_route "split", GEMV mode) how many k-steps ahead both kernels load (0: none). Each k-step
       issues the weight tile loads (and the token's x slice) of the step `prefetch` ahead before its own
       conversions and FMAs, carrying the loaded tiles in registers, so a program has that many steps' loads in
