@@ -504,6 +504,7 @@ def mosaic_configs(T: int) -> list:
 
 
 INT8_TUNE_T = (1, 8)  # decode sizes, where int8's halved bytes should show; larger T keeps plan's choice
+QUANTISED = ("ours_int8", "ours_int8k")  # the int8 rows: [E, In, Out] and k-major weights
 
 
 # (block_f, block_k, k_splits, block_d, block_kf, f_splits, num_warps, num_stages) of "kmajor": the split path's dot
@@ -639,10 +640,9 @@ def bench(shape_name, T, *, tiny, profile: bool = False) -> list[dict]:
     ref = jax.jit(impls["ragged_dot"])(*sets[0])
     rows = []
     timed = {}  # name -> (fn, input sets, touched bytes) of those that passed their check
-    quantised = ("ours_int8", "ours_int8k")
-    for name in ["ours", *quantised, "ragged_dot", "gather_einsum", "mosaic"]:
+    for name in ["ours", *QUANTISED, "ragged_dot", "gather_einsum", "mosaic"]:
         bytes_per_expert = 3 * D * F * 2
-        if name in quantised:
+        if name in QUANTISED:
             q = [quantize_int8(w, k_major=name == "ours_int8k") for w in sets[0][2:]]
             qsets = [(x, r, *q) for x, r, *_ in sets]
             fn = functools.partial(moe_triton, **kw, interpret=True) if tiny else functools.partial(moe, **kw)
@@ -659,10 +659,10 @@ def bench(shape_name, T, *, tiny, profile: bool = False) -> list[dict]:
             row["error"] = f"skipped: the Mosaic kernel declines T > {MOSAIC_MAX_TOKENS}; the dispatcher falls back"
             rows.append(row)
             continue
-        weights = qsets[0][2] if name in quantised else sets[0][2]
-        if name in ("ours", *quantised) and tiny:
+        weights = qsets[0][2] if name in QUANTISED else sets[0][2]
+        if name in ("ours", *QUANTISED) and tiny:
             row["picked"] = "triton (interpreter)"
-        elif name in ("ours", *quantised):
+        elif name in ("ours", *QUANTISED):
             entry = dispatch.tuned((T, D), weights, K, sets[0][0].dtype)
             row["picked"] = f"tuned {entry['impl']} {entry['config']}" if entry else dispatch.choose()
         try:
@@ -690,7 +690,7 @@ def bench(shape_name, T, *, tiny, profile: bool = False) -> list[dict]:
             row["error"] = errors[name]
         log(f"{shape_name} T={T} {name}: {row.get('us', '-')} us, {row.get('GB/s', '-')} GB/s "
             f"{row.get('error', '')}")
-        if profile and name in ("ours", *quantised) and name in times:  # where one call's time goes, by kernel
+        if profile and name in ("ours", *QUANTISED) and name in times:  # where one call's time goes, by kernel
             row["profile"], line = gpu_trace.profile_call(*timed[name][:2], max_calls=SETS)
             log(f"  {line}")
     if "chain_floor" in times:
@@ -708,7 +708,7 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     for r in rows:
         if not ours or not r.get("us") or r["impl"] in ("ours", "chain_floor"):
             continue
-        if r["impl"] in ("ours_int8", "ours_int8k"):
+        if r["impl"] in QUANTISED:
             r["x bf16"] = round(ours / r["us"], 2)
         else:
             r["ours x"] = round(r["us"] / ours, 2)
@@ -762,7 +762,7 @@ def main() -> None:
             "error"]
     print(table(rows, [c for c in cols if any(c in r for r in rows)]))
     print(f"wrote {save()}")
-    if any("error" in r for r in rows if r["impl"] in ("ours", "ours_int8", "ours_int8k")):
+    if any("error" in r for r in rows if r["impl"] in ("ours", *QUANTISED)):
         raise SystemExit("our kernel failed on some shape (see the error column)")
 
 

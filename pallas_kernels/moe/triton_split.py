@@ -183,17 +183,13 @@ def _write_partials(gu_ref, k, s, f0, g, u, *, top_k: int, block_f: int):
     gu_ref[row + 1, pl.ds(f0, block_f)] = u
 
 
-def _h_partials(gu_ref, k, top_k: int, c0, width: int, limit: int | None = None):
+def _h_partials(gu_ref, k, top_k: int, c0, width: int):
     """The k_splits partial gate and up sums ([k_splits, width] float32 each) of choice k's h columns
-    [c0, c0 + width), from the split gate/up kernel's output gu [k_splits * K * 2, F]; columns from `limit` on
-    load as 0."""
+    [c0, c0 + width), from the split gate/up kernel's output gu [k_splits * K * 2, F]."""
     S = gu_ref.shape[0] // (2 * top_k)
     rows = 2 * (jnp.arange(S, dtype=jnp.int32)[:, None] * top_k + k)  # [S, 1]
     cols = c0 + jnp.arange(width, dtype=jnp.int32)[None, :]
-    mask = None if limit is None else jnp.broadcast_to(cols < limit, (S, width))
-    return tuple(pltriton.load(gu_ref.at[(r, cols)], mask=mask, other=None if mask is None else 0)
-                 for r in (rows, rows + 1))
-
+    return pltriton.load(gu_ref.at[(rows, cols)]), pltriton.load(gu_ref.at[(rows + 1, cols)])
 
 
 def _h_from_partials(g_parts, u_parts, dtype):
