@@ -419,7 +419,19 @@ def main() -> None:
                                                "tuning": tuning_rows})
         print(f"wrote {path}")
         return
-    rows = [r for shape in shapes for r in run_shape(shape, args)]
+    def save(rows):
+        return write_result("attention", {
+            "device": device(), "versions": versions("jax", "jaxlib"), "backend": jax.default_backend(),
+            "heads": {"q": HQ, "kv": HKV, "head_dim": D}, "dtype": "bfloat16",
+            "timing": "tuning.time_interleaved: in-jit, rotating inputs > L2, (t(2n) - t(n)) / n, median of 25, "
+                      "round-robin over the implementations",
+            "summary": summarize(rows), "rows": rows, "tuning": tuning_rows})
+
+    rows = []
+    for shape in shapes:  # the JSON rewritten after each shape: a run cut off by a time limit keeps what it measured
+        rows += run_shape(shape, args)
+        if not args.tiny:
+            save(rows)
     summary = summarize(rows)
     cols = list(dict.fromkeys(c for line in summary for c in line))
     print(table([{c: line.get(c, "") for c in cols} for line in summary], cols))
@@ -428,13 +440,7 @@ def main() -> None:
     if args.tiny:
         assert all(r["ok"] for r in rows if r["impl"] in ("ours", "mosaic", "xla_reference")), rows
         return
-    path = write_result("attention", {
-        "device": device(), "versions": versions("jax", "jaxlib"), "backend": jax.default_backend(),
-        "heads": {"q": HQ, "kv": HKV, "head_dim": D}, "dtype": "bfloat16",
-        "timing": "tuning.time_interleaved: in-jit, rotating inputs > L2, (t(2n) - t(n)) / n, median of 25, "
-                  "round-robin over the implementations",
-        "summary": summary, "rows": rows, "tuning": tuning_rows})
-    print(f"wrote {path}")
+    print(f"wrote {save(rows)}")
 
 
 if __name__ == "__main__":

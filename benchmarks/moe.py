@@ -372,20 +372,18 @@ ROUTED_GEMV = [(256, 32, 8, 256, 32, 4, 8), (256, 32, 8, 256, 32, 4, 4), (128, 6
 
 
 def routed_configs(D: int, F: int) -> list:
-    """The "routed" family (T=1): the split path routed once before its kernels (TritonMoEConfig.topk "kernel",
-    "fused" and "xla") beside the same configs routing in every program ("rank"): the first two dot-mode merge
-    picks (bf16's tuned T=1 entry first) and ROUTED_GEMV with the byte permute one step ahead (int8's tuned entry
-    first), with XLA's merge and with the kernels'. Each program's routing had cost more at 8 warps than at 4
+    """The "routed" family (T=1): the split path routed once before its kernels (TritonMoEConfig.topk "kernel" and
+    "xla") beside the same configs routing in every program ("rank"): the first two dot-mode merge picks (bf16's
+    tuned T=1 entry first) and ROUTED_GEMV with the byte permute one step ahead (int8's tuned entry first), with
+    XLA's merge and with the kernels'. Each program's routing had cost more at 8 warps than at 4
     (moe_parts_30b_h200_30ba836.log), so 4-warp GEMV configs come back in. Then ROUTED_GEMV routed by the kernel
     with h made in the down kernel (TritonMoEConfig.h_in_down, no XLA pass between the kernels), with and without
     the down kernel's merge: with "rank" routing that had won the "hdown" tune (moe_tune_hdown_30b_h200_0e8b8a3)."""
-    from pallas_kernels.moe.triton_moe import ROUTED_TOPKS
-
     dots = [c for c in merge_configs(D, F) if c.block_m == 16][:2]  # SPLIT_DOT_PICKS' first two, merged
     gemv = [c for blocks in ROUTED_GEMV for m in (False, True)
             for c in gemv_split(D, F, [blocks], dequant="prmt", prefetch=1, merge=m)]
     hdown = [dataclasses.replace(c, topk="kernel", h_in_down=True) for c in gemv]
-    return [dataclasses.replace(c, topk=t) for c in dots + gemv for t in ("rank", *ROUTED_TOPKS)] + hdown
+    return [dataclasses.replace(c, topk=t) for c in dots + gemv for t in ("rank", "kernel", "xla")] + hdown
 
 
 # (block_f, block_k, k_splits, block_d, block_kf, f_splits, num_warps) of "fold": int8's tuned T=1 blocks with
@@ -532,8 +530,8 @@ KMAJOR_MERGE = [(128, 128, 4, 128, 128, 2, 4, 2), (128, 128, 4, 128, 128, 2, 4, 
                 (64, 128, 8, 64, 128, 2, 4, 2), (128, 128, 4, 128, 128, 4, 4, 2)]
 # and neighbours of the one that won at Qwen3-30B (64-wide at 2 stages, 24.6 us; moe_tune_kmerge30_h200_c3f2844),
 # one side at a time: gate/up over 16 D ranges, 256-row steps, 128- and 32-wide tiles; down over 4 F ranges of
-# 64-row steps, in one range of 256-row steps, 128- and 32-wide tiles; both at 8 and 2 warps. Routed by the table
-# kernel; KMAJOR_MERGE's blocks also by the one-launch routing (topk "fused")
+# 64-row steps, in one range of 256-row steps, 128- and 32-wide tiles; both at 8 and 2 warps. In their first tune
+# (moe_tune_kmerge30_h200_388011e.log) all but 8 warps (30.9 us) ran 24.4-26.9 us, within the run's noise
 KMERGE_NEAR = [(64, 128, 16, 64, 128, 2, 4, 2), (64, 256, 4, 64, 128, 2, 4, 2), (128, 128, 8, 64, 128, 2, 4, 2),
                (32, 128, 8, 64, 128, 2, 4, 2), (64, 128, 8, 64, 64, 4, 4, 2), (64, 128, 8, 64, 256, 1, 4, 2),
                (64, 128, 8, 128, 128, 2, 4, 2), (64, 128, 8, 32, 128, 2, 4, 2), (64, 128, 8, 64, 128, 2, 8, 2),
@@ -543,20 +541,17 @@ KMERGE_NEAR = [(64, 128, 16, 64, 128, 2, 4, 2), (64, 256, 4, 64, 128, 2, 4, 2), 
 def kmajor_configs(T: int, E: int, K: int, D: int, F: int, *, quick: bool, families=DEFAULT_FAMILIES) -> list:
     """The k-major int8 format's candidates (moe_triton reads k-major weights in any mode, but GEMV transposes each
     tile through registers): at T=1 ("kmajor") KMAJOR_DOT with and without w8a8 and KMAJOR_W8A8 with it, and
-    ("kmerge") KMAJOR_MERGE and KMERGE_NEAR with w8a8 and merge, routed by the table kernel, and KMAJOR_MERGE
-    routed in one launch (topk "fused"), where the blocks divide the shape; at other T the "dot" family and
-    w8a8's per-slot kernels."""
+    ("kmerge") KMAJOR_MERGE and KMERGE_NEAR with w8a8 and merge, routed by the table kernel, where the blocks
+    divide the shape; at other T the "dot" family and w8a8's per-slot kernels."""
     from pallas_kernels.moe import TritonMoEConfig
 
     if T == 1:
-        groups = ([(KMAJOR_DOT, (False, True), False, "kernel"), (KMAJOR_W8A8, (True,), False, "kernel")]
-                  if "kmajor" in families else [])
-        if "kmerge" in families:
-            groups += [(KMAJOR_MERGE + KMERGE_NEAR, (True,), True, "kernel"), (KMAJOR_MERGE, (True,), True, "fused")]
+        groups = ([(KMAJOR_DOT, (False, True), False), (KMAJOR_W8A8, (True,), False)] if "kmajor" in families
+                  else []) + ([(KMAJOR_MERGE + KMERGE_NEAR, (True,), True)] if "kmerge" in families else [])
         return [TritonMoEConfig(block_m=16, block_f=bf, block_k=bk, k_splits=ks, block_d=bd, block_kf=bkf,
-                                f_splits=fs, num_warps=w, num_stages=st, fused_route="split", topk=topk,
+                                f_splits=fs, num_warps=w, num_stages=st, fused_route="split", topk="kernel",
                                 w8a8=w8a8, merge=merge)
-                for blocks, modes, merge, topk in groups
+                for blocks, modes, merge in groups
                 for bf, bk, ks, bd, bkf, fs, w, st in blocks if split_fits(D, F, bf, bk, ks, bd, bkf, fs)
                 for w8a8 in modes]
     return triton_configs(T, E, K, F, quick=quick, D=D, families=("dot",)) + w8a8_configs(T, quick=quick)

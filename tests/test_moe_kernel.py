@@ -32,7 +32,6 @@ from pallas_kernels.moe import (
     quantize_int8,
     triton_available,
 )
-from pallas_kernels.moe.reference import route
 from pallas_kernels.moe.triton_moe import (
     DEQUANTS,
     IN_KERNEL_TOPKS,
@@ -285,29 +284,6 @@ def test_kth_choice_matches_route_with_ties(rng, topk, norm, E, top_k):
     np.testing.assert_allclose(np.asarray(w), np.asarray(want_w), rtol=1e-6)
 
 
-
-@pytest.mark.parametrize("E,top_k,D", [(128, 8, 2048), (128, 8, 96), (64, 8, 512), (8, 2, 48)],
-                         ids=["qwen3-30b-a3b", "d96", "e64", "small"])
-def test_fused_route_table_matches_route(rng, E, top_k, D):
-    # topk="fused": E / ROUTE_PROGRAMS logits a program (1 at E=8) over router steps of up to ROUTE_BLOCK_K columns
-    # (D=96: three of 32, D=48: three of 16), the last program to finish routing from all E. A program's logits
-    # left out or stored at the wrong experts picks other experts; a table the last program did not write stays
-    # NaN (interpreter): both fail
-    x = jnp.asarray(rng.standard_normal((1, D)), jnp.bfloat16)
-    router = jnp.asarray(rng.standard_normal((E, D)) / np.sqrt(D), jnp.bfloat16)
-    for norm in (True, False):
-        table = route_table(x, router, top_k=top_k, norm_topk_prob=norm, topk="fused", interpret=INTERPRET)
-        want_w, want_e = route(x, router, top_k=top_k, norm_topk_prob=norm)
-        assert table.shape == (2, top_k) and not np.isnan(np.asarray(table)).any()
-        np.testing.assert_array_equal(np.asarray(table[1]).astype(np.int32), np.asarray(want_e[0]))
-        np.testing.assert_allclose(np.asarray(table[0]), np.asarray(want_w[0]), rtol=1e-5)
-
-
-def test_fused_route_table_refuses_odd_expert_counts():
-    with pytest.raises(ValueError, match="power-of-two number of experts, not 60"):
-        route_table(jnp.ones((1, 32), jnp.bfloat16), jnp.ones((60, 32), jnp.bfloat16), top_k=4, norm_topk_prob=True,
-                    topk="fused", interpret=INTERPRET)
-
 # fused_combine: the down kernel sums each token's K experts and writes [T, D] once (no XLA combine), with each
 # routing (XLA; XLA logits + Pallas top-k; all of it in Pallas), in the GEMV mode (block_m 1 with several
 # (expert, F step) iterations per program and narrow D tiles; plan's rows) and the dot mode (block_m 16). The
@@ -419,9 +395,6 @@ ONE_TOKEN_CONFIGS = {
                                                      fused_route="split", topk="kernel", prefetch=1),
     "split-dot16-merge-xlaroute": TritonMoEConfig(block_m=16, block_f=16, block_d=16, block_k=16, block_kf=16,
                                                   k_splits=2, fused_route="split", topk="xla", merge=True),
-    # routed by the one-launch routing kernel (logits over several programs, the last one routing), merged dots
-    "split-dot16-merge-fusedroute": TritonMoEConfig(block_m=16, block_f=16, block_d=16, block_k=16, block_kf=16,
-                                                    k_splits=2, fused_route="split", topk="fused", merge=True),
     # and the kernel's table read by the down kernel that makes h from the partials and merges its rows
     "split-s2-hdown-merge-kernelroute": TritonMoEConfig(block_f=16, block_d=16, block_k=16, block_kf=16, k_splits=2,
                                                         fused_route="split", topk="kernel", prefetch=1,
@@ -905,12 +878,9 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
                                     f_splits=2, fused_route="split", topk="rank", merge=True),
                     TritonMoEConfig(block_m=16, block_f=128, block_d=128, block_k=64, block_kf=64, k_splits=8,
                                     f_splits=2, fused_route="split", topk="rank", merge=True, one_launch=True),
-                    # routed once before the kernels: by a third Triton kernel (after XLA's logits, or making them
-                    # itself), and by XLA
+                    # routed once before the kernels: by a third Triton kernel, and by XLA
                     TritonMoEConfig(block_f=256, block_d=256, block_k=32, block_kf=32, k_splits=8, f_splits=4,
                                     num_warps=8, fused_route="split", topk="kernel", dequant="prmt", prefetch=1),
-                    TritonMoEConfig(block_m=16, block_f=64, block_d=64, block_k=128, block_kf=128, k_splits=8,
-                                    f_splits=2, fused_route="split", topk="fused", merge=True),
                     TritonMoEConfig(block_m=16, block_f=128, block_d=128, block_k=64, block_kf=64, k_splits=8,
                                     f_splits=2, fused_route="split", topk="xla", merge=True),
                     # tall k-steps folded into one accumulator (two 32-row pieces a step), h made in the down kernel
@@ -931,19 +901,14 @@ def test_lowers_to_triton(T, D, F, E, top_k, int8):
                                                                     fused_route="split", topk="rank"),
                                                     TritonMoEConfig(w8a8=True, block_f=128, block_d=128, block_k=128,
                                                                     block_kf=128, k_splits=4, f_splits=2,
-                                                                    fused_route="split", topk="kernel", merge=True),
-                                                    TritonMoEConfig(w8a8=True, block_m=16, block_f=64, block_d=64,
-                                                                    block_k=128, block_kf=128, k_splits=8,
-                                                                    f_splits=2, fused_route="split", topk="fused",
-                                                                    merge=True, num_stages=2)]
+                                                                    fused_route="split", topk="kernel", merge=True)]
                                                    if T == 1 else [])
     a100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA A100-SXM4-80GB", 108, "gpu"))
     with jax.sharding.use_abstract_mesh(a100):
         for config in configs:
             fn = jax.jit(lambda *a, c=config: moe_triton(*a, top_k=top_k, norm_topk_prob=True, config=c))
             text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-            routed = config is not None and (config.fused_route in ("topk", "all") or config.topk in ("kernel",
-                                                                                                      "fused"))
+            routed = config is not None and (config.fused_route in ("topk", "all") or config.topk == "kernel")
             single = config is not None and (config.fused_route == "single" or config.one_launch)
             assert text.count("__gpu$xla.gpu.triton") == (1 if single else 2 + routed)
 

@@ -80,12 +80,9 @@ ONE_TOKEN_ROUTES = ("inline", "single", "split")
 ROUTES = FUSED_ROUTES + ONE_TOKEN_ROUTES
 DEQUANTS = ("convert", "bits", "prmt")  # TritonMoEConfig.dequant
 IN_KERNEL_TOPKS = ("rounds", "rank")  # TritonMoEConfig.topk: every program routes the token itself
-# fused_route "split": routed once before the kernels, which read a [2, K] table
-ROUTED_TOPKS = ("kernel", "fused", "xla")
+ROUTED_TOPKS = ("kernel", "xla")  # fused_route "split": routed once before the kernels, which read a [2, K] table
 TOPKS = IN_KERNEL_TOPKS + ROUTED_TOPKS
 ROUTE_TABLE_WARPS = 1  # topk="kernel": the one-program routing kernel's warps (K rounds of max over E values)
-ROUTE_PROGRAMS = 16  # topk="fused": programs of the routing kernel, each making E / ROUTE_PROGRAMS logits
-ROUTE_LOGITS_WARPS = 1  # topk="fused": their warps (the last to finish runs the K rounds of max, as "kernel")
 # dequant="bits": int8 v + MAGIC_BITS read as float32 is 2^23 + 128 + v exactly (v + 128 fills the low mantissa
 # byte), so subtracting MAGIC_FLOAT gives v: an integer add and a float subtract where `sitofp` is an I2F
 # instruction, a quarter of the integer rate on Hopper (16 per SM per clock)
@@ -253,20 +250,19 @@ class TritonMoEConfig:
       before any weight load can start; "rank": every logit's rank (how many beat it: larger, or equal at a lower
       index) from an [E, 32] comparison per 32 logits, then one masked sum each for the expert id, the softmax
       maximum, its denominator and the weight: 4 reductions however large K is.
-      "kernel", "fused" and "xla" (fused_route "split" only): the token is routed once before the two kernels,
-      which read their choice from a [2, K] float32 table (row 0 the weights, row 1 the expert ids; exact as
-      floats below 2^24): "kernel" by XLA's logits and a one-program, one-warp Triton kernel (`_route_kernel`),
-      "xla" by `reference.route` in XLA, "fused" by one launch of ROUTE_PROGRAMS programs
-      (`triton_split.route_table`), each making E / ROUTE_PROGRAMS of the logits from [rows, block_k] router
-      tiles (float32 FMAs, as fused_route "all"), the last of them to finish routing the token from all E. On the
-      H200 at Qwen3-30B int8, T=1 (moe_parts_30b_h200_30ba836.log, its script beside it) the in-kernel "rank"
-      cost 3.6 us in the gate/up kernel and 3.7 in the down kernel at 8 warps (1.9 and 1.4 in bf16's at 4): the
-      kernels with e = k instead took 9.9 and 5.5 us against 13.6 and 9.4, and with the id behind one dependent
-      load the same. In the tune that followed (e5ab985, moe_routed_30b_h200_e5ab985.log: 8
+      "kernel" and "xla" (fused_route "split" only): the token is routed once before the two kernels, which read
+      their choice from a [2, K] float32 table (row 0 the weights, row 1 the expert ids; exact as floats below
+      2^24): "kernel" by XLA's logits and a one-program, one-warp Triton kernel (`_route_kernel`), "xla" by
+      `reference.route` in XLA. On the H200 at Qwen3-30B int8, T=1 (moe_parts_30b_h200_30ba836.log, its script
+      beside it) the in-kernel "rank" cost 3.6 us in the gate/up kernel and 3.7 in the down kernel at 8 warps (1.9
+      and 1.4 in bf16's at 4): the kernels with e = k instead took 9.9 and 5.5 us against 13.6 and 9.4, and with the
+      id behind one dependent load the same. In the tune that followed (e5ab985, moe_routed_30b_h200_e5ab985.log: 8
       split configs, each routed all three ways) "kernel" beat "rank" on every config, by 0.7-3.5 us with bf16
       weights and 1.0-4.7 with int8, and "xla" was 4.7-8.8 us slower than "kernel" on each (its top-k and softmax
       are several XLA kernels); the routing kernel itself takes 2.2 us of the call. Both formats' tuned T=1 entries
-      route with "kernel" since.
+      route with "kernel" since. A one-launch form of "kernel" (the logits made by 8-64 programs of 1-4 warps,
+      the last to finish routing from all E; session 26) took 10.5-13.7 us at Qwen3-30B against "kernel"'s 4.4
+      (route_variants_h200_388011e.log, its script beside it) and was dropped.
     """
 
     block_m: int | None = None
@@ -342,7 +338,7 @@ class TritonMoEConfig:
             raise ValueError(f"persistent={self.persistent} must be in [0, {MAX_PERSISTENT}] (programs per SM)")
         if self.persistent and (not split_gemv or self.topk not in ROUTED_TOPKS or self.merge):
             raise ValueError("persistent is the split path's GEMV mode's (fused_route='split', block_m 1 or None) "
-                             "routed before the kernels (topk 'kernel', 'fused' or 'xla'), without merge")
+                             "routed before the kernels (topk 'kernel' or 'xla'), without merge")
         if self.h_in_down and (not split_gemv or self.one_launch):
             raise ValueError("h_in_down is the split path's GEMV mode's (fused_route='split', block_m 1 or None), "
                              "not w8a8's or one_launch's")

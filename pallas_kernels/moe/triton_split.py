@@ -26,8 +26,6 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.moe.reference import QuantizedWeight, route, router_logits
 from pallas_kernels.moe.triton_moe import (
-    ROUTE_LOGITS_WARPS,
-    ROUTE_PROGRAMS,
     ROUTE_TABLE_WARPS,
     ROUTED_TOPKS,
     _acc_rows,
@@ -44,7 +42,6 @@ from pallas_kernels.moe.triton_moe import (
     _scaled,
     _silu,
     _to_f32,
-    _topk,
     k_major_values,
     pallas_call,
 )
@@ -324,66 +321,13 @@ def _split_one_launch_kernel(
                            interpret=interpret, ids=(k, u // R % nD, u % R), **down)
 
 
-def _route_logits_kernel(x_ref, r_ref, _, logits_ref, table_ref, count_ref, *, rows: int, block_k: int, top_k: int,
-                         norm_topk_prob: bool, interpret: bool):
-    # x_ref [1, D], r_ref [E, D] (the router), the counter (input, aliased); out: logits_ref [1, E] float32,
-    # table_ref [2, K] float32 (TritonMoEConfig.topk's table), count_ref [1] int32
-    """topk="fused": program p makes the logits of experts [p * rows, (p + 1) * rows) (float32 FMAs over [rows,
-    block_k] router tiles, as `_route_kernel`'s block_k form) and stores them; the last program to finish routes
-    the token from all E of them (`_topk`) into the table."""
-    E, D = r_ref.shape
-    e0 = pl.multiple_of(pl.program_id(0) * rows, rows)
-
-    def k_step(kk, acc):
-        k0 = pl.multiple_of(kk * block_k, block_k)
-        x = x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32)  # [BK]
-        return acc + r_ref[pl.ds(e0, rows), pl.ds(k0, block_k)].astype(jnp.float32) * x[None, :]
-
-    acc = lax.fori_loop(0, D // block_k, k_step, jnp.zeros((rows, block_k), jnp.float32))
-    logits_ref[0, pl.ds(e0, rows)] = jnp.sum(acc, axis=1)
-
-    def route_token():
-        chosen, weights = _topk(logits_ref[0, pl.ds(0, E)], top_k, norm_topk_prob)
-        for k, (e, w) in enumerate(zip(chosen, weights, strict=True)):
-            table_ref[0, k] = w
-            table_ref[1, k] = e.astype(jnp.float32)
-
-    last_arrival(count_ref, 0, E // rows, route_token, interpret)
-
-
-ROUTE_BLOCK_K = 256  # topk="fused": router columns a step (fewer where D's largest power-of-two factor is smaller)
-
-
 def route_table(x, router, *, top_k, norm_topk_prob, topk, interpret):
     """One token's [2, K] float32 routing table (row 0 the weights, row 1 the expert ids) for TritonMoEConfig.topk
-    "kernel" (XLA's logits, then `_route_kernel` in one program of ROUTE_TABLE_WARPS warps), "fused"
-    (`_route_logits_kernel`: the logits and the routing in one launch of ROUTE_PROGRAMS programs; E a power of
-    two) or "xla" (`reference.route`)."""
+    "kernel" (XLA's logits, then `_route_kernel` in one program of ROUTE_TABLE_WARPS warps) or "xla"
+    (`reference.route`)."""
     if topk == "xla":
         weights, experts = route(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob)  # [1, K] each
         return jnp.concatenate([weights, experts.astype(jnp.float32)], axis=0)
-    if topk == "fused":
-        E, D = router.shape
-        if E & (E - 1):
-            raise ValueError(f"topk='fused' needs a power-of-two number of experts, not {E}")
-        rows = max(1, E // ROUTE_PROGRAMS)
-        block_k = min(ROUTE_BLOCK_K, D & -D)  # the largest power of two dividing D, at most ROUTE_BLOCK_K
-        spec = lambda shape: pl.BlockSpec(shape, lambda p: (0,) * len(shape))  # noqa: E731
-        shapes = [jax.ShapeDtypeStruct((1, E), jnp.float32), jax.ShapeDtypeStruct((2, top_k), jnp.float32),
-                  jax.ShapeDtypeStruct((1,), jnp.int32)]
-        _, table, _ = pl.pallas_call(
-            functools.partial(_route_logits_kernel, rows=rows, block_k=block_k, top_k=top_k,
-                              norm_topk_prob=norm_topk_prob, interpret=interpret),
-            grid=(E // rows,),
-            in_specs=[spec(x.shape), spec(router.shape), spec((1,))],
-            out_specs=[spec(o.shape) for o in shapes],
-            out_shape=shapes,
-            input_output_aliases={2: 2},
-            compiler_params=pltriton.CompilerParams(num_warps=ROUTE_LOGITS_WARPS, num_stages=2),
-            interpret=interpret,
-            name=f"moe_route_fused_p{E // rows}",
-        )(x, router, jnp.zeros((1,), jnp.int32))
-        return table
     logits = router_logits(x, router)  # [1, E]
     spec = lambda shape: pl.BlockSpec(shape, lambda t: (0,) * len(shape))  # noqa: E731
     return pl.pallas_call(
