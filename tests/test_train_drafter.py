@@ -68,10 +68,10 @@ def _out(tmp_path: Path, name: str, regenerated: Path) -> Path:
                                         ("eagle3", ["--draft-len", "4", "--draft-vocab-size", "256"])])
 def test_training_raises_acceptance_length(kind, extra, prompts_file, regenerated, tmp_path):
     out = _out(tmp_path, kind, regenerated)
-    assert main([*SMALL, *extra, "--drafter", kind, "--data", str(prompts_file), "--out", str(out), "--steps", "300",
-                 "--eval-every", "300", "--checkpoint-every", "300", "--log-every", "50"]) == 0
+    assert main([*SMALL, *extra, "--drafter", kind, "--data", str(prompts_file), "--out", str(out), "--steps", "120",
+                 "--eval-every", "120", "--checkpoint-every", "120", "--log-every", "40"]) == 0
     evals = [r for r in rows(out / "metrics.jsonl") if "acceptance_length" in r]
-    assert [r["step"] for r in evals] == [0, 300]
+    assert [r["step"] for r in evals] == [0, 120]
     untrained, trained = evals[0]["acceptance_length"], evals[1]["acceptance_length"]
     print(kind, "acceptance length", untrained, "->", trained)
     assert trained > untrained + 0.3, (untrained, trained)
