@@ -504,7 +504,18 @@ def mosaic_configs(T: int) -> list:
 
 
 INT8_TUNE_T = (1, 8)  # decode sizes, where int8's halved bytes should show; larger T keeps plan's choice
-QUANTISED = ("ours_int8", "ours_int8k")  # the int8 rows: [E, In, Out] and k-major weights
+FORMATS = ("bf16", "int8", "int8k")  # expert weights: bf16, int8 [E, In, Out], int8 stored k-major [E, Out, In]
+QUANTISED = tuple(f"ours_{f}" for f in FORMATS[1:])  # the benchmark's int8 rows, one a format
+
+
+def in_format(sets: list, fmt: str) -> list:
+    """`make_sets`' input sets with their (shared) expert weights in weight format `fmt` (one of FORMATS)."""
+    if fmt == "bf16":
+        return sets
+    from pallas_kernels.moe import quantize_int8
+
+    q = [quantize_int8(w, k_major=fmt == "int8k") for w in sets[0][2:]]
+    return [(x, r, *q) for x, r, *_ in sets]
 
 
 # (block_f, block_k, k_splits, block_d, block_kf, f_splits, num_warps, num_stages) of "kmajor": the split path's dot
@@ -572,23 +583,20 @@ def candidate(impl: str, config, top_k: int):
     return tuning.Candidate(impl, config, functools.partial(fn, top_k=top_k, norm_topk_prob=True, config=config))
 
 
-def tune(shape_name, tokens, *, quick, families=DEFAULT_FAMILIES, formats=("bf16", "int8", "int8k")) -> list[dict]:
+def tune(shape_name, tokens, *, quick, families=DEFAULT_FAMILIES, formats=FORMATS) -> list[dict]:
     """The search loop over Triton (and Mosaic) configs for each T, bf16 weights and, at decode sizes, int8;
     winners go to pallas_kernels/tuned/moe.json."""
     import functools
 
     from pallas_kernels import tuning
-    from pallas_kernels.moe import TritonMoEConfig, dispatch, moe_reference, quantize_int8
+    from pallas_kernels.moe import TritonMoEConfig, dispatch, moe_reference
     from pallas_kernels.moe.mosaic_moe import MAX_TOKENS
 
     D, F, E, K = SHAPES[shape_name]
     rows = []
     for T, fmt in [(T, "bf16") for T in tokens if "bf16" in formats] + [
-            (T, f) for f in ("int8", "int8k") for T in tokens if T in INT8_TUNE_T and f in formats]:
-        sets = make_sets(T, D, F, E, K)
-        if fmt != "bf16":
-            q = [quantize_int8(w, k_major=fmt == "int8k") for w in sets[0][2:]]
-            sets = [(x, r, *q) for x, r, *_ in sets]
+            (T, f) for f in FORMATS[1:] for T in tokens if T in INT8_TUNE_T and f in formats]:
+        sets = in_format(make_sets(T, D, F, E, K), fmt)
         if fmt == "int8k":
             configs = kmajor_configs(T, E, K, D, F, quick=quick, families=families)
         else:
@@ -630,7 +638,7 @@ def bench(shape_name, T, *, tiny, profile: bool = False) -> list[dict]:
 
     from benchmarks import gpu_trace
     from pallas_kernels import moe, tuning
-    from pallas_kernels.moe import dispatch, moe_reference, moe_triton, quantize_int8
+    from pallas_kernels.moe import dispatch, moe_reference, moe_triton
     from pallas_kernels.moe.mosaic_moe import MAX_TOKENS as MOSAIC_MAX_TOKENS
 
     D, F, E, K = (TINY if tiny else SHAPES)[shape_name]
@@ -652,8 +660,7 @@ def bench(shape_name, T, *, tiny, profile: bool = False) -> list[dict]:
     for name in ["ours", *QUANTISED, "ragged_dot", "gather_einsum", "mosaic"]:
         bytes_per_expert = 3 * D * F * 2
         if name in QUANTISED:
-            q = [quantize_int8(w, k_major=name == "ours_int8k") for w in sets[0][2:]]
-            qsets = [(x, r, *q) for x, r, *_ in sets]
+            qsets = in_format(sets, name.removeprefix("ours_"))
             fn = functools.partial(moe_triton, **kw, interpret=True) if tiny else functools.partial(moe, **kw)
             bytes_per_expert = 3 * D * F + 4 * (2 * F + D)
             args, tol = qsets, TOL_INT8
@@ -730,8 +737,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     p.add_argument("--tune", action="store_true", help="search Triton configs for --shapes first")
     p.add_argument("--quick-tune", action="store_true", help="fewer configs in --tune")
-    p.add_argument("--formats", default="bf16,int8,int8k",
-                   help="weight formats --tune searches (default: bf16,int8,int8k)")
+    p.add_argument("--formats", default=",".join(FORMATS),
+                   help=f"weight formats --tune searches (default: {','.join(FORMATS)})")
     p.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
                    help=f"config families --tune searches, comma-separated, of {','.join(FAMILIES)} (default: all "
                         "but wide)")
@@ -743,8 +750,8 @@ def main() -> None:
     if not families or set(families) - set(FAMILIES):
         p.error(f"--families: comma-separated names among {', '.join(FAMILIES)}, got {args.families!r}")
     formats = tuple(f for f in args.formats.split(",") if f)
-    if not formats or set(formats) - {"bf16", "int8", "int8k"}:
-        p.error(f"--formats: some of bf16, int8, int8k (comma-separated), got {args.formats!r}")
+    if not formats or set(formats) - set(FORMATS):
+        p.error(f"--formats: some of {', '.join(FORMATS)} (comma-separated), got {args.formats!r}")
     import jax
 
     shapes = list(TINY) if args.tiny else args.shapes

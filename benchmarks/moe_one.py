@@ -22,14 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.moe import SHAPES, TOL, TOL_INT8, make_sets  # noqa: E402
+from benchmarks.moe import FORMATS, SHAPES, TOL, TOL_INT8, in_format, make_sets  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="30b", choices=list(SHAPES))
     p.add_argument("--tokens", type=int, default=1)
-    p.add_argument("--format", default="bf16", choices=["bf16", "int8", "int8k"],
+    p.add_argument("--format", default="bf16", choices=list(FORMATS),
                    help="expert weights: bf16, int8 ([E, In, Out]) or int8k (int8 stored k-major)")
     p.add_argument("--config", default=None, help="TritonMoEConfig fields as JSON (default: the tuned pick)")
     p.add_argument("--calls", type=int, default=3)
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     import jax
 
     from pallas_kernels import moe, tuning
-    from pallas_kernels.moe import TritonMoEConfig, moe_reference, moe_triton, quantize_int8
+    from pallas_kernels.moe import TritonMoEConfig, moe_reference, moe_triton
 
     try:  # before any work: a bad config is one line and exit code 2
         config = json.loads(args.config) if args.config else None
@@ -48,10 +48,9 @@ def main(argv=None) -> int:
         p.error(f"--config: {e}")
 
     D, F, E, K = SHAPES[args.shape]
-    x, router, *ws = make_sets(args.tokens, D, F, E, K)[0]
-    ref = jax.jit(functools.partial(moe_reference, top_k=K, norm_topk_prob=True))(x, router, *ws)
-    if args.format != "bf16":
-        ws = [quantize_int8(w, k_major=args.format == "int8k") for w in ws]
+    sets = make_sets(args.tokens, D, F, E, K)[:1]
+    ref = jax.jit(functools.partial(moe_reference, top_k=K, norm_topk_prob=True))(*sets[0])
+    x, router, *ws = in_format(sets, args.format)[0]
     if cfg is None:
         fn = functools.partial(moe, top_k=K, norm_topk_prob=True)
     else:

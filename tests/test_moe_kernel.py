@@ -946,7 +946,7 @@ def test_tuned_entries_are_candidates_of_the_search():
         c = candidate(e["impl"], e["config"], 8)
         assert c.impl == e["impl"] and c.fn.keywords["config"] == c.config
     # the H200's T=1 entries are in their families: Qwen3-30B's bf16 in "routed", its int8 and Qwen3-235B's int8
-    # in "fold", both k-major int8 entries in "kmajor"
+    # in "fold", both k-major int8 entries in "kmajor" or "kmerge"
     kmajor = lambda D, F: kmajor_configs(1, 128, 8, D, F, quick=True, families=("kmajor", "kmerge"))  # noqa: E731
     for shape, w, configs in (("30b", "bfloat16", routed_configs), ("30b", "int8", fold_configs),
                               ("235b", "int8", fold_configs), ("30b", "int8k", kmajor), ("235b", "int8k", kmajor)):

@@ -182,10 +182,10 @@ class TritonMoEConfig:
       launches; the sums run in a fixed order, so the result is the same bits every run. Off until a GPU tune
       picks it. With w8a8 the merged h is written in x's dtype and each down program rounds its row to int8
       itself (the row's max |h| over all of F, from L2, as the gate/up kernel rounds x): XLA's h pass (3-4 fusions,
-      with the row sum ~6 us of a 26 us call at Qwen3-30B with k-major weights, f92c202's profile) is gone. This
-      form is checked in the interpreter and lowered for CUDA, not yet timed on a GPU (session 25's device time
-      ran out); a first form, h's int8 rows made by one Pallas program per choice, ran no faster than XLA's fusions
-      (c8f2944). Not with one_launch.
+      with the row sum ~6 us of a 26 us call at Qwen3-30B with k-major weights, f92c202's profile) is gone: on the
+      H200 that form won the k-major tune at Qwen3-30B, T=1 (c3f2844: 5.0 kernels a call instead of 9.8, 24.7 us
+      against the unmerged entry's 26.6; moe_tune_kmerge30_h200_c3f2844.log). A first form, h's int8 rows made
+      by one Pallas program per choice, ran no faster than XLA's fusions (c8f2944). Not with one_launch.
     prefetch: (fused_route "split", GEMV mode) how many k-steps ahead both kernels load (0: none). Each k-step
       issues the weight tile loads (and the token's x slice) of the step `prefetch` ahead before its own
       conversions and FMAs, carrying the loaded tiles in registers, so a program has that many steps' loads in
